@@ -1,0 +1,4368 @@
+#!/usr/bin/env python3
+"""llm-mux: a self-hosted AI gateway in one standard-library file.
+
+Turns subscription LLM accounts and API keys into the APIs existing tools already speak (OpenAI, Anthropic,
+Gemini, Ollama). Every client format is decoded into one intermediate representation (IR); every upstream is a
+provider class that encodes the IR for its wire format. Data flows top to bottom through this file.
+
+Table of contents
+   1. Header, version, table of contents
+   2. Small helpers
+   3. Configuration
+   4. HTTP server
+   5. HTTP client
+   6. IR
+   7. Codecs
+   8. Credentials
+   9. Providers
+  10. Routing
+  11. Handlers
+  12. CLI
+  13. main
+"""
+
+# === 1. Header, version, table of contents ===
+# Owns: the version and the imports. Everything the file uses comes from the standard library; the only optional
+# import is uvloop, used when it happens to be installed.
+
+import argparse
+import asyncio
+import base64
+import binascii
+import fnmatch
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import ssl
+import sys
+import time
+import urllib.parse
+import zlib
+
+__version__ = "0.1.0"
+USER_AGENT = "llm-mux/" + __version__
+
+try:  # optional speed-up, never required
+    import uvloop  # type: ignore
+except ImportError:  # pragma: no cover - depends on the host
+    uvloop = None
+
+
+# === 2. Small helpers ===
+# Owns: time, ids, JSON, logging and secret redaction. Nothing here knows about HTTP, providers or formats.
+
+log = logging.getLogger("llm-mux")
+
+
+def now_s():
+    """Wall-clock seconds as an int, the unit every API's `created` field uses."""
+    return int(time.time())
+
+
+def new_id(prefix, nbytes=12):
+    """A random id such as `chatcmpl-3f9a...`; the prefix carries the API's own convention."""
+    return prefix + binascii.hexlify(os.urandom(nbytes)).decode()
+
+
+_json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+json_dumps = _json_encoder.encode
+
+
+def json_bytes(obj):
+    """Compact JSON as UTF-8 bytes: what goes on the wire."""
+    return _json_encoder.encode(obj).encode("utf-8")
+
+
+def mask_secret(value):
+    """Keep only the ends of a secret so logs can tell keys apart without exposing them."""
+    value = str(value)
+    n = len(value)
+    if n > 8:
+        return value[:4] + "..." + value[-4:]
+    if n >= 5:
+        return value[:2] + "..." + value[-2:]
+    if n >= 3:
+        return value[:1] + "..." + value[-1:]
+    return value
+
+
+_SECRET_HEADER_HINTS = ("authorization", "api-key", "apikey", "token", "secret", "management-key", "cookie")
+
+
+def redact_headers(headers):
+    """Header pairs with secret values masked, for debug logs."""
+    out = []
+    for name, value in headers:
+        low = name.lower()
+        if any(h in low for h in _SECRET_HEADER_HINTS):
+            if low == "authorization" and " " in value:
+                scheme, _, rest = value.partition(" ")
+                value = scheme + " " + mask_secret(rest)
+            else:
+                value = mask_secret(value)
+        out.append((name, value))
+    return out
+
+
+def redact_url(url):
+    """A URL with secret-looking query parameters (key, token, ...) masked."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.query:
+        return url
+    pairs = []
+    for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        low = k.lower()
+        if low == "key" or any(h in low for h in ("api-key", "apikey", "api_key", "token", "secret")):
+            v = mask_secret(v)
+        pairs.append((k, v))
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(pairs)))
+
+
+def setup_logging(debug=False, stream=None):
+    """One line per event: `[YYYY-MM-DD HH:MM:SS] [level] message`."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def is_loopback_host(host):
+    """True for addresses only this machine can reach (127/8, ::1, localhost)."""
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]").split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def glob_match(pattern, name):
+    """Case-insensitive match where `*` spans any run of characters (gateway.md §2.9)."""
+    return fnmatch.fnmatchcase(name.lower(), pattern.lower().replace("[", "[[]").replace("?", "[?]"))
+
+
+def write_file_atomic(path, data, mode=0o600):
+    """Write, fsync, rename: a crash leaves either the old file or the new one, never half of either."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    tmp = "%s.tmp-%d-%s" % (path, os.getpid(), binascii.hexlify(os.urandom(4)).decode())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data if isinstance(data, bytes) else data.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# === 3. Configuration ===
+# Owns: the YAML-subset reader, the key schema with defaults, LLM_MUX_* overrides and the immutable Config
+# snapshot. It reads files and the environment; it never opens sockets. Reload builds a new snapshot.
+
+class ConfigError(Exception):
+    """A configuration problem, already worded for the user (with file:line:column where known)."""
+
+
+class YamlError(ConfigError):
+    def __init__(self, message, line, col, filename="<string>"):
+        self.line, self.col, self.filename = line, col, filename
+        super().__init__("%s:%d:%d: %s" % (filename, line, col, message))
+
+
+_YAML_INT = re.compile(r"[-+]?[0-9]+\Z")
+_YAML_OCT = re.compile(r"0o[0-7]+\Z")
+_YAML_HEX = re.compile(r"0x[0-9a-fA-F]+\Z")
+_YAML_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?\Z")
+_YAML_INF = re.compile(r"[-+]?\.(inf|Inf|INF)\Z")
+_YAML_NAN = re.compile(r"\.(nan|NaN|NAN)\Z")
+_YAML_ESCAPES = {"0": "\0", "a": "\a", "b": "\b", "t": "\t", "\t": "\t", "n": "\n", "v": "\v", "f": "\f",
+                 "r": "\r", "e": "\x1b", " ": " ", '"': '"', "/": "/", "\\": "\\", "N": "\x85", "_": "\xa0",
+                 "L": "\u2028", "P": "\u2029"}
+_YAML_HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
+
+
+def yaml_resolve_plain(text):
+    """YAML 1.2 core schema for an unquoted scalar: null, bool, int, float, else the string itself."""
+    if text in ("", "~", "null", "Null", "NULL"):
+        return None
+    if text in ("true", "True", "TRUE"):
+        return True
+    if text in ("false", "False", "FALSE"):
+        return False
+    if _YAML_INT.match(text):
+        return int(text, 10)
+    if _YAML_OCT.match(text):
+        return int(text[2:], 8)
+    if _YAML_HEX.match(text):
+        return int(text[2:], 16)
+    if _YAML_FLOAT.match(text):
+        return float(text)
+    if _YAML_INF.match(text):
+        return -math.inf if text.startswith("-") else math.inf
+    if _YAML_NAN.match(text):
+        return math.nan
+    return text
+
+
+class YamlReader:
+    """A reader for the YAML subset config files use: block and flow mappings and sequences, plain, single- and
+    double-quoted scalars (YAML 1.2 core types), comments, and `|`/`>` block scalars. Anything else (anchors,
+    aliases, tags, complex keys, several documents, tabs in indentation) is an error with line and column, so a
+    config is never half-understood. `positions` maps each key path to its (line, column)."""
+
+    def __init__(self, text, filename="<string>"):
+        self.filename = filename
+        if text.startswith("\ufeff"):
+            text = text[1:]
+        self.lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        self.i = 0
+        self.positions = {}
+
+    # -- entry point ------------------------------------------------------------------------------------------
+    def read(self):
+        self._skip_blank()
+        if self.i < len(self.lines) and self.lines[self.i].rstrip() == "---":
+            self.i += 1
+            self._skip_blank()
+        if self.i >= len(self.lines):
+            return None
+        value = self._block_node(-1, ())
+        self._skip_blank()
+        if self.i < len(self.lines):
+            line = self.lines[self.i]
+            if line.rstrip() in ("---", "..."):
+                self._fail("several documents in one file are not supported", self.i, 0)
+            self._fail("unexpected content (check the indentation)", self.i, self._indent(line))
+        return value
+
+    # -- low-level helpers --------------------------------------------------------------------------------------
+    def _fail(self, message, index, col):
+        raise YamlError(message, index + 1, col + 1, self.filename)
+
+    @staticmethod
+    def _indent(line):
+        return len(line) - len(line.lstrip(" "))
+
+    def _is_blank(self, line):
+        s = line.strip(" \t")
+        return not s or s.startswith("#")
+
+    def _skip_blank(self):
+        while self.i < len(self.lines) and self._is_blank(self.lines[self.i]):
+            self.i += 1
+
+    def _check_tabs(self, index):
+        line = self.lines[index]
+        stripped = line.lstrip(" ")
+        if stripped.startswith("\t") and stripped.strip():
+            self._fail("tabs are not allowed in indentation", index, len(line) - len(stripped))
+
+    @staticmethod
+    def _strip_comment(s):
+        """Drop a trailing ` # comment` that is outside quotes."""
+        quote = None
+        k = 0
+        while k < len(s):
+            c = s[k]
+            if quote:
+                if quote == '"' and c == "\\":
+                    k += 2
+                    continue
+                if c == quote:
+                    if quote == "'" and k + 1 < len(s) and s[k + 1] == "'":
+                        k += 2
+                        continue
+                    quote = None
+            elif c in "'\"" and (k == 0 or s[k - 1] in " \t[{,:"):
+                quote = c
+            elif c == "#" and (k == 0 or s[k - 1] in " \t"):
+                return s[:k].rstrip(" \t")
+            k += 1
+        return s.rstrip(" \t")
+
+    def _find_mapping_colon(self, s):
+        """Index of the `: ` (or final `:`) that makes `s` a mapping entry, or -1."""
+        if not s or s[0] in "[{":
+            return -1
+        if s[0] in "'\"":
+            end = self._quoted_end(s, 0)
+            if end < 0:
+                return -1
+            rest = s[end:]
+            stripped = rest.lstrip(" ")
+            if stripped.startswith(":") and (len(stripped) == 1 or stripped[1] in " \t"):
+                return end + (len(rest) - len(stripped))
+            return -1
+        k = 0
+        while True:
+            k = s.find(":", k)
+            if k < 0:
+                return -1
+            if k + 1 == len(s) or s[k + 1] in " \t":
+                return k
+            k += 1
+
+    @staticmethod
+    def _quoted_end(s, start):
+        """Index just past the closing quote of the scalar starting at s[start], or -1."""
+        q = s[start]
+        k = start + 1
+        while k < len(s):
+            c = s[k]
+            if q == '"' and c == "\\":
+                k += 2
+                continue
+            if c == q:
+                if q == "'" and k + 1 < len(s) and s[k + 1] == "'":
+                    k += 2
+                    continue
+                return k + 1
+            k += 1
+        return -1
+
+    # -- block structure ----------------------------------------------------------------------------------------
+    def _block_node(self, parent_indent, path):
+        """The node that starts on the next non-blank line and is indented deeper than parent_indent."""
+        self._skip_blank()
+        if self.i >= len(self.lines):
+            return None
+        self._check_tabs(self.i)
+        line = self.lines[self.i]
+        ind = self._indent(line)
+        if ind <= parent_indent:
+            return None
+        content = self._strip_comment(line[ind:])
+        if content == "-" or content.startswith("- "):
+            return self._block_sequence(ind, path)
+        if self._find_mapping_colon(content) >= 0:
+            return self._block_mapping(ind, path)
+        return self._scalar_lines(ind, parent_indent, path, self.i, ind)
+
+    def _block_sequence(self, ind, path):
+        items = []
+        while True:
+            self._skip_blank()
+            if self.i >= len(self.lines):
+                break
+            self._check_tabs(self.i)
+            line = self.lines[self.i]
+            cur = self._indent(line)
+            if cur < ind:
+                break
+            content = self._strip_comment(line[cur:])
+            if cur > ind or not (content == "-" or content.startswith("- ")):
+                if cur == ind:
+                    break
+                self._fail("unexpected indentation in a sequence", self.i, cur)
+            item_path = path + (len(items),)
+            self.positions[item_path] = (self.i + 1, cur + 1)
+            rest = line[cur + 1:]
+            if not self._strip_comment(rest).strip():
+                self.i += 1
+                items.append(self._block_node(ind, item_path))
+            else:
+                # Re-read the rest of the line as if it were indented where its content starts: this is how
+                # `- name: x` opens a mapping whose later keys align under `name`.
+                offset = cur + 1 + (len(rest) - len(rest.lstrip(" ")))
+                self.lines[self.i] = " " * offset + rest.lstrip(" ")
+                items.append(self._block_node(ind, item_path))
+        return items
+
+    def _block_mapping(self, ind, path):
+        result = {}
+        while True:
+            self._skip_blank()
+            if self.i >= len(self.lines):
+                break
+            self._check_tabs(self.i)
+            line = self.lines[self.i]
+            cur = self._indent(line)
+            if cur < ind:
+                break
+            if cur > ind:
+                self._fail("unexpected indentation in a mapping", self.i, cur)
+            content = self._strip_comment(line[cur:])
+            if content.startswith("- ") or content == "-":
+                break
+            if content.startswith("? "):
+                self._fail("complex mapping keys ('? ') are not supported", self.i, cur)
+            colon = self._find_mapping_colon(content)
+            if colon < 0:
+                self._fail("expected 'key: value'", self.i, cur)
+            key_text = content[:colon].rstrip(" ")
+            key = self._key_scalar(key_text, self.i, cur)
+            if key in result:
+                self._fail("duplicate key %r" % (key,), self.i, cur)
+            key_path = path + (key,)
+            self.positions[key_path] = (self.i + 1, cur + 1)
+            value_text = content[colon + 1:].lstrip(" \t")
+            value_col = cur + len(content) - len(value_text)
+            if not value_text:
+                self.i += 1
+                value = self._block_node(ind, key_path)
+                if value is None:
+                    # YAML allows a sequence at the same indentation as its key.
+                    self._skip_blank()
+                    if self.i < len(self.lines):
+                        nxt = self.lines[self.i]
+                        c = self._strip_comment(nxt[self._indent(nxt):])
+                        if self._indent(nxt) == ind and (c == "-" or c.startswith("- ")):
+                            value = self._block_sequence(ind, key_path)
+                result[key] = value
+            else:
+                result[key] = self._inline_value(value_text, ind, key_path, self.i, value_col)
+        return result
+
+    def _key_scalar(self, text, index, col):
+        if not text:
+            self._fail("empty mapping key", index, col)
+        if text[0] in "'\"":
+            value, end = self._quoted(text, 0, index, col)
+            if text[end:].strip():
+                self._fail("unexpected text after quoted key", index, col + end)
+            return value
+        self._check_plain_start(text, index, col)
+        value = yaml_resolve_plain(text)
+        if isinstance(value, (dict, list)):
+            self._fail("unsupported key", index, col)
+        return value
+
+    def _check_plain_start(self, text, index, col):
+        c = text[0]
+        if c == "&":
+            self._fail("anchors ('&') are not supported", index, col)
+        if c == "*":
+            self._fail("aliases ('*') are not supported", index, col)
+        if c == "!":
+            self._fail("tags ('!') are not supported", index, col)
+        if c in "@`%":
+            self._fail("a plain scalar cannot start with %r" % c, index, col)
+        if c in "]},":
+            self._fail("unexpected %r" % c, index, col)
+
+    def _inline_value(self, text, ind, path, index, col):
+        """A value written after `key: ` (or `- `)."""
+        c = text[0]
+        if c in "|>":
+            return self._block_scalar(text, ind, index, col)
+        if c in "[{":
+            return self._flow_from(ind, path, index, col)
+        if c in "'\"":
+            value, end = self._quoted(text, 0, index, col)
+            if text[end:].strip():
+                self._fail("unexpected text after quoted scalar", index, col + end)
+            self.i = index + 1
+            return value
+        return self._scalar_lines(ind, ind, path, index, col)
+
+    def _scalar_lines(self, ind, parent_indent, path, index, col):
+        """A plain scalar, possibly continued on more-indented lines (folded with spaces)."""
+        line = self.lines[index]
+        text = self._strip_comment(line[col:])
+        if text[:1] in "[{":
+            return self._flow_from(parent_indent, path, index, col)
+        if text[:1] in "'\"":
+            value, end = self._quoted(text, 0, index, col)
+            if text[end:].strip():
+                self._fail("unexpected text after quoted scalar", index, col + end)
+            self.i = index + 1
+            return value
+        self._check_plain_start(text, index, col)
+        if ": " in text or text.endswith(":"):
+            self._fail("a mapping value is not allowed here (quote the value if it contains ': ')", index,
+                       col + text.find(":"))
+        parts = [text]
+        self.i = index + 1
+        while self.i < len(self.lines):
+            nxt = self.lines[self.i]
+            if self._is_blank(nxt):
+                if nxt.strip().startswith("#"):
+                    break
+                # A blank line inside a multi-line plain scalar is a line break.
+                j = self.i
+                while j < len(self.lines) and not self.lines[j].strip():
+                    j += 1
+                if j < len(self.lines) and self._indent(self.lines[j]) > max(ind, parent_indent) \
+                        and not self._is_blank(self.lines[j]):
+                    parts.append("\n" * (j - self.i))
+                    self.i = j
+                    continue
+                break
+            if self._indent(nxt) <= max(ind, parent_indent):
+                break
+            cont = self._strip_comment(nxt.strip(" "))
+            if self._find_mapping_colon(cont) >= 0 or cont.startswith("- "):
+                self._fail("unexpected mapping or sequence inside a plain scalar", self.i, self._indent(nxt))
+            parts.append(cont)
+            self.i += 1
+        out = parts[0]
+        for p in parts[1:]:
+            if p.startswith("\n"):
+                out += p
+            elif out.endswith("\n"):
+                out += p
+            else:
+                out += " " + p
+        if len(parts) > 1:
+            return out
+        return yaml_resolve_plain(text)
+
+    def _block_scalar(self, header, ind, index, col):
+        """`|` (literal) and `>` (folded) with optional chomping (`-`, `+`) and indentation digit."""
+        style = header[0]
+        chomp = None
+        explicit = None
+        k = 1
+        while k < len(header) and header[k] not in " \t#":
+            ch = header[k]
+            if ch in "+-" and chomp is None:
+                chomp = ch
+            elif ch in "123456789" and explicit is None:
+                explicit = int(ch)
+            else:
+                self._fail("bad block scalar header", index, col + k)
+            k += 1
+        if self._strip_comment(header[k:]).strip():
+            self._fail("unexpected text after block scalar header", index, col + k)
+        self.i = index + 1
+        # Content indentation: explicit, else the first non-empty line's.
+        block_indent = None
+        if explicit is not None:
+            block_indent = max(ind, 0) + explicit if ind >= 0 else explicit
+        else:
+            j = self.i
+            while j < len(self.lines) and not self.lines[j].strip(" "):
+                j += 1
+            if j < len(self.lines):
+                cand = self._indent(self.lines[j])
+                if cand > ind:
+                    block_indent = cand
+        lines = []
+        while self.i < len(self.lines):
+            raw = self.lines[self.i]
+            if not raw.strip(" ") and (block_indent is None or len(raw) <= block_indent):
+                lines.append(None)
+                self.i += 1
+                continue
+            if block_indent is None or self._indent(raw) < block_indent:
+                break
+            lines.append(raw[block_indent:])
+            self.i += 1
+        # Trailing empty lines belong to the scalar only for chomping; give back lines after the last content.
+        while lines and lines[-1] is None:
+            lines.pop()
+            self.i -= 1
+        trailing = 0
+        j = self.i
+        while j < len(self.lines) and not self.lines[j].strip(" "):
+            trailing += 1
+            j += 1
+        self.i = j
+        if not lines:
+            return "\n" * trailing if chomp == "+" else ""
+        chunks = []
+        breaks = []
+        line_break = ""
+        first = True
+        idx = 0
+        while idx < len(lines):
+            text = lines[idx]
+            if not first:
+                if style == ">" and line_break == "\n" and leading_non_space and not text.startswith((" ", "\t")):
+                    if not breaks:
+                        chunks.append(" ")
+                else:
+                    chunks.append(line_break)
+            chunks.extend(breaks)
+            first = False
+            leading_non_space = not text.startswith((" ", "\t"))
+            chunks.append(text)
+            line_break = "\n"
+            breaks = []
+            idx += 1
+            while idx < len(lines) and lines[idx] is None:
+                breaks.append("\n")
+                idx += 1
+        if chomp != "-":
+            chunks.append(line_break)
+        if chomp == "+":
+            chunks.extend(breaks)
+            chunks.append("\n" * trailing)
+        return "".join(chunks)
+
+    def _quoted(self, s, start, index, col):
+        """Decode the quoted scalar at s[start]; returns (value, index after it). Single line only."""
+        q = s[start]
+        end = self._quoted_end(s, start)
+        if end < 0:
+            self._fail("unterminated quoted scalar (multi-line quoted scalars are not supported)", index,
+                       col + start)
+        body = s[start + 1:end - 1]
+        if q == "'":
+            return body.replace("''", "'"), end
+        out = []
+        k = 0
+        while k < len(body):
+            c = body[k]
+            if c != "\\":
+                out.append(c)
+                k += 1
+                continue
+            k += 1
+            e = body[k] if k < len(body) else ""
+            if e in _YAML_ESCAPES:
+                out.append(_YAML_ESCAPES[e])
+                k += 1
+            elif e in _YAML_HEX_ESCAPES:
+                n = _YAML_HEX_ESCAPES[e]
+                digits = body[k + 1:k + 1 + n]
+                if len(digits) != n or not all(d in "0123456789abcdefABCDEF" for d in digits):
+                    self._fail("bad \\%s escape" % e, index, col + start + k)
+                out.append(chr(int(digits, 16)))
+                k += 1 + n
+            else:
+                self._fail("unknown escape \\%s" % e, index, col + start + k)
+        return "".join(out), end
+
+    # -- flow collections ---------------------------------------------------------------------------------------
+    def _flow_from(self, ind, path, index, col):
+        """Read a flow collection starting at (index, col), which may span lines until brackets balance."""
+        text_parts = []
+        depth = 0
+        quote = None
+        j = index
+        c0 = col
+        positions = []  # (offset in joined text, line index, col) for error reporting
+        offset = 0
+        done = False
+        while j < len(self.lines) and not done:
+            raw = self.lines[j][c0:] if j == index else self.lines[j]
+            base_col = c0 if j == index else 0
+            segment = []
+            k = 0
+            while k < len(raw):
+                ch = raw[k]
+                if quote:
+                    if quote == '"' and ch == "\\":
+                        segment.append(raw[k:k + 2])
+                        k += 2
+                        continue
+                    if ch == quote:
+                        if quote == "'" and raw[k + 1:k + 2] == "'":
+                            segment.append("''")
+                            k += 2
+                            continue
+                        quote = None
+                elif ch in "'\"":
+                    quote = ch
+                elif ch == "#" and (k == 0 or raw[k - 1] in " \t"):
+                    break
+                elif ch in "[{":
+                    depth += 1
+                elif ch in "]}":
+                    depth -= 1
+                    if depth == 0:
+                        segment.append(ch)
+                        k += 1
+                        rest = self._strip_comment(raw[k:])
+                        if rest.strip():
+                            self._fail("unexpected text after a flow collection", j, base_col + k)
+                        done = True
+                        break
+                segment.append(ch)
+                k += 1
+            if quote and not done:
+                self._fail("multi-line quoted scalars are not supported", j, base_col + k)
+            seg = "".join(segment)
+            positions.append((offset, j, base_col))
+            text_parts.append(seg)
+            offset += len(seg) + 1
+            j += 1
+        if not done:
+            self._fail("unterminated flow collection", index, col)
+        self.i = j
+        text = " ".join(text_parts)
+        parser = _FlowParser(self, text, positions, path)
+        value = parser.parse()
+        return value
+
+
+class _FlowParser:
+    """Recursive descent over `[...]` / `{...}` text joined from one or more lines."""
+
+    def __init__(self, reader, text, positions, path):
+        self.r, self.s, self.k, self.positions, self.path = reader, text, 0, positions, path
+
+    def _where(self, k):
+        line, col = self.positions[0][1], self.positions[0][2]
+        for off, li, base in self.positions:
+            if off <= k:
+                line, col = li, base + (k - off)
+        return line, col
+
+    def _fail(self, message, k=None):
+        line, col = self._where(self.k if k is None else k)
+        self.r._fail(message, line, col)
+
+    def _ws(self):
+        while self.k < len(self.s) and self.s[self.k] in " \t\n":
+            self.k += 1
+
+    def parse(self):
+        self._ws()
+        return self._node(self.path)
+
+    def _node(self, path):
+        self._ws()
+        if self.k >= len(self.s):
+            self._fail("unexpected end of flow collection")
+        c = self.s[self.k]
+        if c == "[":
+            return self._seq(path)
+        if c == "{":
+            return self._map(path)
+        return self._scalar()
+
+    def _seq(self, path):
+        self.k += 1
+        items = []
+        while True:
+            self._ws()
+            if self.k >= len(self.s):
+                self._fail("unterminated '['")
+            if self.s[self.k] == "]":
+                self.k += 1
+                return items
+            line, col = self._where(self.k)
+            self.r.positions[path + (len(items),)] = (line + 1, col + 1)
+            items.append(self._node(path + (len(items),)))
+            self._ws()
+            if self.k < len(self.s) and self.s[self.k] == ":":
+                self._fail("single-pair mappings inside flow sequences are not supported")
+            if self.k < len(self.s) and self.s[self.k] == ",":
+                self.k += 1
+            elif self.k < len(self.s) and self.s[self.k] != "]":
+                self._fail("expected ',' or ']'")
+
+    def _map(self, path):
+        self.k += 1
+        result = {}
+        while True:
+            self._ws()
+            if self.k >= len(self.s):
+                self._fail("unterminated '{'")
+            if self.s[self.k] == "}":
+                self.k += 1
+                return result
+            if self.s[self.k] in "[{":
+                self._fail("complex mapping keys are not supported")
+            key_at = self.k
+            key = self._scalar(key=True)
+            if isinstance(key, float) and key != key:
+                self._fail("unsupported key", key_at)
+            if key in result:
+                self._fail("duplicate key %r" % (key,), key_at)
+            line, col = self._where(key_at)
+            self.r.positions[path + (key,)] = (line + 1, col + 1)
+            self._ws()
+            if self.k < len(self.s) and self.s[self.k] == ":":
+                self.k += 1
+                self._ws()
+                if self.k < len(self.s) and self.s[self.k] in ",}":
+                    result[key] = None
+                else:
+                    result[key] = self._node(path + (key,))
+            else:
+                result[key] = None
+            self._ws()
+            if self.k < len(self.s) and self.s[self.k] == ",":
+                self.k += 1
+            elif self.k < len(self.s) and self.s[self.k] != "}":
+                self._fail("expected ',' or '}'")
+
+    def _scalar(self, key=False):
+        s = self.s
+        c = s[self.k]
+        if c in "'\"":
+            line, col = self._where(self.k)
+            value, end = self.r._quoted(s, self.k, line, col - self.k)
+            self.k = end
+            return value
+        if c in "&*!":
+            self.r._check_plain_start(c, *self._where(self.k))
+        if c in "@`%|>":
+            self._fail("a plain scalar cannot start with %r" % c)
+        start = self.k
+        while self.k < len(s):
+            ch = s[self.k]
+            if ch in ",[]{}":
+                break
+            if ch == ":" and (self.k + 1 >= len(s) or s[self.k + 1] in " \t\n,[]{}"):
+                break
+            if ch == "#" and s[self.k - 1] in " \t":
+                break
+            self.k += 1
+        text = " ".join(s[start:self.k].split())
+        if not text and not key:
+            self._fail("empty value in flow collection")
+        return yaml_resolve_plain(text)
+
+
+def yaml_load(text, filename="<string>"):
+    """Parse YAML-subset text; returns (data, positions)."""
+    reader = YamlReader(text, filename)
+    return reader.read(), reader.positions
+
+
+# -- schema -------------------------------------------------------------------------------------------------------
+# A type spec is one of: "str", "int", "bool", "num", "any", ("list", spec), ("map", spec), or a dict of
+# key -> (spec, default) for a mapping with known keys. Unknown keys warn; wrong types are start-up errors.
+
+_PROVIDER_TYPES = ("openai", "anthropic", "gemini", "vertex-compat", "codex")
+
+PROVIDER_SCHEMA = {
+    "type": ("str", ""),
+    "name": ("str", ""),
+    "enabled": ("bool", True),
+    "api-key": ("str", ""),
+    "api-keys": (("list", "any"), []),
+    "base-url": ("str", ""),
+    "proxy-url": ("str", ""),
+    "headers": (("map", "str"), {}),
+    "models": (("list", "any"), []),
+    "excluded-models": (("list", "str"), []),
+}
+
+CONFIG_SCHEMA = {
+    "host": ("str", "127.0.0.1"),
+    "port": ("int", 8317),
+    "tls": ({"enable": ("bool", False), "cert": ("str", ""), "key": ("str", "")}, None),
+    "auth-dir": ("str", "$XDG_CONFIG_HOME/llm-mux/auth"),
+    "disable-auth": ("bool", False),
+    "api-keys": (("list", "str"), []),
+    "ws-auth": ("bool", False),
+    "debug": ("bool", False),
+    "logging-to-file": ("bool", False),
+    "request-log": ("bool", False),
+    "proxy-url": ("str", ""),
+    "request-retry": ("int", 3),
+    "max-retry-interval": ("int", 30),
+    "stream-timeout": ("int", 600),
+    "connect-timeout": ("int", 15),
+    "disable-cooling": ("bool", False),
+    "quota-window": ("int", 300),
+    "quota-exceeded": ({"switch-project": ("bool", True), "switch-preview-model": ("bool", True)}, None),
+    "max-request-size": ("int", 52428800),
+    "max-response-size": ("int", 104857600),
+    "usage": ({"dsn": ("str", ""), "batch-size": ("int", 100), "flush-interval": ("str", "5s"),
+               "retention-days": ("int", 30)}, None),
+    "show-provider-prefixes": ("bool", False),
+    "use-canonical-translator": ("bool", True),
+    "remote-management": ({"allow-remote": ("bool", False)}, None),
+    "providers": (("list", PROVIDER_SCHEMA), []),
+    "vertex-api-key": (("list", "any"), []),
+    "oauth-excluded-models": (("map", ("list", "str")), {}),
+    "routing": ({"provider-priority": (("map", "int"), {}), "aliases": (("map", "str"), {}),
+                 "fallbacks": (("map", ("list", "str")), {})}, None),
+    "payload": ({"default": (("list", "any"), []), "override": (("list", "any"), [])}, None),
+    "ampcode": ({"upstream-url": ("str", ""), "upstream-api-key": ("str", ""),
+                 "restrict-management-to-localhost": ("bool", True), "model-mappings": (("list", "any"), [])},
+                None),
+    "auth": ("any", None),
+    # llm-mux (Python) additions
+    "upstream-overrides": (("map", "str"), {}),
+    "ca-file": ("str", ""),
+    "cors": ({"enable": ("bool", False), "allow-origins": (("list", "str"), ["*"])}, None),
+    "server": ({"header-timeout": ("num", 10), "keepalive-timeout": ("num", 75),
+                "shutdown-timeout": ("num", 30)}, None),
+}
+
+_TYPE_NAMES = {"str": "a string", "int": "an integer", "bool": "true or false", "num": "a number"}
+
+
+def _spec_name(spec):
+    if isinstance(spec, str):
+        return _TYPE_NAMES.get(spec, spec)
+    if isinstance(spec, tuple):
+        return "a list" if spec[0] == "list" else "a mapping"
+    return "a mapping"
+
+
+def _defaults(schema):
+    out = {}
+    for key, (spec, default) in schema.items():
+        if isinstance(spec, dict):
+            out[key] = _defaults(spec)
+        elif isinstance(default, (list, dict)):
+            out[key] = type(default)(default)
+        else:
+            out[key] = default
+    return out
+
+
+class _Validator:
+    """Checks parsed YAML against the schema, filling defaults; collects warnings, raises on type errors."""
+
+    def __init__(self, positions, filename):
+        self.positions, self.filename, self.warnings = positions, filename, []
+
+    def where(self, path):
+        pos = self.positions.get(tuple(path))
+        if pos:
+            return "%s:%d:%d" % (self.filename, pos[0], pos[1])
+        return self.filename
+
+    @staticmethod
+    def dotted(path):
+        out = ""
+        for p in path:
+            out += "[%d]" % p if isinstance(p, int) else ("." if out else "") + str(p)
+        return out
+
+    def error(self, path, message):
+        raise ConfigError("%s: '%s' %s" % (self.where(path), self.dotted(path), message))
+
+    def value(self, spec, value, path, default=None):
+        if value is None:
+            return _defaults(spec) if isinstance(spec, dict) else (
+                type(default)(default) if isinstance(default, (list, dict)) else default)
+        if isinstance(spec, dict):
+            if not isinstance(value, dict):
+                self.error(path, "must be a mapping, got %s" % type(value).__name__)
+            out = {}
+            for key, item in value.items():
+                if key not in spec:
+                    self.warnings.append("%s: unknown key '%s' (ignored)" % (self.where(path + (key,)),
+                                                                            self.dotted(path + (key,))))
+                    continue
+            for key, (sub, dflt) in spec.items():
+                out[key] = self.value(sub, value.get(key), path + (key,), dflt)
+            return out
+        if isinstance(spec, tuple):
+            kind, sub = spec
+            if kind == "list":
+                if not isinstance(value, list):
+                    self.error(path, "must be a list, got %s" % _kind(value))
+                return [self.value(sub, v, path + (i,)) for i, v in enumerate(value)]
+            if not isinstance(value, dict):
+                self.error(path, "must be a mapping, got %s" % _kind(value))
+            return {str(k): self.value(sub, v, path + (k,)) for k, v in value.items()}
+        if spec == "any":
+            return value
+        if spec == "str":
+            if isinstance(value, bool) or isinstance(value, (dict, list)):
+                self.error(path, "must be a string, got %s" % _kind(value))
+            return value if isinstance(value, str) else _scalar_text(value)
+        if spec == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                self.error(path, "must be an integer, got %s" % _kind(value))
+            return value
+        if spec == "num":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                self.error(path, "must be a number, got %s" % _kind(value))
+            return value
+        if spec == "bool":
+            if not isinstance(value, bool):
+                self.error(path, "must be true or false, got %s" % _kind(value))
+            return value
+        raise AssertionError(spec)
+
+
+def _kind(value):
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer (%d)" % value
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string (%r)" % value[:40]
+    if isinstance(value, list):
+        return "a list"
+    return "a mapping"
+
+
+def _scalar_text(value):
+    if isinstance(value, float) and value.is_integer():
+        return repr(value)
+    return str(value)
+
+
+ENV_OVERRIDES = [
+    ("LLM_MUX_HOST", "host", "str"),
+    ("LLM_MUX_PORT", "port", "int"),
+    ("LLM_MUX_DEBUG", "debug", "bool"),
+    ("LLM_MUX_DISABLE_AUTH", "disable-auth", "bool"),
+    ("LLM_MUX_API_KEYS", "api-keys", "list"),
+    ("LLM_MUX_USAGE_DSN", "usage.dsn", "str"),
+    ("LLM_MUX_USAGE_RETENTION_DAYS", "usage.retention-days", "int"),
+    ("LLM_MUX_PROXY_URL", "proxy-url", "str"),
+    ("LLM_MUX_AUTH_DIR", "auth-dir", "str"),
+    ("LLM_MUX_LOGGING_TO_FILE", "logging-to-file", "bool"),
+    ("LLM_MUX_REQUEST_RETRY", "request-retry", "int"),
+    ("LLM_MUX_MAX_RETRY_INTERVAL", "max-retry-interval", "int"),
+    ("LLM_MUX_STREAM_TIMEOUT", "stream-timeout", "int"),
+    ("LLM_MUX_MAX_REQUEST_SIZE", "max-request-size", "int"),
+    ("LLM_MUX_MAX_RESPONSE_SIZE", "max-response-size", "int"),
+]
+
+
+def apply_env_overrides(data, environ):
+    """LLM_MUX_* variables win over the file (gateway.md §2.2); re-applied on every reload."""
+    applied = []
+    for var, dotted, kind in ENV_OVERRIDES:
+        raw = (environ.get(var) or "").strip()
+        if not raw:
+            continue
+        if kind == "bool":
+            value = raw.lower() in ("true", "1", "yes")
+        elif kind == "int":
+            try:
+                value = int(raw)
+            except ValueError:
+                log.warning("ignoring %s=%r: not an integer", var, raw)
+                continue
+        elif kind == "list":
+            value = [p.strip() for p in raw.split(",") if p.strip()]
+        else:
+            value = raw
+        target = data
+        keys = dotted.split(".")
+        for k in keys[:-1]:
+            target = target[k]
+        target[keys[-1]] = value
+        applied.append(var)
+    return applied
+
+
+def default_config_dir(environ=None):
+    environ = os.environ if environ is None else environ
+    base = environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "llm-mux")
+
+
+def expand_path(path, environ=None):
+    """Expand `~` and a leading `$XDG_CONFIG_HOME` the way llm-mux does."""
+    environ = os.environ if environ is None else environ
+    if path.startswith("$XDG_CONFIG_HOME"):
+        base = environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+        path = base + path[len("$XDG_CONFIG_HOME"):]
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def find_config_path(cli_path=None, environ=None):
+    """--config, then LLM_MUX_CONFIG, then $XDG_CONFIG_HOME/llm-mux/config.yaml. Returns (path, is_default)."""
+    environ = os.environ if environ is None else environ
+    if cli_path:
+        return os.path.abspath(os.path.expanduser(cli_path)), False
+    if (environ.get("LLM_MUX_CONFIG") or "").strip():
+        return os.path.abspath(os.path.expanduser(environ["LLM_MUX_CONFIG"].strip())), False
+    return os.path.join(default_config_dir(environ), "config.yaml"), True
+
+
+DEFAULT_CONFIG_TEXT = """\
+# llm-mux configuration. Every key is optional; the values below are the defaults.
+# Reference: README.md. Environment variables LLM_MUX_* override these values.
+
+# Where to listen. Without api-keys the gateway only serves on a loopback address.
+host: 127.0.0.1
+port: 8317
+
+# Client API keys. Clients send one as `Authorization: Bearer`, `x-api-key`, `x-goog-api-key` or `?key=`.
+api-keys: []
+# disable-auth: true   # serve without keys on any address (only if something else guards the port)
+
+# Credential files written by `llm-mux login` live here.
+auth-dir: $XDG_CONFIG_HOME/llm-mux/auth
+
+# Outbound proxy for every upstream call: http://, https://, socks5://, socks5h:// (user:pass@ allowed).
+proxy-url: ""
+
+# Retries and timeouts (seconds).
+request-retry: 3
+max-retry-interval: 30
+stream-timeout: 600
+
+# Largest request body accepted (bytes).
+max-request-size: 52428800
+
+tls:
+  enable: false
+  cert: ""
+  key: ""
+
+# API-key upstreams. Example:
+# providers:
+#   - type: openai
+#     name: my-endpoint
+#     base-url: https://api.example.com/v1
+#     api-keys:
+#       - key: sk-one
+#       - key: sk-two
+#         proxy-url: socks5://127.0.0.1:1080
+#     headers: {X-Team: research}
+#     models:
+#       - name: gpt-4o
+#         alias: fast
+#     excluded-models: ["*-preview"]
+providers: []
+"""
+
+
+class Config:
+    """An immutable snapshot of the configuration. Readers hold it for one request at most; reload swaps it."""
+
+    def __init__(self, data, path=None, warnings=(), env_applied=()):
+        self.data = data
+        self.path = path
+        self.warnings = list(warnings)
+        self.env_applied = list(env_applied)
+        for key, value in data.items():
+            setattr(self, key.replace("-", "_"), value)
+        self.auth_dir = expand_path(data["auth-dir"])
+        self.providers = [ProviderEntry.from_config(p, i, self.warnings) for i, p in enumerate(data["providers"])]
+        self.providers = [p for p in self.providers if p is not None]
+        self._dedupe_providers()
+        self.overrides = {}
+        for src, dst in data["upstream-overrides"].items():
+            self.overrides[normalize_origin(src)] = dst.rstrip("/")
+
+    def _dedupe_providers(self):
+        seen = set()
+        kept = []
+        for p in self.providers:
+            key = (p.type, p.name, p.base_url)
+            if key in seen:
+                self.warnings.append("provider %r (%s) is listed twice; the first entry wins" % (p.name, p.type))
+                continue
+            seen.add(key)
+            kept.append(p)
+        self.providers = kept
+
+    @classmethod
+    def from_text(cls, text, filename="<string>", environ=None):
+        environ = os.environ if environ is None else environ
+        raw, positions = yaml_load(text, filename)
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError("%s: the top level must be a mapping of keys" % filename)
+        validator = _Validator(positions, filename)
+        data = validator.value(CONFIG_SCHEMA, raw, ())
+        _fold_legacy_auth(data)
+        applied = apply_env_overrides(data, environ)
+        return cls(data, filename, validator.warnings, applied)
+
+    @classmethod
+    def load(cls, path, environ=None):
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError("cannot read config %s: %s" % (path, e.strerror or e))
+        except UnicodeDecodeError:
+            raise ConfigError("config %s is not UTF-8 text" % path)
+        return cls.from_text(text, path, environ)
+
+    @classmethod
+    def defaults(cls, environ=None):
+        return cls.from_text("", "<defaults>", environ)
+
+
+def _fold_legacy_auth(data):
+    """`auth.providers[type=config-api-key].api-keys` used to hold the client keys."""
+    legacy = data.get("auth")
+    if isinstance(legacy, dict) and not data["api-keys"]:
+        for entry in legacy.get("providers") or []:
+            if isinstance(entry, dict) and entry.get("type") == "config-api-key":
+                data["api-keys"] = [str(k) for k in entry.get("api-keys") or [] if k]
+                break
+
+
+def normalize_origin(url):
+    """`scheme://host:port` with the default port made explicit, for matching upstream-overrides."""
+    parts = urllib.parse.urlsplit(url.strip())
+    scheme = (parts.scheme or "https").lower()
+    host = (parts.hostname or "").lower()
+    port = parts.port or (443 if scheme in ("https", "wss") else 80)
+    if ":" in host:
+        host = "[%s]" % host
+    return "%s://%s:%d" % (scheme, host, port)
+
+
+def load_config_for_cli(cli_path=None, environ=None, create=True):
+    """Find, create on first run, and load the config. Returns (Config, path, created)."""
+    environ = os.environ if environ is None else environ
+    path, is_default = find_config_path(cli_path, environ)
+    created = False
+    if not os.path.exists(path):
+        if not is_default:
+            raise ConfigError("config file not found: %s" % path)
+        if create:
+            write_file_atomic(path, DEFAULT_CONFIG_TEXT, 0o600)
+            created = True
+        else:
+            cfg = Config.defaults(environ)
+            return cfg, path, False
+    cfg = Config.load(path, environ)
+    return cfg, path, created
+
+
+# === 4. HTTP server ===
+# Owns: the byte channel shared with the HTTP client, HTTP/1.1 request parsing with its limits and smuggling
+# defences, response writing (JSON, SSE, NDJSON, chunked), keep-alive, pipelining, TLS and graceful shutdown.
+# It knows nothing about LLMs: it hands a Request to an app callable and writes what comes back.
+
+class ChannelClosed(ConnectionError):
+    """The peer closed the connection (or it broke) before the bytes we waited for arrived."""
+
+
+class LimitExceeded(Exception):
+    """More bytes than allowed arrived before the separator."""
+
+
+class Channel(asyncio.Protocol):
+    """One TCP or TLS connection as a byte buffer with awaitable reads and flow-controlled writes.
+
+    Both the server and the upstream client use it: owning the buffer lets a read carry its own deadline (one
+    timer, no extra task) and lets the server tell an idle keep-alive connection from a slow, half-sent request.
+    """
+
+    HIGH_WATER = 1 << 20
+
+    def __init__(self):
+        self.buf = bytearray()
+        self.transport = None
+        self.eof = False
+        self.error = None
+        self._waiter = None
+        self._read_paused = False
+        self._write_paused = False
+        self._drain_waiter = None
+        self.on_lost = None
+        self.lost = False
+
+    # -- protocol callbacks ---------------------------------------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.buf += data
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
+        elif len(self.buf) > self.HIGH_WATER and not self._read_paused:
+            try:
+                self.transport.pause_reading()
+                self._read_paused = True
+            except (AttributeError, RuntimeError):
+                pass
+
+    def eof_received(self):
+        self.eof = True
+        self._wake()
+        return True  # keep the write side open for the response
+
+    def connection_lost(self, exc):
+        self.eof = True
+        self.lost = True
+        self.error = exc
+        self._wake()
+        d = self._drain_waiter
+        if d is not None and not d.done():
+            d.set_result(None)
+        cb = self.on_lost
+        if cb is not None:
+            self.on_lost = None
+            cb()
+
+    def pause_writing(self):
+        self._write_paused = True
+
+    def resume_writing(self):
+        self._write_paused = False
+        d = self._drain_waiter
+        if d is not None and not d.done():
+            d.set_result(None)
+
+    def _wake(self):
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    # -- reads --------------------------------------------------------------------------------------------------
+    async def _wait(self, deadline):
+        if self.eof:
+            raise ChannelClosed("connection closed")
+        if self._read_paused:
+            self._read_paused = False
+            self.transport.resume_reading()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._waiter = fut
+        timer = None
+        if deadline is not None:
+            delay = deadline - loop.time()
+            if delay <= 0:
+                self._waiter = None
+                raise asyncio.TimeoutError()
+            timer = loop.call_at(deadline, _expire_future, fut)
+        try:
+            await fut
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _consumed(self):
+        if self._read_paused and len(self.buf) < self.HIGH_WATER // 2:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    async def read_until(self, sep, limit, deadline=None):
+        """Bytes up to and including `sep`; LimitExceeded if `limit` bytes arrive without it."""
+        start = 0
+        while True:
+            k = self.buf.find(sep, start)
+            if k >= 0:
+                end = k + len(sep)
+                if end > limit:
+                    raise LimitExceeded()
+                data = bytes(self.buf[:end])
+                del self.buf[:end]
+                self._consumed()
+                return data
+            if len(self.buf) > limit:
+                raise LimitExceeded()
+            start = max(0, len(self.buf) - len(sep) + 1)
+            await self._wait(deadline)
+
+    async def read_exactly(self, n, deadline=None):
+        while len(self.buf) < n:
+            await self._wait(deadline)
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        self._consumed()
+        return data
+
+    async def read_some(self, max_bytes=1 << 16, deadline=None):
+        """Whatever is buffered (up to max_bytes), waiting for at least one byte; b"" at end of stream."""
+        if not self.buf:
+            if self.eof:
+                return b""
+            try:
+                await self._wait(deadline)
+            except ChannelClosed:
+                return b""
+            if not self.buf:
+                return b""
+        data = bytes(self.buf[:max_bytes])
+        del self.buf[:max_bytes]
+        self._consumed()
+        return data
+
+    async def wait_readable(self, deadline=None):
+        """Wait until at least one byte is buffered. False on timeout or close."""
+        while not self.buf:
+            try:
+                await self._wait(deadline)
+            except (asyncio.TimeoutError, ChannelClosed):
+                return False
+        return True
+
+    # -- writes -------------------------------------------------------------------------------------------------
+    def write(self, data):
+        if not self.lost:
+            self.transport.write(data)
+
+    async def drain(self):
+        if self.lost:
+            raise ChannelClosed("connection lost")
+        if self._write_paused:
+            fut = asyncio.get_running_loop().create_future()
+            self._drain_waiter = fut
+            try:
+                await fut
+            finally:
+                self._drain_waiter = None
+            if self.lost:
+                raise ChannelClosed("connection lost")
+
+    def close(self):
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self):
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _expire_future(fut):
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())
+
+
+class HttpError(Exception):
+    """An HTTP-level failure the server answers itself (bad framing, limits). `close` ends the connection."""
+
+    def __init__(self, status, message, close=True):
+        super().__init__(message)
+        self.status, self.message, self.close = status, message, close
+
+
+HTTP_REASONS = {
+    100: "Continue", 200: "OK", 201: "Created", 204: "No Content", 301: "Moved Permanently", 304: "Not Modified",
+    400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict", 411: "Length Required",
+    413: "Content Too Large", 414: "URI Too Long", 415: "Unsupported Media Type", 422: "Unprocessable Content",
+    429: "Too Many Requests", 431: "Request Header Fields Too Large", 499: "Client Closed Request",
+    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
+    504: "Gateway Timeout", 417: "Expectation Failed", 505: "HTTP Version Not Supported", 529: "Overloaded",
+}
+
+_TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_BAD_VALUE_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (\S+) HTTP/(\d)\.(\d)\Z")
+MAX_REQUEST_LINE = 8 * 1024
+MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_FIELDS = 100
+
+
+class Headers:
+    """Ordered header pairs with case-insensitive lookup. Names are kept lower-case."""
+
+    __slots__ = ("items", "_map")
+
+    def __init__(self, items=()):
+        self.items = list(items)
+        self._map = None
+
+    def _index(self):
+        m = {}
+        for k, v in self.items:
+            if k in m:
+                m[k] = m[k] + ", " + v
+            else:
+                m[k] = v
+        self._map = m
+        return m
+
+    def get(self, name, default=None):
+        m = self._map if self._map is not None else self._index()
+        return m.get(name.lower(), default)
+
+    def get_all(self, name):
+        name = name.lower()
+        return [v for k, v in self.items if k == name]
+
+    def __contains__(self, name):
+        m = self._map if self._map is not None else self._index()
+        return name.lower() in m
+
+    def __iter__(self):
+        return iter(self.items)
+
+
+class Request:
+    """One parsed client request. The body is fully read (bounded by max-request-size) before the app runs."""
+
+    __slots__ = ("method", "target", "path", "query_string", "version", "headers", "body", "peer", "keep_alive",
+                 "_query", "_json", "received_at", "secure")
+
+    def __init__(self, method, target, version, headers, peer):
+        self.method = method
+        self.target = target
+        path, _, qs = target.partition("?")
+        self.path = urllib.parse.unquote(path) if "%" in path else path
+        self.query_string = qs
+        self.version = version
+        self.headers = headers
+        self.body = b""
+        self.peer = peer
+        self.keep_alive = True
+        self._query = None
+        self._json = None
+        self.received_at = time.monotonic()
+        self.secure = False
+
+    @property
+    def query(self):
+        if self._query is None:
+            self._query = dict(urllib.parse.parse_qsl(self.query_string, keep_blank_values=True))
+        return self._query
+
+
+class Response:
+    """A complete response body."""
+
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status=200, body=b"", headers=None, content_type="application/json"):
+        self.status = status
+        self.body = body
+        self.headers = headers if headers is not None else []
+        if content_type and body is not None:
+            self.headers.append(("Content-Type", content_type))
+
+
+class StreamResponse:
+    """A response whose body is an async iterator of byte chunks, each written (and flushed) as it comes."""
+
+    __slots__ = ("status", "headers", "chunks", "on_close")
+
+    def __init__(self, chunks, status=200, headers=None, content_type="text/event-stream"):
+        self.status = status
+        self.chunks = chunks
+        self.headers = headers if headers is not None else []
+        self.on_close = None
+        if content_type:
+            self.headers.append(("Content-Type", content_type))
+            if content_type == "text/event-stream":
+                self.headers.append(("Cache-Control", "no-cache"))
+
+
+def json_response(obj, status=200, headers=None):
+    return Response(status, json_bytes(obj), headers)
+
+
+def parse_request_head(head, peer):
+    """Parse the request line and header block (without the final blank line) into a Request.
+    Raises HttpError for anything a strict HTTP/1.1 server must refuse."""
+    line_end = head.find(b"\r\n")
+    request_line = head if line_end < 0 else head[:line_end]
+    if len(request_line) > MAX_REQUEST_LINE:
+        raise HttpError(414, "request line too long")
+    m = _REQUEST_LINE.match(request_line)
+    if m is None:
+        raise HttpError(400, "malformed request line")
+    method = m.group(1).decode("ascii")
+    target = m.group(2)
+    major, minor = int(m.group(3)), int(m.group(4))
+    if major != 1:
+        raise HttpError(505, "only HTTP/1.x is supported")
+    if any(c < 0x21 or c == 0x7F for c in target):
+        raise HttpError(400, "invalid request target")
+    target = target.decode("latin-1")
+    if not (target.startswith("/") or target == "*" or target.startswith(("http://", "https://"))):
+        raise HttpError(400, "invalid request target")
+    if target.startswith(("http://", "https://")):
+        parts = urllib.parse.urlsplit(target)
+        target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    items = []
+    if line_end >= 0:
+        block = head[line_end + 2:]
+        if len(block) > MAX_HEADER_BYTES:
+            raise HttpError(431, "request headers too large")
+        lines = block.split(b"\r\n") if block else []
+        if len(lines) > MAX_HEADER_FIELDS:
+            raise HttpError(431, "too many header fields")
+        for raw in lines:
+            if not raw:
+                raise HttpError(400, "empty header line")
+            if raw[0] in (0x20, 0x09):
+                raise HttpError(400, "obsolete line folding is not allowed")
+            colon = raw.find(b":")
+            if colon <= 0:
+                raise HttpError(400, "malformed header line")
+            name = raw[:colon]
+            if not all(c in _TOKEN_CHARS for c in name):
+                raise HttpError(400, "invalid header name")
+            value = raw[colon + 1:].strip(b" \t")
+            if _BAD_VALUE_BYTES.search(value):
+                raise HttpError(400, "invalid character in header value")
+            items.append((name.decode("ascii").lower(), value.decode("latin-1")))
+    req = Request(method, target, (major, minor), Headers(items), peer)
+    conn = (req.headers.get("connection") or "").lower()
+    if (major, minor) >= (1, 1):
+        req.keep_alive = "close" not in conn
+        hosts = req.headers.get_all("host")
+        if len(hosts) != 1:
+            raise HttpError(400, "HTTP/1.1 requests need exactly one Host header")
+    else:
+        req.keep_alive = "keep-alive" in conn
+    return req
+
+
+def body_framing(req):
+    """('length', n) | ('chunked', None) for the request body, refusing ambiguous framing (smuggling)."""
+    te = req.headers.get_all("transfer-encoding")
+    cl = req.headers.get_all("content-length")
+    if te:
+        if cl:
+            raise HttpError(400, "both Content-Length and Transfer-Encoding")
+        codings = [c.strip().lower() for v in te for c in v.split(",")]
+        if req.version < (1, 1):
+            raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if codings != ["chunked"]:
+            raise HttpError(400, "unsupported transfer coding")
+        return "chunked", None
+    if cl:
+        values = set(v.strip() for item in cl for v in item.split(","))
+        if len(values) != 1:
+            raise HttpError(400, "conflicting Content-Length values")
+        value = values.pop()
+        if not value.isdigit() or len(value) > 18:
+            raise HttpError(400, "invalid Content-Length")
+        return "length", int(value)
+    return "length", 0
+
+
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\r\n]*)?\Z")
+
+
+async def read_chunked(ch, limit, deadline_fn, header_limit=MAX_HEADER_BYTES):
+    """Decode a chunked body. Refuses malformed sizes (400) and bodies over `limit` (413)."""
+    parts = []
+    total = 0
+    while True:
+        try:
+            line = await ch.read_until(b"\r\n", 4096, deadline_fn())
+        except LimitExceeded:
+            raise HttpError(400, "chunk size line too long")
+        m = _CHUNK_SIZE.match(line[:-2])
+        if m is None:
+            raise HttpError(400, "malformed chunk size")
+        size = int(m.group(1), 16)
+        if size == 0:
+            # Trailer section: read and discard fields up to the blank line.
+            seen = 0
+            while True:
+                try:
+                    t = await ch.read_until(b"\r\n", header_limit, deadline_fn())
+                except LimitExceeded:
+                    raise HttpError(431, "trailer section too large")
+                seen += len(t)
+                if seen > header_limit:
+                    raise HttpError(431, "trailer section too large")
+                if t == b"\r\n":
+                    return b"".join(parts)
+                if t[:1] in (b" ", b"\t") or b":" not in t or _BAD_VALUE_BYTES.search(t[:-2]):
+                    raise HttpError(400, "malformed trailer")
+        total += size
+        if total > limit:
+            raise HttpError(413, "request body too large")
+        data = await ch.read_exactly(size + 2, deadline_fn())
+        if data[-2:] != b"\r\n":
+            raise HttpError(400, "chunk data not followed by CRLF")
+        parts.append(data[:-2])
+
+
+class ServerLimits:
+    """The knobs the HTTP server reads per connection, taken from the config snapshot of the moment."""
+
+    __slots__ = ("max_body", "header_timeout", "keepalive_timeout", "body_timeout", "cors", "cors_origins")
+
+    def __init__(self, cfg):
+        self.max_body = cfg.max_request_size if cfg.max_request_size > 0 else 52428800
+        self.header_timeout = float(cfg.server["header-timeout"])
+        self.keepalive_timeout = float(cfg.server["keepalive-timeout"])
+        self.body_timeout = max(60.0, self.header_timeout)
+        self.cors = cfg.cors["enable"]
+        self.cors_origins = cfg.cors["allow-origins"]
+
+
+class HttpServer:
+    """Serves an `app(request) -> Response | StreamResponse` coroutine over HTTP/1.1 (optionally TLS)."""
+
+    def __init__(self, app, limits_fn, access_log=True):
+        self.app = app
+        self.limits_fn = limits_fn
+        self.access_log = access_log
+        self.servers = []
+        self.connections = set()
+        self.busy = set()
+        self.idle = set()
+        self.draining = False
+
+    async def listen(self, host, port, ssl_context=None):
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(self._make_channel, host, port, ssl=ssl_context, reuse_address=True,
+                                          backlog=1024)
+        self.servers.append(server)
+        return server
+
+    def _make_channel(self):
+        ch = Channel()
+        ch.connection_made = _chain(ch.connection_made, lambda t: self._start(ch))
+        return ch
+
+    def _start(self, ch):
+        task = asyncio.get_running_loop().create_task(self._serve(ch))
+        self.connections.add(task)
+        task.add_done_callback(self.connections.discard)
+
+    async def _serve(self, ch):
+        loop = asyncio.get_running_loop()
+        transport = ch.transport
+        peername = transport.get_extra_info("peername")
+        peer = peername[0] if isinstance(peername, tuple) else "unix"
+        secure = transport.get_extra_info("sslcontext") is not None
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError):
+                pass
+        try:
+            while not self.draining:
+                limits = self.limits_fn()
+                # Idle keep-alive: wait for the first byte quietly; then the whole head must arrive in time.
+                if not ch.buf:
+                    me = asyncio.current_task()
+                    self.idle.add(me)
+                    try:
+                        readable = await ch.wait_readable(loop.time() + limits.keepalive_timeout)
+                    finally:
+                        self.idle.discard(me)
+                    if not readable:
+                        break
+                if self.draining:
+                    break
+                deadline = loop.time() + limits.header_timeout
+                try:
+                    head = await ch.read_until(b"\r\n\r\n", MAX_REQUEST_LINE + MAX_HEADER_BYTES + 4, deadline)
+                except LimitExceeded:
+                    first = bytes(ch.buf[:MAX_REQUEST_LINE + 2])
+                    status = 414 if b"\r\n" not in first else 431
+                    self._write_error(ch, HttpError(status, HTTP_REASONS[status].lower()))
+                    break
+                except asyncio.TimeoutError:
+                    self._write_error(ch, HttpError(408, "request headers not received in time"))
+                    break
+                except ChannelClosed:
+                    break
+                try:
+                    req = parse_request_head(head[:-4], peer)
+                    req.secure = secure
+                    body_deadline = loop.time() + limits.body_timeout
+                    kind, length = body_framing(req)
+                    if kind == "length" and length > limits.max_body:
+                        raise HttpError(413, "request body too large (limit %d bytes)" % limits.max_body)
+                    expect = req.headers.get("expect")
+                    if expect is not None:
+                        if expect.lower() != "100-continue":
+                            raise HttpError(417, "unsupported Expect header")
+                        if req.version >= (1, 1) and (kind == "chunked" or length > 0) and not ch.buf:
+                            ch.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    if kind == "chunked":
+                        req.body = await read_chunked(ch, limits.max_body, lambda: body_deadline)
+                    elif length:
+                        req.body = await ch.read_exactly(length, body_deadline)
+                except HttpError as e:
+                    self._write_error(ch, e)
+                    break
+                except asyncio.TimeoutError:
+                    self._write_error(ch, HttpError(408, "request body not received in time"))
+                    break
+                except ChannelClosed:
+                    break
+                keep = await self._dispatch(ch, req, limits)
+                if not keep:
+                    break
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # a bug must cost one connection, never the server
+            log.exception("connection handler failed")
+        finally:
+            ch.close()
+
+    async def _dispatch(self, ch, req, limits):
+        """Run the app for one request and write its response. Returns whether to keep the connection."""
+        task = asyncio.current_task()
+        self.busy.add(task)
+        # A client that disconnects mid-response cancels the work (and with it any upstream request).
+        ch.on_lost = task.cancel
+        status = 500
+        sent = 0
+        try:
+            if req.method == "OPTIONS":
+                resp = self._options(req, limits)
+            else:
+                try:
+                    resp = await self.app(req)
+                except asyncio.CancelledError:
+                    raise
+                except HttpError as e:
+                    resp = json_response({"error": {"message": e.message, "type": "invalid_request_error"}},
+                                         e.status)
+                except Exception:
+                    log.exception("unhandled error serving %s %s", req.method, req.path)
+                    resp = json_response({"error": {"message": "internal server error", "type": "server_error"}},
+                                         500)
+            status = resp.status
+            keep = req.keep_alive and not self.draining
+            if limits.cors:
+                self._cors_headers(req, limits, resp.headers)
+            if isinstance(resp, StreamResponse):
+                sent = await self._write_stream(ch, req, resp, keep)
+                keep = keep and req.version >= (1, 1)
+            else:
+                sent = self._write_full(ch, req, resp, keep)
+                await ch.drain()
+            return keep
+        except (asyncio.CancelledError, ChannelClosed):
+            status = 499
+            return False
+        finally:
+            ch.on_lost = None
+            self.busy.discard(task)
+            if self.access_log:
+                log.info('%s %s %d %dB %.1fms %s', req.method, redact_url(req.target), status, sent,
+                         (time.monotonic() - req.received_at) * 1000, req.peer)
+
+    def _head(self, status, headers, keep, extra):
+        lines = ["HTTP/1.1 %d %s\r\n" % (status, HTTP_REASONS.get(status, "Status"))]
+        for k, v in headers:
+            lines.append("%s: %s\r\n" % (k, v))
+        lines.append(extra)
+        if not keep:
+            lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("latin-1")
+
+    def _write_full(self, ch, req, resp, keep):
+        body = resp.body or b""
+        no_body = req.method == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200
+        extra = "" if resp.status in (204, 304) else "Content-Length: %d\r\n" % len(body)
+        head = self._head(resp.status, resp.headers, keep, extra)
+        ch.write(head if no_body else head + body)
+        return 0 if no_body else len(body)
+
+    async def _write_stream(self, ch, req, resp, keep):
+        chunked = req.version >= (1, 1)
+        extra = "Transfer-Encoding: chunked\r\n" if chunked else ""
+        ch.write(self._head(resp.status, resp.headers, keep and chunked, extra))
+        sent = 0
+        agen = resp.chunks
+        try:
+            if req.method == "HEAD":
+                ch.write(b"0\r\n\r\n" if chunked else b"")
+                return 0
+            async for piece in agen:
+                if not piece:
+                    continue
+                if chunked:
+                    ch.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                else:
+                    ch.write(piece)
+                sent += len(piece)
+                await ch.drain()
+            if chunked:
+                ch.write(b"0\r\n\r\n")
+            await ch.drain()
+        finally:
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except Exception:
+                    pass
+        return sent
+
+    def _write_error(self, ch, err):
+        body = json_bytes({"error": {"message": err.message, "type": "invalid_request_error",
+                                     "code": err.status}})
+        head = self._head(err.status, [("Content-Type", "application/json")], False,
+                          "Content-Length: %d\r\n" % len(body))
+        ch.write(head + body)
+        log.warning("HTTP %d: %s", err.status, err.message)
+
+    def _cors_headers(self, req, limits, headers):
+        origin = req.headers.get("origin")
+        if origin is None:
+            return
+        allowed = limits.cors_origins
+        if "*" in allowed:
+            headers.append(("Access-Control-Allow-Origin", "*"))
+        elif origin in allowed:
+            headers.append(("Access-Control-Allow-Origin", origin))
+            headers.append(("Vary", "Origin"))
+
+    def _options(self, req, limits):
+        resp = Response(204, b"", [("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")], None)
+        if limits.cors and req.headers.get("access-control-request-method"):
+            resp.headers.append(("Access-Control-Allow-Methods", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"))
+            resp.headers.append(("Access-Control-Allow-Headers",
+                                 req.headers.get("access-control-request-headers") or "*"))
+            resp.headers.append(("Access-Control-Max-Age", "86400"))
+        return resp
+
+    async def shutdown(self, grace):
+        """Stop accepting, let in-flight responses finish for up to `grace` seconds, then cut the rest."""
+        self.draining = True
+        for s in self.servers:
+            s.close()
+        # Idle keep-alive connections have nothing to finish.
+        for task in list(self.idle):
+            task.cancel()
+        deadline = time.monotonic() + grace
+        while self.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for task in list(self.connections):
+            task.cancel()
+        if self.connections:
+            await asyncio.wait(list(self.connections), timeout=2)
+        for s in self.servers:
+            try:
+                await asyncio.wait_for(s.wait_closed(), 1)
+            except (asyncio.TimeoutError, Exception):
+                pass
+
+
+def _chain(first, second):
+    def both(*args):
+        first(*args)
+        second(*args)
+    return both
+
+
+# === 5. HTTP client ===
+# Owns: every outbound request the gateway makes: pooled keep-alive connections per origin and proxy, TLS with
+# SNI and the system CA store, http/https/socks5/socks5h proxies, gzip/deflate and chunked decoding, streaming
+# reads with timeouts, and `upstream-overrides` applied to every URL. It knows nothing about providers.
+
+class UpstreamError(Exception):
+    """A network-level failure talking upstream (connect, TLS, proxy, timeout, broken framing)."""
+
+    def __init__(self, kind, message):
+        super().__init__(message)
+        self.kind, self.message = kind, message
+
+
+class ProxySpec:
+    """A parsed proxy URL. `direct`/`none` mean no proxy at all."""
+
+    __slots__ = ("scheme", "host", "port", "username", "password", "url")
+
+    def __init__(self, url):
+        parts = urllib.parse.urlsplit(url)
+        self.scheme = parts.scheme.lower()
+        if self.scheme not in ("http", "https", "socks5", "socks5h"):
+            raise UpstreamError("proxy", "unsupported proxy scheme %r (use http, https, socks5 or socks5h)"
+                                % parts.scheme)
+        if not parts.hostname:
+            raise UpstreamError("proxy", "proxy URL has no host")
+        self.host = parts.hostname
+        self.port = parts.port or {"http": 80, "https": 443}.get(self.scheme, 1080)
+        self.username = urllib.parse.unquote(parts.username) if parts.username else None
+        self.password = urllib.parse.unquote(parts.password) if parts.password else ""
+        self.url = url
+
+    def basic_auth(self):
+        if self.username is None:
+            return None
+        raw = ("%s:%s" % (self.username, self.password)).encode("utf-8")
+        return "Basic " + base64.b64encode(raw).decode("ascii")
+
+
+class _PooledConn:
+    __slots__ = ("ch", "key", "idle_since", "reused")
+
+    def __init__(self, ch, key):
+        self.ch, self.key, self.idle_since, self.reused = ch, key, 0.0, False
+
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) (\d{3})(?: ([^\r\n]*))?\Z")
+
+
+class UpstreamResponse:
+    """An upstream response whose headers are read and whose body is read on demand (`read` or
+    `iter_bytes`). The connection goes back to the pool only after the body was read to its end."""
+
+    def __init__(self, client, conn, method, url, status, reason, headers, keep_alive, stream_timeout, max_size):
+        self._client, self._conn = client, conn
+        self.method, self.url, self.status, self.reason, self.headers = method, url, status, reason, headers
+        self._keep = keep_alive
+        self._stream_timeout = stream_timeout
+        self._max_size = max_size
+        self._done = False
+        te = (headers.get("transfer-encoding") or "").lower()
+        cl = headers.get("content-length")
+        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            self._mode, self._remaining = "none", 0
+        elif "chunked" in te:
+            self._mode, self._remaining = "chunked", 0
+        elif cl is not None and cl.strip().isdigit():
+            self._mode, self._remaining = "length", int(cl.strip())
+        else:
+            self._mode, self._remaining = "close", 0
+            self._keep = False
+        enc = (headers.get("content-encoding") or "").strip().lower()
+        self._decoder = None
+        if enc in ("gzip", "x-gzip"):
+            self._decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif enc == "deflate":
+            self._decoder = "deflate?"  # zlib-wrapped or raw: decided by the first bytes
+        elif enc not in ("", "identity"):
+            self._keep = False
+            self._decoder = "unsupported:" + enc
+
+    def _deadline(self):
+        return asyncio.get_running_loop().time() + self._stream_timeout if self._stream_timeout else None
+
+    async def _raw_chunks(self):
+        ch = self._conn.ch
+        mode = self._mode
+        if mode == "none":
+            return
+        if mode == "length":
+            remaining = self._remaining
+            while remaining > 0:
+                data = await ch.read_some(min(remaining, 1 << 16), self._deadline())
+                if not data:
+                    raise UpstreamError("protocol", "upstream closed the connection mid-body")
+                remaining -= len(data)
+                yield data
+            return
+        if mode == "close":
+            while True:
+                data = await ch.read_some(1 << 16, self._deadline())
+                if not data:
+                    return
+                yield data
+        while True:  # chunked
+            try:
+                line = await ch.read_until(b"\r\n", 4096, self._deadline())
+            except LimitExceeded:
+                raise UpstreamError("protocol", "upstream sent a malformed chunk")
+            except ChannelClosed:
+                raise UpstreamError("protocol", "upstream closed the connection mid-body")
+            m = _CHUNK_SIZE.match(line[:-2])
+            if m is None:
+                raise UpstreamError("protocol", "upstream sent a malformed chunk size")
+            size = int(m.group(1), 16)
+            if size == 0:
+                while True:
+                    t = await ch.read_until(b"\r\n", MAX_HEADER_BYTES, self._deadline())
+                    if t == b"\r\n":
+                        return
+            while size > 0:
+                data = await ch.read_some(size, self._deadline())
+                if not data:
+                    raise UpstreamError("protocol", "upstream closed the connection mid-chunk")
+                size -= len(data)
+                yield data
+            crlf = await ch.read_exactly(2, self._deadline())
+            if crlf != b"\r\n":
+                raise UpstreamError("protocol", "upstream chunk not followed by CRLF")
+
+    def _decode(self, data, final=False):
+        d = self._decoder
+        if d is None:
+            return data
+        if isinstance(d, str):
+            if d.startswith("unsupported:"):
+                return data
+            # RFC 9110 deflate is zlib-wrapped; some servers send raw deflate.
+            wrapped = len(data) >= 2 and (data[0] & 0x0F) == 8 and ((data[0] << 8) | data[1]) % 31 == 0
+            d = self._decoder = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+        try:
+            out = d.decompress(data)
+            if final:
+                out += d.flush()
+        except zlib.error as e:
+            raise UpstreamError("protocol", "cannot decode upstream body: %s" % e)
+        return out
+
+    async def iter_bytes(self):
+        """Decoded body bytes as they arrive; each wait is bounded by stream-timeout."""
+        completed = False
+        try:
+            async for raw in self._raw_chunks():
+                out = self._decode(raw)
+                if out:
+                    yield out
+            tail = self._decode(b"", final=True)
+            if tail:
+                yield tail
+            completed = True
+        except asyncio.TimeoutError:
+            raise UpstreamError("timeout", "upstream sent nothing for %ss" % self._stream_timeout)
+        except ChannelClosed:
+            raise UpstreamError("protocol", "upstream closed the connection mid-body")
+        finally:
+            self._finish(completed)
+
+    async def read(self, limit=None):
+        limit = limit or self._max_size
+        parts = []
+        size = 0
+        async for piece in self.iter_bytes():
+            size += len(piece)
+            if limit and size > limit:
+                self._finish(False)
+                raise UpstreamError("too-large", "upstream response exceeds max-response-size (%d bytes)" % limit)
+            parts.append(piece)
+        return b"".join(parts)
+
+    async def json(self):
+        body = await self.read()
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise UpstreamError("protocol", "upstream returned invalid JSON")
+
+    def _finish(self, completed):
+        if self._done:
+            return
+        self._done = True
+        if completed and self._keep and not self._conn.ch.buf:
+            self._client._release(self._conn)
+        else:
+            self._conn.ch.close()
+
+    def close(self):
+        """Drop the connection unless the body was fully consumed."""
+        self._finish(False)
+
+
+class HttpClient:
+    """Outbound HTTP/1.1 with per-(origin, proxy) connection pools."""
+
+    IDLE_SECONDS = 60.0
+    MAX_IDLE_PER_KEY = 64
+
+    def __init__(self, config_fn):
+        self.config_fn = config_fn
+        self.pools = {}
+        self._ssl_contexts = {}
+
+    # -- URL and TLS plumbing ---------------------------------------------------------------------------------
+    def apply_overrides(self, url):
+        """Rewrite the origin of `url` per `upstream-overrides` (tests and corporate mirrors rely on this)."""
+        overrides = self.config_fn().overrides
+        if not overrides:
+            return url
+        parts = urllib.parse.urlsplit(url)
+        dst = overrides.get(normalize_origin("%s://%s" % (parts.scheme, parts.netloc.rpartition("@")[2])))
+        if dst is None:
+            return url
+        d = urllib.parse.urlsplit(dst)
+        path = (d.path.rstrip("/") + parts.path) if d.path else parts.path
+        return urllib.parse.urlunsplit((d.scheme, d.netloc, path, parts.query, parts.fragment))
+
+    def ssl_context(self, ca_file=""):
+        ctx = self._ssl_contexts.get(ca_file)
+        if ctx is None:
+            ctx = ssl.create_default_context()
+            if ca_file:
+                ctx.load_verify_locations(cafile=ca_file)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.set_alpn_protocols(["http/1.1"])
+            self._ssl_contexts[ca_file] = ctx
+        return ctx
+
+    # -- connections --------------------------------------------------------------------------------------------
+    def _release(self, conn):
+        if conn.ch.lost or conn.ch.eof:
+            conn.ch.close()
+            return
+        conn.idle_since = time.monotonic()
+        conn.reused = True
+        pool = self.pools.setdefault(conn.key, [])
+        if len(pool) >= self.MAX_IDLE_PER_KEY:
+            conn.ch.close()
+            return
+        pool.append(conn)
+
+    def _acquire_idle(self, key):
+        pool = self.pools.get(key)
+        now = time.monotonic()
+        while pool:
+            conn = pool.pop()
+            if conn.ch.lost or conn.ch.eof or conn.ch.buf or now - conn.idle_since > self.IDLE_SECONDS:
+                conn.ch.close()
+                continue
+            return conn
+        return None
+
+    def close_idle(self):
+        for pool in self.pools.values():
+            for conn in pool:
+                conn.ch.close()
+        self.pools.clear()
+
+    async def _open_tcp(self, host, port, timeout, ssl_ctx=None, server_hostname=None):
+        loop = asyncio.get_running_loop()
+        try:
+            _, ch = await asyncio.wait_for(
+                loop.create_connection(Channel, host, port, ssl=ssl_ctx,
+                                       server_hostname=server_hostname if ssl_ctx else None), timeout)
+        except asyncio.TimeoutError:
+            raise UpstreamError("connect", "connecting to %s:%d timed out after %ss" % (host, port, timeout))
+        except ssl.SSLError as e:
+            raise UpstreamError("tls", "TLS handshake with %s:%d failed: %s" % (host, port, e))
+        except OSError as e:
+            raise UpstreamError("connect", "cannot connect to %s:%d: %s" % (host, port, e.strerror or e))
+        sock = ch.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError):
+                pass
+        return ch
+
+    async def _start_tls(self, ch, ctx, host, timeout):
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await asyncio.wait_for(
+                loop.start_tls(ch.transport, ch, ctx, server_hostname=host), timeout)
+        except asyncio.TimeoutError:
+            ch.abort()
+            raise UpstreamError("tls", "TLS handshake with %s timed out" % host)
+        except (ssl.SSLError, OSError, RuntimeError) as e:
+            ch.abort()
+            raise UpstreamError("tls", "TLS handshake with %s failed: %s" % (host, e))
+        ch.transport = transport
+        return ch
+
+    async def _connect(self, scheme, host, port, proxy, timeout, ca_file):
+        tls = scheme == "https"
+        ctx = self.ssl_context(ca_file) if tls else None
+        if proxy is None:
+            return await self._open_tcp(host, port, timeout, ctx, host)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if proxy.scheme in ("socks5", "socks5h"):
+            ch = await self._open_tcp(proxy.host, proxy.port, timeout)
+            try:
+                await self._socks5_handshake(ch, proxy, host, port, deadline)
+            except BaseException:
+                ch.abort()
+                raise
+        else:
+            proxy_ctx = self.ssl_context(ca_file) if proxy.scheme == "https" else None
+            ch = await self._open_tcp(proxy.host, proxy.port, timeout, proxy_ctx, proxy.host)
+            if not tls:
+                return ch  # plain-http targets go through an HTTP proxy in absolute form, no tunnel
+            try:
+                await self._http_connect(ch, proxy, host, port, deadline)
+            except BaseException:
+                ch.abort()
+                raise
+        if tls:
+            if proxy.scheme == "https" and sys.version_info < (3, 11):
+                ch.abort()
+                raise UpstreamError("proxy", "TLS inside a TLS proxy tunnel needs Python 3.11 or newer")
+            await self._start_tls(ch, ctx, host, max(0.1, deadline - loop.time()))
+        return ch
+
+    async def _http_connect(self, ch, proxy, host, port, deadline):
+        hostport = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+        lines = ["CONNECT %s HTTP/1.1\r\nHost: %s\r\n" % (hostport, hostport)]
+        auth = proxy.basic_auth()
+        if auth:
+            lines.append("Proxy-Authorization: %s\r\n" % auth)
+        lines.append("\r\n")
+        ch.write("".join(lines).encode("latin-1"))
+        try:
+            head = await ch.read_until(b"\r\n\r\n", MAX_HEADER_BYTES, deadline)
+        except asyncio.TimeoutError:
+            raise UpstreamError("proxy", "proxy %s:%d did not answer CONNECT in time" % (proxy.host, proxy.port))
+        except (ChannelClosed, LimitExceeded):
+            raise UpstreamError("proxy", "proxy %s:%d closed the CONNECT tunnel" % (proxy.host, proxy.port))
+        m = _STATUS_LINE.match(head.split(b"\r\n", 1)[0])
+        if m is None:
+            raise UpstreamError("proxy", "proxy sent a malformed CONNECT answer")
+        status = int(m.group(2))
+        if status != 200:
+            raise UpstreamError("proxy", "proxy refused CONNECT to %s: HTTP %d" % (hostport, status))
+
+    async def _socks5_handshake(self, ch, proxy, host, port, deadline):
+        methods = b"\x00\x02" if proxy.username is not None else b"\x00"
+        ch.write(b"\x05" + bytes([len(methods)]) + methods)
+        try:
+            ver, method = await ch.read_exactly(2, deadline)
+            if ver != 5:
+                raise UpstreamError("proxy", "not a SOCKS5 proxy")
+            if method == 0x02:
+                user = (proxy.username or "").encode("utf-8")
+                pw = (proxy.password or "").encode("utf-8")
+                if len(user) > 255 or len(pw) > 255:
+                    raise UpstreamError("proxy", "SOCKS5 username or password too long")
+                ch.write(b"\x01" + bytes([len(user)]) + user + bytes([len(pw)]) + pw)
+                _, status = await ch.read_exactly(2, deadline)
+                if status != 0:
+                    raise UpstreamError("proxy", "SOCKS5 proxy rejected the username/password")
+            elif method != 0x00:
+                raise UpstreamError("proxy", "SOCKS5 proxy accepts none of our auth methods")
+            addr = self._socks_address(host, proxy.scheme == "socks5h")
+            if addr is None:
+                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                addr = self._socks_address(infos[0][4][0], False)
+            ch.write(b"\x05\x01\x00" + addr + port.to_bytes(2, "big"))
+            ver, rep, _, atyp = await ch.read_exactly(4, deadline)
+            if rep != 0:
+                reasons = {1: "general failure", 2: "not allowed by ruleset", 3: "network unreachable",
+                           4: "host unreachable", 5: "connection refused", 6: "TTL expired",
+                           7: "command not supported", 8: "address type not supported"}
+                raise UpstreamError("proxy", "SOCKS5 proxy could not connect to %s:%d: %s"
+                                    % (host, port, reasons.get(rep, "error %d" % rep)))
+            if atyp == 1:
+                await ch.read_exactly(4 + 2, deadline)
+            elif atyp == 4:
+                await ch.read_exactly(16 + 2, deadline)
+            elif atyp == 3:
+                n = (await ch.read_exactly(1, deadline))[0]
+                await ch.read_exactly(n + 2, deadline)
+            else:
+                raise UpstreamError("proxy", "SOCKS5 proxy sent a bad address type")
+        except asyncio.TimeoutError:
+            raise UpstreamError("proxy", "SOCKS5 proxy %s:%d timed out" % (proxy.host, proxy.port))
+        except ChannelClosed:
+            raise UpstreamError("proxy", "SOCKS5 proxy %s:%d closed the connection" % (proxy.host, proxy.port))
+
+    @staticmethod
+    def _socks_address(host, remote_dns):
+        """ATYP + address. socks5h sends names to the proxy; socks5 resolves locally (None = resolve first)."""
+        try:
+            ip = ipaddress.ip_address(host)
+            return (b"\x01" if ip.version == 4 else b"\x04") + ip.packed
+        except ValueError:
+            pass
+        if not remote_dns:
+            return None
+        name = host.encode("idna")
+        if len(name) > 255:
+            raise UpstreamError("proxy", "host name too long for SOCKS5")
+        return b"\x03" + bytes([len(name)]) + name
+
+    # -- requests -----------------------------------------------------------------------------------------------
+    async def request(self, method, url, headers=(), body=None, proxy_url="", timeout=None, stream_timeout=None,
+                      max_size=None):
+        """Send one request; returns an UpstreamResponse once the status and headers are in.
+
+        `headers` are name/value pairs sent as given (Host, Content-Length, Accept-Encoding and User-Agent are
+        added when absent). `proxy_url` may be '', 'direct' or a proxy URL; '' falls back to the global one.
+        """
+        cfg = self.config_fn()
+        url = self.apply_overrides(url)
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise UpstreamError("protocol", "unsupported URL scheme in %s" % url)
+        host = parts.hostname
+        if not host:
+            raise UpstreamError("protocol", "URL has no host: %s" % url)
+        port = parts.port or (443 if scheme == "https" else 80)
+        proxy_url = (proxy_url or cfg.proxy_url or "").strip()
+        proxy = None if proxy_url.lower() in ("", "direct", "none") else ProxySpec(proxy_url)
+        connect_timeout = timeout or cfg.connect_timeout
+        stream_timeout = stream_timeout if stream_timeout is not None else cfg.stream_timeout
+        max_size = max_size or cfg.max_response_size
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        absolute_form = proxy is not None and proxy.scheme in ("http", "https") and scheme == "http"
+        target = "%s://%s%s" % (scheme, parts.netloc.rpartition("@")[2], path) if absolute_form else path
+        hostport = parts.netloc.rpartition("@")[2]
+        if body is None:
+            body = b""
+        elif isinstance(body, str):
+            body = body.encode("utf-8")
+        lines = ["%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target, hostport)]
+        present = set()
+        for k, v in headers:
+            present.add(k.lower())
+            lines.append("%s: %s\r\n" % (k, v))
+        if "user-agent" not in present:
+            lines.append("User-Agent: %s\r\n" % USER_AGENT)
+        if "accept-encoding" not in present:
+            lines.append("Accept-Encoding: gzip, deflate\r\n")
+        if body or method in ("POST", "PUT", "PATCH"):
+            lines.append("Content-Length: %d\r\n" % len(body))
+        if absolute_form and proxy.basic_auth():
+            lines.append("Proxy-Authorization: %s\r\n" % proxy.basic_auth())
+        lines.append("\r\n")
+        payload = "".join(lines).encode("latin-1") + body
+        key = (scheme, host, port, proxy.url if proxy else "")
+        for attempt in (0, 1):
+            conn = self._acquire_idle(key) if attempt == 0 else None
+            if conn is None:
+                ch = await self._connect(scheme, host, port, proxy, connect_timeout, cfg.ca_file)
+                conn = _PooledConn(ch, key)
+            ch = conn.ch
+            try:
+                ch.write(payload)
+                resp = await self._read_head(conn, method, url, stream_timeout, max_size)
+                return resp
+            except ChannelClosed:
+                ch.close()
+                # A pooled connection the server closed while idle: resend once on a fresh one.
+                if conn.reused and attempt == 0 and not ch.buf:
+                    continue
+                raise UpstreamError("protocol", "upstream closed the connection before answering")
+            except asyncio.TimeoutError:
+                ch.close()
+                raise UpstreamError("timeout", "upstream sent no response headers within %ss" % stream_timeout)
+            except BaseException:
+                ch.close()
+                raise
+        raise UpstreamError("protocol", "upstream closed the connection before answering")
+
+    async def _read_head(self, conn, method, url, stream_timeout, max_size):
+        ch = conn.ch
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + stream_timeout if stream_timeout else None
+        while True:
+            try:
+                head = await ch.read_until(b"\r\n\r\n", MAX_REQUEST_LINE + MAX_HEADER_BYTES, deadline)
+            except LimitExceeded:
+                raise UpstreamError("protocol", "upstream response headers too large")
+            lines = head[:-4].split(b"\r\n")
+            m = _STATUS_LINE.match(lines[0])
+            if m is None:
+                raise UpstreamError("protocol", "upstream sent a malformed status line: %r" % lines[0][:80])
+            status = int(m.group(2))
+            items = []
+            for raw in lines[1:]:
+                name, sep, value = raw.partition(b":")
+                if not sep:
+                    raise UpstreamError("protocol", "upstream sent a malformed header line")
+                items.append((name.strip().decode("latin-1").lower(), value.strip().decode("latin-1")))
+            if 100 <= status < 200 and status != 101:
+                continue
+            headers = Headers(items)
+            conn_hdr = (headers.get("connection") or "").lower()
+            keep = m.group(1) == b"1" and "close" not in conn_hdr
+            return UpstreamResponse(self, conn, method, url, status, (m.group(3) or b"").decode("latin-1"),
+                                    headers, keep, stream_timeout, max_size)
+
+
+class SSEParser:
+    """Incremental `text/event-stream` parser (WHATWG rules): feed bytes, get (event, data) pairs."""
+
+    __slots__ = ("_buf", "_event", "_data")
+
+    def __init__(self):
+        self._buf = b""
+        self._event = None
+        self._data = []
+
+    def feed(self, chunk):
+        buf = self._buf + chunk if self._buf else chunk
+        out = []
+        start = 0
+        n = len(buf)
+        while start < n:
+            k = buf.find(b"\n", start)
+            if k < 0:
+                break
+            line = buf[start:k]
+            start = k + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if self._data:
+                    out.append((self._event, "\n".join(self._data)))
+                self._event = None
+                self._data = []
+                continue
+            if line[0] == 0x3A:  # ':' comment
+                continue
+            name, sep, value = line.partition(b":")
+            if sep and value.startswith(b" "):
+                value = value[1:]
+            if name == b"data":
+                self._data.append(value.decode("utf-8", "replace"))
+            elif name == b"event":
+                self._event = value.decode("utf-8", "replace")
+        self._buf = buf[start:]
+        return out
+
+    def finish(self):
+        """Flush an event that was not followed by a blank line (some upstreams end that way)."""
+        out = []
+        if self._buf.strip():
+            out = self.feed(b"\n\n")
+        elif self._data:
+            out = [(self._event, "\n".join(self._data))]
+        self._buf, self._event, self._data = b"", None, []
+        return out
+
+
+# === 6. IR ===
+# Owns: the one intermediate representation every format and provider meets in: the request (messages made of
+# parts, tools, sampling, thinking), the non-streamed response, the stream events, usage and errors. Plain classes
+# with __slots__: they sit on the hot path. No wire format appears here.
+
+class Text:
+    __slots__ = ("text", "cache_control")
+    kind = "text"
+
+    def __init__(self, text, cache_control=None):
+        self.text, self.cache_control = text, cache_control
+
+
+class Image:
+    """An image as base64 `data` with its `mime`, or as a `url`."""
+    __slots__ = ("mime", "data", "url", "detail")
+    kind = "image"
+
+    def __init__(self, mime=None, data=None, url=None, detail=None):
+        self.mime, self.data, self.url, self.detail = mime, data, url, detail
+
+
+class File:
+    """A document, audio or video attachment (base64 `data` or a `url`)."""
+    __slots__ = ("mime", "data", "url", "filename", "file_id")
+    kind = "file"
+
+    def __init__(self, mime=None, data=None, url=None, filename=None, file_id=None):
+        self.mime, self.data, self.url, self.filename, self.file_id = mime, data, url, filename, file_id
+
+
+class ToolCall:
+    """A model's call of a tool. `arguments` is the JSON text (what OpenAI sends); `signature` carries an opaque
+    per-call token (Gemini thoughtSignature) back to the family (`source`) that issued it."""
+    __slots__ = ("id", "name", "arguments", "tool_kind", "signature", "source")
+    kind = "tool_call"
+
+    def __init__(self, id, name, arguments="{}", tool_kind="function", signature=None, source=None):
+        self.id, self.name, self.arguments = id, name, arguments
+        self.tool_kind, self.signature, self.source = tool_kind, signature, source
+
+    def args_object(self):
+        """Arguments as a JSON object; invalid or non-object JSON becomes {} (formats.md §6.2)."""
+        try:
+            value = json.loads(self.arguments) if self.arguments else {}
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
+
+class ToolResult:
+    """The result of one tool call. `content` is a list of Text/Image/File parts."""
+    __slots__ = ("id", "name", "content", "is_error")
+    kind = "tool_result"
+
+    def __init__(self, id, name=None, content=None, is_error=False):
+        self.id, self.name, self.content, self.is_error = id, name, content or [], is_error
+
+    def text(self):
+        return "".join(p.text for p in self.content if p.kind == "text")
+
+
+class Thinking:
+    """Reasoning output. `signature` (Anthropic, Gemini), `redacted` (Anthropic redacted_thinking data) and
+    `encrypted` (Responses encrypted_content) are opaque and go back byte-exact only to `source`."""
+    __slots__ = ("text", "signature", "redacted", "encrypted", "source", "item_id")
+    kind = "thinking"
+
+    def __init__(self, text="", signature=None, redacted=None, encrypted=None, source=None, item_id=None):
+        self.text, self.signature, self.redacted = text, signature, redacted
+        self.encrypted, self.source, self.item_id = encrypted, source, item_id
+
+
+class Message:
+    """One turn. Roles: user, assistant, tool (ToolResult parts), system (a system turn after the start)."""
+    __slots__ = ("role", "parts", "name")
+
+    def __init__(self, role, parts=None, name=None):
+        self.role, self.parts, self.name = role, parts if parts is not None else [], name
+
+    def text(self):
+        return "".join(p.text for p in self.parts if p.kind == "text")
+
+
+class Tool:
+    """A tool definition. `parameters` is the raw JSON Schema; `tool_kind` is function or custom."""
+    __slots__ = ("name", "description", "parameters", "tool_kind", "strict", "extra")
+
+    def __init__(self, name, description=None, parameters=None, tool_kind="function", strict=None, extra=None):
+        self.name, self.description, self.parameters = name, description, parameters
+        self.tool_kind, self.strict, self.extra = tool_kind, strict, extra
+
+
+class ThinkingConfig:
+    """What the client asked for: an effort level (none/minimal/low/medium/high/xhigh/max/auto) and/or a token
+    budget (-1 = dynamic, 0 = off), whether to return thought text, and a Responses summary mode."""
+    __slots__ = ("effort", "budget", "include_thoughts", "summary")
+
+    def __init__(self, effort=None, budget=None, include_thoughts=None, summary=None):
+        self.effort, self.budget, self.include_thoughts, self.summary = effort, budget, include_thoughts, summary
+
+
+# Effort <-> budget tables (formats.md §6.3).
+EFFORT_BUDGETS = {"none": 0, "auto": -1, "minimal": 512, "low": 1024, "medium": 8192, "high": 24576,
+                  "xhigh": 32768, "max": 128000}
+
+
+def budget_to_effort(budget):
+    if budget is None:
+        return None
+    if budget < 0:
+        return "auto"
+    if budget == 0:
+        return "none"
+    for level, limit in (("minimal", 512), ("low", 1024), ("medium", 8192), ("high", 24576)):
+        if budget <= limit:
+            return level
+    return "xhigh"
+
+
+def thinking_effort(cfg):
+    """The effort level a ThinkingConfig amounts to (None when nothing was asked)."""
+    if cfg is None:
+        return None
+    return cfg.effort or budget_to_effort(cfg.budget)
+
+
+def thinking_budget(cfg):
+    if cfg is None:
+        return None
+    if cfg.budget is not None:
+        return cfg.budget
+    return EFFORT_BUDGETS.get(cfg.effort) if cfg.effort else None
+
+
+class ChatRequest:
+    """A chat request in the IR. `extra` keeps format-specific fields that only a same-format upstream uses."""
+    __slots__ = ("model", "system", "messages", "tools", "tool_choice", "parallel_tool_calls", "max_tokens",
+                 "temperature", "top_p", "top_k", "stop", "n", "presence_penalty", "frequency_penalty", "seed",
+                 "response_format", "thinking", "stream", "include_usage", "user", "metadata", "extra",
+                 "client_format")
+
+    def __init__(self, model, messages=None, system=None, stream=False):
+        self.model = model
+        self.system = system if system is not None else []
+        self.messages = messages if messages is not None else []
+        self.tools = []
+        self.tool_choice = None  # None | "auto" | "none" | "required" | {"name": ...}
+        self.parallel_tool_calls = None
+        self.max_tokens = None
+        self.temperature = None
+        self.top_p = None
+        self.top_k = None
+        self.stop = None
+        self.n = None
+        self.presence_penalty = None
+        self.frequency_penalty = None
+        self.seed = None
+        self.response_format = None  # None | {"type": "json_object"} | {"type": "json_schema", "name", "schema"...}
+        self.thinking = None
+        self.stream = stream
+        self.include_usage = False
+        self.user = None
+        self.metadata = None
+        self.extra = {}
+        self.client_format = None
+
+    def system_text(self):
+        return "\n\n".join(p.text for p in self.system if p.kind == "text")
+
+
+class Usage:
+    """Token counts. input includes cache reads and writes; output includes reasoning (formats.md §6.9)."""
+    __slots__ = ("input_tokens", "output_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens")
+
+    def __init__(self, input_tokens=0, output_tokens=0, cached_tokens=0, cache_write_tokens=0, reasoning_tokens=0):
+        self.input_tokens, self.output_tokens = input_tokens, output_tokens
+        self.cached_tokens, self.cache_write_tokens = cached_tokens, cache_write_tokens
+        self.reasoning_tokens = reasoning_tokens
+
+    @property
+    def total_tokens(self):
+        return self.input_tokens + self.output_tokens
+
+
+class ChatResponse:
+    """A complete assistant answer. finish: stop | stop_sequence | length | tool_calls | content_filter | pause."""
+    __slots__ = ("id", "model", "created", "parts", "finish", "stop_sequence", "usage")
+
+    def __init__(self, id=None, model=None, created=None, parts=None, finish="stop", stop_sequence=None, usage=None):
+        self.id, self.model, self.created = id, model, created or now_s()
+        self.parts = parts if parts is not None else []
+        self.finish, self.stop_sequence, self.usage = finish, stop_sequence, usage
+
+
+# -- stream events ------------------------------------------------------------------------------------------------
+
+class Start:
+    __slots__ = ("id", "model", "created")
+    kind = "start"
+
+    def __init__(self, id=None, model=None, created=None):
+        self.id, self.model, self.created = id, model, created
+
+
+class TextDelta:
+    __slots__ = ("text",)
+    kind = "text"
+
+    def __init__(self, text):
+        self.text = text
+
+
+class ThinkingDelta:
+    """Reasoning text, and/or the opaque token that closes a thinking block."""
+    __slots__ = ("text", "signature", "redacted", "encrypted", "source", "item_id")
+    kind = "thinking"
+
+    def __init__(self, text="", signature=None, redacted=None, encrypted=None, source=None, item_id=None):
+        self.text, self.signature, self.redacted = text, signature, redacted
+        self.encrypted, self.source, self.item_id = encrypted, source, item_id
+
+
+class ToolCallStart:
+    __slots__ = ("index", "id", "name", "tool_kind", "signature", "source")
+    kind = "tool_start"
+
+    def __init__(self, index, id, name, tool_kind="function", signature=None, source=None):
+        self.index, self.id, self.name = index, id, name
+        self.tool_kind, self.signature, self.source = tool_kind, signature, source
+
+
+class ToolCallDelta:
+    __slots__ = ("index", "arguments")
+    kind = "tool_delta"
+
+    def __init__(self, index, arguments):
+        self.index, self.arguments = index, arguments
+
+
+class ToolCallEnd:
+    __slots__ = ("index",)
+    kind = "tool_end"
+
+    def __init__(self, index):
+        self.index = index
+
+
+class UsageEvent:
+    __slots__ = ("usage",)
+    kind = "usage"
+
+    def __init__(self, usage):
+        self.usage = usage
+
+
+class Finish:
+    __slots__ = ("reason", "stop_sequence")
+    kind = "finish"
+
+    def __init__(self, reason="stop", stop_sequence=None):
+        self.reason, self.stop_sequence = reason, stop_sequence
+
+
+class ErrorEvent:
+    """A failure inside a stream (or before it started): HTTP-like status, message and IR error type."""
+    __slots__ = ("status", "message", "type")
+    kind = "error"
+
+    def __init__(self, status, message, type="server_error"):
+        self.status, self.message, self.type = status, message, type
+
+
+class GatewayError(Exception):
+    """A request that fails with an HTTP status, rendered in the client's own error format.
+    IR error types: invalid_request, authentication, permission, not_found, rate_limit, overloaded,
+    server_error, timeout, upstream."""
+
+    def __init__(self, status, message, type="invalid_request", param=None, headers=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type, param
+        self.headers = headers or []
+        self.code = code
+
+
+def error_type_for_status(status):
+    if status == 400 or status == 422:
+        return "invalid_request"
+    if status == 401:
+        return "authentication"
+    if status in (402, 403):
+        return "permission"
+    if status == 404:
+        return "not_found"
+    if status == 408 or status == 504:
+        return "timeout"
+    if status == 429:
+        return "rate_limit"
+    if status == 529 or status == 503:
+        return "overloaded"
+    return "server_error"
+
+
+class ResponseCollector:
+    """Folds stream events into a ChatResponse, so a streaming-only upstream can serve non-stream clients."""
+
+    def __init__(self):
+        self.resp = ChatResponse()
+        self._text = None
+        self._thinking = None
+        self._calls = {}
+        self.error = None
+
+    def add(self, ev):
+        k = ev.kind
+        r = self.resp
+        if k == "text":
+            if self._text is None:
+                self._text = Text("")
+                r.parts.append(self._text)
+                self._thinking = None
+            self._text.text += ev.text
+        elif k == "thinking":
+            if self._thinking is None or (ev.text and self._thinking.signature):
+                self._thinking = Thinking("", source=ev.source, item_id=ev.item_id)
+                r.parts.append(self._thinking)
+                self._text = None
+            t = self._thinking
+            t.text += ev.text or ""
+            if ev.signature:
+                t.signature = ev.signature
+            if ev.redacted:
+                t.redacted = ev.redacted
+            if ev.encrypted:
+                t.encrypted = ev.encrypted
+            if ev.source:
+                t.source = ev.source
+        elif k == "tool_start":
+            call = ToolCall(ev.id, ev.name, "", ev.tool_kind, ev.signature, ev.source)
+            self._calls[ev.index] = call
+            r.parts.append(call)
+            self._text = self._thinking = None
+        elif k == "tool_delta":
+            call = self._calls.get(ev.index)
+            if call is not None:
+                call.arguments += ev.arguments
+        elif k == "usage":
+            r.usage = ev.usage
+        elif k == "finish":
+            r.finish, r.stop_sequence = ev.reason, ev.stop_sequence
+        elif k == "start":
+            r.id = ev.id or r.id
+            r.model = ev.model or r.model
+            r.created = ev.created or r.created
+        elif k == "error":
+            self.error = ev
+
+    def result(self):
+        for call in self._calls.values():
+            if not call.arguments:
+                call.arguments = "{}"
+        if any(p.kind == "tool_call" for p in self.resp.parts) and self.resp.finish == "stop":
+            self.resp.finish = "tool_calls"
+        return self.resp
+
+
+def data_url_split(url):
+    """('image/png', '<base64>') for a data: URL, else None."""
+    if not url.startswith("data:"):
+        return None
+    head, sep, data = url[5:].partition(",")
+    if not sep:
+        return None
+    mime = head.split(";")[0] or "application/octet-stream"
+    if ";base64" not in head:
+        data = base64.b64encode(urllib.parse.unquote_to_bytes(data)).decode("ascii")
+    return mime, data
+
+
+# === 7. Codecs ===
+# Owns: one codec per API format, each translating between its wire JSON and the IR in both directions
+# (request, response, stream). Codecs never talk to the network and never know which provider is upstream.
+
+class BadRequest(GatewayError):
+    """The client's request is malformed; names the field at fault."""
+
+    def __init__(self, message, param=None):
+        super().__init__(400, message, "invalid_request", param)
+
+
+def _expect(value, types, field, what):
+    if value is None:
+        return None
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise BadRequest("'%s' must be %s" % (field, what), field)
+    if not isinstance(value, types):
+        raise BadRequest("'%s' must be %s" % (field, what), field)
+    return value
+
+
+def _number(body, field):
+    return _expect(body.get(field), (int, float), field, "a number")
+
+
+def _integer(body, field):
+    return _expect(body.get(field), int, field, "an integer")
+
+
+def _stop_list(value, field="stop"):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return value
+    raise BadRequest("'%s' must be a string or a list of strings" % field, field)
+
+
+OPENAI_FINISH_OUT = {"stop": "stop", "stop_sequence": "stop", "length": "length", "tool_calls": "tool_calls",
+                     "content_filter": "content_filter", "refusal": "content_filter", "pause": "stop"}
+OPENAI_FINISH_IN = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "function_call": "tool_calls",
+                    "content_filter": "content_filter"}
+OPENAI_ERROR_TYPES = {"invalid_request": "invalid_request_error", "authentication": "authentication_error",
+                      "permission": "permission_error", "not_found": "not_found_error",
+                      "rate_limit": "rate_limit_error", "overloaded": "server_error", "server_error": "server_error",
+                      "timeout": "timeout_error", "upstream": "upstream_error"}
+
+
+class Codec:
+    """The interface every API format implements. `name` is the format's id."""
+    name = "?"
+
+    @staticmethod
+    def error_body(err):
+        raise NotImplementedError
+
+
+class OpenAIChat(Codec):
+    """OpenAI Chat Completions (`/v1/chat/completions`), formats.md §2.2–2.4."""
+    name = "openai"
+
+    # -- errors ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def error_body(err):
+        return {"error": {"message": err.message, "type": OPENAI_ERROR_TYPES.get(err.type, err.type),
+                          "param": err.param, "code": err.code}}
+
+    # -- request: wire -> IR --------------------------------------------------------------------------------------
+    @classmethod
+    def parse_request(cls, body):
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise BadRequest("'model' is required and must be a non-empty string", "model")
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise BadRequest("'messages' must be a non-empty array", "messages")
+        req = ChatRequest(model.strip())
+        req.client_format = cls.name
+        cls._parse_messages(req, msgs)
+        stream = _expect(body.get("stream"), bool, "stream", "a boolean")
+        req.stream = bool(stream)
+        so = body.get("stream_options")
+        if so is not None:
+            _expect(so, dict, "stream_options", "an object")
+            req.include_usage = bool(so.get("include_usage"))
+        mt = body.get("max_completion_tokens")
+        req.max_tokens = _expect(mt, int, "max_completion_tokens", "an integer") if mt is not None else \
+            _integer(body, "max_tokens")
+        req.temperature = _number(body, "temperature")
+        req.top_p = _number(body, "top_p")
+        req.top_k = _integer(body, "top_k")
+        req.n = _integer(body, "n")
+        req.presence_penalty = _number(body, "presence_penalty")
+        req.frequency_penalty = _number(body, "frequency_penalty")
+        req.seed = _integer(body, "seed")
+        req.stop = _stop_list(body.get("stop"))
+        req.user = _expect(body.get("user"), str, "user", "a string")
+        req.metadata = _expect(body.get("metadata"), dict, "metadata", "an object")
+        req.parallel_tool_calls = _expect(body.get("parallel_tool_calls"), bool, "parallel_tool_calls", "a boolean")
+        effort = _expect(body.get("reasoning_effort"), str, "reasoning_effort", "a string")
+        if effort:
+            req.thinking = ThinkingConfig(effort=effort.lower())
+        rf = body.get("response_format")
+        if rf is not None:
+            _expect(rf, dict, "response_format", "an object")
+            t = rf.get("type")
+            if t == "json_schema":
+                js = rf.get("json_schema")
+                if not isinstance(js, dict):
+                    raise BadRequest("'response_format.json_schema' must be an object", "response_format")
+                req.response_format = {"type": "json_schema", "name": js.get("name") or "response",
+                                       "schema": js.get("schema") or {}, "strict": js.get("strict"),
+                                       "description": js.get("description")}
+            elif t == "json_object":
+                req.response_format = {"type": "json_object"}
+            elif t not in (None, "text"):
+                raise BadRequest("unsupported response_format type %r" % t, "response_format")
+        tools = body.get("tools")
+        if tools is not None:
+            _expect(tools, list, "tools", "an array")
+            for i, t in enumerate(tools):
+                req.tools.append(cls._parse_tool(t, i))
+        elif isinstance(body.get("functions"), list):
+            for i, f in enumerate(body["functions"]):
+                req.tools.append(cls._parse_tool({"type": "function", "function": f}, i))
+        req.tool_choice = cls._parse_tool_choice(body.get("tool_choice", body.get("function_call")))
+        for key in ("logprobs", "top_logprobs", "logit_bias", "service_tier", "store", "prediction", "modalities",
+                    "audio", "verbosity", "web_search_options", "prompt_cache_key", "safety_identifier"):
+            if key in body:
+                req.extra[key] = body[key]
+        return req
+
+    @staticmethod
+    def _parse_tool(t, i):
+        if not isinstance(t, dict):
+            raise BadRequest("'tools[%d]' must be an object" % i, "tools")
+        if t.get("type") == "custom":
+            c = t.get("custom") or {}
+            if not isinstance(c.get("name"), str):
+                raise BadRequest("'tools[%d].custom.name' is required" % i, "tools")
+            return Tool(c["name"], c.get("description"), None, "custom", extra={"format": c.get("format")})
+        f = t.get("function")
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+            raise BadRequest("'tools[%d].function.name' is required" % i, "tools")
+        params = f.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise BadRequest("'tools[%d].function.parameters' must be an object" % i, "tools")
+        return Tool(f["name"], f.get("description"), params, "function", f.get("strict"))
+
+    @staticmethod
+    def _parse_tool_choice(tc):
+        if tc is None:
+            return None
+        if isinstance(tc, str):
+            if tc not in ("auto", "none", "required"):
+                raise BadRequest("'tool_choice' must be auto, none, required or an object", "tool_choice")
+            return tc
+        if isinstance(tc, dict):
+            if tc.get("type") == "function" and isinstance(tc.get("function"), dict):
+                return {"name": tc["function"].get("name")}
+            if tc.get("type") == "custom" and isinstance(tc.get("custom"), dict):
+                return {"name": tc["custom"].get("name")}
+            if tc.get("type") == "allowed_tools":
+                mode = (tc.get("allowed_tools") or {}).get("mode")
+                return "required" if mode == "required" else "auto"
+            if isinstance(tc.get("name"), str):  # legacy function_call: {"name": ...}
+                return {"name": tc["name"]}
+        raise BadRequest("'tool_choice' is malformed", "tool_choice")
+
+    @classmethod
+    def _content_parts(cls, content, where):
+        if content is None:
+            return []
+        if isinstance(content, str):
+            return [Text(content)] if content else []
+        if not isinstance(content, list):
+            raise BadRequest("'%s.content' must be a string or an array of parts" % where, "messages")
+        parts = []
+        for j, p in enumerate(content):
+            if isinstance(p, str):
+                parts.append(Text(p))
+                continue
+            if not isinstance(p, dict):
+                raise BadRequest("'%s.content[%d]' must be an object" % (where, j), "messages")
+            t = p.get("type")
+            if t in ("text", "input_text", "output_text"):
+                text = p.get("text")
+                if not isinstance(text, str):
+                    raise BadRequest("'%s.content[%d].text' must be a string" % (where, j), "messages")
+                parts.append(Text(text, p.get("cache_control")))
+            elif t == "refusal":
+                parts.append(Text(p.get("refusal") or ""))
+            elif t == "image_url":
+                iu = p.get("image_url")
+                url = iu.get("url") if isinstance(iu, dict) else iu
+                if not isinstance(url, str):
+                    raise BadRequest("'%s.content[%d].image_url.url' must be a string" % (where, j), "messages")
+                detail = iu.get("detail") if isinstance(iu, dict) else None
+                split = data_url_split(url)
+                parts.append(Image(split[0], split[1], detail=detail) if split else Image(url=url, detail=detail))
+            elif t == "input_audio":
+                a = p.get("input_audio") or {}
+                fmt = a.get("format") or "wav"
+                parts.append(File("audio/" + ("mpeg" if fmt == "mp3" else fmt), a.get("data")))
+            elif t == "file":
+                f = p.get("file") or {}
+                fd = f.get("file_data")
+                split = data_url_split(fd) if isinstance(fd, str) else None
+                if split:
+                    parts.append(File(split[0], split[1], filename=f.get("filename")))
+                else:
+                    parts.append(File("application/pdf", fd, filename=f.get("filename"), file_id=f.get("file_id")))
+            else:
+                raise BadRequest("unsupported content part type %r in %s" % (t, where), "messages")
+        return parts
+
+    @classmethod
+    def _parse_messages(cls, req, msgs):
+        call_names = {}
+        seen_turn = False
+        for i, m in enumerate(msgs):
+            where = "messages[%d]" % i
+            if not isinstance(m, dict):
+                raise BadRequest("'%s' must be an object" % where, "messages")
+            role = m.get("role")
+            if role in ("system", "developer"):
+                parts = cls._content_parts(m.get("content"), where)
+                if seen_turn:
+                    req.messages.append(Message("system", parts))
+                else:
+                    req.system.extend(parts)
+            elif role == "user":
+                seen_turn = True
+                req.messages.append(Message("user", cls._content_parts(m.get("content"), where), m.get("name")))
+            elif role == "assistant":
+                seen_turn = True
+                parts = []
+                rc = m.get("reasoning_content")
+                if isinstance(rc, str) and rc:
+                    parts.append(Thinking(rc, source="openai"))
+                parts.extend(cls._content_parts(m.get("content"), where))
+                if isinstance(m.get("refusal"), str) and m["refusal"] and not parts:
+                    parts.append(Text(m["refusal"]))
+                calls = m.get("tool_calls")
+                if calls is not None:
+                    if not isinstance(calls, list):
+                        raise BadRequest("'%s.tool_calls' must be an array" % where, "messages")
+                    for j, c in enumerate(calls):
+                        if not isinstance(c, dict):
+                            raise BadRequest("'%s.tool_calls[%d]' must be an object" % (where, j), "messages")
+                        if c.get("type") == "custom":
+                            cu = c.get("custom") or {}
+                            call = ToolCall(c.get("id") or new_id("call_"), cu.get("name") or "",
+                                            json_dumps({"input": cu.get("input", "")}), "custom")
+                        else:
+                            f = c.get("function") or {}
+                            args = f.get("arguments")
+                            if isinstance(args, (dict, list)):
+                                args = json_dumps(args)
+                            call = ToolCall(c.get("id") or new_id("call_"), f.get("name") or "",
+                                            args if isinstance(args, str) and args else "{}")
+                        gsig = ((c.get("extra_content") or {}).get("google") or {}).get("thought_signature")
+                        if gsig:
+                            call.signature, call.source = gsig, "gemini"
+                        call_names[call.id] = call.name
+                        parts.append(call)
+                fc = m.get("function_call")
+                if isinstance(fc, dict) and fc.get("name"):
+                    call = ToolCall(new_id("call_"), fc["name"], fc.get("arguments") or "{}")
+                    call_names[fc["name"]] = fc["name"]
+                    parts.append(call)
+                req.messages.append(Message("assistant", parts))
+            elif role in ("tool", "function"):
+                seen_turn = True
+                if role == "tool":
+                    tid = m.get("tool_call_id")
+                    if not isinstance(tid, str) or not tid:
+                        raise BadRequest("'%s.tool_call_id' is required for tool messages" % where, "messages")
+                    name = call_names.get(tid)
+                else:
+                    tid = name = m.get("name") or ""
+                result = ToolResult(tid, name, cls._content_parts(m.get("content"), where))
+                last = req.messages[-1] if req.messages else None
+                if last is not None and last.role == "tool":
+                    last.parts.append(result)
+                else:
+                    req.messages.append(Message("tool", [result]))
+            else:
+                raise BadRequest("'%s.role' must be system, developer, user, assistant or tool" % where,
+                                 "messages")
+
+    # -- request: IR -> wire (for OpenAI-compatible upstreams) ----------------------------------------------------
+    @classmethod
+    def build_request(cls, req, model):
+        msgs = []
+        if req.system:
+            msgs.append({"role": "system", "content": req.system_text()})
+        for m in req.messages:
+            if m.role == "tool":
+                for r in m.parts:
+                    if r.kind == "tool_result":
+                        content = r.text()
+                        if r.is_error and not content.lower().startswith("error"):
+                            content = "Error: " + content
+                        msgs.append({"role": "tool", "tool_call_id": r.id, "content": content})
+                continue
+            if m.role == "system":
+                msgs.append({"role": "system", "content": m.text()})
+                continue
+            if m.role == "assistant":
+                out = {"role": "assistant"}
+                text = "".join(p.text for p in m.parts if p.kind == "text")
+                calls = [p for p in m.parts if p.kind == "tool_call"]
+                out["content"] = text if text or not calls else None
+                if calls:
+                    out["tool_calls"] = [cls._wire_call(c) for c in calls]
+                msgs.append(out)
+                continue
+            msgs.append({"role": "user", "content": cls._wire_content(m.parts)})
+        body = {"model": model, "messages": msgs}
+        if req.stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        if req.max_tokens is not None:
+            body["max_tokens"] = req.max_tokens
+        for field in ("temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "seed", "user"):
+            v = getattr(req, field)
+            if v is not None:
+                body[field] = v
+        if req.stop:
+            body["stop"] = req.stop
+        effort = thinking_effort(req.thinking)
+        if effort and effort != "auto":
+            body["reasoning_effort"] = effort
+        if req.response_format:
+            rf = req.response_format
+            if rf["type"] == "json_schema":
+                js = {"name": rf.get("name") or "response", "schema": rf.get("schema") or {}}
+                if rf.get("strict") is not None:
+                    js["strict"] = rf["strict"]
+                if rf.get("description"):
+                    js["description"] = rf["description"]
+                body["response_format"] = {"type": "json_schema", "json_schema": js}
+            else:
+                body["response_format"] = {"type": "json_object"}
+        if req.tools:
+            body["tools"] = [cls._wire_tool(t) for t in req.tools]
+            tc = req.tool_choice
+            if tc is not None:
+                body["tool_choice"] = {"type": "function", "function": {"name": tc["name"]}} \
+                    if isinstance(tc, dict) else tc
+            if req.parallel_tool_calls is not None:
+                body["parallel_tool_calls"] = req.parallel_tool_calls
+        if req.metadata and req.client_format == cls.name:
+            body["metadata"] = req.metadata
+        if req.client_format == cls.name:
+            for k, v in req.extra.items():
+                body.setdefault(k, v)
+        return body
+
+    @staticmethod
+    def _wire_tool(t):
+        if t.tool_kind == "custom":
+            c = {"name": t.name}
+            if t.description:
+                c["description"] = t.description
+            if t.extra and t.extra.get("format"):
+                c["format"] = t.extra["format"]
+            return {"type": "custom", "custom": c}
+        f = {"name": t.name}
+        if t.description:
+            f["description"] = t.description
+        f["parameters"] = t.parameters if t.parameters is not None else {"type": "object", "properties": {}}
+        if t.strict is not None:
+            f["strict"] = t.strict
+        return {"type": "function", "function": f}
+
+    @staticmethod
+    def _wire_call(c):
+        if c.tool_kind == "custom":
+            return {"id": c.id, "type": "custom", "custom": {"name": c.name,
+                                                             "input": c.args_object().get("input", "")}}
+        return {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments or "{}"}}
+
+    @staticmethod
+    def _wire_content(parts):
+        if all(p.kind == "text" for p in parts):
+            return "".join(p.text for p in parts)
+        out = []
+        for p in parts:
+            if p.kind == "text":
+                out.append({"type": "text", "text": p.text})
+            elif p.kind == "image":
+                url = p.url or "data:%s;base64,%s" % (p.mime or "image/png", p.data)
+                iu = {"url": url}
+                if p.detail:
+                    iu["detail"] = p.detail
+                out.append({"type": "image_url", "image_url": iu})
+            elif p.kind == "file":
+                if (p.mime or "").startswith("audio/"):
+                    fmt = "mp3" if p.mime in ("audio/mpeg", "audio/mp3") else p.mime.split("/", 1)[1]
+                    out.append({"type": "input_audio", "input_audio": {"data": p.data, "format": fmt}})
+                else:
+                    f = {"filename": p.filename or "file"}
+                    if p.data:
+                        f["file_data"] = "data:%s;base64,%s" % (p.mime or "application/pdf", p.data)
+                    if p.file_id:
+                        f["file_id"] = p.file_id
+                    out.append({"type": "file", "file": f})
+        return out
+
+    # -- response: wire -> IR -------------------------------------------------------------------------------------
+    @staticmethod
+    def parse_usage(u):
+        if not isinstance(u, dict):
+            return None
+        ptd = u.get("prompt_tokens_details") or {}
+        ctd = u.get("completion_tokens_details") or {}
+        return Usage(u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0, ptd.get("cached_tokens") or 0,
+                     ptd.get("cache_write_tokens") or 0, ctd.get("reasoning_tokens") or 0)
+
+    @classmethod
+    def parse_response(cls, data):
+        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+            raise UpstreamError("protocol", "upstream answer has no choices")
+        resp = ChatResponse(data.get("id"), data.get("model"), data.get("created"))
+        choice = data["choices"][0] if data["choices"] else {}
+        msg = choice.get("message") or {}
+        rc = msg.get("reasoning_content") or msg.get("reasoning")
+        if isinstance(rc, str) and rc:
+            resp.parts.append(Thinking(rc, source="openai"))
+        content = msg.get("content")
+        if isinstance(content, str) and content:
+            resp.parts.append(Text(content))
+        elif isinstance(content, list):
+            resp.parts.extend(Text(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("text"))
+        if msg.get("refusal") and not content:
+            resp.parts.append(Text(msg["refusal"]))
+        for c in msg.get("tool_calls") or []:
+            f = c.get("function") or {}
+            args = f.get("arguments")
+            if isinstance(args, (dict, list)):
+                args = json_dumps(args)
+            resp.parts.append(ToolCall(c.get("id") or new_id("call_"), f.get("name") or "", args or "{}"))
+        resp.finish = OPENAI_FINISH_IN.get(choice.get("finish_reason") or "stop", "stop")
+        if resp.finish == "tool_calls" and not any(p.kind == "tool_call" for p in resp.parts):
+            resp.finish = "stop"
+        resp.usage = cls.parse_usage(data.get("usage"))
+        return resp
+
+    # -- response: IR -> wire -------------------------------------------------------------------------------------
+    @staticmethod
+    def wire_usage(u):
+        if u is None:
+            return None
+        out = {"prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens,
+               "total_tokens": u.input_tokens + u.output_tokens,
+               "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+               "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}
+        if u.cache_write_tokens:
+            out["prompt_tokens_details"]["cache_write_tokens"] = u.cache_write_tokens
+        return out
+
+    @classmethod
+    def build_response(cls, resp, req):
+        text = "".join(p.text for p in resp.parts if p.kind == "text")
+        calls = [p for p in resp.parts if p.kind == "tool_call"]
+        thinking = "".join(p.text for p in resp.parts if p.kind == "thinking" and p.text)
+        msg = {"role": "assistant", "content": text if (text or not calls) else None, "refusal": None,
+               "annotations": []}
+        if thinking:
+            msg["reasoning_content"] = thinking
+        if calls:
+            msg["tool_calls"] = [cls._wire_call(c) for c in calls]
+        finish = "tool_calls" if calls else OPENAI_FINISH_OUT.get(resp.finish, "stop")
+        out = {"id": resp.id if resp.id and str(resp.id).startswith("chatcmpl") else new_id("chatcmpl-"),
+               "object": "chat.completion", "created": resp.created or now_s(), "model": req.model,
+               "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}]}
+        usage = cls.wire_usage(resp.usage)
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+    # -- streams --------------------------------------------------------------------------------------------------
+    class StreamDecoder:
+        """OpenAI chat SSE payloads -> IR events. Feed each `data:` payload (already split by SSEParser)."""
+
+        def __init__(self, req=None):
+            self.started = False
+            self.calls = {}  # upstream index -> [id, name, buffered args, started, our index]
+            self.next_index = 0
+            self.finish = None
+            self.done = False
+            self.usage = None
+            self.emitted_tool = False
+
+        def feed(self, event, data):
+            if data == "[DONE]":
+                return self._end()
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                return []
+            if not isinstance(obj, dict):
+                return []
+            out = []
+            err = obj.get("error")
+            if err:
+                msg = err.get("message") if isinstance(err, dict) else str(err)
+                out.append(ErrorEvent(502, msg or "upstream error", "upstream"))
+                return out
+            if not self.started:
+                self.started = True
+                out.append(Start(obj.get("id"), obj.get("model"), obj.get("created")))
+            for choice in obj.get("choices") or ():
+                if choice.get("index", 0) != 0:
+                    continue
+                delta = choice.get("delta") or {}
+                rc = delta.get("reasoning_content") or delta.get("reasoning")
+                if isinstance(rc, str) and rc:
+                    out.append(ThinkingDelta(rc, source="openai"))
+                content = delta.get("content")
+                if isinstance(content, str) and content:
+                    out.append(TextDelta(content))
+                for tc in delta.get("tool_calls") or ():
+                    self._tool_delta(tc, out)
+                fr = choice.get("finish_reason")
+                if fr:
+                    self.finish = OPENAI_FINISH_IN.get(fr, "stop")
+            if obj.get("usage"):
+                self.usage = OpenAIChat.parse_usage(obj["usage"])
+            return out
+
+        def _tool_delta(self, tc, out):
+            idx = tc.get("index", len(self.calls))
+            f = tc.get("function") or {}
+            slot = self.calls.get(idx)
+            if slot is None:
+                slot = self.calls[idx] = [None, None, "", False, None]
+            if tc.get("id") and not slot[0]:
+                slot[0] = tc["id"]
+            if f.get("name") and not slot[1]:
+                slot[1] = f["name"]
+            args = f.get("arguments")
+            if isinstance(args, (dict, list)):
+                args = json_dumps(args)
+            # Wait for the name before announcing the call: some upstreams send id and name in separate chunks.
+            if not slot[3]:
+                if args:
+                    slot[2] += args
+                if slot[1]:
+                    slot[3] = True
+                    slot[4] = self.next_index
+                    self.next_index += 1
+                    self.emitted_tool = True
+                    out.append(ToolCallStart(slot[4], slot[0] or new_id("call_"), slot[1]))
+                    if slot[2]:
+                        out.append(ToolCallDelta(slot[4], slot[2]))
+                        slot[2] = ""
+            elif args:
+                out.append(ToolCallDelta(slot[4], args))
+
+        def _end(self):
+            if self.done:
+                return []
+            self.done = True
+            out = []
+            if not self.started:
+                out.append(Start())
+                self.started = True
+            for slot in self.calls.values():
+                if slot[3]:
+                    out.append(ToolCallEnd(slot[4]))
+            if self.usage is not None:
+                out.append(UsageEvent(self.usage))
+            reason = self.finish or "stop"
+            if self.emitted_tool:
+                reason = "tool_calls"
+            elif reason == "tool_calls":
+                reason = "stop"
+            out.append(Finish(reason))
+            return out
+
+        def close(self):
+            """The upstream stream ended. Without [DONE] or a finish reason it was cut short."""
+            if self.done:
+                return []
+            if self.finish is None:
+                return [ErrorEvent(502, "upstream stream ended before completion", "upstream")]
+            return self._end()
+
+    class StreamEncoder:
+        """IR events -> OpenAI chat SSE bytes, following formats.md §2.4 (what OPY's accumulator needs)."""
+
+        def __init__(self, req):
+            self.req = req
+            self.id = new_id("chatcmpl-")
+            self.created = now_s()
+            self.prefix = ('data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,'
+                           '"choices":[{"index":0,"delta":' % (self.id, self.created, json_dumps(req.model)))
+            self.usage = None
+            self.role_sent = False
+            self.tool_seen = False
+            self.finished = False
+
+        def _chunk(self, delta_json, finish="null"):
+            return (self.prefix + delta_json + ',"logprobs":null,"finish_reason":' + finish + '}]}\n\n').encode()
+
+        def _role(self):
+            if self.role_sent:
+                return b""
+            self.role_sent = True
+            return self._chunk('{"role":"assistant","content":""}')
+
+        def encode(self, ev):
+            k = ev.kind
+            if k == "text":
+                return self._role() + self._chunk('{"content":' + json_dumps(ev.text) + "}")
+            if k == "thinking":
+                if not ev.text:
+                    return b""
+                return self._role() + self._chunk('{"reasoning_content":' + json_dumps(ev.text) + "}")
+            if k == "tool_start":
+                self.tool_seen = True
+                call = {"index": ev.index, "id": ev.id, "type": "function",
+                        "function": {"name": ev.name, "arguments": ""}}
+                return self._role() + self._chunk(json_dumps({"tool_calls": [call]}))
+            if k == "tool_delta":
+                if not ev.arguments:
+                    return b""
+                return self._chunk(json_dumps({"tool_calls": [{"index": ev.index,
+                                                               "function": {"arguments": ev.arguments}}]}))
+            if k == "start":
+                return self._role()
+            if k == "usage":
+                self.usage = ev.usage
+                return b""
+            if k == "finish":
+                if self.finished:
+                    return b""
+                self.finished = True
+                reason = "tool_calls" if self.tool_seen else OPENAI_FINISH_OUT.get(ev.reason, "stop")
+                out = self._role() + self._chunk("{}", '"%s"' % reason)
+                if self.req.include_usage and self.usage is not None:
+                    out += ('data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,'
+                            '"choices":[],"usage":%s}\n\n' % (self.id, self.created, json_dumps(self.req.model),
+                                                             json_dumps(OpenAIChat.wire_usage(self.usage)))).encode()
+                return out + b"data: [DONE]\n\n"
+            if k == "error":
+                return self.error(GatewayError(ev.status, ev.message, ev.type))
+            return b""
+
+        def error(self, err):
+            self.finished = True
+            return b"data: " + json_bytes(OpenAIChat.error_body(err)) + b"\n\n"
+
+        def close(self):
+            return b""
+
+
+# === 8. Credentials ===
+# Owns: what one account or API key is (Credential) and how `providers:` entries become credentials. It keeps
+# each credential's live counters (in flight, uses, cooldowns); it does not pick among them (that is routing).
+
+PROVIDER_IDS = {"anthropic": "claude", "gemini": "gemini", "vertex-compat": "vertex", "codex": "codex"}
+
+
+class ProviderEntry:
+    """One validated `providers:` entry (gateway.md §2.4)."""
+
+    __slots__ = ("type", "name", "provider_id", "base_url", "keys", "proxy_url", "headers", "models", "excluded",
+                 "index")
+
+    @classmethod
+    def from_config(cls, raw, index, warnings):
+        where = "providers[%d]" % index
+        ptype = (raw.get("type") or "").strip().lower()
+        if not raw.get("enabled", True):
+            return None
+        if ptype not in _PROVIDER_TYPES:
+            warnings.append("%s: type %r is not one of %s; entry skipped" % (where, ptype, ", ".join(_PROVIDER_TYPES)))
+            return None
+        e = cls()
+        e.index = index
+        e.type = ptype
+        e.name = (raw.get("name") or "").strip() or ptype
+        e.provider_id = e.name.lower() if ptype == "openai" else PROVIDER_IDS[ptype]
+        e.base_url = (raw.get("base-url") or "").strip().rstrip("/")
+        e.proxy_url = (raw.get("proxy-url") or "").strip()
+        e.headers = [(str(k).strip(), str(v).strip()) for k, v in raw.get("headers", {}).items()
+                     if str(k).strip() and str(v).strip()]
+        e.keys = []
+        for j, item in enumerate(raw.get("api-keys") or []):
+            if isinstance(item, str):
+                key, proxy = item, ""
+            elif isinstance(item, dict):
+                key, proxy = item.get("key") or item.get("api-key") or "", item.get("proxy-url") or ""
+            else:
+                warnings.append("%s.api-keys[%d]: expected {key, proxy-url}; skipped" % (where, j))
+                continue
+            key = str(key).strip()
+            if key:
+                e.keys.append((key, str(proxy).strip()))
+        if not e.keys and (raw.get("api-key") or "").strip():
+            e.keys.append((raw["api-key"].strip(), ""))
+        e.models = []
+        for j, item in enumerate(raw.get("models") or []):
+            if isinstance(item, str):
+                name, alias = item, ""
+            elif isinstance(item, dict):
+                name, alias = item.get("name") or "", item.get("alias") or ""
+            else:
+                warnings.append("%s.models[%d]: expected {name, alias}; skipped" % (where, j))
+                continue
+            name = str(name).strip()
+            if name:
+                e.models.append((name, str(alias).strip()))
+        e.excluded = [p.strip().lower() for p in raw.get("excluded-models") or [] if p.strip()]
+        if ptype in ("openai", "vertex-compat") and not e.base_url:
+            warnings.append("%s (%s): base-url is required for type %s; entry skipped" % (where, e.name, ptype))
+            return None
+        if ptype in ("openai", "vertex-compat") and not e.models:
+            warnings.append("%s (%s): models is required for type %s; entry skipped" % (where, e.name, ptype))
+            return None
+        if not e.keys and ptype != "openai":
+            warnings.append("%s (%s): no api-key; entry skipped" % (where, e.name))
+            return None
+        if not e.keys:
+            e.keys.append(("", ""))  # an OpenAI-compatible endpoint that needs no key (local servers)
+        return e
+
+
+def apikey_credential_id(provider_id, key, base_url, proxy_url):
+    """`<provider>:apikey:<12 hex>` — stable across restarts, so cooldowns and usage rows line up."""
+    h = hashlib.sha256((provider_id + ":apikey").encode())
+    for part in (key, base_url, proxy_url):
+        h.update(b"\x00" + part.strip().encode())
+    return "%s:apikey:%s" % (provider_id, h.hexdigest()[:12])
+
+
+class Credential:
+    """One account or API key. State is live (never a stale copy): routing reads and writes it directly."""
+
+    __slots__ = ("id", "provider_id", "label", "api_key", "base_url", "proxy_url", "headers", "in_flight", "uses",
+                 "cooldowns", "disabled", "last_error")
+
+    def __init__(self, id, provider_id, label, api_key="", base_url="", proxy_url="", headers=()):
+        self.id, self.provider_id, self.label = id, provider_id, label
+        self.api_key, self.base_url, self.proxy_url, self.headers = api_key, base_url, proxy_url, list(headers)
+        self.in_flight = 0
+        self.uses = 0
+        self.cooldowns = {}  # model -> monotonic time until which this credential must not serve it
+        self.disabled = False
+        self.last_error = None
+
+    def cooling_until(self, model):
+        until = self.cooldowns.get(model, 0.0)
+        any_model = self.cooldowns.get("*", 0.0)
+        return max(until, any_model)
+
+
+def credentials_for_entry(entry):
+    seen = {}
+    out = []
+    for key, proxy in entry.keys:
+        cid = apikey_credential_id(entry.provider_id, key, entry.base_url, proxy or entry.proxy_url)
+        n = seen.get(cid, 0)
+        seen[cid] = n + 1
+        if n:
+            cid = "%s-%d" % (cid, n)
+        label = "%s key %s" % (entry.name, mask_secret(key) if key else "(none)")
+        out.append(Credential(cid, entry.provider_id, label, key, entry.base_url, proxy or entry.proxy_url,
+                              entry.headers))
+    return out
+
+
+# === 9. Providers ===
+# Owns: one class per upstream, shaping the upstream request (URL, headers, body via a codec), decoding its
+# answers and streams into the IR, and classifying its errors. Providers do not choose credentials or retry.
+
+class UpstreamFailure:
+    """A classified upstream error: what the client sees and how routing should treat the credential."""
+
+    __slots__ = ("status", "message", "type", "retry_after", "scope", "disable", "retryable", "body")
+
+    def __init__(self, status, message, type, retry_after=None, scope="model", disable=False, retryable=True,
+                 body=None):
+        self.status, self.message, self.type = status, message, type
+        self.retry_after, self.scope, self.disable, self.retryable = retry_after, scope, disable, retryable
+        self.body = body
+
+
+def upstream_error_message(body):
+    """The human message inside an upstream error body (OpenAI, Anthropic and Google shapes), else the text."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        data = None
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        data = data[0]
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return err["message"]
+        if isinstance(err, str):
+            return err
+        if isinstance(data.get("message"), str):
+            return data["message"]
+        if isinstance(data.get("detail"), str):
+            return data["detail"]
+    text = body.decode("utf-8", "replace").strip() if isinstance(body, bytes) else str(body)
+    return text[:500] or "upstream error"
+
+
+def parse_retry_after(headers):
+    """Seconds from `Retry-After` (seconds or HTTP date) or `retry-after-ms`; None when absent."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    ra = headers.get("retry-after")
+    if not ra:
+        return None
+    ra = ra.strip()
+    try:
+        return max(0.0, float(ra))
+    except ValueError:
+        pass
+    try:
+        import email.utils
+        when = email.utils.parsedate_to_datetime(ra)
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+class Provider:
+    """Base class: an upstream reached with a Credential. Subclasses set `codec` and override what differs."""
+
+    type = "?"
+    codec = None
+    default_base_url = ""
+
+    def __init__(self, entry):
+        self.entry = entry
+        self.id = entry.provider_id
+        self.name = entry.name
+        self.credentials = credentials_for_entry(entry)
+
+    def model_list(self):
+        """[(client-visible id, upstream model name)] after exclusions."""
+        out = []
+        for name, alias in self.entry.models:
+            visible = alias or name
+            if any(glob_match(p, visible) or glob_match(p, name) for p in self.entry.excluded):
+                continue
+            out.append((visible, name))
+        return out
+
+    def base_url(self, cred):
+        return (cred.base_url or self.default_base_url).rstrip("/")
+
+    def build(self, req, cred, model):
+        """(method, url, header pairs, body bytes) for one attempt."""
+        raise NotImplementedError
+
+    def stream_decoder(self, req):
+        return self.codec.StreamDecoder(req)
+
+    def parse_response(self, data):
+        return self.codec.parse_response(data)
+
+    def classify_error(self, status, headers, body):
+        """Generic policy (providers.md §1.3); providers refine it with their own bodies and hints."""
+        message = upstream_error_message(body)
+        low = message.lower()
+        if any(s in low for s in ("invalid_grant", "token has been expired or revoked", "oauth_token_revoked")):
+            return UpstreamFailure(status, message, "authentication", scope="credential", disable=True)
+        retry_after = parse_retry_after(headers)
+        if status == 429 or any(s in low for s in ("resource_exhausted", "rate limit", "rate_limit_error",
+                                                     "too many requests", "overloaded_error")):
+            return UpstreamFailure(429 if status < 500 else status, message,
+                                   "rate_limit" if status == 429 else "overloaded", retry_after)
+        if status in (401, 402, 403):
+            return UpstreamFailure(status, message, error_type_for_status(status), retry_after, scope="credential")
+        if status == 404:
+            return UpstreamFailure(status, message, "not_found", retry_after)
+        if status in (408, 500, 502, 503, 504, 529) or status >= 500:
+            return UpstreamFailure(status, message, error_type_for_status(status), retry_after)
+        # Other 4xx: the request itself is at fault; another credential will not fix it.
+        return UpstreamFailure(status, message, error_type_for_status(status), retryable=False)
+
+
+class OpenAICompatProvider(Provider):
+    """`type: openai`: any OpenAI-compatible Chat Completions endpoint (providers.md §L)."""
+
+    type = "openai"
+    codec = OpenAIChat
+
+    def build(self, req, cred, model):
+        body = json_bytes(self.codec.build_request(req, model))
+        headers = [("Content-Type", "application/json"), ("User-Agent", USER_AGENT)]
+        if cred.api_key:
+            headers.append(("Authorization", "Bearer " + cred.api_key))
+        if req.stream:
+            headers.append(("Accept", "text/event-stream"))
+            headers.append(("Cache-Control", "no-cache"))
+        else:
+            headers.append(("Accept", "application/json"))
+        headers.extend(cred.headers)
+        return "POST", self.base_url(cred) + "/chat/completions", headers, body
+
+
+PROVIDER_CLASSES = {"openai": OpenAICompatProvider}
+
+
+# === 10. Routing ===
+# Owns: the model registry (model id -> routes across providers and credentials), picking a credential, and the
+# attempt loop that fails over to the next credential before the first byte reaches the client. It does not
+# shape requests (providers) or speak client formats (codecs, handlers).
+
+class Route:
+    """One way to serve a client-visible model: a provider, the upstream model name, and its credentials."""
+
+    __slots__ = ("provider", "model", "visible")
+
+    def __init__(self, provider, model, visible):
+        self.provider, self.model, self.visible = provider, model, visible
+
+
+class Registry:
+    """Built from a Config snapshot; rebuilt (not mutated) when the config changes."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.providers = []
+        self.routes = {}
+        self.lower = {}
+        for entry in cfg.providers:
+            cls = PROVIDER_CLASSES.get(entry.type)
+            if cls is None:
+                log.warning("provider %s (type %s) is not supported yet; skipped", entry.name, entry.type)
+                continue
+            provider = cls(entry)
+            self.providers.append(provider)
+            for visible, upstream in provider.model_list():
+                self.routes.setdefault(visible, []).append(Route(provider, upstream, visible))
+                self.lower.setdefault(visible.lower(), visible)
+
+    def resolve(self, model):
+        """Routes for a requested model id (after `routing.aliases` and an optional `provider://` prefix)."""
+        aliases = self.cfg.routing["aliases"]
+        model = aliases.get(model, model)
+        prefix = None
+        if "://" in model:
+            prefix, _, model = model.partition("://")
+            model = aliases.get(model, model)
+        routes = self.routes.get(model)
+        if routes is None:
+            key = self.lower.get(model.lower())
+            routes = self.routes.get(key) if key else None
+        if not routes:
+            return []
+        if prefix:
+            routes = [r for r in routes if r.provider.id == prefix.lower() or r.provider.name.lower() == prefix.lower()]
+        return routes
+
+    def model_entries(self):
+        """[(id, owner)] for /v1/models, one entry per id (first provider wins)."""
+        return [(visible, routes[0].provider.name) for visible, routes in self.routes.items()]
+
+
+class Router:
+    """Chooses credentials and runs attempts until one succeeds or every candidate has been tried."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def candidates(self, routes, now):
+        """(route, credential) pairs that may serve now, least busy first; and the earliest recovery time."""
+        ready = []
+        earliest = None
+        for route in routes:
+            for cred in route.provider.credentials:
+                if cred.disabled:
+                    continue
+                until = cred.cooling_until(route.model)
+                if until > now:
+                    earliest = until if earliest is None else min(earliest, until)
+                    continue
+                ready.append((cred.in_flight, cred.uses, len(ready), route, cred))
+        ready.sort(key=lambda t: t[:3])
+        return [(t[3], t[4]) for t in ready], earliest
+
+    def cool(self, cred, model, failure):
+        cfg = self.app.cfg
+        if failure.disable:
+            cred.disabled = True
+            log.error("credential %s disabled: %s", cred.label, failure.message)
+            return
+        status = failure.status
+        if status == 429:
+            if cfg.disable_cooling:
+                return
+            seconds = failure.retry_after if failure.retry_after is not None else 1.0
+        elif status in (401, 402, 403):
+            seconds = 30 * 60
+        elif status == 404:
+            seconds = 12 * 3600
+        elif status in (408, 500, 502, 503, 504, 529) or status >= 500:
+            seconds = failure.retry_after if failure.retry_after is not None else 60
+        else:
+            return
+        scope = "*" if failure.scope == "credential" else model
+        cred.cooldowns[scope] = max(cred.cooldowns.get(scope, 0.0), time.monotonic() + seconds)
+
+    async def send(self, req, routes):
+        """Send `req` to the first credential that answers 2xx. Returns (route, cred, UpstreamResponse); the
+        caller must call `done(cred)` when the body is consumed. Raises GatewayError when nothing succeeded."""
+        cfg = self.app.cfg
+        client = self.app.client
+        attempts_left = max(0, cfg.request_retry) + 1
+        tried = set()
+        last = None
+        while attempts_left > 0:
+            now = time.monotonic()
+            pairs, earliest = self.candidates(routes, now)
+            pairs = [(r, c) for r, c in pairs if (c.id, r.model) not in tried]
+            if not pairs:
+                if last is None and earliest is not None:
+                    wait = earliest - now
+                    raise GatewayError(429, "all credentials for model '%s' are cooling down; retry in %ds"
+                                       % (req.model, math.ceil(wait)), "rate_limit",
+                                       headers=[("Retry-After", str(max(1, math.ceil(wait))))])
+                break
+            route, cred = pairs[0]
+            tried.add((cred.id, route.model))
+            attempts_left -= 1
+            method, url, headers, body = route.provider.build(req, cred, route.model)
+            cred.in_flight += 1
+            cred.uses += 1
+            ok = False
+            try:
+                resp = await client.request(method, url, headers, body, cred.proxy_url)
+                if resp.status < 300:
+                    ok = True
+                    return route, cred, resp
+                err_body = await resp.read(1 << 20)
+                failure = route.provider.classify_error(resp.status, resp.headers, err_body)
+                log.warning("upstream %s answered %d for %s via %s: %s", route.provider.name, resp.status,
+                            route.model, cred.label, failure.message[:200])
+            except UpstreamError as e:
+                status = 504 if e.kind == "timeout" else 502
+                failure = UpstreamFailure(status, "upstream %s: %s" % (route.provider.name, e.message),
+                                          "timeout" if e.kind == "timeout" else "upstream")
+                log.warning("upstream %s failed for %s via %s: %s", route.provider.name, route.model, cred.label,
+                            e.message)
+            finally:
+                if not ok:
+                    cred.in_flight -= 1
+            cred.last_error = failure.message
+            self.cool(cred, route.model, failure)
+            last = failure
+            if not failure.retryable:
+                break
+        if last is None:
+            raise GatewayError(503, "no credential can serve model '%s'" % req.model, "overloaded")
+        headers = []
+        if last.retry_after is not None and last.status in (429, 503, 529):
+            headers.append(("Retry-After", str(max(1, math.ceil(last.retry_after)))))
+        raise GatewayError(last.status, last.message, last.type, headers=headers)
+
+    @staticmethod
+    def done(cred):
+        cred.in_flight -= 1
+
+
+# === 11. Handlers ===
+# Owns: the client-facing endpoints: authentication, request parsing into the IR via the client's codec, the
+# hand-off to routing, and writing the answer (JSON or stream) in the client's format. Errors are rendered in the
+# format of the endpoint that was called.
+
+def format_for_path(path):
+    """Which API family an endpoint belongs to, so errors come back in the shape its clients parse."""
+    if path.startswith("/v1/messages"):
+        return "anthropic"
+    if path.startswith("/v1beta") or ":" in path.rsplit("/", 1)[-1]:
+        return "gemini"
+    if path.startswith(("/api/", "/ollama/")):
+        return "ollama"
+    return "openai"
+
+
+def render_error(fmt, err):
+    """An error body in the client's own API format (formats.md §2.10, §3.7, §4.8, §5)."""
+    if fmt == "anthropic":
+        types = {"invalid_request": "invalid_request_error", "authentication": "authentication_error",
+                 "permission": "permission_error", "not_found": "not_found_error", "rate_limit": "rate_limit_error",
+                 "overloaded": "overloaded_error", "timeout": "timeout_error"}
+        return {"type": "error", "error": {"type": types.get(err.type, "api_error"), "message": err.message}}
+    if fmt == "gemini":
+        statuses = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                    429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+        return {"error": {"code": err.status, "message": err.message, "status": statuses.get(err.status, "UNKNOWN")}}
+    if fmt == "ollama":
+        return {"error": err.message}
+    return OpenAIChat.error_body(err)
+
+
+def error_response(fmt, err):
+    resp = json_response(render_error(fmt, err), err.status)
+    resp.headers.extend(err.headers)
+    return resp
+
+
+class App:
+    """The gateway as an HTTP app: holds the current Config snapshot, the registry, the router and the client."""
+
+    def __init__(self, cfg):
+        self.client = HttpClient(lambda: self.cfg)
+        self.router = Router(self)
+        self.apply_config(cfg)
+        self.started = time.time()
+        self.routes = {
+            ("GET", "/"): self.root,
+            ("GET", "/v1/models"): self.list_models,
+            ("POST", "/v1/chat/completions"): self.chat_completions,
+        }
+
+    def apply_config(self, cfg):
+        """Swap in a new snapshot; requests already running keep the objects they hold."""
+        self.cfg = cfg
+        self.limits = ServerLimits(cfg)
+        self.registry = Registry(cfg)
+
+    async def __call__(self, req):
+        fmt = format_for_path(req.path)
+        try:
+            handler = self.routes.get((req.method if req.method != "HEAD" else "GET", req.path))
+            if handler is None:
+                handler = self._match_prefix(req)
+            if handler is None:
+                known = any(p == req.path for _, p in self.routes)
+                if known:
+                    raise GatewayError(405, "method %s not allowed on %s" % (req.method, req.path))
+                raise GatewayError(404, "no route for %s %s" % (req.method, req.path), "not_found")
+            if req.path != "/":
+                self.authenticate(req)
+            return await handler(req)
+        except GatewayError as e:
+            if e.status >= 500 or e.status == 429:
+                log.warning("%s %s -> %d: %s", req.method, req.path, e.status, e.message)
+            else:
+                log.info("%s %s -> %d: %s", req.method, req.path, e.status, e.message)
+            return error_response(fmt, e)
+
+    def _match_prefix(self, req):
+        if req.path.startswith("/v1/models/") and req.method in ("GET", "HEAD"):
+            return self.get_model
+        return None
+
+    # -- auth -----------------------------------------------------------------------------------------------------
+    def authenticate(self, req):
+        """API-key check (gateway.md §4.1), constant-time; without keys only loopback peers are served."""
+        cfg = self.cfg
+        if cfg.disable_auth:
+            return
+        keys = cfg.api_keys
+        if not keys:
+            if is_loopback_host(req.peer):
+                return
+            raise GatewayError(401, "API key required: this gateway has no api-keys and serves loopback only",
+                               "authentication")
+        presented = []
+        h = req.headers
+        auth = h.get("authorization")
+        if auth:
+            scheme, _, token = auth.partition(" ")
+            presented.append(token.strip() if scheme.lower() == "bearer" else auth.strip())
+        for name in ("x-api-key", "x-goog-api-key"):
+            v = h.get(name)
+            if v:
+                presented.append(v.strip())
+        if req.query_string:
+            q = req.query
+            for name in ("key", "auth_token"):
+                if q.get(name):
+                    presented.append(q[name])
+        if not presented:
+            raise GatewayError(401, "API key required (send Authorization: Bearer <key>)", "authentication")
+        matched = False
+        for p in presented:
+            pb = p.encode("utf-8", "replace")
+            for k in keys:
+                if hmac.compare_digest(pb, k.encode("utf-8", "replace")):
+                    matched = True
+        if not matched:
+            raise GatewayError(401, "Invalid API key", "authentication")
+
+    # -- endpoints ------------------------------------------------------------------------------------------------
+    async def root(self, req):
+        return json_response({"message": "llm-mux API server", "version": __version__,
+                              "endpoints": ["POST /v1/chat/completions", "GET /v1/models"]})
+
+    async def list_models(self, req):
+        created = int(self.started)
+        data = [{"id": mid, "object": "model", "created": created, "owned_by": owner}
+                for mid, owner in self.registry.model_entries()]
+        return json_response({"object": "list", "data": data})
+
+    async def get_model(self, req):
+        mid = req.path[len("/v1/models/"):]
+        routes = self.registry.resolve(mid)
+        if not routes:
+            raise GatewayError(404, "The model '%s' does not exist" % mid, "not_found", "model", code="model_not_found")
+        return json_response({"id": mid, "object": "model", "created": int(self.started),
+                              "owned_by": routes[0].provider.name})
+
+    @staticmethod
+    def read_json(req):
+        if not req.body:
+            raise BadRequest("the request body is empty; a JSON object is required")
+        try:
+            return json.loads(req.body)
+        except ValueError as e:
+            raise BadRequest("malformed JSON in the request body: %s" % e)
+        except UnicodeDecodeError:
+            raise BadRequest("the request body is not UTF-8")
+
+    async def chat_completions(self, req):
+        return await self.serve_chat(req, OpenAIChat, OpenAIChat.parse_request(self.read_json(req)))
+
+    # -- the chat pipeline ----------------------------------------------------------------------------------------
+    async def serve_chat(self, http_req, codec, ir):
+        routes = self.registry.resolve(ir.model)
+        if not routes:
+            raise GatewayError(404, "The model '%s' does not exist or is not served by this gateway" % ir.model,
+                               "not_found", "model", code="model_not_found")
+        route, cred, resp = await self.router.send(ir, routes)
+        if not ir.stream:
+            try:
+                try:
+                    data = await resp.json()
+                except UpstreamError as e:
+                    raise GatewayError(502, "upstream %s: %s" % (route.provider.name, e.message), "upstream")
+                try:
+                    answer = route.provider.parse_response(data)
+                except UpstreamError as e:
+                    raise GatewayError(502, "upstream %s: %s" % (route.provider.name, e.message), "upstream")
+            finally:
+                resp.close()
+                self.router.done(cred)
+            return json_response(codec.build_response(answer, ir))
+        events = self._upstream_events(route, cred, resp, ir)
+        first = []
+        try:
+            # Decide success or failure before committing to 200: wait for the first real event.
+            async for ev in events:
+                first.append(ev)
+                if ev.kind != "start":
+                    break
+        except BaseException:
+            await events.aclose()
+            raise
+        if first and first[-1].kind == "error" and len(first) <= 2:
+            await events.aclose()
+            ev = first[-1]
+            raise GatewayError(ev.status, ev.message, ev.type)
+        encoder = codec.StreamEncoder(ir)
+        return StreamResponse(self._encode_stream(first, events, encoder), 200,
+                              content_type=getattr(codec, "stream_content_type", "text/event-stream"))
+
+    async def _upstream_events(self, route, cred, resp, ir):
+        """IR events from an upstream SSE body; network failures become one ErrorEvent at the end."""
+        decoder = route.provider.stream_decoder(ir)
+        parser = SSEParser()
+        try:
+            async for chunk in resp.iter_bytes():
+                for event, data in parser.feed(chunk):
+                    for ev in decoder.feed(event, data):
+                        yield ev
+            for event, data in parser.finish():
+                for ev in decoder.feed(event, data):
+                    yield ev
+            for ev in decoder.close():
+                yield ev
+        except UpstreamError as e:
+            yield ErrorEvent(504 if e.kind == "timeout" else 502,
+                             "upstream %s: %s" % (route.provider.name, e.message),
+                             "timeout" if e.kind == "timeout" else "upstream")
+        finally:
+            resp.close()
+            self.router.done(cred)
+
+    async def _encode_stream(self, first, events, encoder):
+        try:
+            for ev in first:
+                out = encoder.encode(ev)
+                if out:
+                    yield out
+                if ev.kind == "error":
+                    return
+            async for ev in events:
+                out = encoder.encode(ev)
+                if out:
+                    yield out
+                if ev.kind == "error":
+                    log.warning("stream ended by upstream error: %s", ev.message)
+                    return
+            tail = encoder.close()
+            if tail:
+                yield tail
+        finally:
+            await events.aclose()
+
+
+# === 12. CLI ===
+# Owns: the command line (serve, version, env) and the process around the server: logging, signals, TLS
+# context, the safe-binding check. It builds on everything above and adds no gateway behaviour of its own.
+
+class CliError(Exception):
+    """A failure reported as one line on stderr with a non-zero exit."""
+
+
+def check_bind_safety(cfg):
+    """Refuse to expose a keyless gateway beyond this machine unless disable-auth says so explicitly."""
+    if cfg.api_keys or cfg.disable_auth:
+        return
+    if not is_loopback_host(cfg.host):
+        raise CliError("refusing to listen on %s without api-keys: add api-keys to %s (or set LLM_MUX_API_KEYS), "
+                       "or set disable-auth: true if something else guards this port"
+                       % (cfg.host or "all addresses", cfg.path or "the config"))
+
+
+def server_ssl_context(cfg):
+    if not cfg.tls["enable"]:
+        return None
+    cert, key = cfg.tls["cert"], cfg.tls["key"]
+    if not cert or not key:
+        raise CliError("tls.enable is true but tls.cert or tls.key is empty")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(expand_path(cert), expand_path(key))
+    except (OSError, ssl.SSLError) as e:
+        raise CliError("cannot load TLS certificate/key: %s" % e)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def listen_url(cfg):
+    host = cfg.host or "0.0.0.0"
+    if ":" in host:
+        host = "[%s]" % host
+    return "%s://%s:%d" % ("https" if cfg.tls["enable"] else "http", host, cfg.port)
+
+
+async def serve_forever(cfg, ready=None):
+    """Run the gateway until SIGTERM/SIGINT, then drain in-flight responses for up to shutdown-timeout."""
+    app = App(cfg)
+    server = HttpServer(app, lambda: app.limits)
+    ctx = server_ssl_context(cfg)
+    try:
+        srv = await server.listen(cfg.host or None, cfg.port, ctx)
+    except OSError as e:
+        raise CliError("cannot listen on %s:%d: %s" % (cfg.host, cfg.port, e.strerror or e))
+    port = srv.sockets[0].getsockname()[1] if srv.sockets else cfg.port
+    n_creds = sum(len(p.credentials) for p in app.registry.providers)
+    log.info("llm-mux %s listening on %s (%d providers, %d credentials, %d models)", __version__,
+             listen_url(cfg).rsplit(":", 1)[0] + ":%d" % port, len(app.registry.providers), n_creds,
+             len(app.registry.routes))
+    if ready is not None:
+        ready(port)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    await stop.wait()
+    log.info("shutting down: no new connections; waiting up to %ss for %d in-flight requests",
+             cfg.server["shutdown-timeout"], len(server.busy))
+    await server.shutdown(float(cfg.server["shutdown-timeout"]))
+    app.client.close_idle()
+    log.info("stopped")
+
+
+def cmd_serve(args):
+    cfg, path, created = load_config_for_cli(args.config)
+    if created:
+        print("First run: created config at %s" % path, file=sys.stderr)
+    if getattr(args, "host", None):
+        cfg.host = args.host
+    if getattr(args, "port", None) is not None:
+        cfg.port = args.port
+    setup_logging(cfg.debug or args.debug)
+    for w in cfg.warnings:
+        log.warning("config: %s", w)
+    check_bind_safety(cfg)
+    if uvloop is not None:
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.run(serve_forever(cfg))
+    return 0
+
+
+def cmd_version(args):
+    print("llm-mux %s" % __version__)
+    print("Python: %s" % sys.version.split()[0])
+    return 0
+
+
+def cmd_env(args):
+    path, is_default = find_config_path(args.config)
+    exists = os.path.exists(path)
+    cfg = Config.load(path) if exists else Config.defaults()
+    cfg.path = path
+    print("llm-mux:     %s" % __version__)
+    print("Python:      %s (%s)" % (sys.version.split()[0], sys.executable))
+    print("Config:      %s%s" % (path, "" if exists else " (not created yet; defaults shown)"))
+    print("Auth dir:    %s%s" % (cfg.auth_dir, "" if os.path.isdir(cfg.auth_dir) else " (missing)"))
+    print("Listen:      %s" % listen_url(cfg))
+    auth = "disabled" if cfg.disable_auth else ("%d API key(s)" % len(cfg.api_keys) if cfg.api_keys
+                                                 else "no keys (loopback only)")
+    print("Client auth: %s" % auth)
+    if cfg.env_applied:
+        print("Env:         %s" % ", ".join(cfg.env_applied))
+    print("Providers:   %d" % len(cfg.providers))
+    for p in cfg.providers:
+        print("  - %s (type %s, %d key(s), %d model(s)) %s" % (p.name, p.type, len(p.keys), len(p.models),
+                                                              p.base_url or ""))
+    files = []
+    if os.path.isdir(cfg.auth_dir):
+        files = sorted(f for f in os.listdir(cfg.auth_dir) if f.endswith(".json"))
+    print("Credentials: %d file(s) in auth dir" % len(files))
+    for f in files:
+        print("  - %s" % f)
+    for w in cfg.warnings:
+        print("Warning:     %s" % w)
+    return 0
+
+
+def build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", help="config file (default: $LLM_MUX_CONFIG or "
+                                                          "$XDG_CONFIG_HOME/llm-mux/config.yaml)")
+    common.add_argument("--debug", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(prog="llm-mux", parents=[common],
+                                     description="llm-mux %s: one gateway, every LLM API." % __version__)
+    parser.add_argument("--version", action="version", version="llm-mux %s" % __version__)
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    p = sub.add_parser("serve", parents=[common], help="run the gateway (the default command)")
+    p.add_argument("--host", help="bind address (overrides host in the config)")
+    p.add_argument("--port", "-p", type=int, help="port (overrides port in the config)")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("version", parents=[common], help="print the version")
+    p.set_defaults(func=cmd_version)
+    p = sub.add_parser("env", parents=[common], help="show the config, auth dir and listen address it would use")
+    p.set_defaults(func=cmd_env)
+    parser.set_defaults(func=cmd_serve, host=None, port=None)
+    return parser
+
+
+# === 13. main ===
+# Owns: the entry point shared by `python llm_mux.py`, the zipapp and `python -m llm_mux`.
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ConfigError, CliError, UpstreamError) as e:
+        print("llm-mux: %s" % e, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
