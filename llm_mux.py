@@ -347,6 +347,8 @@ class YamlReader:
         if ind <= parent_indent:
             return None
         content = self._strip_comment(line[ind:])
+        if content.startswith("? ") or content == "?":
+            self._fail("complex mapping keys ('? ') are not supported", self.i, ind)
         if content == "-" or content.startswith("- "):
             return self._block_sequence(ind, path)
         if self._find_mapping_colon(content) >= 0:
@@ -399,6 +401,8 @@ class YamlReader:
             content = self._strip_comment(line[cur:])
             if content.startswith("- ") or content == "-":
                 break
+            if cur == 0 and content in ("---", "..."):
+                self._fail("several documents in one file are not supported", self.i, cur)
             if content.startswith("? "):
                 self._fail("complex mapping keys ('? ') are not supported", self.i, cur)
             colon = self._find_mapping_colon(content)
@@ -454,6 +458,8 @@ class YamlReader:
             self._fail("a plain scalar cannot start with %r" % c, index, col)
         if c in "]},":
             self._fail("unexpected %r" % c, index, col)
+        if c in "-?:" and (len(text) == 1 or text[1] in " \t"):
+            self._fail("%r must be followed by a value here (quote it if it is the value)" % c, index, col)
 
     def _inline_value(self, text, ind, path, index, col):
         """A value written after `key: ` (or `- `)."""
