@@ -4334,15 +4334,22 @@ def cmd_env(args):
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (plus the exit status 2), like every other failure."""
+
+    def error(self, message):
+        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+
+
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="PATH", help="config file (default: $LLM_MUX_CONFIG or "
                                                           "$XDG_CONFIG_HOME/llm-mux/config.yaml)")
     common.add_argument("--debug", action="store_true", help="debug logging")
-    parser = argparse.ArgumentParser(prog="llm-mux", parents=[common],
+    parser = _Parser(prog="llm-mux", parents=[common],
                                      description="llm-mux %s: one gateway, every LLM API." % __version__)
     parser.add_argument("--version", action="version", version="llm-mux %s" % __version__)
-    sub = parser.add_subparsers(dest="command", metavar="command")
+    sub = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
     p = sub.add_parser("serve", parents=[common], help="run the gateway (the default command)")
     p.add_argument("--host", help="bind address (overrides host in the config)")
     p.add_argument("--port", "-p", type=int, help="port (overrides port in the config)")

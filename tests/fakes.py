@@ -17,8 +17,8 @@ def free_port():
 
 
 class Recorded:
-    def __init__(self, method, path, headers, body):
-        self.method, self.path, self.headers, self.body = method, path, headers, body
+    def __init__(self, method, path, headers, body, peer=None):
+        self.method, self.path, self.headers, self.body, self.peer = method, path, headers, body, peer
 
     @property
     def json(self):
@@ -93,7 +93,8 @@ class FakeUpstream:
             def _handle(self):
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else b""
-                rec = Recorded(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                rec = Recorded(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body,
+                               self.client_address)
                 outer.requests.append(rec)
                 reply = outer.handler(rec)
                 if not isinstance(reply, Reply):

@@ -1,0 +1,140 @@
+"""The command line and the zipapp."""
+import hashlib
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import ROOT
+from fakes import free_port
+
+LLM_MUX = os.path.join(ROOT, "llm_mux.py")
+
+
+def run(*args, env=None, timeout=30):
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, LLM_MUX] + list(args), capture_output=True, text=True, env=e,
+                          timeout=timeout)
+
+
+def test_version():
+    import llm_mux
+    out = run("version")
+    assert out.returncode == 0 and out.stdout.startswith("llm-mux %s" % llm_mux.__version__)
+    assert run("--version").stdout.strip() == "llm-mux %s" % llm_mux.__version__
+
+
+@pytest.mark.parametrize("args", [["--help"], ["serve", "--help"], ["version", "--help"], ["env", "--help"]])
+def test_help_everywhere(args):
+    out = run(*args)
+    assert out.returncode == 0 and "usage: llm-mux" in out.stdout
+
+
+def test_unknown_command_is_one_line_and_nonzero():
+    out = run("frobnicate")
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1 and "frobnicate" in out.stderr
+
+
+def test_env_reports_paths_providers_and_listen_url(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    auth = tmp_path / "auth"
+    auth.mkdir()
+    (auth / "claude-a@b.json").write_text("{}")
+    cfg.write_text("port: 9123\nauth-dir: %s\nproviders:\n  - type: openai\n    name: local\n"
+                   "    base-url: http://127.0.0.1:1/v1\n    models: [m1, m2]\n" % auth)
+    out = run("env", "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert str(cfg) in out.stdout and str(auth) in out.stdout
+    assert "http://127.0.0.1:9123" in out.stdout
+    assert "local (type openai, 1 key(s), 2 model(s))" in out.stdout
+    assert "claude-a@b.json" in out.stdout
+    assert "Python:" in out.stdout
+
+
+def test_env_uses_xdg_default_without_creating_it(tmp_path):
+    out = run("env", env={"XDG_CONFIG_HOME": str(tmp_path), "LLM_MUX_CONFIG": ""})
+    assert out.returncode == 0
+    assert str(tmp_path / "llm-mux" / "config.yaml") in out.stdout and "not created yet" in out.stdout
+    assert not (tmp_path / "llm-mux" / "config.yaml").exists()
+
+
+def test_serve_reports_a_busy_port_in_one_line(tmp_path):
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    port = s.getsockname()[1]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("port: %d\nauth-dir: %s\n" % (port, tmp_path / "auth"))
+    try:
+        out = run("serve", "--config", str(cfg))
+    finally:
+        s.close()
+    assert out.returncode == 1
+    assert len(out.stderr.strip().splitlines()) == 1 and "cannot listen" in out.stderr
+
+
+def test_serve_flags_override_config(tmp_path):
+    port = free_port()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("port: 1\nauth-dir: %s\n" % (tmp_path / "auth"))
+    p = subprocess.Popen([sys.executable, LLM_MUX, "serve", "--config", str(cfg), "--port", str(port),
+                          "--host", "127.0.0.1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_http("http://127.0.0.1:%d/" % port, p)
+    finally:
+        p.terminate()
+        out = p.communicate(timeout=20)[0]
+    assert "listening on http://127.0.0.1:%d" % port in out
+
+
+def _wait_http(url, proc, timeout=15):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError("exited: %s" % proc.communicate()[0])
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                return r.read()
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("no answer from %s" % url)
+
+
+def test_zipapp_is_reproducible_and_runs(tmp_path):
+    build = os.path.join(ROOT, "tools", "build_zipapp.py")
+    a, b = tmp_path / "a.pyz", tmp_path / "b.pyz"
+    for out in (a, b):
+        r = subprocess.run([sys.executable, build, "-o", str(out)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    assert hashlib.sha256(a.read_bytes()).hexdigest() == hashlib.sha256(b.read_bytes()).hexdigest()
+    import llm_mux
+    out = subprocess.run([sys.executable, str(a), "version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("llm-mux %s" % llm_mux.__version__)
+    import zipfile
+    with zipfile.ZipFile(str(a)) as z:
+        assert z.read("VERSION").decode().strip() == llm_mux.__version__
+        assert z.comment.decode() == "llm-mux %s" % llm_mux.__version__
+    # and it serves
+    port = free_port()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("port: %d\nauth-dir: %s\n" % (port, tmp_path / "auth"))
+    p = subprocess.Popen([sys.executable, str(a), "serve", "--config", str(cfg)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)
+    try:
+        assert b"llm-mux" in _wait_http("http://127.0.0.1:%d/" % port, p)
+    finally:
+        p.terminate()
+        p.communicate(timeout=20)
+
+
+def test_systemd_unit_is_hardened():
+    text = open(os.path.join(ROOT, "llm-mux.service")).read()
+    for line in ("NoNewPrivileges=true", "ProtectSystem=strict", "ReadWritePaths=/etc/llm-mux",
+                 "Restart=on-failure", "ExecStart=", "[Install]"):
+        assert line in text
