@@ -1286,7 +1286,13 @@ class Channel(asyncio.Protocol):
     def eof_received(self):
         self.eof = True
         self._wake()
-        return True  # keep the write side open for the response
+        # A client that closes its side while its request is being served has gone away (as nginx also
+        # assumes): cancel the work now rather than at the next write, which may be far off in a quiet stream.
+        cb = self.on_lost
+        if cb is not None:
+            self.on_lost = None
+            cb()
+        return True  # keep the write side open (an upstream may still be sending)
 
     def connection_lost(self, exc):
         self.eof = True

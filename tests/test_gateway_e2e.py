@@ -36,7 +36,8 @@ def test_serves_over_tls(gateway, upstream, certs):
     up = upstream()
     gw = gateway(openai_provider_config(up.url) + "tls: {enable: true, cert: %s, key: %s}\n" % (cert, key),
                  scheme="https")
-    r = chat(gw, http_client=httpx.Client(verify=ca))
+    import ssl
+    r = chat(gw, http_client=httpx.Client(verify=ssl.create_default_context(cafile=ca)))
     assert r.choices[0].message.content == "Hello!"
     with pytest.raises(openai.APIConnectionError):
         chat(gw, http_client=httpx.Client(verify=True))  # an untrusted certificate is refused by the client

@@ -220,5 +220,5 @@ def test_client_disconnect_cancels_upstream_stream(gateway, upstream):
     c.close()  # the client goes away: its socket closes
     while not up.closed_streams and time.monotonic() - t0 < 5:
         time.sleep(0.05)
-    assert up.closed_streams, "upstream stream was not cancelled"
+    assert up.closed_streams, "upstream stream was not cancelled:\n" + gw.output()
     assert up.closed_streams[0] - t0 < 1.5
