@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Benchmark llm-mux against the same load sent straight to the upstream.
+
+Starts three processes: a fake OpenAI-compatible upstream (a minimal asyncio protocol server, so it is not the
+bottleneck), the gateway (`llm_mux.py serve`), and `wrk` as the load generator. Prints requests/s and latency
+p50/p99 at concurrency 1 and 50, for non-streaming requests and for 64-chunk streams, gateway beside direct,
+plus the gateway's RSS when idle and its growth over 20,000 requests.
+
+Targets (one gateway process, 2 cores): >= 3,000 non-streaming req/s at c=50; <= 0.5 ms added p50 at c=1;
+>= 300 64-chunk streams/s; idle RSS <= 40 MB; RSS growth <= 10 % over 20,000 requests.
+"""
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+COMPLETION = json.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000, "model": "bench-model",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello from the bench upstream."},
+                 "finish_reason": "stop", "logprobs": None}],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}}).encode()
+
+
+def _stream_body(chunks=64):
+    base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000, "model": "bench-model"}
+    events = [dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
+    for i in range(chunks - 2):
+        events.append(dict(base, choices=[{"index": 0, "delta": {"content": "tok%d " % i}, "finish_reason": None}]))
+    events.append(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                       usage={"prompt_tokens": 12, "completion_tokens": 62, "total_tokens": 74}))
+    out = b""
+    for e in events:
+        frame = b"data: " + json.dumps(e).encode() + b"\n\n"
+        out += b"%x\r\n%s\r\n" % (len(frame), frame)
+    frame = b"data: [DONE]\n\n"
+    out += b"%x\r\n%s\r\n0\r\n\r\n" % (len(frame), frame)
+    return out
+
+
+STREAM = _stream_body()
+RESP_JSON = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(COMPLETION)
+             + COMPLETION)
+RESP_STREAM = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n" + STREAM
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """Answers every complete request at once; `"stream":true` in the body selects the 64-chunk stream."""
+
+    def connection_made(self, transport):
+        self.t = transport
+        self.buf = b""
+
+    def data_received(self, data):
+        self.buf += data
+        while True:
+            i = self.buf.find(b"\r\n\r\n")
+            if i < 0:
+                return
+            head = self.buf[:i].lower()
+            m = re.search(rb"content-length: *(\d+)", head)
+            n = int(m.group(1)) if m else 0
+            if len(self.buf) < i + 4 + n:
+                return
+            body = self.buf[i + 4:i + 4 + n]
+            self.buf = self.buf[i + 4 + n:]
+            stream = b'"stream":true' in body or b'"stream": true' in body
+            self.t.write(RESP_STREAM if stream else RESP_JSON)
+
+
+def serve_upstream(port):
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(UpstreamProtocol, "127.0.0.1", port, backlog=1024)
+        async with server:
+            await server.serve_forever()
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=15):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("port %d did not open" % port)
+
+
+def rss_mb(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer bench"
+wrk.body = '%s'
+"""
+
+
+def wrk(url, body, conns, seconds, tmp):
+    script = os.path.join(tmp, "post-%d.lua" % abs(hash(body)))
+    with open(script, "w") as f:
+        f.write(LUA % body.replace("'", "\\'"))
+    out = subprocess.run(["wrk", "-t", "1" if conns == 1 else "2", "-c", str(conns), "-d", "%ds" % seconds,
+                          "--latency", "-s", script, url], capture_output=True, text=True)
+    text = out.stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+    total = int(re.search(r"(\d+) requests in", text).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    sock_err = re.search(r"Socket errors: (.*)", text)
+
+    def pct(p):
+        m = re.search(r"^\s+%s%%\s+([\d.]+)(us|ms|s)\s*$" % p, text, re.M)
+        v, unit = float(m.group(1)), m.group(2)
+        return v / 1000.0 if unit == "us" else (v * 1000.0 if unit == "s" else v)
+    return {"rps": rps, "p50": pct(50), "p99": pct(99), "total": total,
+            "errors": int(errors.group(1)) if errors else 0, "socket_errors": sock_err.group(1) if sock_err else ""}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=int, default=8, help="duration of each measured run")
+    p.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve_upstream:
+        serve_upstream(args.serve_upstream)
+        return 0
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed (apt-get install wrk)")
+    tmp = tempfile.mkdtemp(prefix="llm-mux-bench-")
+    up_port, gw_port = free_port(), free_port()
+    upstream = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-upstream", str(up_port)])
+    cfg = os.path.join(tmp, "config.yaml")
+    with open(cfg, "w") as f:
+        f.write("port: %d\nauth-dir: %s\napi-keys: [bench]\nproviders:\n  - type: openai\n    name: bench\n"
+                "    base-url: http://127.0.0.1:%d/v1\n    api-key: up-key\n    models:\n      - name: bench-model\n"
+                % (gw_port, os.path.join(tmp, "auth"), up_port))
+    env = dict(os.environ, XDG_CONFIG_HOME=tmp)
+    gateway = subprocess.Popen([sys.executable, os.path.join(ROOT, "llm_mux.py"), "serve", "--config", cfg],
+                               env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "gw.log"), "w"))
+    results = []
+    try:
+        wait_port(up_port)
+        wait_port(gw_port)
+        time.sleep(0.5)
+        idle = rss_mb(gateway.pid)
+        body = json.dumps({"model": "bench-model", "messages": [{"role": "user", "content": "Hello"}]})
+        sbody = json.dumps({"model": "bench-model", "messages": [{"role": "user", "content": "Hello"}],
+                            "stream": True})
+        gw_url = "http://127.0.0.1:%d/v1/chat/completions" % gw_port
+        up_url = "http://127.0.0.1:%d/v1/chat/completions" % up_port
+        wrk(gw_url, body, 50, 2, tmp)  # warm-up
+        warm = rss_mb(gateway.pid)
+        for label, b, conns in (("non-stream", body, 1), ("non-stream", body, 50), ("64-chunk stream", sbody, 1),
+                                ("64-chunk stream", sbody, 50)):
+            direct = wrk(up_url, b, conns, max(3, args.seconds // 2), tmp)
+            via = wrk(gw_url, b, conns, args.seconds, tmp)
+            results.append((label, conns, direct, via))
+        # RSS over 20,000 more requests (after the warm-up above).
+        before = rss_mb(gateway.pid)
+        done = 0
+        while done < 20000:
+            done += wrk(gw_url, body, 50, 3, tmp)["total"]
+        after = rss_mb(gateway.pid)
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        upstream.send_signal(signal.SIGINT)
+        gateway.wait(30)
+        upstream.wait(10)
+    print("llm-mux benchmark (%s, Python %s, %d cores)" % (time.strftime("%Y-%m-%d"), sys.version.split()[0],
+                                                             os.cpu_count()))
+    print("%-16s %4s | %10s %9s %9s | %10s %9s %9s | %9s" % ("load", "conc", "direct r/s", "p50 ms", "p99 ms",
+                                                             "gateway r/s", "p50 ms", "p99 ms", "added p50"))
+    for label, conns, d, g in results:
+        print("%-16s %4d | %10.0f %9.3f %9.3f | %10.0f %9.3f %9.3f | %8.3fms%s" % (
+            label, conns, d["rps"], d["p50"], d["p99"], g["rps"], g["p50"], g["p99"], g["p50"] - d["p50"],
+            "  (errors: %d %s)" % (g["errors"], g["socket_errors"]) if g["errors"] or g["socket_errors"] else ""))
+    print("RSS idle: %.1f MB; after warm-up: %.1f MB; before 20k: %.1f MB; after %d more requests: %.1f MB "
+          "(growth %.1f %%)" % (idle, warm, before, done, after, (after - before) / before * 100.0))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
