@@ -355,18 +355,25 @@ class YamlReader:
             return self._block_mapping(ind, path)
         return self._scalar_lines(ind, parent_indent, path, self.i, ind)
 
+    def _next_line(self, ind):
+        """(line, indentation, content) of the next non-blank line when it is indented at least `ind`."""
+        self._skip_blank()
+        if self.i >= len(self.lines):
+            return None
+        self._check_tabs(self.i)
+        line = self.lines[self.i]
+        cur = self._indent(line)
+        if cur < ind:
+            return None
+        return line, cur, self._strip_comment(line[cur:])
+
     def _block_sequence(self, ind, path):
         items = []
         while True:
-            self._skip_blank()
-            if self.i >= len(self.lines):
+            nxt = self._next_line(ind)
+            if nxt is None:
                 break
-            self._check_tabs(self.i)
-            line = self.lines[self.i]
-            cur = self._indent(line)
-            if cur < ind:
-                break
-            content = self._strip_comment(line[cur:])
+            line, cur, content = nxt
             if cur > ind or not (content == "-" or content.startswith("- ")):
                 if cur == ind:
                     break
@@ -388,17 +395,12 @@ class YamlReader:
     def _block_mapping(self, ind, path):
         result = {}
         while True:
-            self._skip_blank()
-            if self.i >= len(self.lines):
+            nxt = self._next_line(ind)
+            if nxt is None:
                 break
-            self._check_tabs(self.i)
-            line = self.lines[self.i]
-            cur = self._indent(line)
-            if cur < ind:
-                break
+            line, cur, content = nxt
             if cur > ind:
                 self._fail("unexpected indentation in a mapping", self.i, cur)
-            content = self._strip_comment(line[cur:])
             if content.startswith("- ") or content == "-":
                 break
             if cur == 0 and content in ("---", "..."):
