@@ -2839,7 +2839,11 @@ class ResponseCollector:
                 self._thinking = None
             self._text.text += ev.text
         elif k == "thinking":
-            if self._thinking is None or (ev.text and self._thinking.signature):
+            if ev.redacted:
+                r.parts.append(Thinking("", redacted=ev.redacted, source=ev.source))
+                self._thinking = self._text = None
+                return
+            if self._thinking is None or (ev.text and (self._thinking.signature or self._thinking.encrypted)):
                 self._thinking = Thinking("", source=ev.source, item_id=ev.item_id)
                 r.parts.append(self._thinking)
                 self._text = None
@@ -2893,6 +2897,255 @@ def data_url_split(url):
     if ";base64" not in head:
         data = base64.b64encode(urllib.parse.unquote_to_bytes(data)).decode("ascii")
     return mime, data
+
+
+# -- helpers shared by the codecs ----------------------------------------------------------------------------------
+
+SIGNATURE_CARRIER = "llmmux:"
+
+
+def wrap_signature(source, value):
+    """Carry an opaque token through a client of another family: `llmmux:<source>:<value>`. Clients give it back
+    unchanged on the next turn, and `unwrap_signature` routes it to its own family only (formats.md §6.3)."""
+    return "%s%s:%s" % (SIGNATURE_CARRIER, source, value)
+
+
+def unwrap_signature(value):
+    """(source, token) for a carried token, else (None, value)."""
+    if isinstance(value, str) and value.startswith(SIGNATURE_CARRIER):
+        source, _, token = value[len(SIGNATURE_CARRIER):].partition(":")
+        return source, token
+    return None, value
+
+
+_THINKING_SUFFIX = re.compile(r"^(.+)\(([A-Za-z]+|-?\d+)\)$")
+
+
+def split_thinking_suffix(model):
+    """`model(high)` / `model(16384)` -> ("model", ThinkingConfig) (providers.md §1.4); else (model, None)."""
+    m = _THINKING_SUFFIX.match(model)
+    if not m:
+        return model, None
+    base, value = m.group(1), m.group(2).lower()
+    if value.lstrip("-").isdigit():
+        return base, ThinkingConfig(budget=int(value))
+    if value in EFFORT_BUDGETS:
+        return base, ThinkingConfig(effort=value)
+    return model, None
+
+
+_TOOL_ID_BAD = re.compile(r"[^a-zA-Z0-9_-]")
+
+
+def sanitize_tool_id(tool_id):
+    """Anthropic ids must match ^[a-zA-Z0-9_-]+$; the same function is applied to calls and results."""
+    return _TOOL_ID_BAD.sub("_", tool_id) if tool_id else new_id("toolu_")
+
+
+def b64_normalize(value):
+    """Standard-alphabet padded base64 (python-genai sends URL-safe; Gemini accepts both)."""
+    if not isinstance(value, str):
+        return value
+    v = value.replace("-", "+").replace("_", "/").strip()
+    return v + "=" * (-len(v) % 4)
+
+
+def sniff_image_mime(b64):
+    """The image type from its first bytes (Ollama sends bare base64 with no type)."""
+    try:
+        head = base64.b64decode(b64[:24] + "=" * (-len(b64[:24]) % 4))
+    except (binascii.Error, ValueError):
+        return "image/png"
+    if head.startswith(b"\x89PNG"):
+        return "image/png"
+    if head.startswith(b"\xff\xd8"):
+        return "image/jpeg"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    return "image/png"
+
+
+def estimate_tokens(req):
+    """A documented heuristic for count_tokens when the upstream has no counter: about 4 characters per token
+    over every text, tool definition and argument, plus a few tokens per message and per image."""
+    chars = sum(len(p.text) for p in req.system if p.kind == "text")
+    extra = 0
+    for m in req.messages:
+        extra += 4
+        for p in m.parts:
+            k = p.kind
+            if k == "text":
+                chars += len(p.text)
+            elif k == "thinking":
+                chars += len(p.text or "")
+            elif k == "tool_call":
+                chars += len(p.name) + len(p.arguments or "")
+            elif k == "tool_result":
+                chars += len(p.text())
+            elif k in ("image", "file"):
+                extra += 258
+    for t in req.tools:
+        chars += len(t.name) + len(t.description or "") + len(json_dumps(t.parameters or {}))
+    return max(1, chars // 4 + extra)
+
+
+_GEMINI_DROP_KEYS = frozenset((
+    "$schema", "$id", "$comment", "$defs", "definitions", "$ref", "additionalProperties", "propertyNames",
+    "patternProperties", "enumDescriptions", "enumTitles", "prefill", "deprecated", "encrypted", "nullable",
+    "title", "unevaluatedProperties", "unevaluatedItems", "dependentSchemas", "dependentRequired",
+    "dependencies", "contentEncoding", "contentMediaType", "if", "then", "else", "not", "strict",
+    "input_examples", "readOnly", "writeOnly", "examples", "default", "minContains", "maxContains", "contains",
+    "const"))
+_GEMINI_HINT_KEYS = ("minLength", "maxLength", "exclusiveMinimum", "exclusiveMaximum", "pattern", "minItems",
+                     "maxItems", "uniqueItems", "format", "default", "examples")
+
+
+def clean_schema_for_gemini(schema, _defs=None, _depth=0):
+    """JSON Schema -> the OpenAPI subset Gemini's `parameters` accepts (formats.md §6.5): local $refs inlined,
+    const -> enum, enums as strings, allOf merged, anyOf/oneOf flattened (a null branch = optional),
+    `type: [T, "null"]` -> T, unsupported constraints moved into the description. Applied to schemas only."""
+    if not isinstance(schema, dict) or _depth > 40:
+        return {"type": "object", "properties": {}} if _depth == 0 else {}
+    defs = _defs if _defs is not None else dict(schema.get("$defs") or {}, **(schema.get("definitions") or {}))
+    s = dict(schema)
+    ref = s.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/") and _depth < 20:
+        name = ref.rsplit("/", 1)[-1]
+        if name in defs:
+            merged = dict(defs[name])
+            merged.update({k: v for k, v in s.items() if k != "$ref"})
+            s = merged
+        else:
+            s = {"type": "object", "description": "(reference %s)" % ref}
+    if "allOf" in s and isinstance(s["allOf"], list):
+        merged = {}
+        for sub in s.pop("allOf"):
+            if isinstance(sub, dict):
+                for k, v in sub.items():
+                    if k == "properties" and isinstance(v, dict):
+                        merged.setdefault("properties", {}).update(v)
+                    elif k == "required" and isinstance(v, list):
+                        merged.setdefault("required", []).extend(v)
+                    else:
+                        merged.setdefault(k, v)
+        for k, v in merged.items():
+            if k == "properties":
+                s.setdefault("properties", {}).update(v)
+            elif k == "required":
+                s["required"] = list(s.get("required") or []) + v
+            else:
+                s.setdefault(k, v)
+    for key in ("anyOf", "oneOf"):
+        branches = s.pop(key, None)
+        if isinstance(branches, list):
+            real = [b for b in branches if isinstance(b, dict) and b.get("type") != "null"]
+            best = max(real, key=lambda b: (b.get("type") == "object", len(b)), default=None)
+            if best is not None:
+                for k, v in best.items():
+                    s.setdefault(k, v)
+    t = s.get("type")
+    if isinstance(t, list):
+        non_null = [x for x in t if x != "null"]
+        s["type"] = non_null[0] if non_null else "string"
+    if "const" in s:
+        s["enum"] = [s["const"]]
+    if "enum" in s and isinstance(s["enum"], list):
+        s["enum"] = [v if isinstance(v, str) else json_dumps(v) for v in s["enum"] if v is not None]
+        s["type"] = "string"
+    hints = []
+    for k in _GEMINI_HINT_KEYS:
+        if k in s and not (k == "format" and s[k] in ("enum", "date-time")):
+            hints.append("%s: %s" % (k, s[k] if isinstance(s[k], str) else json_dumps(s[k])))
+    out = {}
+    for k, v in s.items():
+        if k in _GEMINI_DROP_KEYS or k in _GEMINI_HINT_KEYS or k.startswith("x-"):
+            continue
+        if k == "properties" and isinstance(v, dict):
+            out[k] = {pk: clean_schema_for_gemini(pv, defs, _depth + 1) for pk, pv in v.items()
+                      if isinstance(pv, dict)}
+        elif k == "items":
+            out[k] = clean_schema_for_gemini(v if isinstance(v, dict) else {}, defs, _depth + 1)
+        else:
+            out[k] = v
+    if hints:
+        out["description"] = ((out.get("description") or "") + " (" + "; ".join(hints) + ")").strip()
+    if "properties" in out and "type" not in out:
+        out["type"] = "object"
+    if isinstance(out.get("required"), list):
+        props = out.get("properties") or {}
+        out["required"] = [r for r in dict.fromkeys(out["required"]) if r in props]
+        if not out["required"]:
+            del out["required"]
+    if out.get("type") == "array" and "items" not in out:
+        out["items"] = {"type": "string"}
+    if _depth == 0 and out.get("type") != "object":
+        out = {"type": "object", "properties": out.get("properties") or {}}
+    return out
+
+
+def custom_tool_schema():
+    """How a freeform (custom) tool is offered to upstreams that only know function tools."""
+    return {"type": "object", "properties": {"input": {"type": "string", "description": "The raw input."}},
+            "required": ["input"]}
+
+
+def json_object_or_wrap(text):
+    """A tool result for Gemini's functionResponse.response: JSON objects stay, anything else is wrapped."""
+    try:
+        value = json.loads(text)
+    except (ValueError, TypeError):
+        return {"output": text}
+    return value if isinstance(value, dict) else {"output": value}
+
+
+def repair_tool_turns(messages):
+    """Make tool calls and results pair up the way Anthropic and Gemini demand (formats.md §6.1): results go
+    right after the assistant turn that made the calls, duplicates are dropped, calls left unanswered (a user
+    who interrupted a tool run) get a synthetic 'cancelled' result, and results with no call become text."""
+    out = []
+    i = 0
+    n = len(messages)
+    while i < n:
+        m = messages[i]
+        if m.role == "assistant":
+            out.append(m)
+            calls = [p for p in m.parts if p.kind == "tool_call"]
+            i += 1
+            if not calls:
+                continue
+            results = {}
+            extra_user = []
+            while i < n and messages[i].role in ("tool",):
+                for r in messages[i].parts:
+                    if r.kind == "tool_result":
+                        results[r.id] = r
+                i += 1
+            parts = []
+            for c in calls:
+                r = results.pop(c.id, None)
+                if r is None:
+                    r = ToolResult(c.id, c.name, [Text("cancelled: no result was returned for this call")], True)
+                elif not r.name:
+                    r.name = c.name
+                parts.append(r)
+            for r in results.values():
+                extra_user.append(Text("[result of tool call %s]: %s" % (r.id, r.text())))
+            out.append(Message("tool", parts))
+            if extra_user:
+                out.append(Message("user", extra_user))
+            continue
+        if m.role == "tool":
+            # Results with no preceding call: keep the information as user text.
+            texts = [Text("[result of tool call %s]: %s" % (r.id, r.text())) for r in m.parts if r.kind == "tool_result"]
+            if texts:
+                out.append(Message("user", texts))
+            i += 1
+            continue
+        out.append(m)
+        i += 1
+    return out
 
 
 # === 7. Codecs ===
@@ -3261,12 +3514,11 @@ class OpenAIChat(Codec):
     @staticmethod
     def _wire_tool(t):
         if t.tool_kind == "custom":
-            c = {"name": t.name}
+            # Many OpenAI-compatible servers know only function tools: a freeform tool takes one string.
+            f = {"name": t.name, "parameters": custom_tool_schema()}
             if t.description:
-                c["description"] = t.description
-            if t.extra and t.extra.get("format"):
-                c["format"] = t.extra["format"]
-            return {"type": "custom", "custom": c}
+                f["description"] = t.description
+            return {"type": "function", "function": f}
         f = {"name": t.name}
         if t.description:
             f["description"] = t.description
@@ -3277,9 +3529,6 @@ class OpenAIChat(Codec):
 
     @staticmethod
     def _wire_call(c):
-        if c.tool_kind == "custom":
-            return {"id": c.id, "type": "custom", "custom": {"name": c.name,
-                                                             "input": c.args_object().get("input", "")}}
         return {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments or "{}"}}
 
     @staticmethod
@@ -3558,6 +3807,2408 @@ class OpenAIChat(Codec):
             return b""
 
 
+ANTHROPIC_STOP_IN = {"end_turn": "stop", "stop_sequence": "stop_sequence", "max_tokens": "length",
+                     "tool_use": "tool_calls", "pause_turn": "pause", "refusal": "content_filter",
+                     "model_context_window_exceeded": "length"}
+ANTHROPIC_STOP_OUT = {"stop": "end_turn", "stop_sequence": "stop_sequence", "length": "max_tokens",
+                      "tool_calls": "tool_use", "pause": "pause_turn", "content_filter": "refusal"}
+ANTHROPIC_ERROR_TYPES = {"invalid_request": "invalid_request_error", "authentication": "authentication_error",
+                         "permission": "permission_error", "not_found": "not_found_error",
+                         "rate_limit": "rate_limit_error", "overloaded": "overloaded_error",
+                         "timeout": "timeout_error", "server_error": "api_error", "upstream": "api_error"}
+ANTHROPIC_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                          403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                          429: "rate_limit_error", 500: "api_error", 504: "timeout_error", 529: "overloaded_error"}
+
+
+class Anthropic(Codec):
+    """Anthropic Messages (`/v1/messages`), formats.md §3."""
+    name = "anthropic"
+
+    @staticmethod
+    def error_body(err):
+        t = ANTHROPIC_STATUS_TYPES.get(err.status) or ANTHROPIC_ERROR_TYPES.get(err.type, "api_error")
+        return {"type": "error", "error": {"type": t, "message": err.message}}
+
+    # -- request: wire -> IR --------------------------------------------------------------------------------------
+    @classmethod
+    def parse_request(cls, body, count_only=False):
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise BadRequest("model: Field required (a non-empty string)", "model")
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise BadRequest("messages: must be a non-empty array", "messages")
+        req = ChatRequest(model.strip())
+        req.client_format = cls.name
+        if not count_only:
+            if "max_tokens" not in body:
+                raise BadRequest("max_tokens: Field required", "max_tokens")
+            req.max_tokens = _integer(body, "max_tokens")
+        system = body.get("system")
+        if isinstance(system, str):
+            if system:
+                req.system.append(Text(system))
+        elif isinstance(system, list):
+            for i, b in enumerate(system):
+                if not isinstance(b, dict) or not isinstance(b.get("text"), str):
+                    raise BadRequest("system.%d: expected a text block" % i, "system")
+                req.system.append(Text(b["text"], b.get("cache_control")))
+        elif system is not None:
+            raise BadRequest("system: must be a string or an array of text blocks", "system")
+        names = {}
+        for i, m in enumerate(msgs):
+            cls._parse_message(req, m, i, names)
+        req.stream = bool(_expect(body.get("stream"), bool, "stream", "a boolean"))
+        req.temperature = _number(body, "temperature")
+        req.top_p = _number(body, "top_p")
+        req.top_k = _integer(body, "top_k")
+        ss = body.get("stop_sequences")
+        if ss is not None:
+            req.stop = _stop_list(ss, "stop_sequences")
+        md = body.get("metadata")
+        if isinstance(md, dict) and isinstance(md.get("user_id"), str):
+            req.user = md["user_id"]
+        tools = body.get("tools")
+        if tools is not None:
+            _expect(tools, list, "tools", "an array")
+            for i, t in enumerate(tools):
+                if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+                    raise BadRequest("tools.%d.name: Field required" % i, "tools")
+                if t.get("type") not in (None, "custom"):
+                    req.extra.setdefault("anthropic_server_tools", []).append(t)
+                    continue
+                schema = t.get("input_schema")
+                if schema is not None and not isinstance(schema, dict):
+                    raise BadRequest("tools.%d.input_schema: must be an object" % i, "tools")
+                req.tools.append(Tool(t["name"], t.get("description"), schema, "function", t.get("strict"),
+                                      {"cache_control": t["cache_control"]} if t.get("cache_control") else None))
+        tc = body.get("tool_choice")
+        if tc is not None:
+            if not isinstance(tc, dict):
+                raise BadRequest("tool_choice: must be an object", "tool_choice")
+            kind = tc.get("type")
+            req.tool_choice = {"auto": "auto", "any": "required", "none": "none"}.get(kind)
+            if kind == "tool":
+                req.tool_choice = {"name": tc.get("name")}
+            if tc.get("disable_parallel_tool_use"):
+                req.parallel_tool_calls = False
+        th = body.get("thinking")
+        oc = body.get("output_config") if isinstance(body.get("output_config"), dict) else {}
+        if isinstance(th, dict):
+            kind = th.get("type")
+            if kind == "enabled":
+                req.thinking = ThinkingConfig(budget=th.get("budget_tokens") if isinstance(
+                    th.get("budget_tokens"), int) else 8192, include_thoughts=th.get("display") != "omitted")
+            elif kind == "adaptive":
+                req.thinking = ThinkingConfig(effort=oc.get("effort") or "auto", include_thoughts=True)
+            elif kind == "disabled":
+                req.thinking = ThinkingConfig(effort="none")
+        elif oc.get("effort"):
+            req.thinking = ThinkingConfig(effort=oc["effort"])
+        fmt = oc.get("format")
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+            req.response_format = {"type": "json_schema", "name": "response", "schema": fmt.get("schema") or {}}
+        return req
+
+    @classmethod
+    def _blocks(cls, content, where):
+        if isinstance(content, str):
+            return [{"type": "text", "text": content}]
+        if not isinstance(content, list):
+            raise BadRequest("%s.content: must be a string or an array of blocks" % where, "messages")
+        return content
+
+    @classmethod
+    def _media_part(cls, b):
+        src = b.get("source") or {}
+        st = src.get("type")
+        if b.get("type") == "image":
+            if st == "base64":
+                return Image(src.get("media_type"), src.get("data"))
+            if st == "url":
+                return Image(url=src.get("url"))
+            return None
+        if st == "base64":
+            return File(src.get("media_type") or "application/pdf", src.get("data"), filename=b.get("title"))
+        if st == "url":
+            return File("application/pdf", url=src.get("url"), filename=b.get("title"))
+        if st == "text":
+            return Text(src.get("data") or "")
+        return None
+
+    @classmethod
+    def _parse_message(cls, req, m, i, names):
+        where = "messages.%d" % i
+        if not isinstance(m, dict):
+            raise BadRequest("%s: must be an object" % where, "messages")
+        role = m.get("role")
+        if role not in ("user", "assistant", "system"):
+            raise BadRequest("%s.role: must be user or assistant" % where, "messages")
+        blocks = cls._blocks(m.get("content"), where)
+        if role == "system":
+            req.messages.append(Message("system", [Text(b.get("text", "")) for b in blocks
+                                                   if isinstance(b, dict) and b.get("type") == "text"]))
+            return
+        parts = []
+        results = []
+        for j, b in enumerate(blocks):
+            if not isinstance(b, dict):
+                raise BadRequest("%s.content.%d: must be an object" % (where, j), "messages")
+            t = b.get("type")
+            if t == "text":
+                if not isinstance(b.get("text"), str):
+                    raise BadRequest("%s.content.%d.text: must be a string" % (where, j), "messages")
+                parts.append(Text(b["text"], b.get("cache_control")))
+            elif t in ("image", "document"):
+                part = cls._media_part(b)
+                if part is not None:
+                    parts.append(part)
+            elif t == "tool_use":
+                inp = b.get("input")
+                call = ToolCall(b.get("id") or new_id("toolu_"), b.get("name") or "",
+                                json_dumps(inp if isinstance(inp, dict) else {}))
+                names[call.id] = call.name
+                parts.append(call)
+            elif t == "tool_result":
+                content = b.get("content")
+                if isinstance(content, str):
+                    rparts = [Text(content)] if content else []
+                elif isinstance(content, list):
+                    rparts = []
+                    for c in content:
+                        if isinstance(c, dict) and c.get("type") == "text":
+                            rparts.append(Text(c.get("text") or ""))
+                        elif isinstance(c, dict) and c.get("type") in ("image", "document"):
+                            mp = cls._media_part(c)
+                            if mp is not None:
+                                rparts.append(mp)
+                else:
+                    rparts = []
+                tid = b.get("tool_use_id") or ""
+                results.append(ToolResult(tid, names.get(tid), rparts, bool(b.get("is_error"))))
+            elif t == "thinking":
+                source, sig = unwrap_signature(b.get("signature") or "")
+                th = Thinking(b.get("thinking") or "", sig or None, source=source or "anthropic")
+                if source == "responses" and sig:
+                    th.item_id, _, th.encrypted = sig.partition("|")
+                    th.signature = None
+                parts.append(th)
+            elif t == "redacted_thinking":
+                parts.append(Thinking("", redacted=b.get("data"), source="anthropic"))
+            # server-tool blocks (web search results, ...) only make sense to Anthropic itself: skipped
+        if results:
+            req.messages.append(Message("tool", results))
+        if parts or not results:
+            req.messages.append(Message(role, parts))
+
+    # -- request: IR -> wire --------------------------------------------------------------------------------------
+    @staticmethod
+    def default_max_tokens(model):
+        return 8192 if "claude-3-" in model or "claude-3.5" in model else 32000
+
+    @classmethod
+    def _wire_parts(cls, parts, upstream=True):
+        out = []
+        for p in parts:
+            k = p.kind
+            if k == "text":
+                if not p.text.strip():
+                    continue  # Anthropic rejects empty and whitespace-only text blocks
+                b = {"type": "text", "text": p.text}
+                if p.cache_control:
+                    b["cache_control"] = p.cache_control
+                out.append(b)
+            elif k == "image":
+                if p.data:
+                    out.append({"type": "image", "source": {"type": "base64", "media_type": p.mime or "image/png",
+                                                            "data": p.data}})
+                elif p.url:
+                    split = data_url_split(p.url)
+                    src = {"type": "base64", "media_type": split[0], "data": split[1]} if split else \
+                        {"type": "url", "url": p.url}
+                    out.append({"type": "image", "source": src})
+            elif k == "file":
+                if p.data and (p.mime or "").startswith("text/"):
+                    try:
+                        text = base64.b64decode(p.data).decode("utf-8")
+                    except (binascii.Error, ValueError, UnicodeDecodeError):
+                        continue
+                    out.append({"type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                                               "data": text}})
+                elif p.data and p.mime == "application/pdf":
+                    out.append({"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                                               "data": p.data}})
+                elif p.url:
+                    out.append({"type": "document", "source": {"type": "url", "url": p.url}})
+            elif k == "tool_call":
+                out.append({"type": "tool_use", "id": sanitize_tool_id(p.id), "name": p.name,
+                            "input": p.args_object()})
+            elif k == "thinking":
+                if upstream:
+                    if p.source != "anthropic":
+                        continue  # another family's reasoning cannot be replayed to Anthropic
+                    if p.redacted:
+                        out.append({"type": "redacted_thinking", "data": p.redacted})
+                    elif p.signature:
+                        out.append({"type": "thinking", "thinking": p.text, "signature": p.signature})
+                else:
+                    out.extend(cls._client_thinking_blocks(p))
+        return out
+
+    @staticmethod
+    def _client_thinking_blocks(p):
+        """Thinking for an Anthropic client: Anthropic's own tokens as they are, others carried."""
+        if p.source == "anthropic" or p.source is None:
+            if p.redacted:
+                return [{"type": "redacted_thinking", "data": p.redacted}]
+            return [{"type": "thinking", "thinking": p.text or "", "signature": p.signature or ""}]
+        if p.source == "responses" and (p.encrypted or p.item_id):
+            sig = wrap_signature("responses", "%s|%s" % (p.item_id or "", p.encrypted or ""))
+        elif p.signature:
+            sig = wrap_signature(p.source, p.signature)
+        else:
+            sig = ""
+        return [{"type": "thinking", "thinking": p.text or "", "signature": sig}]
+
+    @classmethod
+    def build_request(cls, req, model):
+        system = [{"type": "text", "text": p.text, **({"cache_control": p.cache_control} if p.cache_control else {})}
+                  for p in req.system if p.kind == "text" and p.text.strip()]
+        msgs = []
+        for m in repair_tool_turns(req.messages):
+            if m.role == "tool":
+                blocks = []
+                for r in m.parts:
+                    content = cls._wire_parts(r.content)
+                    b = {"type": "tool_result", "tool_use_id": sanitize_tool_id(r.id)}
+                    if content:
+                        b["content"] = content
+                    if r.is_error:
+                        b["is_error"] = True
+                    blocks.append(b)
+                role = "user"
+            elif m.role == "system":
+                blocks = [{"type": "text", "text": "<system-reminder>\n%s\n</system-reminder>" % m.text()}] \
+                    if m.text().strip() else []
+                role = "user"
+            else:
+                blocks = cls._wire_parts(m.parts)
+                role = m.role
+                if role == "assistant":
+                    # tool_use blocks close an assistant turn; a final thinking block is not allowed
+                    calls = [b for b in blocks if b["type"] == "tool_use"]
+                    rest = [b for b in blocks if b["type"] != "tool_use"]
+                    blocks = rest + calls
+                    while blocks and blocks[-1]["type"] in ("thinking", "redacted_thinking"):
+                        blocks.pop()
+            if not blocks:
+                continue
+            if msgs and msgs[-1]["role"] == role:
+                prev = msgs[-1]["content"]
+                if role == "user":
+                    # tool_result blocks stay first in a user turn
+                    merged = [b for b in prev + blocks if b["type"] == "tool_result"] + \
+                             [b for b in prev + blocks if b["type"] != "tool_result"]
+                    msgs[-1]["content"] = merged
+                else:
+                    calls = [b for b in prev if b["type"] == "tool_use"]
+                    msgs[-1]["content"] = [b for b in prev if b["type"] != "tool_use"] + blocks + calls
+                continue
+            msgs.append({"role": role, "content": blocks})
+        if msgs and msgs[0]["role"] == "assistant":
+            msgs.insert(0, {"role": "user", "content": [{"type": "text", "text": "(continue)"}]})
+        if not msgs:
+            msgs = [{"role": "user", "content": [{"type": "text", "text": "(empty)"}]}]
+        body = {"model": model, "messages": msgs,
+                "max_tokens": req.max_tokens or cls.default_max_tokens(model)}
+        if system:
+            body["system"] = system
+        if req.stream:
+            body["stream"] = True
+        effort = thinking_effort(req.thinking)
+        thinking_on = effort not in (None, "none")
+        if thinking_on:
+            last_assistant = next((m for m in reversed(msgs) if m["role"] == "assistant"), None)
+            if last_assistant is not None and any(b["type"] == "tool_use" for b in last_assistant["content"]) and \
+                    last_assistant["content"][0]["type"] not in ("thinking", "redacted_thinking"):
+                # Anthropic demands a signed thinking block before the last tool use; without one, no thinking.
+                thinking_on = False
+        if thinking_on:
+            budget = thinking_budget(req.thinking)
+            if budget is None or budget < 0:
+                budget = 8192
+            budget = max(1024, budget)
+            if body["max_tokens"] <= budget:
+                body["max_tokens"] = budget + 4096
+            body["thinking"] = {"type": "enabled", "budget_tokens": budget}
+        else:
+            if req.temperature is not None:
+                body["temperature"] = min(1.0, req.temperature)
+            if req.top_k is not None:
+                body["top_k"] = req.top_k
+        if req.top_p is not None and not thinking_on:
+            body["top_p"] = req.top_p
+        if req.stop:
+            body["stop_sequences"] = req.stop
+        if req.user:
+            body["metadata"] = {"user_id": req.user}
+        tools = []
+        for t in req.tools:
+            schema = custom_tool_schema() if t.tool_kind == "custom" else (t.parameters or {})
+            schema = dict(schema) if isinstance(schema, dict) else {}
+            if schema.get("type") != "object":
+                schema = {"type": "object", "properties": schema.get("properties") or {}}
+            schema.pop("$schema", None)
+            tool = {"name": t.name, "input_schema": schema}
+            if t.description:
+                tool["description"] = t.description
+            if t.extra and t.extra.get("cache_control"):
+                tool["cache_control"] = t.extra["cache_control"]
+            tools.append(tool)
+        if req.client_format == cls.name:
+            tools.extend(req.extra.get("anthropic_server_tools") or [])
+        if tools and req.tool_choice != "none":
+            body["tools"] = tools
+            tc = req.tool_choice
+            choice = None
+            if tc == "required":
+                choice = {"type": "any"}
+            elif isinstance(tc, dict):
+                choice = {"type": "tool", "name": tc.get("name")}
+            elif req.parallel_tool_calls is False:
+                choice = {"type": "auto"}
+            if choice is not None:
+                if req.parallel_tool_calls is False:
+                    choice["disable_parallel_tool_use"] = True
+                if thinking_on and choice["type"] in ("any", "tool"):
+                    choice = {"type": "auto"}  # forced tool use is not allowed with thinking
+                body["tool_choice"] = choice
+        rf = req.response_format
+        if rf:
+            hint = "Respond with a single JSON object and nothing else."
+            if rf["type"] == "json_schema":
+                hint = "Respond with a single JSON object matching this JSON Schema, and nothing else:\n" + \
+                       json_dumps(rf.get("schema") or {})
+            body.setdefault("system", []).append({"type": "text", "text": hint})
+        return body
+
+    # -- response: wire -> IR -------------------------------------------------------------------------------------
+    @staticmethod
+    def parse_usage(u, into=None):
+        if not isinstance(u, dict):
+            return into
+        usage = into or Usage()
+        base = u.get("input_tokens")
+        cr = u.get("cache_read_input_tokens")
+        cw = u.get("cache_creation_input_tokens")
+        if base is not None or cr is not None or cw is not None:
+            usage.cached_tokens = cr if cr is not None else usage.cached_tokens
+            usage.cache_write_tokens = cw if cw is not None else usage.cache_write_tokens
+            if base is not None:
+                usage.input_tokens = (base or 0) + (usage.cached_tokens or 0) + (usage.cache_write_tokens or 0)
+        if u.get("output_tokens") is not None:
+            usage.output_tokens = u["output_tokens"]
+        otd = u.get("output_tokens_details") or {}
+        if otd.get("thinking_tokens") is not None:
+            usage.reasoning_tokens = otd["thinking_tokens"]
+        return usage
+
+    @classmethod
+    def parse_response(cls, data):
+        if not isinstance(data, dict) or not isinstance(data.get("content"), list):
+            raise UpstreamError("protocol", "upstream answer has no content")
+        resp = ChatResponse(data.get("id"), data.get("model"))
+        for b in data["content"]:
+            t = b.get("type")
+            if t == "text":
+                resp.parts.append(Text(b.get("text") or ""))
+            elif t == "thinking":
+                resp.parts.append(Thinking(b.get("thinking") or "", b.get("signature"), source="anthropic"))
+            elif t == "redacted_thinking":
+                resp.parts.append(Thinking("", redacted=b.get("data"), source="anthropic"))
+            elif t == "tool_use":
+                resp.parts.append(ToolCall(b.get("id") or new_id("toolu_"), b.get("name") or "",
+                                           json_dumps(b.get("input") if isinstance(b.get("input"), dict) else {})))
+        resp.finish = ANTHROPIC_STOP_IN.get(data.get("stop_reason") or "end_turn", "stop")
+        resp.stop_sequence = data.get("stop_sequence")
+        if resp.finish == "tool_calls" and not any(p.kind == "tool_call" for p in resp.parts):
+            resp.finish = "stop"
+        resp.usage = cls.parse_usage(data.get("usage"))
+        return resp
+
+    # -- response: IR -> wire -------------------------------------------------------------------------------------
+    @staticmethod
+    def wire_usage(u):
+        if u is None:
+            return {"input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0,
+                    "cache_read_input_tokens": 0}
+        return {"input_tokens": max(0, u.input_tokens - u.cached_tokens - u.cache_write_tokens),
+                "output_tokens": u.output_tokens, "cache_creation_input_tokens": u.cache_write_tokens,
+                "cache_read_input_tokens": u.cached_tokens}
+
+    @classmethod
+    def build_response(cls, resp, req):
+        content = []
+        for p in resp.parts:
+            if p.kind == "tool_call" and p.signature and p.source and p.source != "anthropic":
+                content.extend(cls._client_thinking_blocks(Thinking("", p.signature, source=p.source)))
+            content.extend(cls._wire_parts([p], upstream=False))
+        calls = any(b["type"] == "tool_use" for b in content)
+        stop = "tool_use" if calls else ANTHROPIC_STOP_OUT.get(resp.finish, "end_turn")
+        if stop == "tool_use" and not calls:
+            stop = "end_turn"
+        return {"id": resp.id if resp.id and str(resp.id).startswith("msg_") else new_id("msg_"), "type": "message",
+                "role": "assistant", "model": req.model, "content": content, "stop_reason": stop,
+                "stop_sequence": resp.stop_sequence if stop == "stop_sequence" else None,
+                "usage": cls.wire_usage(resp.usage)}
+
+    # -- streams --------------------------------------------------------------------------------------------------
+    class StreamDecoder:
+        """Anthropic SSE -> IR events."""
+
+        def __init__(self, req=None):
+            self.blocks = {}  # upstream index -> ("text"|"thinking"|"tool", our tool index)
+            self.tools = 0
+            self.usage = Usage()
+            self.finish = None
+            self.stop_sequence = None
+            self.done = False
+            self.started = False
+
+        def feed(self, event, data):
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                return []
+            if not isinstance(obj, dict):
+                return []
+            t = obj.get("type") or event
+            if t == "content_block_delta":
+                d = obj.get("delta") or {}
+                dt = d.get("type")
+                if dt == "text_delta":
+                    return [TextDelta(d.get("text") or "")] if d.get("text") else []
+                if dt == "thinking_delta":
+                    return [ThinkingDelta(d.get("thinking") or "", source="anthropic")]
+                if dt == "signature_delta":
+                    return [ThinkingDelta("", signature=d.get("signature"), source="anthropic")]
+                if dt == "input_json_delta":
+                    kind = self.blocks.get(obj.get("index"))
+                    if kind and kind[0] == "tool" and d.get("partial_json"):
+                        return [ToolCallDelta(kind[1], d["partial_json"])]
+                return []
+            if t == "content_block_start":
+                cb = obj.get("content_block") or {}
+                ct = cb.get("type")
+                idx = obj.get("index")
+                if ct == "tool_use":
+                    n = self.tools
+                    self.tools += 1
+                    self.blocks[idx] = ("tool", n)
+                    out = [ToolCallStart(n, cb.get("id") or new_id("toolu_"), cb.get("name") or "")]
+                    if isinstance(cb.get("input"), dict) and cb["input"]:
+                        out.append(ToolCallDelta(n, json_dumps(cb["input"])))
+                    return out
+                if ct == "thinking":
+                    self.blocks[idx] = ("thinking", None)
+                    return [ThinkingDelta(cb.get("thinking") or "", source="anthropic")] if cb.get("thinking") else []
+                if ct == "redacted_thinking":
+                    self.blocks[idx] = ("thinking", None)
+                    return [ThinkingDelta("", redacted=cb.get("data"), source="anthropic")]
+                if ct == "text":
+                    self.blocks[idx] = ("text", None)
+                    return [TextDelta(cb["text"])] if cb.get("text") else []
+                return []
+            if t == "content_block_stop":
+                kind = self.blocks.get(obj.get("index"))
+                if kind and kind[0] == "tool":
+                    return [ToolCallEnd(kind[1])]
+                return []
+            if t == "message_start":
+                self.started = True
+                msg = obj.get("message") or {}
+                Anthropic.parse_usage(msg.get("usage"), self.usage)
+                return [Start(msg.get("id"), msg.get("model"))]
+            if t == "message_delta":
+                d = obj.get("delta") or {}
+                if d.get("stop_reason"):
+                    self.finish = ANTHROPIC_STOP_IN.get(d["stop_reason"], "stop")
+                    self.stop_sequence = d.get("stop_sequence")
+                Anthropic.parse_usage(obj.get("usage"), self.usage)
+                return []
+            if t == "message_stop":
+                return self._end()
+            if t == "error":
+                err = obj.get("error") or {}
+                etype = err.get("type") or "api_error"
+                status = {"overloaded_error": 529, "rate_limit_error": 429, "invalid_request_error": 400,
+                          "authentication_error": 401, "permission_error": 403, "not_found_error": 404,
+                          "timeout_error": 504}.get(etype, 502)
+                self.done = True
+                return [ErrorEvent(status, err.get("message") or "upstream error", error_type_for_status(status))]
+            return []
+
+        def _end(self):
+            if self.done:
+                return []
+            self.done = True
+            reason = self.finish or "stop"
+            if self.tools and reason == "stop":
+                reason = "tool_calls"
+            return [UsageEvent(self.usage), Finish(reason, self.stop_sequence)]
+
+        def close(self):
+            if self.done:
+                return []
+            if self.finish is not None:
+                return self._end()
+            return [ErrorEvent(502, "upstream stream ended before message_stop", "upstream")]
+
+    class StreamEncoder:
+        """IR events -> Anthropic SSE with `event:` lines, one block open at a time (formats.md §3.4, §6.10)."""
+
+        def __init__(self, req):
+            self.req = req
+            self.index = -1
+            self.open = None  # "text" | "thinking" | ("tool", ir index)
+            self.started = False
+            self.usage = None
+            self.tools_seen = False
+            self.finished = False
+            self.pending = {}
+
+        @staticmethod
+        def _event(name, obj):
+            return ("event: %s\ndata: %s\n\n" % (name, json_dumps(obj))).encode()
+
+        def _start(self, ev=None):
+            if self.started:
+                return b""
+            self.started = True
+            msg = {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": self.req.model,
+                   "content": [], "stop_reason": None, "stop_sequence": None,
+                   "usage": {"input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0,
+                             "cache_read_input_tokens": 0}}
+            return self._event("message_start", {"type": "message_start", "message": msg})
+
+        def _close(self):
+            if self.open is None:
+                return b""
+            self.open = None
+            return self._event("content_block_stop", {"type": "content_block_stop", "index": self.index})
+
+        def _open(self, kind, block):
+            out = self._close()
+            self.index += 1
+            self.open = kind
+            return out + self._event("content_block_start", {"type": "content_block_start", "index": self.index,
+                                                              "content_block": block})
+
+        def _delta(self, delta):
+            return self._event("content_block_delta", {"type": "content_block_delta", "index": self.index,
+                                                        "delta": delta})
+
+        def encode(self, ev):
+            k = ev.kind
+            out = self._start()
+            if k == "text":
+                if self.open != "text":
+                    out += self._open("text", {"type": "text", "text": ""})
+                return out + self._delta({"type": "text_delta", "text": ev.text})
+            if k == "thinking":
+                if ev.redacted:
+                    out += self._open("redacted", {"type": "redacted_thinking", "data": ev.redacted})
+                    return out + self._close()
+                if self.open != "thinking":
+                    out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                if ev.text:
+                    out += self._delta({"type": "thinking_delta", "thinking": ev.text})
+                sig = None
+                if ev.source in (None, "anthropic") and ev.signature:
+                    sig = ev.signature
+                elif ev.source == "responses" and (ev.encrypted or ev.item_id):
+                    sig = wrap_signature("responses", "%s|%s" % (ev.item_id or "", ev.encrypted or ""))
+                elif ev.signature:
+                    sig = wrap_signature(ev.source, ev.signature)
+                if sig:
+                    out += self._delta({"type": "signature_delta", "signature": sig}) + self._close()
+                return out
+            if k == "tool_start":
+                self.tools_seen = True
+                if ev.signature and ev.source and ev.source != "anthropic":
+                    out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                    out += self._delta({"type": "signature_delta",
+                                        "signature": wrap_signature(ev.source, ev.signature)}) + self._close()
+                out += self._open(("tool", ev.index), {"type": "tool_use", "id": sanitize_tool_id(ev.id),
+                                                       "name": ev.name, "input": {}})
+                pending = self.pending.pop(ev.index, "")
+                if pending:
+                    out += self._delta({"type": "input_json_delta", "partial_json": pending})
+                return out
+            if k == "tool_delta":
+                if self.open == ("tool", ev.index):
+                    return out + self._delta({"type": "input_json_delta", "partial_json": ev.arguments})
+                self.pending[ev.index] = self.pending.get(ev.index, "") + ev.arguments
+                return out
+            if k == "tool_end":
+                if self.open == ("tool", ev.index):
+                    out += self._close()
+                return out
+            if k == "usage":
+                self.usage = ev.usage
+                return out
+            if k == "finish":
+                if self.finished:
+                    return out
+                self.finished = True
+                out += self._close()
+                stop = "tool_use" if self.tools_seen else ANTHROPIC_STOP_OUT.get(ev.reason, "end_turn")
+                if stop == "tool_use" and not self.tools_seen:
+                    stop = "end_turn"
+                usage = Anthropic.wire_usage(self.usage)
+                out += self._event("message_delta", {"type": "message_delta", "delta": {
+                    "stop_reason": stop, "stop_sequence": ev.stop_sequence if stop == "stop_sequence" else None},
+                    "usage": usage})
+                return out + self._event("message_stop", {"type": "message_stop"})
+            if k == "error":
+                return out + self.error(GatewayError(ev.status, ev.message, ev.type))
+            return out
+
+        def error(self, err):
+            self.finished = True
+            return self._event("error", Anthropic.error_body(err))
+
+        def close(self):
+            return b""
+
+    @staticmethod
+    def count_tokens_body(n):
+        return {"input_tokens": n}
+
+
+GEMINI_FINISH_IN = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_filter",
+                    "RECITATION": "content_filter", "BLOCKLIST": "content_filter",
+                    "PROHIBITED_CONTENT": "content_filter", "SPII": "content_filter", "IMAGE_SAFETY": "content_filter",
+                    "IMAGE_PROHIBITED_CONTENT": "content_filter", "IMAGE_RECITATION": "content_filter"}
+GEMINI_FINISH_OUT = {"stop": "STOP", "stop_sequence": "STOP", "length": "MAX_TOKENS", "tool_calls": "STOP",
+                     "content_filter": "SAFETY", "refusal": "SAFETY", "pause": "STOP"}
+GEMINI_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                 409: "ABORTED", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL", 501: "UNIMPLEMENTED",
+                 502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+GEMINI_SKIP_SIGNATURE = "skip_thought_signature_validator"
+GEMINI_DEFAULT_SAFETY = [{"category": c, "threshold": "OFF"} for c in (
+    "HARM_CATEGORY_HARASSMENT", "HARM_CATEGORY_HATE_SPEECH", "HARM_CATEGORY_SEXUALLY_EXPLICIT",
+    "HARM_CATEGORY_DANGEROUS_CONTENT")] + [{"category": "HARM_CATEGORY_CIVIC_INTEGRITY", "threshold": "BLOCK_NONE"}]
+_SNAKE = {}
+
+
+def gget(obj, camel, default=None):
+    """A Gemini field in either spelling (requests are protobuf JSON: `inlineData` or `inline_data`)."""
+    if camel in obj:
+        return obj[camel]
+    snake = _SNAKE.get(camel)
+    if snake is None:
+        snake = _SNAKE[camel] = re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), camel)
+    return obj.get(snake, default)
+
+
+class Gemini(Codec):
+    """Gemini Generative Language API (`/v1beta/models/{m}:generateContent` ...), formats.md §4."""
+    name = "gemini"
+
+    @staticmethod
+    def error_body(err):
+        return {"error": {"code": err.status, "message": err.message,
+                          "status": GEMINI_STATUS.get(err.status, "UNKNOWN")}}
+
+    # -- signatures -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def client_signature(source, token):
+        """A signature for a Gemini client: Gemini's own as is; others carried, base64 so SDKs accept it."""
+        if source == "gemini":
+            return token
+        return base64.b64encode(wrap_signature(source, token).encode()).decode()
+
+    @staticmethod
+    def read_signature(value):
+        """(source, token) from a client's thoughtSignature (URL-safe base64 normalised first)."""
+        value = b64_normalize(value)
+        try:
+            raw = base64.b64decode(value)
+        except (binascii.Error, ValueError):
+            return "gemini", value
+        if raw.startswith(SIGNATURE_CARRIER.encode()):
+            source, token = unwrap_signature(raw.decode("utf-8", "replace"))
+            return source, token
+        return "gemini", value
+
+    # -- request: wire -> IR --------------------------------------------------------------------------------------
+    @classmethod
+    def parse_request(cls, body, model, count_only=False):
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        inner = gget(body, "generateContentRequest")
+        if isinstance(inner, dict):  # countTokens may wrap a whole request
+            body = inner
+        contents = body.get("contents")
+        if contents is None:
+            contents = []
+        if not isinstance(contents, list):
+            raise BadRequest("contents must be an array", "contents")
+        req = ChatRequest(model)
+        req.client_format = cls.name
+        si = gget(body, "systemInstruction")
+        if isinstance(si, str):
+            req.system.append(Text(si))
+        elif isinstance(si, dict):
+            for p in si.get("parts") or []:
+                if isinstance(p, dict) and isinstance(p.get("text"), str):
+                    req.system.append(Text(p["text"]))
+        pending = {}  # function name -> [call ids] awaiting responses (FIFO when ids are absent)
+        for i, c in enumerate(contents):
+            cls._parse_content(req, c, i, pending)
+        if not req.messages and not count_only:
+            raise BadRequest("contents must not be empty", "contents")
+        for t in body.get("tools") or []:
+            if not isinstance(t, dict):
+                continue
+            for f in gget(t, "functionDeclarations") or []:
+                if not isinstance(f, dict) or not f.get("name"):
+                    raise BadRequest("tools[].functionDeclarations[].name is required", "tools")
+                params = f.get("parameters") or gget(f, "parametersJsonSchema")
+                req.tools.append(Tool(f["name"], f.get("description"), cls._lower_types(params)))
+            others = {k: v for k, v in t.items() if k not in ("functionDeclarations", "function_declarations")}
+            if others:
+                req.extra.setdefault("gemini_tools", []).append(others)
+        tc = gget(body, "toolConfig")
+        if isinstance(tc, dict):
+            fcc = gget(tc, "functionCallingConfig") or {}
+            mode = (fcc.get("mode") or "").upper()
+            allowed = gget(fcc, "allowedFunctionNames") or []
+            if mode == "NONE":
+                req.tool_choice = "none"
+            elif mode in ("ANY", "VALIDATED"):
+                req.tool_choice = {"name": allowed[0]} if len(allowed) == 1 else "required"
+            elif mode == "AUTO":
+                req.tool_choice = "auto"
+        gc = gget(body, "generationConfig") or {}
+        if not isinstance(gc, dict):
+            raise BadRequest("generationConfig must be an object", "generationConfig")
+        req.temperature = _expect(gc.get("temperature"), (int, float), "generationConfig.temperature", "a number")
+        req.top_p = _expect(gget(gc, "topP"), (int, float), "generationConfig.topP", "a number")
+        req.top_k = _expect(gget(gc, "topK"), (int, float), "generationConfig.topK", "a number")
+        if req.top_k is not None:
+            req.top_k = int(req.top_k)
+        req.max_tokens = _expect(gget(gc, "maxOutputTokens"), int, "generationConfig.maxOutputTokens", "an integer")
+        req.stop = _stop_list(gget(gc, "stopSequences"), "generationConfig.stopSequences")
+        req.n = gget(gc, "candidateCount")
+        req.presence_penalty = gget(gc, "presencePenalty")
+        req.frequency_penalty = gget(gc, "frequencyPenalty")
+        req.seed = gc.get("seed")
+        mime = gget(gc, "responseMimeType")
+        schema = gget(gc, "responseJsonSchema") or gget(gc, "responseSchema")
+        if mime == "application/json":
+            req.response_format = {"type": "json_schema", "name": "response", "schema": cls._lower_types(schema)} \
+                if isinstance(schema, dict) else {"type": "json_object"}
+        tcfg = gget(gc, "thinkingConfig")
+        if isinstance(tcfg, dict):
+            level = gget(tcfg, "thinkingLevel")
+            budget = gget(tcfg, "thinkingBudget")
+            req.thinking = ThinkingConfig(effort=level.lower() if isinstance(level, str) else None,
+                                          budget=budget if isinstance(budget, int) else None,
+                                          include_thoughts=gget(tcfg, "includeThoughts"))
+        ss = gget(body, "safetySettings")
+        if ss is not None:
+            req.extra["gemini_safety"] = ss
+        return req
+
+    @classmethod
+    def _lower_types(cls, schema):
+        """Gemini schemas spell types in capitals (STRING); other formats expect JSON Schema's lower case."""
+        if isinstance(schema, dict):
+            out = {}
+            for k, v in schema.items():
+                if k == "type" and isinstance(v, str):
+                    out[k] = v.lower()
+                elif k == "properties" and isinstance(v, dict):
+                    out[k] = {pk: cls._lower_types(pv) for pk, pv in v.items()}
+                elif k in ("items", "anyOf") or isinstance(v, (dict, list)) and k not in ("enum", "required"):
+                    out[k] = cls._lower_types(v)
+                else:
+                    out[k] = v
+            return out
+        if isinstance(schema, list):
+            return [cls._lower_types(x) for x in schema]
+        return schema
+
+    @classmethod
+    def _media(cls, data, url=False):
+        mime = gget(data, "mimeType") or ("application/octet-stream" if url else "image/png")
+        if url:
+            uri = gget(data, "fileUri")
+            return Image(mime, url=uri) if mime.startswith("image/") else File(mime, url=uri)
+        b64 = b64_normalize(data.get("data") or "")
+        return Image(mime, b64) if mime.startswith("image/") else File(mime, b64)
+
+    @classmethod
+    def _parse_content(cls, req, c, i, pending):
+        if not isinstance(c, dict):
+            raise BadRequest("contents[%d] must be an object" % i, "contents")
+        role = c.get("role") or ("user" if i % 2 == 0 else "model")
+        parts_in = c.get("parts") or []
+        if not isinstance(parts_in, list):
+            raise BadRequest("contents[%d].parts must be an array" % i, "contents")
+        parts, results = [], []
+        for j, p in enumerate(parts_in):
+            if not isinstance(p, dict):
+                raise BadRequest("contents[%d].parts[%d] must be an object" % (i, j), "contents")
+            sig = gget(p, "thoughtSignature")
+            source, token = cls.read_signature(sig) if sig else (None, None)
+            if "text" in p:
+                if p.get("thought"):
+                    th = Thinking(p.get("text") or "", token, source=source or "gemini")
+                    if source == "responses" and token:
+                        th.item_id, _, th.encrypted = token.partition("|")
+                        th.signature = None
+                    parts.append(th)
+                else:
+                    if token:
+                        parts.append(Thinking("", token, source=source))
+                    if p.get("text"):
+                        parts.append(Text(p["text"]))
+            elif gget(p, "inlineData") is not None:
+                parts.append(cls._media(gget(p, "inlineData")))
+            elif gget(p, "fileData") is not None:
+                parts.append(cls._media(gget(p, "fileData"), url=True))
+            elif gget(p, "functionCall") is not None:
+                fc = gget(p, "functionCall")
+                name = fc.get("name") or ""
+                cid = fc.get("id") or new_id("call_")
+                pending.setdefault(name, []).append(cid)
+                args = fc.get("args")
+                call = ToolCall(cid, name, json_dumps(args if isinstance(args, dict) else {}))
+                if token:
+                    call.signature, call.source = token, source
+                parts.append(call)
+            elif gget(p, "functionResponse") is not None:
+                fr = gget(p, "functionResponse")
+                name = fr.get("name") or ""
+                rid = fr.get("id")
+                queue = pending.get(name) or []
+                if rid and rid in queue:
+                    queue.remove(rid)
+                elif queue:
+                    rid = queue.pop(0)
+                rid = rid or new_id("call_")
+                resp = fr.get("response")
+                is_error = isinstance(resp, dict) and "error" in resp and "output" not in resp
+                if isinstance(resp, dict) and set(resp) <= {"output", "error", "result"} and resp:
+                    value = resp.get("output", resp.get("result", resp.get("error")))
+                    text = value if isinstance(value, str) else json_dumps(value)
+                else:
+                    text = json_dumps(resp if resp is not None else {})
+                results.append(ToolResult(rid, name, [Text(text)], is_error))
+            elif token:
+                parts.append(Thinking("", token, source=source))
+        if results:
+            req.messages.append(Message("tool", results))
+        if parts or not results:
+            req.messages.append(Message("assistant" if role == "model" else "user", parts))
+
+    # -- request: IR -> wire --------------------------------------------------------------------------------------
+    @staticmethod
+    def is_gemini3(model):
+        return bool(re.search(r"gemini-3", model))
+
+    @classmethod
+    def _wire_media(cls, p):
+        if p.data:
+            return {"inlineData": {"mimeType": p.mime or "application/octet-stream", "data": p.data}}
+        if p.url:
+            split = data_url_split(p.url)
+            if split:
+                return {"inlineData": {"mimeType": split[0], "data": split[1]}}
+            return {"fileData": {"mimeType": p.mime or "application/octet-stream", "fileUri": p.url}}
+        return None
+
+    @classmethod
+    def build_contents(cls, req, client=False):
+        """IR messages -> Gemini contents with the turn grammar repaired (formats.md §6.1, §4.9)."""
+        contents = []
+        for m in repair_tool_turns(req.messages):
+            parts = []
+            role = "model" if m.role == "assistant" else "user"
+            if m.role == "tool":
+                extra = []
+                for r in m.parts:
+                    text = r.text()
+                    resp = {"error": json_object_or_wrap(text).get("output", text)} if r.is_error else \
+                        json_object_or_wrap(text)
+                    fr = {"name": r.name or "unknown", "response": resp}
+                    if r.id and not r.id.startswith("call_") or client:
+                        fr["id"] = r.id
+                    parts.append({"functionResponse": fr})
+                    extra.extend(x for x in (cls._wire_media(c) for c in r.content if c.kind in ("image", "file"))
+                                 if x)
+                parts.extend(extra)
+            elif m.role == "system":
+                if m.text().strip():
+                    parts.append({"text": m.text()})
+            else:
+                pending_sig = None
+                first_call = True
+                for p in m.parts:
+                    k = p.kind
+                    if k == "thinking":
+                        if p.source == "gemini" and p.signature:
+                            if p.text:
+                                parts.append({"text": p.text, "thought": True, "thoughtSignature": p.signature})
+                            else:
+                                pending_sig = p.signature
+                        elif client and (p.text or p.signature or p.encrypted or p.redacted):
+                            part = {"text": p.text or "", "thought": True}
+                            token = p.signature or p.redacted or \
+                                ("%s|%s" % (p.item_id or "", p.encrypted or "") if p.encrypted else None)
+                            if token:
+                                part["thoughtSignature"] = cls.client_signature(
+                                    p.source or "anthropic", token)
+                            parts.append(part)
+                        continue
+                    if k == "text":
+                        if not p.text:
+                            continue
+                        part = {"text": p.text}
+                        if pending_sig and role == "model":
+                            part["thoughtSignature"] = pending_sig
+                            pending_sig = None
+                        parts.append(part)
+                    elif k in ("image", "file"):
+                        wm = cls._wire_media(p)
+                        if wm:
+                            parts.append(wm)
+                    elif k == "tool_call":
+                        fc = {"name": p.name, "args": p.args_object()}
+                        if p.id and (client or not p.id.startswith("call_")):
+                            fc["id"] = p.id
+                        part = {"functionCall": fc}
+                        sig = None
+                        if p.source == "gemini" and p.signature:
+                            sig = p.signature
+                        elif pending_sig:
+                            sig = pending_sig
+                        elif client and p.signature:
+                            sig = cls.client_signature(p.source, p.signature)
+                        elif first_call and not client:
+                            sig = GEMINI_SKIP_SIGNATURE  # history without Gemini's own signature (formats.md §4.4)
+                        pending_sig = None
+                        if sig:
+                            part["thoughtSignature"] = sig
+                        first_call = False
+                        parts.append(part)
+                if pending_sig and role == "model":
+                    parts.append({"thoughtSignature": pending_sig})
+            if not parts:
+                continue
+            if contents and contents[-1]["role"] == role:
+                contents[-1]["parts"].extend(parts)
+            else:
+                contents.append({"role": role, "parts": parts})
+        return contents
+
+    @classmethod
+    def build_request(cls, req, model):
+        contents = cls.build_contents(req)
+        # Gemini wants the conversation to start with a user turn and end with a user or function-response turn.
+        if contents and contents[0]["role"] == "model":
+            contents.insert(0, {"role": "user", "parts": [{"text": "(continue)"}]})
+        while contents and contents[-1]["role"] == "model":
+            contents.pop()
+        if not contents:
+            text = req.system_text() or "(empty)"
+            contents = [{"role": "user", "parts": [{"text": text}]}]
+        body = {"contents": contents}
+        if req.system and any(p.text.strip() for p in req.system if p.kind == "text"):
+            body["systemInstruction"] = {"parts": [{"text": req.system_text()}]}
+        tools = []
+        decls = []
+        for t in req.tools:
+            params = custom_tool_schema() if t.tool_kind == "custom" else t.parameters
+            d = {"name": re.sub(r"[^a-zA-Z0-9_.:-]", "_", t.name)[:128],
+                 "parameters": clean_schema_for_gemini(params or {"type": "object", "properties": {}})}
+            if t.description:
+                d["description"] = t.description
+            decls.append(d)
+        if decls and req.tool_choice != "none":
+            tools.append({"functionDeclarations": decls})
+        if req.client_format == cls.name:
+            tools.extend(req.extra.get("gemini_tools") or [])
+        if tools:
+            body["tools"] = tools
+        tc = req.tool_choice
+        if decls and tc is not None and tc != "none":
+            cfg = {"mode": "AUTO"}
+            if tc == "required":
+                cfg = {"mode": "ANY"}
+            elif isinstance(tc, dict):
+                cfg = {"mode": "ANY", "allowedFunctionNames": [tc.get("name")]}
+            body["toolConfig"] = {"functionCallingConfig": cfg}
+        gc = {}
+        if req.temperature is not None:
+            gc["temperature"] = req.temperature
+        if req.top_p is not None:
+            gc["topP"] = req.top_p
+        if req.top_k is not None:
+            gc["topK"] = req.top_k
+        if req.max_tokens is not None:
+            gc["maxOutputTokens"] = req.max_tokens
+        if req.stop:
+            gc["stopSequences"] = req.stop[:5]
+        if req.n and req.n > 1:
+            gc["candidateCount"] = req.n
+        for field, key in (("presence_penalty", "presencePenalty"), ("frequency_penalty", "frequencyPenalty"),
+                           ("seed", "seed")):
+            if getattr(req, field) is not None:
+                gc[key] = getattr(req, field)
+        rf = req.response_format
+        if rf:
+            gc["responseMimeType"] = "application/json"
+            if rf["type"] == "json_schema":
+                gc["responseSchema"] = clean_schema_for_gemini(rf.get("schema") or {})
+        if req.thinking is not None:
+            tcfg = {}
+            effort = thinking_effort(req.thinking)
+            if cls.is_gemini3(model) and req.thinking.budget is None and effort not in (None, "auto", "none"):
+                tcfg["thinkingLevel"] = {"minimal": "low", "xhigh": "high", "max": "high"}.get(effort, effort)
+            else:
+                budget = thinking_budget(req.thinking)
+                if budget is not None:
+                    tcfg["thinkingBudget"] = min(budget, 32768) if budget >= 0 else -1
+            include = req.thinking.include_thoughts
+            tcfg["includeThoughts"] = bool(effort != "none") if include is None else bool(include)
+            gc["thinkingConfig"] = tcfg
+        if gc:
+            body["generationConfig"] = gc
+        body["safetySettings"] = req.extra.get("gemini_safety") if req.client_format == cls.name and \
+            req.extra.get("gemini_safety") is not None else GEMINI_DEFAULT_SAFETY
+        return body
+
+    # -- response: wire -> IR -------------------------------------------------------------------------------------
+    @staticmethod
+    def parse_usage(um):
+        if not isinstance(um, dict):
+            return None
+        prompt = (gget(um, "promptTokenCount") or 0) + (gget(um, "toolUsePromptTokenCount") or 0)
+        thoughts = gget(um, "thoughtsTokenCount") or 0
+        return Usage(prompt, (gget(um, "candidatesTokenCount") or 0) + thoughts, gget(um, "cachedContentTokenCount")
+                     or 0, 0, thoughts)
+
+    @classmethod
+    def parts_to_events(cls, parts, state):
+        """IR events for one candidate's parts (shared by the non-stream parser and the stream decoder)."""
+        out = []
+        for p in parts or ():
+            sig = gget(p, "thoughtSignature")
+            if "text" in p and p.get("thought"):
+                out.append(ThinkingDelta(p.get("text") or "", signature=sig, source="gemini"))
+            elif "text" in p:
+                if sig:
+                    out.append(ThinkingDelta("", signature=sig, source="gemini"))
+                if p.get("text"):
+                    out.append(TextDelta(p["text"]))
+            elif gget(p, "functionCall") is not None:
+                fc = gget(p, "functionCall")
+                n = state["tools"]
+                state["tools"] += 1
+                args = fc.get("args")
+                out.append(ToolCallStart(n, fc.get("id") or new_id("call_"), fc.get("name") or "", "function",
+                                         sig, "gemini" if sig else None))
+                out.append(ToolCallDelta(n, json_dumps(args if isinstance(args, dict) else {})))
+                out.append(ToolCallEnd(n))
+            elif gget(p, "inlineData") is not None:
+                data = gget(p, "inlineData")
+                out.append(TextDelta("![image](data:%s;base64,%s)" % (gget(data, "mimeType") or "image/png",
+                                                                       data.get("data") or "")))
+            elif sig:
+                out.append(ThinkingDelta("", signature=sig, source="gemini"))
+        return out
+
+    @classmethod
+    def parse_response(cls, data):
+        if isinstance(data, list):
+            data = data[0] if data else {}
+        if not isinstance(data, dict):
+            raise UpstreamError("protocol", "upstream answer is not a JSON object")
+        collector = ResponseCollector()
+        collector.add(Start(gget(data, "responseId"), gget(data, "modelVersion")))
+        cands = data.get("candidates") or []
+        state = {"tools": 0}
+        finish = "stop"
+        if cands:
+            cand = cands[0]
+            for ev in cls.parts_to_events((cand.get("content") or {}).get("parts"), state):
+                collector.add(ev)
+            finish = GEMINI_FINISH_IN.get(gget(cand, "finishReason") or "STOP", "stop")
+        elif gget(data, "promptFeedback"):
+            finish = "content_filter"
+        usage = cls.parse_usage(gget(data, "usageMetadata"))
+        if usage:
+            collector.add(UsageEvent(usage))
+        collector.add(Finish("tool_calls" if state["tools"] else finish))
+        return collector.result()
+
+    # -- response: IR -> wire -------------------------------------------------------------------------------------
+    @staticmethod
+    def wire_usage(u):
+        if u is None:
+            return None
+        out = {"promptTokenCount": u.input_tokens, "candidatesTokenCount": max(0, u.output_tokens - u.reasoning_tokens),
+               "totalTokenCount": u.input_tokens + u.output_tokens}
+        if u.reasoning_tokens:
+            out["thoughtsTokenCount"] = u.reasoning_tokens
+        if u.cached_tokens:
+            out["cachedContentTokenCount"] = u.cached_tokens
+        return out
+
+    @classmethod
+    def build_response(cls, resp, req):
+        tmp = ChatRequest(req.model, [Message("assistant", resp.parts)])
+        contents = cls.build_contents(tmp, client=True)
+        parts = contents[0]["parts"] if contents else []
+        has_calls = any("functionCall" in p for p in parts)
+        out = {"candidates": [{"content": {"role": "model", "parts": parts or [{"text": ""}]},
+                               "finishReason": "STOP" if has_calls else GEMINI_FINISH_OUT.get(resp.finish, "STOP"),
+                               "index": 0}],
+               "modelVersion": req.model, "responseId": resp.id or new_id("", 8)}
+        usage = cls.wire_usage(resp.usage)
+        if usage:
+            out["usageMetadata"] = usage
+        return out
+
+    @staticmethod
+    def model_entry(mid, display=None):
+        return {"name": "models/" + mid, "version": "001", "displayName": display or mid, "description": mid,
+                "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
+                "supportedGenerationMethods": ["generateContent", "countTokens"]}
+
+    # -- streams --------------------------------------------------------------------------------------------------
+    class StreamDecoder:
+        """Gemini SSE (`alt=sse`) -> IR events."""
+
+        def __init__(self, req=None):
+            self.state = {"tools": 0}
+            self.started = False
+            self.finish = None
+            self.usage = None
+            self.done = False
+            self.any = False
+
+        def feed(self, event, data):
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                return []
+            if isinstance(obj, list):
+                obj = obj[0] if obj else {}
+            if not isinstance(obj, dict):
+                return []
+            if "error" in obj:
+                err = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
+                code = err.get("code") if isinstance(err.get("code"), int) else 502
+                self.done = True
+                return [ErrorEvent(code, err.get("message") or "upstream error", error_type_for_status(code))]
+            out = []
+            if not self.started:
+                self.started = True
+                out.append(Start(gget(obj, "responseId"), gget(obj, "modelVersion")))
+            for cand in obj.get("candidates") or ():
+                if cand.get("index", 0) != 0:
+                    continue
+                evs = Gemini.parts_to_events((cand.get("content") or {}).get("parts"), self.state)
+                if evs:
+                    self.any = True
+                out.extend(evs)
+                fr = gget(cand, "finishReason")
+                if fr:
+                    self.finish = GEMINI_FINISH_IN.get(fr, "stop")
+            if gget(obj, "promptFeedback") and not obj.get("candidates"):
+                self.finish = "content_filter"
+            um = gget(obj, "usageMetadata")
+            if um:
+                self.usage = Gemini.parse_usage(um)
+            return out
+
+        def close(self):
+            if self.done:
+                return []
+            self.done = True
+            if self.finish is None and not self.any:
+                return [ErrorEvent(502, "upstream stream ended without content", "upstream")]
+            out = [UsageEvent(self.usage)] if self.usage else []
+            reason = "tool_calls" if self.state["tools"] else (self.finish or "stop")
+            return out + [Finish(reason)]
+
+    class StreamEncoder:
+        """IR events -> Gemini stream chunks: SSE `data:` lines (alt=sse) or one JSON array written progressively.
+        Function calls go out whole; nothing but data lines (python-genai and js-genai parse nothing else)."""
+
+        def __init__(self, req, sse=True):
+            self.req = req
+            self.sse = sse
+            self.first = True
+            self.calls = {}
+            self.usage = None
+            self.finished = False
+            self.rid = new_id("", 8)
+            self.tools_seen = False
+
+        def _chunk(self, parts, finish=None):
+            cand = {"content": {"role": "model", "parts": parts}, "index": 0}
+            if finish:
+                cand["finishReason"] = finish
+            obj = {"candidates": [cand], "modelVersion": self.req.model, "responseId": self.rid}
+            if finish and self.usage is not None:
+                obj["usageMetadata"] = Gemini.wire_usage(self.usage)
+            return self._frame(obj)
+
+        def _frame(self, obj):
+            if self.sse:
+                return b"data: " + json_bytes(obj) + b"\r\n\r\n"
+            prefix = b"[" if self.first else b",\r\n"
+            self.first = False
+            return prefix + json_bytes(obj)
+
+        def encode(self, ev):
+            k = ev.kind
+            if k == "text":
+                return self._chunk([{"text": ev.text}])
+            if k == "thinking":
+                part = {"text": ev.text or "", "thought": True}
+                token = ev.signature or ev.redacted or \
+                    ("%s|%s" % (ev.item_id or "", ev.encrypted or "") if ev.encrypted else None)
+                if token:
+                    sig = Gemini.client_signature(ev.source or "gemini", token)
+                    if not ev.text:
+                        return self._chunk([{"thoughtSignature": sig}])
+                    part["thoughtSignature"] = sig
+                return self._chunk([part]) if ev.text else b""
+            if k == "tool_start":
+                self.tools_seen = True
+                self.calls[ev.index] = [ev, ""]
+                return b""
+            if k == "tool_delta":
+                if ev.index in self.calls:
+                    self.calls[ev.index][1] += ev.arguments
+                return b""
+            if k == "tool_end":
+                item = self.calls.pop(ev.index, None)
+                if item is None:
+                    return b""
+                start, args = item
+                call = ToolCall(start.id, start.name, args or "{}")
+                part = {"functionCall": {"name": start.name, "args": call.args_object(), "id": start.id}}
+                if start.signature:
+                    part["thoughtSignature"] = Gemini.client_signature(start.source or "gemini", start.signature)
+                return self._chunk([part])
+            if k == "usage":
+                self.usage = ev.usage
+                return b""
+            if k == "finish":
+                if self.finished:
+                    return b""
+                self.finished = True
+                out = b""
+                for index in sorted(self.calls):
+                    out += self.encode(ToolCallEnd(index))
+                reason = "STOP" if self.tools_seen else GEMINI_FINISH_OUT.get(ev.reason, "STOP")
+                return out + self._chunk([{"text": ""}], reason)
+            if k == "error":
+                return self.error(GatewayError(ev.status, ev.message, ev.type))
+            return b""
+
+        def error(self, err):
+            """No in-band error form survives python-genai's SSE reader: the array form gets an error element,
+            SSE gets a bare error object (js-genai raises on it); then the stream ends."""
+            self.finished = True
+            return self._frame(Gemini.error_body(err))
+
+        def close(self):
+            if self.sse:
+                return b""
+            return b"[]" if self.first else b"]"
+
+
+class Responses(Codec):
+    """OpenAI Responses API (`/v1/responses`), formats.md §2.6–2.8. Stateless: history comes in `input`."""
+    name = "responses"
+
+    @staticmethod
+    def error_body(err):
+        return OpenAIChat.error_body(err)
+
+    # -- request: wire -> IR --------------------------------------------------------------------------------------
+    @classmethod
+    def parse_request(cls, body):
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise BadRequest("'model' is required and must be a non-empty string", "model")
+        if body.get("previous_response_id") or body.get("conversation"):
+            raise BadRequest("previous_response_id and conversation need server-side state, which this gateway "
+                             "does not keep; send the whole history in 'input'", "previous_response_id")
+        req = ChatRequest(model.strip())
+        req.client_format = cls.name
+        instr = body.get("instructions")
+        if isinstance(instr, str) and instr:
+            req.system.append(Text(instr))
+        elif instr is not None and not isinstance(instr, str):
+            raise BadRequest("'instructions' must be a string", "instructions")
+        inp = body.get("input")
+        if isinstance(inp, str):
+            req.messages.append(Message("user", [Text(inp)]))
+        elif isinstance(inp, list):
+            cls._parse_items(req, inp)
+        elif inp is not None:
+            raise BadRequest("'input' must be a string or an array of items", "input")
+        if not req.messages:
+            raise BadRequest("'input' is required", "input")
+        req.stream = bool(_expect(body.get("stream"), bool, "stream", "a boolean"))
+        req.include_usage = True
+        req.max_tokens = _integer(body, "max_output_tokens")
+        req.temperature = _number(body, "temperature")
+        req.top_p = _number(body, "top_p")
+        req.user = body.get("safety_identifier") or body.get("user")
+        req.metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else None
+        req.parallel_tool_calls = _expect(body.get("parallel_tool_calls"), bool, "parallel_tool_calls", "a boolean")
+        r = body.get("reasoning")
+        if isinstance(r, dict) and (r.get("effort") or r.get("summary")):
+            req.thinking = ThinkingConfig(effort=r.get("effort"), summary=r.get("summary"),
+                                          include_thoughts=True if r.get("summary") else None)
+        text = body.get("text")
+        if isinstance(text, dict) and isinstance(text.get("format"), dict):
+            f = text["format"]
+            if f.get("type") == "json_schema":
+                req.response_format = {"type": "json_schema", "name": f.get("name") or "response",
+                                       "schema": f.get("schema") or {}, "strict": f.get("strict"),
+                                       "description": f.get("description")}
+            elif f.get("type") == "json_object":
+                req.response_format = {"type": "json_object"}
+        for i, t in enumerate(body.get("tools") or []):
+            if not isinstance(t, dict):
+                raise BadRequest("'tools[%d]' must be an object" % i, "tools")
+            tt = t.get("type")
+            if tt == "function":
+                if not t.get("name"):
+                    raise BadRequest("'tools[%d].name' is required" % i, "tools")
+                req.tools.append(Tool(t["name"], t.get("description"), t.get("parameters"), "function",
+                                      t.get("strict")))
+            elif tt == "custom":
+                req.tools.append(Tool(t.get("name") or "custom", t.get("description"), None, "custom",
+                                      extra={"format": t.get("format")}))
+            else:
+                req.extra.setdefault("responses_hosted_tools", []).append(t)
+        tc = body.get("tool_choice")
+        if isinstance(tc, str):
+            req.tool_choice = tc if tc in ("auto", "none", "required") else None
+        elif isinstance(tc, dict):
+            if tc.get("type") in ("function", "custom") and tc.get("name"):
+                req.tool_choice = {"name": tc["name"]}
+            elif tc.get("type") == "allowed_tools":
+                req.tool_choice = "required" if tc.get("mode") == "required" else "auto"
+        for key in ("include", "store", "prompt_cache_key", "service_tier", "truncation", "text"):
+            if key in body:
+                req.extra["responses_" + key] = body[key]
+        return req
+
+    @classmethod
+    def _parts(cls, content, where):
+        if isinstance(content, str):
+            return [Text(content)] if content else []
+        if not isinstance(content, list):
+            raise BadRequest("'%s.content' must be a string or an array" % where, "input")
+        parts = []
+        for p in content:
+            if not isinstance(p, dict):
+                continue
+            t = p.get("type")
+            if t in ("input_text", "output_text", "text"):
+                parts.append(Text(p.get("text") or ""))
+            elif t == "refusal":
+                parts.append(Text(p.get("refusal") or ""))
+            elif t == "input_image":
+                url = p.get("image_url")
+                if isinstance(url, str):
+                    split = data_url_split(url)
+                    parts.append(Image(split[0], split[1], detail=p.get("detail")) if split
+                                 else Image(url=url, detail=p.get("detail")))
+            elif t == "input_file":
+                fd = p.get("file_data")
+                split = data_url_split(fd) if isinstance(fd, str) else None
+                if split:
+                    parts.append(File(split[0], split[1], filename=p.get("filename")))
+                elif isinstance(fd, str):
+                    parts.append(File("application/pdf", fd, filename=p.get("filename")))
+                elif p.get("file_url"):
+                    parts.append(File(url=p["file_url"], filename=p.get("filename")))
+        return parts
+
+    @classmethod
+    def _parse_items(cls, req, items):
+        names = {}
+
+        def assistant():
+            last = req.messages[-1] if req.messages else None
+            if last is None or last.role != "assistant":
+                last = Message("assistant", [])
+                req.messages.append(last)
+            return last
+
+        def tool_msg():
+            last = req.messages[-1] if req.messages else None
+            if last is None or last.role != "tool":
+                last = Message("tool", [])
+                req.messages.append(last)
+            return last
+
+        for i, it in enumerate(items):
+            where = "input[%d]" % i
+            if isinstance(it, str):
+                req.messages.append(Message("user", [Text(it)]))
+                continue
+            if not isinstance(it, dict):
+                raise BadRequest("'%s' must be an object" % where, "input")
+            t = it.get("type") or ("message" if "role" in it else None)
+            if t == "message":
+                role = it.get("role")
+                parts = cls._parts(it.get("content"), where)
+                if role in ("system", "developer"):
+                    if req.messages:
+                        req.messages.append(Message("system", parts))
+                    else:
+                        req.system.extend(parts)
+                elif role == "assistant":
+                    assistant().parts.extend(parts)
+                elif role == "user":
+                    req.messages.append(Message("user", parts))
+                else:
+                    raise BadRequest("'%s.role' must be user, assistant, system or developer" % where, "input")
+            elif t == "function_call":
+                call = ToolCall(it.get("call_id") or it.get("id") or new_id("call_"), it.get("name") or "",
+                                it.get("arguments") or "{}")
+                names[call.id] = call.name
+                assistant().parts.append(call)
+            elif t == "custom_tool_call":
+                call = ToolCall(it.get("call_id") or new_id("call_"), it.get("name") or "",
+                                json_dumps({"input": it.get("input") or ""}), "custom")
+                names[call.id] = call.name
+                assistant().parts.append(call)
+            elif t in ("function_call_output", "custom_tool_call_output"):
+                out = it.get("output")
+                parts = [Text(out)] if isinstance(out, str) else cls._parts(out or [], where)
+                cid = it.get("call_id") or ""
+                tool_msg().parts.append(ToolResult(cid, names.get(cid), parts))
+            elif t == "reasoning":
+                summary = "".join(s.get("text") or "" for s in it.get("summary") or [] if isinstance(s, dict))
+                enc = it.get("encrypted_content")
+                source, token = unwrap_signature(enc)
+                th = Thinking(summary, source="responses", item_id=it.get("id"), encrypted=enc)
+                if source is not None:
+                    th = Thinking(summary, source=source)
+                    if source == "anthropic-redacted":
+                        th.redacted, th.source = token, "anthropic"
+                    else:
+                        th.signature = token
+                assistant().parts.append(th)
+            elif t == "item_reference":
+                raise BadRequest("item_reference needs server-side state, which this gateway does not keep",
+                                 "input")
+            # hosted-tool items (web_search_call, ...) are results the upstream produced itself: skipped
+
+    # -- request: IR -> wire (Codex / Responses upstream) ---------------------------------------------------------
+    @classmethod
+    def _wire_content(cls, parts, role):
+        out = []
+        kind = "output_text" if role == "assistant" else "input_text"
+        for p in parts:
+            if p.kind == "text":
+                if p.text:
+                    out.append({"type": kind, "text": p.text})
+            elif p.kind == "image":
+                url = p.url or "data:%s;base64,%s" % (p.mime or "image/png", p.data)
+                item = {"type": "input_image", "image_url": url}
+                if p.detail:
+                    item["detail"] = p.detail
+                out.append(item)
+            elif p.kind == "file":
+                if p.data:
+                    out.append({"type": "input_file", "filename": p.filename or "file",
+                                "file_data": "data:%s;base64,%s" % (p.mime or "application/pdf", p.data)})
+                elif p.url:
+                    out.append({"type": "input_file", "file_url": p.url})
+        return out
+
+    @classmethod
+    def build_request(cls, req, model):
+        items = []
+        custom = {t.name for t in req.tools if t.tool_kind == "custom"}
+        for m in req.messages:
+            if m.role == "tool":
+                for r in m.parts:
+                    text = r.text()
+                    if r.name in custom:
+                        items.append({"type": "custom_tool_call_output", "call_id": r.id, "output": text})
+                    else:
+                        items.append({"type": "function_call_output", "call_id": r.id, "output": text})
+                continue
+            if m.role == "assistant":
+                texts = []
+                for p in m.parts:
+                    if p.kind == "text":
+                        texts.append(p)
+                        continue
+                    if texts:
+                        items.append({"type": "message", "role": "assistant",
+                                      "content": cls._wire_content(texts, "assistant")})
+                        texts = []
+                    if p.kind == "tool_call":
+                        if p.tool_kind == "custom" or p.name in custom:
+                            items.append({"type": "custom_tool_call", "call_id": p.id, "name": p.name,
+                                          "input": p.args_object().get("input", "")})
+                        else:
+                            items.append({"type": "function_call", "call_id": p.id, "name": p.name,
+                                          "arguments": p.arguments or "{}"})
+                    elif p.kind == "thinking" and p.source == "responses" and p.encrypted:
+                        item = {"type": "reasoning", "summary": [{"type": "summary_text", "text": p.text}]
+                                if p.text else [], "encrypted_content": p.encrypted}
+                        if p.item_id:
+                            item["id"] = p.item_id
+                        items.append(item)
+                if texts:
+                    items.append({"type": "message", "role": "assistant",
+                                  "content": cls._wire_content(texts, "assistant")})
+                continue
+            role = "developer" if m.role == "system" else "user"
+            content = cls._wire_content(m.parts, role)
+            if content:
+                items.append({"type": "message", "role": role, "content": content})
+        body = {"model": model, "instructions": req.system_text(), "input": items, "stream": True, "store": False}
+        tools = []
+        for t in req.tools:
+            if t.tool_kind == "custom":
+                tool = {"type": "custom", "name": t.name}
+                if t.description:
+                    tool["description"] = t.description
+                if t.extra and t.extra.get("format"):
+                    tool["format"] = t.extra["format"]
+            else:
+                tool = {"type": "function", "name": t.name,
+                        "parameters": t.parameters or {"type": "object", "properties": {}}}
+                if t.description:
+                    tool["description"] = t.description
+                if t.strict is not None:
+                    tool["strict"] = t.strict
+            tools.append(tool)
+        if req.client_format == cls.name:
+            tools.extend(req.extra.get("responses_hosted_tools") or [])
+        if tools:
+            body["tools"] = tools
+            tc = req.tool_choice
+            body["tool_choice"] = {"type": "function", "name": tc["name"]} if isinstance(tc, dict) else (tc or "auto")
+            body["parallel_tool_calls"] = req.parallel_tool_calls if req.parallel_tool_calls is not None else True
+        effort = thinking_effort(req.thinking)
+        if effort and effort != "auto":
+            body["reasoning"] = {"effort": effort, "summary": (req.thinking.summary or "auto")}
+            body["include"] = ["reasoning.encrypted_content"]
+        if req.max_tokens is not None:
+            body["max_output_tokens"] = max(16, req.max_tokens)
+        if req.temperature is not None and not effort:
+            body["temperature"] = req.temperature
+        if req.top_p is not None and not effort:
+            body["top_p"] = req.top_p
+        rf = req.response_format
+        if rf:
+            if rf["type"] == "json_schema":
+                fmt = {"type": "json_schema", "name": rf.get("name") or "response", "schema": rf.get("schema") or {}}
+                if rf.get("strict") is not None:
+                    fmt["strict"] = rf["strict"]
+            else:
+                fmt = {"type": "json_object"}
+            body["text"] = {"format": fmt}
+        if req.client_format == cls.name and req.extra.get("responses_prompt_cache_key"):
+            body["prompt_cache_key"] = req.extra["responses_prompt_cache_key"]
+        return body
+
+    # -- response: IR <-> wire ------------------------------------------------------------------------------------
+    @staticmethod
+    def parse_usage(u):
+        if not isinstance(u, dict):
+            return None
+        itd = u.get("input_tokens_details") or {}
+        otd = u.get("output_tokens_details") or {}
+        return Usage(u.get("input_tokens") or 0, u.get("output_tokens") or 0, itd.get("cached_tokens") or 0,
+                     itd.get("cache_write_tokens") or 0, otd.get("reasoning_tokens") or 0)
+
+    @staticmethod
+    def wire_usage(u):
+        u = u or Usage()
+        return {"input_tokens": u.input_tokens, "input_tokens_details": {"cached_tokens": u.cached_tokens},
+                "output_tokens": u.output_tokens, "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+                "total_tokens": u.input_tokens + u.output_tokens}
+
+    @classmethod
+    def parse_response(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("response"), dict):
+            data = data["response"]
+        if not isinstance(data, dict) or not isinstance(data.get("output"), list):
+            raise UpstreamError("protocol", "upstream answer has no output")
+        resp = ChatResponse(data.get("id"), data.get("model"), data.get("created_at"))
+        for item in data["output"]:
+            resp.parts.extend(cls.item_parts(item))
+        status = data.get("status")
+        reason = (data.get("incomplete_details") or {}).get("reason")
+        resp.finish = "length" if reason == "max_output_tokens" else (
+            "content_filter" if reason == "content_filter" else "stop")
+        if status == "completed" and any(p.kind == "tool_call" for p in resp.parts):
+            resp.finish = "tool_calls"
+        resp.usage = cls.parse_usage(data.get("usage"))
+        return resp
+
+    @staticmethod
+    def item_parts(item):
+        t = item.get("type")
+        if t == "message":
+            return [Text(c.get("text") or c.get("refusal") or "") for c in item.get("content") or []
+                    if c.get("type") in ("output_text", "refusal")]
+        if t == "function_call":
+            return [ToolCall(item.get("call_id") or item.get("id") or new_id("call_"), item.get("name") or "",
+                             item.get("arguments") or "{}")]
+        if t == "custom_tool_call":
+            return [ToolCall(item.get("call_id") or new_id("call_"), item.get("name") or "",
+                             json_dumps({"input": item.get("input") or ""}), "custom")]
+        if t == "reasoning":
+            summary = "".join(s.get("text") or "" for s in item.get("summary") or [])
+            if not summary:
+                summary = "".join(c.get("text") or "" for c in item.get("content") or [])
+            return [Thinking(summary, source="responses", item_id=item.get("id"),
+                             encrypted=item.get("encrypted_content"))]
+        return []
+
+    @classmethod
+    def build_response(cls, resp, req, status=None):
+        enc = cls.StreamEncoder(req)
+        for p in resp.parts:
+            for ev in cls._part_events(p):
+                enc.encode(ev)
+        enc.close_item()
+        return enc.response_object(status or cls.status_for(resp.finish, enc.output), resp.usage, resp.finish)
+
+    @staticmethod
+    def _part_events(p):
+        if p.kind == "text":
+            return [TextDelta(p.text)]
+        if p.kind == "thinking":
+            return [ThinkingDelta(p.text, p.signature, p.redacted, p.encrypted, p.source, p.item_id)]
+        if p.kind == "tool_call":
+            return [ToolCallStart(0, p.id, p.name, p.tool_kind, p.signature, p.source),
+                    ToolCallDelta(0, p.arguments or "{}"), ToolCallEnd(0)]
+        return []
+
+    @staticmethod
+    def status_for(finish, output=()):
+        return "incomplete" if finish in ("length", "content_filter") else "completed"
+
+    # -- streams --------------------------------------------------------------------------------------------------
+    class StreamDecoder:
+        """Responses SSE (type inside each data object) -> IR events."""
+
+        def __init__(self, req=None):
+            self.items = {}  # output_index -> [kind, ir index, saw deltas]
+            self.tools = 0
+            self.done = False
+            self.started = False
+
+        def feed(self, event, data):
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                return []
+            if not isinstance(obj, dict):
+                return []
+            t = obj.get("type") or event
+            oi = obj.get("output_index")
+            if t == "response.output_text.delta":
+                return [TextDelta(obj.get("delta") or "")] if obj.get("delta") else []
+            if t in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
+                slot = self.items.get(oi)
+                if slot is not None:
+                    slot[2] = True
+                return [ThinkingDelta(obj.get("delta") or "", source="responses")] if obj.get("delta") else []
+            if t == "response.function_call_arguments.delta":
+                slot = self.items.get(oi)
+                if slot is None or not obj.get("delta"):
+                    return []
+                slot[2] = True
+                return [ToolCallDelta(slot[1], obj["delta"])]
+            if t == "response.output_item.added":
+                item = obj.get("item") or {}
+                it = item.get("type")
+                if it in ("function_call", "custom_tool_call"):
+                    n = self.tools
+                    self.tools += 1
+                    self.items[oi] = [it, n, False]
+                    return [ToolCallStart(n, item.get("call_id") or item.get("id") or new_id("call_"),
+                                          item.get("name") or "", "custom" if it == "custom_tool_call"
+                                          else "function")]
+                self.items[oi] = [it, None, False]
+                return []
+            if t == "response.output_item.done":
+                item = obj.get("item") or {}
+                slot = self.items.get(oi) or [item.get("type"), None, False]
+                it = item.get("type")
+                out = []
+                if it == "function_call":
+                    if slot[1] is None:
+                        slot[1] = self.tools
+                        self.tools += 1
+                        out.append(ToolCallStart(slot[1], item.get("call_id") or new_id("call_"),
+                                                 item.get("name") or ""))
+                    if not slot[2] and item.get("arguments"):
+                        out.append(ToolCallDelta(slot[1], item["arguments"]))
+                    out.append(ToolCallEnd(slot[1]))
+                elif it == "custom_tool_call":
+                    if slot[1] is None:
+                        slot[1] = self.tools
+                        self.tools += 1
+                        out.append(ToolCallStart(slot[1], item.get("call_id") or new_id("call_"),
+                                                 item.get("name") or "", "custom"))
+                    out.append(ToolCallDelta(slot[1], json_dumps({"input": item.get("input") or ""})))
+                    out.append(ToolCallEnd(slot[1]))
+                elif it == "reasoning":
+                    text = ""
+                    if not slot[2]:
+                        text = "".join(s.get("text") or "" for s in item.get("summary") or [])
+                    out.append(ThinkingDelta(text, encrypted=item.get("encrypted_content") or None,
+                                             source="responses", item_id=item.get("id")))
+                elif it == "message" and not slot[2]:
+                    pass
+                return out
+            if t in ("response.created", "response.in_progress"):
+                if self.started:
+                    return []
+                self.started = True
+                r = obj.get("response") or {}
+                return [Start(r.get("id"), r.get("model"), r.get("created_at"))]
+            if t in ("response.completed", "response.incomplete"):
+                self.done = True
+                r = obj.get("response") or {}
+                out = []
+                usage = Responses.parse_usage(r.get("usage"))
+                if usage:
+                    out.append(UsageEvent(usage))
+                reason = (r.get("incomplete_details") or {}).get("reason")
+                finish = "length" if reason == "max_output_tokens" else (
+                    "content_filter" if reason == "content_filter" else "stop")
+                if self.tools and finish == "stop":
+                    finish = "tool_calls"
+                return out + [Finish(finish)]
+            if t in ("response.failed", "error"):
+                self.done = True
+                r = obj.get("response") or {}
+                err = r.get("error") or obj.get("error") or obj
+                code = err.get("code") or err.get("type") or ""
+                status = {"rate_limit_exceeded": 429, "insufficient_quota": 429, "usage_limit_reached": 429,
+                          "context_length_exceeded": 400, "invalid_prompt": 400, "server_error": 502}.get(code, 502)
+                return [ErrorEvent(status, err.get("message") or "upstream response failed",
+                                   error_type_for_status(status))]
+            return []
+
+        def close(self):
+            if self.done:
+                return []
+            self.done = True
+            return [ErrorEvent(502, "stream closed before response.completed", "upstream")]
+
+    class StreamEncoder:
+        """IR events -> the full Responses event sequence: created, in_progress, per item added/deltas/done with
+        unique increasing output_index, then completed (or incomplete/failed) carrying every item and usage."""
+
+        def __init__(self, req):
+            self.req = req
+            self.id = new_id("resp_")
+            self.created = now_s()
+            self.seq = 0
+            self.output = []
+            self.cur = None  # dict describing the open item
+            self.usage = None
+            self.finished = False
+            self.started = False
+            self.custom = {t.name for t in req.tools if t.tool_kind == "custom"}
+            self.tool_items = {}
+
+        def _ev(self, obj):
+            obj["sequence_number"] = self.seq
+            self.seq += 1
+            return ("event: %s\ndata: %s\n\n" % (obj["type"], json_dumps(obj))).encode()
+
+        def response_object(self, status, usage=None, finish=None):
+            req = self.req
+            obj = {"id": self.id, "object": "response", "created_at": self.created, "status": status,
+                   "error": None, "incomplete_details": None,
+                   "instructions": req.system_text() or None, "max_output_tokens": req.max_tokens,
+                   "model": req.model, "output": list(self.output), "parallel_tool_calls":
+                   req.parallel_tool_calls if req.parallel_tool_calls is not None else True,
+                   "previous_response_id": None,
+                   "reasoning": {"effort": thinking_effort(req.thinking),
+                                 "summary": req.thinking.summary if req.thinking else None},
+                   "store": False, "temperature": req.temperature if req.temperature is not None else 1.0,
+                   "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
+                   "top_p": req.top_p if req.top_p is not None else 1.0, "truncation": "disabled",
+                   "usage": Responses.wire_usage(usage) if usage is not None or status != "in_progress" else None,
+                   "user": None, "metadata": req.metadata or {}}
+            if status == "in_progress":
+                obj["usage"] = None
+            if status == "incomplete":
+                obj["incomplete_details"] = {"reason": "content_filter" if finish == "content_filter"
+                                             else "max_output_tokens"}
+            if status == "completed":
+                obj["completed_at"] = now_s()
+            return obj
+
+        def _start(self):
+            if self.started:
+                return b""
+            self.started = True
+            resp = self.response_object("in_progress")
+            return self._ev({"type": "response.created", "response": resp}) + \
+                self._ev({"type": "response.in_progress", "response": resp})
+
+        def close_item(self):
+            cur = self.cur
+            if cur is None:
+                return b""
+            self.cur = None
+            idx = cur["index"]
+            out = b""
+            kind = cur["kind"]
+            if kind == "message":
+                part = {"type": "output_text", "text": cur["text"], "annotations": [], "logprobs": []}
+                out += self._ev({"type": "response.output_text.done", "item_id": cur["id"], "output_index": idx,
+                                 "content_index": 0, "text": cur["text"], "logprobs": []})
+                out += self._ev({"type": "response.content_part.done", "item_id": cur["id"], "output_index": idx,
+                                 "content_index": 0, "part": part})
+                item = {"id": cur["id"], "type": "message", "status": "completed", "role": "assistant",
+                        "content": [part]}
+            elif kind == "reasoning":
+                summary = []
+                if cur["text"]:
+                    summary = [{"type": "summary_text", "text": cur["text"]}]
+                    out += self._ev({"type": "response.reasoning_summary_text.done", "item_id": cur["id"],
+                                     "output_index": idx, "summary_index": 0, "text": cur["text"]})
+                    out += self._ev({"type": "response.reasoning_summary_part.done", "item_id": cur["id"],
+                                     "output_index": idx, "summary_index": 0, "part": summary[0]})
+                item = {"id": cur["id"], "type": "reasoning", "summary": summary}
+                if cur.get("encrypted"):
+                    item["encrypted_content"] = cur["encrypted"]
+            elif kind == "custom_tool_call":
+                inp = ToolCall("", "", cur["args"]).args_object().get("input", cur["args"])
+                if not isinstance(inp, str):
+                    inp = json_dumps(inp)
+                out += self._ev({"type": "response.custom_tool_call_input.done", "item_id": cur["id"],
+                                 "output_index": idx, "input": inp})
+                item = {"id": cur["id"], "type": "custom_tool_call", "status": "completed",
+                        "call_id": cur["call_id"], "name": cur["name"], "input": inp}
+            else:
+                args = cur["args"] or "{}"
+                out += self._ev({"type": "response.function_call_arguments.done", "item_id": cur["id"],
+                                 "output_index": idx, "name": cur["name"], "arguments": args})
+                item = {"id": cur["id"], "type": "function_call", "status": "completed", "call_id": cur["call_id"],
+                        "name": cur["name"], "arguments": args}
+            self.output.append(item)
+            return out + self._ev({"type": "response.output_item.done", "output_index": idx, "item": item})
+
+        def _open(self, kind, item, **state):
+            out = self.close_item()
+            idx = len(self.output)
+            self.cur = dict(state, kind=kind, index=idx, id=item["id"])
+            return out + self._ev({"type": "response.output_item.added", "output_index": idx, "item": item})
+
+        def encode(self, ev):
+            k = ev.kind
+            out = self._start()
+            cur = self.cur
+            if k == "text":
+                if cur is None or cur["kind"] != "message":
+                    mid = new_id("msg_")
+                    out += self._open("message", {"id": mid, "type": "message", "status": "in_progress",
+                                                  "role": "assistant", "content": []}, text="")
+                    out += self._ev({"type": "response.content_part.added", "item_id": mid,
+                                     "output_index": self.cur["index"], "content_index": 0,
+                                     "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}})
+                self.cur["text"] += ev.text
+                return out + self._ev({"type": "response.output_text.delta", "item_id": self.cur["id"],
+                                       "output_index": self.cur["index"], "content_index": 0, "delta": ev.text,
+                                       "logprobs": []})
+            if k == "thinking":
+                if cur is None or cur["kind"] != "reasoning" or (cur.get("sealed") and ev.text):
+                    rid = ev.item_id if ev.source == "responses" and ev.item_id else new_id("rs_")
+                    out += self._open("reasoning", {"id": rid, "type": "reasoning", "summary": []}, text="",
+                                      encrypted=None, sealed=False)
+                cur = self.cur
+                if ev.text:
+                    if not cur["text"]:
+                        out += self._ev({"type": "response.reasoning_summary_part.added", "item_id": cur["id"],
+                                         "output_index": cur["index"], "summary_index": 0,
+                                         "part": {"type": "summary_text", "text": ""}})
+                    cur["text"] += ev.text
+                    out += self._ev({"type": "response.reasoning_summary_text.delta", "item_id": cur["id"],
+                                     "output_index": cur["index"], "summary_index": 0, "delta": ev.text})
+                if ev.source == "responses" and ev.encrypted:
+                    cur["encrypted"] = ev.encrypted
+                    if ev.item_id:
+                        cur["id"] = ev.item_id
+                    cur["sealed"] = True
+                elif ev.redacted:
+                    cur["encrypted"] = wrap_signature("anthropic-redacted", ev.redacted)
+                    cur["sealed"] = True
+                elif ev.signature:
+                    cur["encrypted"] = wrap_signature(ev.source or "anthropic", ev.signature)
+                    cur["sealed"] = True
+                return out
+            if k == "tool_start":
+                if ev.signature and ev.source:
+                    # carry a per-call signature (Gemini) in a reasoning item just before the call
+                    out += self._open("reasoning", {"id": new_id("rs_"), "type": "reasoning", "summary": []},
+                                      text="", encrypted=wrap_signature(ev.source, ev.signature), sealed=True)
+                fid = new_id("fc_")
+                if ev.tool_kind == "custom" or ev.name in self.custom:
+                    out += self._open("custom_tool_call", {"id": fid, "type": "custom_tool_call",
+                                                           "status": "in_progress", "call_id": ev.id,
+                                                           "name": ev.name, "input": ""},
+                                      call_id=ev.id, name=ev.name, args="", tool=ev.index)
+                else:
+                    out += self._open("function_call", {"id": fid, "type": "function_call", "status": "in_progress",
+                                                        "call_id": ev.id, "name": ev.name, "arguments": ""},
+                                      call_id=ev.id, name=ev.name, args="", tool=ev.index)
+                return out
+            if k == "tool_delta":
+                if cur is not None and cur.get("tool") == ev.index:
+                    cur["args"] += ev.arguments
+                    if cur["kind"] == "function_call":
+                        out += self._ev({"type": "response.function_call_arguments.delta", "item_id": cur["id"],
+                                         "output_index": cur["index"], "delta": ev.arguments})
+                return out
+            if k == "tool_end":
+                if cur is not None and cur.get("tool") == ev.index:
+                    out += self.close_item()
+                return out
+            if k == "usage":
+                self.usage = ev.usage
+                return out
+            if k == "finish":
+                if self.finished:
+                    return out
+                self.finished = True
+                out += self.close_item()
+                status = Responses.status_for(ev.reason)
+                name = "response.incomplete" if status == "incomplete" else "response.completed"
+                return out + self._ev({"type": name, "response": self.response_object(status, self.usage,
+                                                                                        ev.reason)})
+            if k == "error":
+                return out + self.error(GatewayError(ev.status, ev.message, ev.type))
+            return out
+
+        def error(self, err):
+            self.finished = True
+            out = self._start()
+            resp = self.response_object("failed")
+            codes = {429: "rate_limit_exceeded", 400: "invalid_prompt"}
+            resp["error"] = {"code": codes.get(err.status, "server_error"), "message": err.message}
+            resp["usage"] = None
+            return out + self._ev({"type": "response.failed", "response": resp})
+
+        def close(self):
+            return b""
+
+
+OLLAMA_VERSION = "0.12.10"
+
+
+def rfc3339_now():
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%06dZ" % int((t % 1) * 1e6)
+
+
+class Ollama(Codec):
+    """Ollama `/api/chat` and `/api/generate` (formats.md §5): NDJSON streams, streaming unless `stream: false`,
+    tool-call arguments as objects, model names with or without `:latest`."""
+    name = "ollama"
+    stream_content_type = "application/x-ndjson"
+
+    @staticmethod
+    def error_body(err):
+        return {"error": err.message}
+
+    @staticmethod
+    def _options(req, body):
+        opts = body.get("options")
+        if opts is None:
+            opts = {}
+        if not isinstance(opts, dict):
+            raise BadRequest("options must be an object", "options")
+        req.temperature = _number(opts, "temperature")
+        req.top_p = _number(opts, "top_p")
+        req.top_k = _integer(opts, "top_k")
+        req.max_tokens = _integer(opts, "num_predict")
+        if req.max_tokens is not None and req.max_tokens < 0:
+            req.max_tokens = None
+        req.stop = _stop_list(opts.get("stop"), "options.stop")
+        req.seed = _integer(opts, "seed")
+        req.presence_penalty = _number(opts, "presence_penalty")
+        req.frequency_penalty = _number(opts, "frequency_penalty")
+        fmt = body.get("format")
+        if fmt == "json":
+            req.response_format = {"type": "json_object"}
+        elif isinstance(fmt, dict):
+            req.response_format = {"type": "json_schema", "name": "response", "schema": fmt}
+        think = body.get("think")
+        if think is True:
+            req.thinking = ThinkingConfig(effort="medium", include_thoughts=True)
+        elif think is False:
+            req.thinking = ThinkingConfig(effort="none")
+        elif isinstance(think, str):
+            req.thinking = ThinkingConfig(effort=think.lower(), include_thoughts=True)
+        stream = body.get("stream")
+        req.stream = True if stream is None else bool(_expect(stream, bool, "stream", "a boolean"))
+        req.include_usage = True
+
+    @staticmethod
+    def _images(imgs, where):
+        if imgs is None:
+            return []
+        if not isinstance(imgs, list):
+            raise BadRequest("%s.images must be an array of base64 strings" % where, "images")
+        out = []
+        for b64 in imgs:
+            if isinstance(b64, str) and b64:
+                split = data_url_split(b64)
+                out.append(Image(split[0], split[1]) if split else Image(sniff_image_mime(b64), b64))
+        return out
+
+    @classmethod
+    def parse_request(cls, body):
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise BadRequest("model is required", "model")
+        msgs = body.get("messages")
+        if msgs is None:
+            msgs = []
+        if not isinstance(msgs, list):
+            raise BadRequest("messages must be an array", "messages")
+        req = ChatRequest(model.strip())
+        req.client_format = cls.name
+        names = {}
+        seen_turn = False
+        for i, m in enumerate(msgs):
+            where = "messages[%d]" % i
+            if not isinstance(m, dict):
+                raise BadRequest("%s must be an object" % where, "messages")
+            role = (m.get("role") or "").lower()
+            content = m.get("content") or ""
+            if not isinstance(content, str):
+                raise BadRequest("%s.content must be a string" % where, "messages")
+            if role == "system":
+                if seen_turn:
+                    req.messages.append(Message("system", [Text(content)]))
+                else:
+                    req.system.append(Text(content))
+                continue
+            seen_turn = True
+            if role == "user":
+                req.messages.append(Message("user", ([Text(content)] if content else []) +
+                                            cls._images(m.get("images"), where)))
+            elif role == "assistant":
+                parts = []
+                if m.get("thinking"):
+                    parts.append(Thinking(m["thinking"], source="ollama"))
+                if content:
+                    parts.append(Text(content))
+                for tc in m.get("tool_calls") or []:
+                    f = (tc or {}).get("function") or {}
+                    args = f.get("arguments")
+                    if isinstance(args, str):
+                        try:
+                            args = json.loads(args)
+                        except ValueError:
+                            args = {}
+                    call = ToolCall(tc.get("id") or new_id("call_", 4), f.get("name") or "",
+                                    json_dumps(args if isinstance(args, dict) else {}))
+                    names.setdefault(call.name, []).append(call.id)
+                    parts.append(call)
+                req.messages.append(Message("assistant", parts))
+            elif role == "tool":
+                name = m.get("tool_name") or m.get("name") or ""
+                tid = m.get("tool_call_id")
+                queue = names.get(name) or []
+                if tid and tid in queue:
+                    queue.remove(tid)
+                elif not tid and queue:
+                    tid = queue.pop(0)
+                result = ToolResult(tid or new_id("call_", 4), name, [Text(content)])
+                last = req.messages[-1] if req.messages else None
+                if last is not None and last.role == "tool":
+                    last.parts.append(result)
+                else:
+                    req.messages.append(Message("tool", [result]))
+            else:
+                raise BadRequest("%s.role must be system, user, assistant or tool" % where, "messages")
+        for i, t in enumerate(body.get("tools") or []):
+            req.tools.append(OpenAIChat._parse_tool(t, i))
+        cls._options(req, body)
+        return req
+
+    @classmethod
+    def parse_generate(cls, body):
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise BadRequest("model is required", "model")
+        prompt = body.get("prompt") or ""
+        if not isinstance(prompt, str):
+            raise BadRequest("prompt must be a string", "prompt")
+        req = ChatRequest(model.strip())
+        req.client_format = "ollama-generate"
+        if isinstance(body.get("system"), str) and body["system"]:
+            req.system.append(Text(body["system"]))
+        parts = ([Text(prompt)] if prompt else []) + cls._images(body.get("images"), "request")
+        if parts:
+            req.messages.append(Message("user", parts))
+        if isinstance(body.get("suffix"), str) and body["suffix"]:
+            req.system.append(Text("Continue the text so that it ends right before: " + body["suffix"]))
+        cls._options(req, body)
+        return req
+
+    # -- response: IR -> wire -------------------------------------------------------------------------------------
+    @staticmethod
+    def metrics(usage, started):
+        total = int((time.monotonic() - started) * 1e9)
+        u = usage or Usage()
+        return {"total_duration": total, "load_duration": 0, "prompt_eval_count": u.input_tokens,
+                "prompt_eval_duration": max(1, total // 10), "eval_count": u.output_tokens,
+                "eval_duration": max(1, total - total // 10)}
+
+    @staticmethod
+    def done_reason(finish):
+        return "length" if finish == "length" else "stop"
+
+    @staticmethod
+    def wire_calls(calls):
+        return [{"id": c.id, "function": {"index": i, "name": c.name, "arguments": c.args_object()}}
+                for i, c in enumerate(calls)]
+
+    @classmethod
+    def build_response(cls, resp, req, generate=False, started=None):
+        text = "".join(p.text for p in resp.parts if p.kind == "text")
+        thinking = "".join(p.text or "" for p in resp.parts if p.kind == "thinking")
+        calls = [p for p in resp.parts if p.kind == "tool_call"]
+        out = {"model": req.model, "created_at": rfc3339_now()}
+        if generate:
+            out["response"] = text
+            if thinking:
+                out["thinking"] = thinking
+        else:
+            msg = {"role": "assistant", "content": text}
+            if thinking:
+                msg["thinking"] = thinking
+            if calls:
+                msg["tool_calls"] = cls.wire_calls(calls)
+            out["message"] = msg
+        out["done"] = True
+        out["done_reason"] = cls.done_reason(resp.finish)
+        out.update(cls.metrics(resp.usage, started or time.monotonic()))
+        return out
+
+    class StreamEncoder:
+        """IR events -> NDJSON lines; tool calls are sent whole (arguments as objects) in a done:false line."""
+
+        def __init__(self, req, generate=False):
+            self.req = req
+            self.generate = generate
+            self.started = time.monotonic()
+            self.calls = {}
+            self.usage = None
+            self.finished = False
+            self.prefix = '{"model":%s,"created_at":"' % json_dumps(req.model)
+
+        def _line(self, payload_json, done=False):
+            return (self.prefix + rfc3339_now() + '",' + payload_json + ',"done":false}\n').encode()
+
+        def encode(self, ev):
+            k = ev.kind
+            if k == "text":
+                if self.generate:
+                    return self._line('"response":' + json_dumps(ev.text))
+                return self._line('"message":{"role":"assistant","content":' + json_dumps(ev.text) + "}")
+            if k == "thinking":
+                if not ev.text:
+                    return b""
+                if self.generate:
+                    return self._line('"response":"","thinking":' + json_dumps(ev.text))
+                return self._line('"message":{"role":"assistant","content":"","thinking":' + json_dumps(ev.text) + "}")
+            if k == "tool_start":
+                self.calls[ev.index] = ToolCall(ev.id, ev.name, "")
+                return b""
+            if k == "tool_delta":
+                call = self.calls.get(ev.index)
+                if call is not None:
+                    call.arguments += ev.arguments
+                return b""
+            if k == "tool_end":
+                call = self.calls.pop(ev.index, None)
+                if call is None or self.generate:
+                    return b""
+                wire = Ollama.wire_calls([call])
+                wire[0]["function"]["index"] = ev.index
+                return self._line('"message":{"role":"assistant","content":"","tool_calls":' + json_dumps(wire) + "}")
+            if k == "usage":
+                self.usage = ev.usage
+                return b""
+            if k == "finish":
+                if self.finished:
+                    return b""
+                self.finished = True
+                out = b""
+                for index in sorted(self.calls):
+                    out += self.encode(ToolCallEnd(index))
+                final = {"model": self.req.model, "created_at": rfc3339_now()}
+                if self.generate:
+                    final["response"] = ""
+                else:
+                    final["message"] = {"role": "assistant", "content": ""}
+                final["done"] = True
+                final["done_reason"] = Ollama.done_reason(ev.reason)
+                final.update(Ollama.metrics(self.usage, self.started))
+                return out + json_bytes(final) + b"\n"
+            if k == "error":
+                return self.error(GatewayError(ev.status, ev.message, ev.type))
+            return b""
+
+        def error(self, err):
+            self.finished = True
+            return json_bytes({"error": err.message}) + b"\n"
+
+        def close(self):
+            return b""
+
+
+class Completions(Codec):
+    """OpenAI legacy Completions (`/v1/completions`): a prompt in, text out, served through the chat IR."""
+    name = "completions"
+
+    @staticmethod
+    def error_body(err):
+        return OpenAIChat.error_body(err)
+
+    @classmethod
+    def parse_request(cls, body):
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise BadRequest("'model' is required and must be a non-empty string", "model")
+        prompt = body.get("prompt", "")
+        if isinstance(prompt, list):
+            if all(isinstance(p, str) for p in prompt):
+                prompt = "\n".join(prompt)
+            else:
+                raise BadRequest("token-id prompts are not supported; send text", "prompt")
+        if not isinstance(prompt, str):
+            raise BadRequest("'prompt' must be a string or an array of strings", "prompt")
+        req = ChatRequest(model.strip(), [Message("user", [Text(prompt)])])
+        req.client_format = cls.name
+        req.stream = bool(_expect(body.get("stream"), bool, "stream", "a boolean"))
+        so = body.get("stream_options")
+        req.include_usage = bool(isinstance(so, dict) and so.get("include_usage"))
+        req.max_tokens = _integer(body, "max_tokens")
+        if req.max_tokens is None:
+            req.max_tokens = 16
+        req.temperature = _number(body, "temperature")
+        req.top_p = _number(body, "top_p")
+        req.n = _integer(body, "n")
+        req.stop = _stop_list(body.get("stop"))
+        req.presence_penalty = _number(body, "presence_penalty")
+        req.frequency_penalty = _number(body, "frequency_penalty")
+        req.seed = _integer(body, "seed")
+        req.user = body.get("user")
+        if isinstance(body.get("suffix"), str) and body["suffix"]:
+            req.system.append(Text("Continue the text so that it ends right before: " + body["suffix"]))
+        return req
+
+    @classmethod
+    def build_response(cls, resp, req):
+        text = "".join(p.text for p in resp.parts if p.kind == "text")
+        out = {"id": new_id("cmpl-"), "object": "text_completion", "created": resp.created or now_s(),
+               "model": req.model, "choices": [{"text": text, "index": 0, "logprobs": None,
+                                                "finish_reason": "length" if resp.finish == "length" else (
+                                                    "content_filter" if resp.finish == "content_filter" else "stop")}]}
+        usage = OpenAIChat.wire_usage(resp.usage)
+        if usage:
+            out["usage"] = {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+                            "total_tokens": usage["total_tokens"]}
+        return out
+
+    class StreamEncoder:
+        def __init__(self, req):
+            self.req = req
+            self.id = new_id("cmpl-")
+            self.created = now_s()
+            self.usage = None
+            self.finished = False
+
+        def _chunk(self, text, finish=None):
+            obj = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.req.model,
+                   "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+            return b"data: " + json_bytes(obj) + b"\n\n"
+
+        def encode(self, ev):
+            k = ev.kind
+            if k == "text":
+                return self._chunk(ev.text)
+            if k == "usage":
+                self.usage = ev.usage
+                return b""
+            if k == "finish":
+                if self.finished:
+                    return b""
+                self.finished = True
+                out = self._chunk("", "length" if ev.reason == "length" else "stop")
+                if self.req.include_usage and self.usage is not None:
+                    u = OpenAIChat.wire_usage(self.usage)
+                    obj = {"id": self.id, "object": "text_completion", "created": self.created,
+                           "model": self.req.model, "choices": [],
+                           "usage": {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
+                                     "total_tokens": u["total_tokens"]}}
+                    out += b"data: " + json_bytes(obj) + b"\n\n"
+                return out + b"data: [DONE]\n\n"
+            if k == "error":
+                return self.error(GatewayError(ev.status, ev.message, ev.type))
+            return b""
+
+        def error(self, err):
+            self.finished = True
+            return b"data: " + json_bytes(OpenAIChat.error_body(err)) + b"\n\n"
+
+        def close(self):
+            return b""
+
+
+CODECS = {c.name: c for c in (OpenAIChat, Anthropic, Gemini, Responses, Ollama, Completions)}
+
 # === 8. Credentials ===
 # Owns: what one account or API key is (Credential) and how `providers:` entries become credentials. It keeps
 # each credential's live counters (in flight, uses, cooldowns); it does not pick among them (that is routing).
@@ -3616,10 +6267,10 @@ class ProviderEntry:
             if name:
                 e.models.append((name, str(alias).strip()))
         e.excluded = [p.strip().lower() for p in raw.get("excluded-models") or [] if p.strip()]
-        if ptype in ("openai", "vertex-compat") and not e.base_url:
+        if ptype == "openai" and not e.base_url:
             warnings.append("%s (%s): base-url is required for type %s; entry skipped" % (where, e.name, ptype))
             return None
-        if ptype in ("openai", "vertex-compat") and not e.models:
+        if ptype == "openai" and not e.models:
             warnings.append("%s (%s): models is required for type %s; entry skipped" % (where, e.name, ptype))
             return None
         if not e.keys and ptype != "openai":
@@ -3742,6 +6393,8 @@ class Provider:
     type = "?"
     codec = None
     default_base_url = ""
+    default_models = ()
+    stream_only = False  # the upstream is always asked for a stream; non-stream clients get it collected
 
     def __init__(self, entry):
         self.entry = entry
@@ -3752,7 +6405,7 @@ class Provider:
     def model_list(self):
         """[(client-visible id, upstream model name)] after exclusions."""
         out = []
-        for name, alias in self.entry.models:
+        for name, alias in self.entry.models or [(m, "") for m in self.default_models]:
             visible = alias or name
             if any(glob_match(p, visible) or glob_match(p, name) for p in self.entry.excluded):
                 continue
@@ -3768,6 +6421,14 @@ class Provider:
 
     def stream_decoder(self, req):
         return self.codec.StreamDecoder(req)
+
+    def count_tokens(self, req, cred, model):
+        """(method, url, headers, body) for the upstream's token counter, or None when it has none."""
+        return None
+
+    @staticmethod
+    def parse_count(data):
+        return None
 
     def parse_response(self, data):
         return self.codec.parse_response(data)
@@ -3813,7 +6474,111 @@ class OpenAICompatProvider(Provider):
         return "POST", self.base_url(cred) + "/chat/completions", headers, body
 
 
-PROVIDER_CLASSES = {"openai": OpenAICompatProvider}
+class AnthropicProvider(Provider):
+    """`type: anthropic`: the Messages API with an API key (providers.md §A.3, §A.7)."""
+
+    type = "anthropic"
+    codec = Anthropic
+    default_base_url = "https://api.anthropic.com"
+    default_models = ("claude-opus-4-5-20251101", "claude-sonnet-4-5-20250929", "claude-haiku-4-5-20251001",
+                      "claude-opus-4-1-20250805", "claude-opus-4-20250514", "claude-sonnet-4-20250514",
+                      "claude-3-7-sonnet-20250219", "claude-3-5-haiku-20241022")
+
+    def _headers(self, req, cred, stream):
+        base = self.base_url(cred)
+        headers = [("Content-Type", "application/json"), ("anthropic-version", "2023-06-01"),
+                   ("User-Agent", USER_AGENT), ("Accept", "text/event-stream" if stream else "application/json")]
+        # First-party keys go in x-api-key; Anthropic-compatible relays expect a bearer token (providers.md §A.3).
+        if base == self.default_base_url:
+            headers.append(("x-api-key", cred.api_key))
+        else:
+            headers.append(("Authorization", "Bearer " + cred.api_key))
+        beta = req.extra.get("anthropic_beta")
+        if beta and req.client_format == "anthropic":
+            headers.append(("anthropic-beta", beta))
+        headers.extend(cred.headers)
+        return headers
+
+    def build(self, req, cred, model):
+        body = json_bytes(self.codec.build_request(req, model))
+        return "POST", self.base_url(cred) + "/v1/messages", self._headers(req, cred, req.stream), body
+
+    def count_tokens(self, req, cred, model):
+        full = self.codec.build_request(req, model)
+        body = {k: v for k, v in full.items() if k in ("model", "messages", "system", "tools", "tool_choice",
+                                                       "thinking")}
+        return ("POST", self.base_url(cred) + "/v1/messages/count_tokens", self._headers(req, cred, False),
+                json_bytes(body))
+
+    @staticmethod
+    def parse_count(data):
+        return data.get("input_tokens") if isinstance(data, dict) else None
+
+    def classify_error(self, status, headers, body):
+        failure = Provider.classify_error(self, status, headers, body)
+        if status == 529:
+            failure.type = "overloaded"
+        return failure
+
+
+class GeminiProvider(Provider):
+    """`type: gemini`: the Generative Language API with an API key (providers.md §D.3)."""
+
+    type = "gemini"
+    codec = Gemini
+    default_base_url = "https://generativelanguage.googleapis.com"
+    default_models = ("gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.5-flash-lite", "gemini-3-pro-preview",
+                      "gemini-3-flash-preview")
+    path = "/v1beta/models/%s:%s"
+
+    def _url(self, cred, model, action):
+        return self.base_url(cred) + self.path % (model, action)
+
+    def _headers(self, cred):
+        return [("Content-Type", "application/json"), ("User-Agent", USER_AGENT),
+                ("x-goog-api-key", cred.api_key)] + cred.headers
+
+    def build(self, req, cred, model):
+        body = json_bytes(self.codec.build_request(req, model))
+        action = "streamGenerateContent?alt=sse" if req.stream else "generateContent"
+        return "POST", self._url(cred, model, action), self._headers(cred), body
+
+    def count_tokens(self, req, cred, model):
+        full = self.codec.build_request(req, model)
+        body = {"contents": full["contents"]}
+        return "POST", self._url(cred, model, "countTokens"), self._headers(cred), json_bytes(body)
+
+    @staticmethod
+    def parse_count(data):
+        return gget(data, "totalTokens") if isinstance(data, dict) else None
+
+
+class VertexCompatProvider(GeminiProvider):
+    """`type: vertex-compat`: Vertex-style paths with an API key (providers.md §G.3)."""
+
+    type = "vertex-compat"
+    default_base_url = "https://aiplatform.googleapis.com"
+    path = "/v1/publishers/google/models/%s:%s"
+
+
+class CodexProvider(Provider):
+    """`type: codex`: the OpenAI Responses API with an API key (providers.md §B.3, §B.7); always streamed."""
+
+    type = "codex"
+    codec = Responses
+    default_base_url = "https://api.openai.com/v1"
+    default_models = ("gpt-5", "gpt-5-codex", "gpt-5.1", "gpt-5.1-codex", "gpt-5.1-codex-max")
+    stream_only = True
+
+    def build(self, req, cred, model):
+        body = json_bytes(self.codec.build_request(req, model))
+        headers = [("Content-Type", "application/json"), ("Accept", "text/event-stream"), ("User-Agent", USER_AGENT),
+                   ("Authorization", "Bearer " + cred.api_key)] + cred.headers
+        return "POST", self.base_url(cred) + "/responses", headers, body
+
+
+PROVIDER_CLASSES = {"openai": OpenAICompatProvider, "anthropic": AnthropicProvider, "gemini": GeminiProvider,
+                    "vertex-compat": VertexCompatProvider, "codex": CodexProvider}
 
 
 # === 10. Routing ===
@@ -3990,29 +6755,31 @@ def format_for_path(path):
         return "gemini"
     if path.startswith(("/api/", "/ollama/")):
         return "ollama"
+    if path.startswith("/v1/responses"):
+        return "responses"
     return "openai"
 
 
 def render_error(fmt, err):
     """An error body in the client's own API format (formats.md §2.10, §3.7, §4.8, §5)."""
-    if fmt == "anthropic":
-        types = {"invalid_request": "invalid_request_error", "authentication": "authentication_error",
-                 "permission": "permission_error", "not_found": "not_found_error", "rate_limit": "rate_limit_error",
-                 "overloaded": "overloaded_error", "timeout": "timeout_error"}
-        return {"type": "error", "error": {"type": types.get(err.type, "api_error"), "message": err.message}}
-    if fmt == "gemini":
-        statuses = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-                    429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
-        return {"error": {"code": err.status, "message": err.message, "status": statuses.get(err.status, "UNKNOWN")}}
-    if fmt == "ollama":
-        return {"error": err.message}
-    return OpenAIChat.error_body(err)
+    return CODECS.get(fmt, OpenAIChat).error_body(err)
 
 
 def error_response(fmt, err):
     resp = json_response(render_error(fmt, err), err.status)
     resp.headers.extend(err.headers)
     return resp
+
+
+def caller_family(req):
+    """Who is asking for a shared path such as GET /v1/models: Anthropic clients send anthropic-version (or are
+    Claude Code), Gemini SDKs send x-goog-api-key / x-goog-api-client; everyone else is OpenAI."""
+    h = req.headers
+    if "anthropic-version" in h or (h.get("user-agent") or "").startswith("claude-cli"):
+        return "anthropic"
+    if "x-goog-api-key" in h or "x-goog-api-client" in h:
+        return "gemini"
+    return "openai"
 
 
 class App:
@@ -4027,7 +6794,20 @@ class App:
             ("GET", "/"): self.root,
             ("GET", "/v1/models"): self.list_models,
             ("POST", "/v1/chat/completions"): self.chat_completions,
+            ("POST", "/v1/completions"): self.completions,
+            ("POST", "/v1/responses"): self.responses,
+            ("POST", "/v1/messages"): self.messages,
+            ("POST", "/v1/messages/count_tokens"): self.messages_count_tokens,
+            ("GET", "/v1beta/models"): self.gemini_list_models,
         }
+        for prefix in ("/api", "/ollama/api"):
+            self.routes[("GET", prefix + "/version")] = self.ollama_version
+            self.routes[("GET", prefix + "/tags")] = self.ollama_tags
+            self.routes[("GET", prefix + "/ps")] = self.ollama_ps
+            self.routes[("POST", prefix + "/show")] = self.ollama_show
+            self.routes[("POST", prefix + "/chat")] = self.ollama_chat
+            self.routes[("POST", prefix + "/generate")] = self.ollama_generate
+        self.public = {"/", "/api/version", "/ollama/api/version"}
 
     def apply_config(self, cfg):
         """Swap in a new snapshot; requests already running keep the objects they hold."""
@@ -4042,11 +6822,10 @@ class App:
             if handler is None:
                 handler = self._match_prefix(req)
             if handler is None:
-                known = any(p == req.path for _, p in self.routes)
-                if known:
+                if any(p == req.path for _, p in self.routes):
                     raise GatewayError(405, "method %s not allowed on %s" % (req.method, req.path))
                 raise GatewayError(404, "no route for %s %s" % (req.method, req.path), "not_found")
-            if req.path != "/":
+            if req.path not in self.public:
                 self.authenticate(req)
             return await handler(req)
         except GatewayError as e:
@@ -4057,8 +6836,14 @@ class App:
             return error_response(fmt, e)
 
     def _match_prefix(self, req):
-        if req.path.startswith("/v1/models/") and req.method in ("GET", "HEAD"):
-            return self.get_model
+        path = req.path
+        for prefix in ("/v1beta/models/", "/v1/models/"):
+            if path.startswith(prefix):
+                rest = path[len(prefix):]
+                if ":" in rest.rsplit("/", 1)[-1]:
+                    return self.gemini_action if req.method == "POST" else None
+                if req.method in ("GET", "HEAD"):
+                    return self.gemini_get_model if prefix == "/v1beta/models/" else self.get_model
         return None
 
     # -- auth -----------------------------------------------------------------------------------------------------
@@ -4099,25 +6884,6 @@ class App:
         if not matched:
             raise GatewayError(401, "Invalid API key", "authentication")
 
-    # -- endpoints ------------------------------------------------------------------------------------------------
-    async def root(self, req):
-        return json_response({"message": "llm-mux API server", "version": __version__,
-                              "endpoints": ["POST /v1/chat/completions", "GET /v1/models"]})
-
-    async def list_models(self, req):
-        created = int(self.started)
-        data = [{"id": mid, "object": "model", "created": created, "owned_by": owner}
-                for mid, owner in self.registry.model_entries()]
-        return json_response({"object": "list", "data": data})
-
-    async def get_model(self, req):
-        mid = req.path[len("/v1/models/"):]
-        routes = self.registry.resolve(mid)
-        if not routes:
-            raise GatewayError(404, "The model '%s' does not exist" % mid, "not_found", "model", code="model_not_found")
-        return json_response({"id": mid, "object": "model", "created": int(self.started),
-                              "owned_by": routes[0].provider.name})
-
     @staticmethod
     def read_json(req):
         if not req.body:
@@ -4129,30 +6895,243 @@ class App:
         except UnicodeDecodeError:
             raise BadRequest("the request body is not UTF-8")
 
-    async def chat_completions(self, req):
-        return await self.serve_chat(req, OpenAIChat, OpenAIChat.parse_request(self.read_json(req)))
+    # -- model lists ----------------------------------------------------------------------------------------------
+    async def root(self, req):
+        # Ollama clients probe `HEAD /` and expect this text; others get a pointer to the real endpoints.
+        return Response(200, b"Ollama is running", [("X-Served-By", "llm-mux/" + __version__)],
+                        "text/plain; charset=utf-8")
 
-    # -- the chat pipeline ----------------------------------------------------------------------------------------
-    async def serve_chat(self, http_req, codec, ir):
-        routes = self.registry.resolve(ir.model)
+    def _anthropic_model(self, mid):
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started))
+        return {"type": "model", "id": mid, "display_name": mid, "created_at": created}
+
+    async def list_models(self, req):
+        family = caller_family(req)
+        ids = [mid for mid, _ in self.registry.model_entries()]
+        if family == "anthropic":
+            data = [self._anthropic_model(mid) for mid in ids]
+            return json_response({"data": data, "has_more": False, "first_id": ids[0] if ids else None,
+                                  "last_id": ids[-1] if ids else None})
+        if family == "gemini":
+            return json_response({"models": [Gemini.model_entry(mid) for mid in ids]})
+        created = int(self.started)
+        data = [{"id": mid, "object": "model", "created": created, "owned_by": owner}
+                for mid, owner in self.registry.model_entries()]
+        return json_response({"object": "list", "data": data})
+
+    def _known_model(self, mid, fmt):
+        routes = self.registry.resolve(split_thinking_suffix(mid)[0])
+        if not routes:
+            raise GatewayError(404, "The model '%s' does not exist" % mid, "not_found", "model",
+                               code="model_not_found")
+        return routes
+
+    async def get_model(self, req):
+        mid = req.path[len("/v1/models/"):]
+        family = caller_family(req)
+        routes = self._known_model(mid[len("models/"):] if mid.startswith("models/") else mid, family)
+        if family == "anthropic":
+            return json_response(self._anthropic_model(mid))
+        if family == "gemini":
+            return json_response(Gemini.model_entry(mid[len("models/"):] if mid.startswith("models/") else mid))
+        return json_response({"id": mid, "object": "model", "created": int(self.started),
+                              "owned_by": routes[0].provider.name})
+
+    async def gemini_list_models(self, req):
+        return json_response({"models": [Gemini.model_entry(mid) for mid, _ in self.registry.model_entries()]})
+
+    async def gemini_get_model(self, req):
+        mid = req.path[len("/v1beta/models/"):]
+        if mid.startswith("models/"):
+            mid = mid[len("models/"):]
+        self._known_model(mid, "gemini")
+        return json_response(Gemini.model_entry(mid))
+
+    # -- OpenAI ---------------------------------------------------------------------------------------------------
+    async def chat_completions(self, req):
+        body = self.read_json(req)
+        if isinstance(body, dict) and "messages" not in body and ("input" in body or "instructions" in body):
+            # Some clients send a Responses-shaped body here (formats.md §1.4): answer it as chat.
+            ir = Responses.parse_request(body)
+            ir.client_format = OpenAIChat.name
+            ir.include_usage = False
+        else:
+            ir = OpenAIChat.parse_request(body)
+        return await self.serve_chat(req, OpenAIChat, ir)
+
+    async def completions(self, req):
+        return await self.serve_chat(req, Completions, Completions.parse_request(self.read_json(req)))
+
+    async def responses(self, req):
+        return await self.serve_chat(req, Responses, Responses.parse_request(self.read_json(req)))
+
+    # -- Anthropic ------------------------------------------------------------------------------------------------
+    async def messages(self, req):
+        ir = Anthropic.parse_request(self.read_json(req))
+        beta = req.headers.get("anthropic-beta")
+        if beta:
+            ir.extra["anthropic_beta"] = beta
+        return await self.serve_chat(req, Anthropic, ir)
+
+    async def messages_count_tokens(self, req):
+        ir = Anthropic.parse_request(self.read_json(req), count_only=True)
+        return json_response({"input_tokens": await self.count_tokens(ir)})
+
+    # -- Gemini ---------------------------------------------------------------------------------------------------
+    async def gemini_action(self, req):
+        prefix = "/v1beta/models/" if req.path.startswith("/v1beta/") else "/v1/models/"
+        rest = req.path[len(prefix):]
+        model, _, action = rest.rpartition(":")
+        if model.startswith("models/"):
+            model = model[len("models/"):]
+        body = self.read_json(req)
+        if action == "countTokens":
+            ir = Gemini.parse_request(body, model, count_only=True)
+            return json_response({"totalTokens": await self.count_tokens(ir)})
+        if action not in ("generateContent", "streamGenerateContent"):
+            raise GatewayError(404, "unsupported method %r" % action, "not_found")
+        ir = Gemini.parse_request(body, model)
+        ir.stream = action == "streamGenerateContent"
+        ir.include_usage = True
+        sse = req.query.get("alt") == "sse" or req.query.get("$alt") == "sse"
+        return await self.serve_chat(req, Gemini, ir, encoder=lambda r: Gemini.StreamEncoder(r, sse),
+                                     content_type="text/event-stream" if sse else "application/json")
+
+    # -- Ollama ---------------------------------------------------------------------------------------------------
+    def ollama_name(self, mid):
+        return mid if ":" in mid else mid + ":latest"
+
+    def ollama_model(self, name):
+        """Open WebUI appends `:latest` to untagged names; accept both spellings."""
+        if name.endswith(":latest") and not self.registry.resolve(name):
+            return name[:-len(":latest")]
+        return name
+
+    async def ollama_version(self, req):
+        return json_response({"version": OLLAMA_VERSION})
+
+    def _ollama_entry(self, mid):
+        digest = hashlib.sha256(mid.encode()).hexdigest()
+        modified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started))
+        name = self.ollama_name(mid)
+        return {"name": name, "model": name, "modified_at": modified, "size": 0, "digest": digest,
+                "details": {"parent_model": "", "format": "gguf", "family": "llm-mux", "families": ["llm-mux"],
+                            "parameter_size": "", "quantization_level": ""}}
+
+    async def ollama_tags(self, req):
+        return json_response({"models": [self._ollama_entry(mid) for mid, _ in self.registry.model_entries()]})
+
+    async def ollama_ps(self, req):
+        return json_response({"models": []})
+
+    async def ollama_show(self, req):
+        body = self.read_json(req)
+        name = body.get("model") or body.get("name") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not name:
+            raise BadRequest("model is required", "model")
+        mid = self.ollama_model(name)
+        self._known_model(mid, "ollama")
+        entry = self._ollama_entry(mid)
+        return json_response({"license": "", "modelfile": "# served by llm-mux\nFROM %s\n" % mid, "parameters": "",
+                              "template": "{{ .Prompt }}", "details": entry["details"],
+                              "model_info": {"general.architecture": "llm-mux", "llm-mux.context_length": 200000,
+                                             "llama.context_length": 200000},
+                              "capabilities": ["completion", "tools", "vision", "thinking"],
+                              "modified_at": entry["modified_at"]})
+
+    async def ollama_chat(self, req):
+        ir = Ollama.parse_request(self.read_json(req))
+        ir.model = self.ollama_model(ir.model)
+        if not ir.messages:
+            return json_response({"model": ir.model, "created_at": rfc3339_now(),
+                                  "message": {"role": "assistant", "content": ""}, "done": True,
+                                  "done_reason": "load"})
+        return await self.serve_chat(req, Ollama, ir, content_type="application/x-ndjson")
+
+    async def ollama_generate(self, req):
+        body = self.read_json(req)
+        ir = Ollama.parse_generate(body)
+        ir.model = self.ollama_model(ir.model)
+        if not ir.messages:  # an empty prompt loads (or with keep_alive 0 unloads) the model
+            unload = isinstance(body, dict) and body.get("keep_alive") in (0, "0", "0s")
+            return json_response({"model": ir.model, "created_at": rfc3339_now(), "response": "", "done": True,
+                                  "done_reason": "unload" if unload else "load"})
+        started = time.monotonic()
+        return await self.serve_chat(req, Ollama, ir, encoder=lambda r: Ollama.StreamEncoder(r, generate=True),
+                                     render=lambda resp, r: Ollama.build_response(resp, r, True, started),
+                                     content_type="application/x-ndjson")
+
+    # -- token counting -------------------------------------------------------------------------------------------
+    async def count_tokens(self, ir):
+        """Ask the upstream's counter where it has one; otherwise estimate (logged as an estimate)."""
+        name, _ = split_thinking_suffix(ir.model)
+        routes = self.registry.resolve(name)
         if not routes:
             raise GatewayError(404, "The model '%s' does not exist or is not served by this gateway" % ir.model,
                                "not_found", "model", code="model_not_found")
+        pairs, _ = self.router.candidates(routes, time.monotonic())
+        for route, cred in pairs[:2]:
+            spec = route.provider.count_tokens(ir, cred, route.model)
+            if spec is None:
+                continue
+            method, url, headers, body = spec
+            try:
+                resp = await self.client.request(method, url, headers, body, cred.proxy_url)
+                data = await resp.json()
+            except UpstreamError as e:
+                log.warning("count_tokens via %s failed: %s", route.provider.name, e.message)
+                continue
+            if resp.status < 300:
+                n = route.provider.parse_count(data)
+                if isinstance(n, int):
+                    return n
+            log.warning("count_tokens via %s answered %d", route.provider.name, resp.status)
+        n = estimate_tokens(ir)
+        log.info("count_tokens for %s: estimated %d tokens (about 4 characters per token; the upstream has no "
+                 "token counter)", ir.model, n)
+        return n
+
+    # -- the chat pipeline ----------------------------------------------------------------------------------------
+    def resolve_model(self, ir):
+        """Routes for the request's model; a `model(high)` / `model(16384)` suffix selects thinking."""
+        routes = self.registry.resolve(ir.model)
+        if routes:
+            return routes
+        base, thinking = split_thinking_suffix(ir.model)
+        if thinking is not None:
+            routes = self.registry.resolve(base)
+            if routes:
+                ir.thinking = thinking
+                return routes
+        raise GatewayError(404, "The model '%s' does not exist or is not served by this gateway" % ir.model,
+                           "not_found", "model", code="model_not_found")
+
+    async def serve_chat(self, http_req, codec, ir, encoder=None, render=None, content_type=None):
+        routes = self.resolve_model(ir)
         route, cred, resp = await self.router.send(ir, routes)
+        upstream_streams = ir.stream or route.provider.stream_only
         if not ir.stream:
             try:
-                try:
-                    data = await resp.json()
-                except UpstreamError as e:
-                    raise GatewayError(502, "upstream %s: %s" % (route.provider.name, e.message), "upstream")
-                try:
-                    answer = route.provider.parse_response(data)
-                except UpstreamError as e:
-                    raise GatewayError(502, "upstream %s: %s" % (route.provider.name, e.message), "upstream")
+                if upstream_streams:
+                    collector = ResponseCollector()
+                    async for ev in self._upstream_events(route, cred, resp, ir):
+                        collector.add(ev)
+                    if collector.error is not None:
+                        e = collector.error
+                        raise GatewayError(e.status, e.message, e.type)
+                    answer = collector.result()
+                else:
+                    try:
+                        data = await resp.json()
+                        answer = route.provider.parse_response(data)
+                    except UpstreamError as e:
+                        raise GatewayError(502, "upstream %s: %s" % (route.provider.name, e.message), "upstream")
             finally:
-                resp.close()
-                self.router.done(cred)
-            return json_response(codec.build_response(answer, ir))
+                if not upstream_streams:
+                    resp.close()
+                    self.router.done(cred)
+            body = render(answer, ir) if render else codec.build_response(answer, ir)
+            return json_response(body)
         events = self._upstream_events(route, cred, resp, ir)
         first = []
         try:
@@ -4168,9 +7147,9 @@ class App:
             await events.aclose()
             ev = first[-1]
             raise GatewayError(ev.status, ev.message, ev.type)
-        encoder = codec.StreamEncoder(ir)
-        return StreamResponse(self._encode_stream(first, events, encoder), 200,
-                              content_type=getattr(codec, "stream_content_type", "text/event-stream"))
+        enc = encoder(ir) if encoder else codec.StreamEncoder(ir)
+        return StreamResponse(self._encode_stream(first, events, enc), 200,
+                              content_type=content_type or getattr(codec, "stream_content_type", "text/event-stream"))
 
     async def _upstream_events(self, route, cred, resp, ir):
         """IR events from an upstream SSE body; network failures become one ErrorEvent at the end."""
@@ -4196,20 +7175,23 @@ class App:
 
     async def _encode_stream(self, first, events, encoder):
         try:
+            failed = False
             for ev in first:
                 out = encoder.encode(ev)
                 if out:
                     yield out
                 if ev.kind == "error":
-                    return
-            async for ev in events:
-                out = encoder.encode(ev)
-                if out:
-                    yield out
-                if ev.kind == "error":
-                    log.warning("stream ended by upstream error: %s", ev.message)
-                    return
-            tail = encoder.close()
+                    failed = True
+                    break
+            if not failed:
+                async for ev in events:
+                    out = encoder.encode(ev)
+                    if out:
+                        yield out
+                    if ev.kind == "error":
+                        log.warning("stream ended by upstream error: %s", ev.message)
+                        break
+            tail = encoder.close()  # e.g. the closing `]` of a Gemini JSON-array stream
             if tail:
                 yield tail
         finally:

@@ -127,7 +127,7 @@ def test_zipapp_is_reproducible_and_runs(tmp_path):
     p = subprocess.Popen([sys.executable, str(a), "serve", "--config", str(cfg)], stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT)
     try:
-        assert b"llm-mux" in _wait_http("http://127.0.0.1:%d/" % port, p)
+        assert b"Ollama is running" in _wait_http("http://127.0.0.1:%d/" % port, p)
     finally:
         p.terminate()
         p.communicate(timeout=20)
