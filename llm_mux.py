@@ -2848,6 +2848,8 @@ class ResponseCollector:
                 r.parts.append(self._thinking)
                 self._text = None
             t = self._thinking
+            if ev.item_id and not t.item_id:
+                t.item_id = ev.item_id
             t.text += ev.text or ""
             if ev.signature:
                 t.signature = ev.signature
@@ -5563,6 +5565,9 @@ class Responses(Codec):
                                           item.get("name") or "", "custom" if it == "custom_tool_call"
                                           else "function")]
                 self.items[oi] = [it, None, False]
+                if it == "reasoning":
+                    # announce the item id first, so a client stream keeps one identity for the item
+                    return [ThinkingDelta("", source="responses", item_id=item.get("id"))]
                 return []
             if t == "response.output_item.done":
                 item = obj.get("item") or {}
@@ -5767,8 +5772,6 @@ class Responses(Codec):
                                      "output_index": cur["index"], "summary_index": 0, "delta": ev.text})
                 if ev.source == "responses" and ev.encrypted:
                     cur["encrypted"] = ev.encrypted
-                    if ev.item_id:
-                        cur["id"] = ev.item_id
                     cur["sealed"] = True
                 elif ev.redacted:
                     cur["encrypted"] = wrap_signature("anthropic-redacted", ev.redacted)
@@ -6696,8 +6699,11 @@ class Router:
             if not pairs:
                 if last is None and earliest is not None:
                     wait = earliest - now
-                    raise GatewayError(429, "all credentials for model '%s' are cooling down; retry in %ds"
-                                       % (req.model, math.ceil(wait)), "rate_limit",
+                    errors = sorted(set(c.last_error for r in routes for c in r.provider.credentials
+                                        if c.last_error))
+                    raise GatewayError(429, "all credentials for model '%s' are cooling down; retry in %ds%s"
+                                       % (req.model, math.ceil(wait), " (last error: %s)" % errors[-1][:300]
+                                          if errors else ""), "rate_limit",
                                        headers=[("Retry-After", str(max(1, math.ceil(wait))))])
                 break
             route, cred = pairs[0]
