@@ -2843,7 +2843,9 @@ class ResponseCollector:
                 r.parts.append(Thinking("", redacted=ev.redacted, source=ev.source))
                 self._thinking = self._text = None
                 return
-            if self._thinking is None or (ev.text and (self._thinking.signature or self._thinking.encrypted)):
+            positional = not ev.text and ev.signature and ev.source == "gemini"  # belongs to the next part
+            if self._thinking is None or positional or \
+                    (ev.text and (self._thinking.signature or self._thinking.encrypted)):
                 self._thinking = Thinking("", source=ev.source, item_id=ev.item_id)
                 r.parts.append(self._thinking)
                 self._text = None
@@ -4424,7 +4426,8 @@ class Anthropic(Codec):
                 if ev.redacted:
                     out += self._open("redacted", {"type": "redacted_thinking", "data": ev.redacted})
                     return out + self._close()
-                if self.open != "thinking":
+                marker = not ev.text and ev.signature and ev.source not in (None, "anthropic")
+                if self.open != "thinking" or marker:
                     out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
                 if ev.text:
                     out += self._delta({"type": "thinking_delta", "thinking": ev.text})
@@ -4714,7 +4717,23 @@ class Gemini(Codec):
                     text = json_dumps(resp if resp is not None else {})
                 results.append(ToolResult(rid, name, [Text(text)], is_error))
             elif token:
-                parts.append(Thinking("", token, source=source))
+                prev = parts[-1] if parts else None
+                if source != "gemini" and prev is not None and prev.kind == "thinking" and not prev.signature \
+                        and not prev.encrypted:
+                    # A carried token streamed after its thought text closes that thought (Anthropic semantics).
+                    prev.source = source
+                    if source == "responses":
+                        prev.item_id, _, prev.encrypted = token.partition("|")
+                    elif source == "anthropic-redacted":
+                        prev.redacted, prev.source = token, "anthropic"
+                    else:
+                        prev.signature = token
+                else:
+                    th = Thinking("", token, source=source)
+                    if source == "responses":
+                        th.item_id, _, th.encrypted = token.partition("|")
+                        th.signature = None
+                    parts.append(th)
         if results:
             req.messages.append(Message("tool", results))
         if parts or not results:
@@ -5757,7 +5776,9 @@ class Responses(Codec):
                                        "output_index": self.cur["index"], "content_index": 0, "delta": ev.text,
                                        "logprobs": []})
             if k == "thinking":
-                if cur is None or cur["kind"] != "reasoning" or (cur.get("sealed") and ev.text):
+                marker = not ev.text and ev.signature and ev.source == "gemini"
+                if cur is None or cur["kind"] != "reasoning" or (cur.get("sealed") and ev.text) or \
+                        (marker and (cur["text"] or cur.get("sealed"))):
                     rid = ev.item_id if ev.source == "responses" and ev.item_id else new_id("rs_")
                     out += self._open("reasoning", {"id": rid, "type": "reasoning", "summary": []}, text="",
                                       encrypted=None, sealed=False)
