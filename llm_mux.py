@@ -149,6 +149,18 @@ def glob_match(pattern, name):
     return fnmatch.fnmatchcase(name.lower(), pattern.lower().replace("[", "[[]").replace("?", "[?]"))
 
 
+def release_startup_memory():
+    """Give the heap that compiling this large file left behind back to the OS (glibc keeps it otherwise; about
+    15 MB). A script run as __main__ is always compiled from source, so this matters for `python llm_mux.py`."""
+    import gc
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (ImportError, OSError, AttributeError):
+        pass  # not glibc: nothing to trim, nothing lost
+
+
 def write_file_atomic(path, data, mode=0o600):
     """Write, fsync, rename: a crash leaves either the old file or the new one, never half of either."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -7282,6 +7294,7 @@ async def serve_forever(cfg, ready=None):
              len(app.registry.routes))
     if ready is not None:
         ready(port)
+    release_startup_memory()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -7394,5 +7407,19 @@ def main(argv=None):
         return 130
 
 
+def main_as_script():
+    """`python llm_mux.py ...`: CPython keeps a script's whole parse tree alive while the script runs (about 15 MB
+    for this file), so re-exec the same interpreter importing llm_mux as a module instead. Same PID, same
+    arguments; LLM_MUX_NO_REEXEC=1 (or a platform without exec) runs in place."""
+    if sys.executable and hasattr(os, "execv") and not os.environ.get("LLM_MUX_NO_REEXEC"):
+        here = os.path.dirname(os.path.abspath(__file__))
+        boot = "import sys; sys.path.insert(0, %r); import llm_mux; sys.exit(llm_mux.main())" % here
+        try:
+            os.execv(sys.executable, [sys.executable, "-c", boot] + sys.argv[1:])
+        except OSError:
+            pass
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_as_script())

@@ -47,10 +47,40 @@ def _stream_body(chunks=64):
     return out
 
 
+def _anthropic_bodies(chunks=64):
+    msg = json.dumps({"id": "msg_bench", "type": "message", "role": "assistant", "model": "bench-claude",
+                      "content": [{"type": "text", "text": "Hello from the bench upstream."}],
+                      "stop_reason": "end_turn", "stop_sequence": None,
+                      "usage": {"input_tokens": 12, "output_tokens": 7}}).encode()
+    frames = [("message_start", {"type": "message_start", "message": {
+        "id": "msg_bench", "type": "message", "role": "assistant", "model": "bench-claude", "content": [],
+        "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 12, "output_tokens": 1}}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0,
+                                 "content_block": {"type": "text", "text": ""}})]
+    for i in range(chunks - 4):
+        frames.append(("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                               "delta": {"type": "text_delta", "text": "tok%d " % i}}))
+    frames += [("content_block_stop", {"type": "content_block_stop", "index": 0}),
+               ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                  "usage": {"output_tokens": 60}}),
+               ("message_stop", {"type": "message_stop"})]
+    body = b""
+    for name, obj in frames:
+        frame = ("event: %s\ndata: %s\n\n" % (name, json.dumps(obj))).encode()
+        body += b"%x\r\n%s\r\n" % (len(frame), frame)
+    body += b"0\r\n\r\n"
+    return msg, body
+
+
 STREAM = _stream_body()
+ANTHROPIC_JSON, ANTHROPIC_STREAM = _anthropic_bodies()
 RESP_JSON = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(COMPLETION)
              + COMPLETION)
 RESP_STREAM = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n" + STREAM
+RESP_A_JSON = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+               % len(ANTHROPIC_JSON) + ANTHROPIC_JSON)
+RESP_A_STREAM = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 + ANTHROPIC_STREAM)
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -74,7 +104,10 @@ class UpstreamProtocol(asyncio.Protocol):
             body = self.buf[i + 4:i + 4 + n]
             self.buf = self.buf[i + 4 + n:]
             stream = b'"stream":true' in body or b'"stream": true' in body
-            self.t.write(RESP_STREAM if stream else RESP_JSON)
+            if b"/v1/messages" in head:
+                self.t.write(RESP_A_STREAM if stream else RESP_A_JSON)
+            else:
+                self.t.write(RESP_STREAM if stream else RESP_JSON)
 
 
 def serve_upstream(port):
@@ -118,6 +151,7 @@ LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer bench"
+wrk.headers["anthropic-version"] = "2023-06-01"
 wrk.body = '%s'
 """
 
@@ -159,7 +193,9 @@ def main(argv=None):
     with open(cfg, "w") as f:
         f.write("port: %d\nauth-dir: %s\napi-keys: [bench]\nproviders:\n  - type: openai\n    name: bench\n"
                 "    base-url: http://127.0.0.1:%d/v1\n    api-key: up-key\n    models:\n      - name: bench-model\n"
-                % (gw_port, os.path.join(tmp, "auth"), up_port))
+                "  - type: anthropic\n    base-url: http://127.0.0.1:%d\n    api-key: up-key\n"
+                "    models:\n      - name: bench-claude\n"
+                % (gw_port, os.path.join(tmp, "auth"), up_port, up_port))
     env = dict(os.environ, XDG_CONFIG_HOME=tmp)
     gateway = subprocess.Popen([sys.executable, os.path.join(ROOT, "llm_mux.py"), "serve", "--config", cfg],
                                env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "gw.log"), "w"))
@@ -181,6 +217,23 @@ def main(argv=None):
             direct = wrk(up_url, b, conns, max(3, args.seconds // 2), tmp)
             via = wrk(gw_url, b, conns, args.seconds, tmp)
             results.append((label, conns, direct, via))
+        # Translation cost: each client format on each upstream format, against the same-format pair.
+        translation = []
+        a_url = "http://127.0.0.1:%d/v1/messages" % gw_port
+        for label, stream in (("non-stream", False), ("64-chunk stream", True)):
+            def body_for(client, model):
+                if client == "openai":
+                    b = {"model": model, "messages": [{"role": "user", "content": "Hello"}]}
+                else:
+                    b = {"model": model, "max_tokens": 256, "messages": [{"role": "user", "content": "Hello"}]}
+                if stream:
+                    b["stream"] = True
+                return json.dumps(b)
+            runs = {}
+            for client, url in (("openai", gw_url), ("anthropic", a_url)):
+                for upstream_fmt, model in (("openai", "bench-model"), ("anthropic", "bench-claude")):
+                    runs[(client, upstream_fmt)] = wrk(url, body_for(client, model), 50, args.seconds, tmp)
+            translation.append((label, runs))
         # RSS over 20,000 more requests (after the warm-up above).
         before = rss_mb(gateway.pid)
         done = 0
@@ -200,6 +253,18 @@ def main(argv=None):
         print("%-16s %4d | %10.0f %9.3f %9.3f | %10.0f %9.3f %9.3f | %8.3fms%s" % (
             label, conns, d["rps"], d["p50"], d["p99"], g["rps"], g["p50"], g["p99"], g["p50"] - d["p50"],
             "  (errors: %d %s)" % (g["errors"], g["socket_errors"]) if g["errors"] or g["socket_errors"] else ""))
+    print()
+    print("Translation at concurrency 50 (client format -> upstream format), requests/s:")
+    for label, runs in translation:
+        oo, aa = runs[("openai", "openai")]["rps"], runs[("anthropic", "anthropic")]["rps"]
+        ao, oa = runs[("anthropic", "openai")]["rps"], runs[("openai", "anthropic")]["rps"]
+        print("  %-16s openai->openai %6.0f | anthropic->anthropic %6.0f | anthropic->openai %6.0f (%3.0f %% of "
+              "openai->openai) | openai->anthropic %6.0f (%3.0f %% of anthropic->anthropic)"
+              % (label, oo, aa, ao, ao / oo * 100, oa, oa / aa * 100))
+        bad = [k for k, v in runs.items() if v["errors"] or v["socket_errors"]]
+        if bad:
+            print("    errors in: %s" % bad)
+    print()
     print("RSS idle: %.1f MB; after warm-up: %.1f MB; before 20k: %.1f MB; after %d more requests: %.1f MB "
           "(growth %.1f %%)" % (idle, warm, before, done, after, (after - before) / before * 100.0))
     return 0
