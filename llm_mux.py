@@ -3185,6 +3185,16 @@ def _expect(value, types, field, what):
     return value
 
 
+def request_model(body, message="'model' is required and must be a non-empty string"):
+    """The `model` of a client request body, validated (every format needs one)."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise BadRequest(message, "model")
+    return model.strip()
+
+
 def _number(body, field):
     return _expect(body.get(field), (int, float), field, "a number")
 
@@ -3235,15 +3245,11 @@ class OpenAIChat(Codec):
     # -- request: wire -> IR --------------------------------------------------------------------------------------
     @classmethod
     def parse_request(cls, body):
-        if not isinstance(body, dict):
-            raise BadRequest("the request body must be a JSON object")
-        model = body.get("model")
-        if not isinstance(model, str) or not model.strip():
-            raise BadRequest("'model' is required and must be a non-empty string", "model")
+        model = request_model(body)
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise BadRequest("'messages' must be a non-empty array", "messages")
-        req = ChatRequest(model.strip())
+        req = ChatRequest(model)
         req.client_format = cls.name
         cls._parse_messages(req, msgs)
         stream = _expect(body.get("stream"), bool, "stream", "a boolean")
@@ -3849,15 +3855,11 @@ class Anthropic(Codec):
     # -- request: wire -> IR --------------------------------------------------------------------------------------
     @classmethod
     def parse_request(cls, body, count_only=False):
-        if not isinstance(body, dict):
-            raise BadRequest("the request body must be a JSON object")
-        model = body.get("model")
-        if not isinstance(model, str) or not model.strip():
-            raise BadRequest("model: Field required (a non-empty string)", "model")
+        model = request_model(body, "model: Field required (a non-empty string)")
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise BadRequest("messages: must be a non-empty array", "messages")
-        req = ChatRequest(model.strip())
+        req = ChatRequest(model)
         req.client_format = cls.name
         if not count_only:
             if "max_tokens" not in body:
@@ -5184,15 +5186,11 @@ class Responses(Codec):
     # -- request: wire -> IR --------------------------------------------------------------------------------------
     @classmethod
     def parse_request(cls, body):
-        if not isinstance(body, dict):
-            raise BadRequest("the request body must be a JSON object")
-        model = body.get("model")
-        if not isinstance(model, str) or not model.strip():
-            raise BadRequest("'model' is required and must be a non-empty string", "model")
+        model = request_model(body)
         if body.get("previous_response_id") or body.get("conversation"):
             raise BadRequest("previous_response_id and conversation need server-side state, which this gateway "
                              "does not keep; send the whole history in 'input'", "previous_response_id")
-        req = ChatRequest(model.strip())
+        req = ChatRequest(model)
         req.client_format = cls.name
         instr = body.get("instructions")
         if isinstance(instr, str) and instr:
@@ -5935,17 +5933,13 @@ class Ollama(Codec):
 
     @classmethod
     def parse_request(cls, body):
-        if not isinstance(body, dict):
-            raise BadRequest("the request body must be a JSON object")
-        model = body.get("model")
-        if not isinstance(model, str) or not model.strip():
-            raise BadRequest("model is required", "model")
+        model = request_model(body, "model is required")
         msgs = body.get("messages")
         if msgs is None:
             msgs = []
         if not isinstance(msgs, list):
             raise BadRequest("messages must be an array", "messages")
-        req = ChatRequest(model.strip())
+        req = ChatRequest(model)
         req.client_format = cls.name
         names = {}
         seen_turn = False
@@ -6009,15 +6003,11 @@ class Ollama(Codec):
 
     @classmethod
     def parse_generate(cls, body):
-        if not isinstance(body, dict):
-            raise BadRequest("the request body must be a JSON object")
-        model = body.get("model")
-        if not isinstance(model, str) or not model.strip():
-            raise BadRequest("model is required", "model")
+        model = request_model(body, "model is required")
         prompt = body.get("prompt") or ""
         if not isinstance(prompt, str):
             raise BadRequest("prompt must be a string", "prompt")
-        req = ChatRequest(model.strip())
+        req = ChatRequest(model)
         req.client_format = "ollama-generate"
         if isinstance(body.get("system"), str) and body["system"]:
             req.system.append(Text(body["system"]))
@@ -6152,11 +6142,7 @@ class Completions(Codec):
 
     @classmethod
     def parse_request(cls, body):
-        if not isinstance(body, dict):
-            raise BadRequest("the request body must be a JSON object")
-        model = body.get("model")
-        if not isinstance(model, str) or not model.strip():
-            raise BadRequest("'model' is required and must be a non-empty string", "model")
+        model = request_model(body)
         prompt = body.get("prompt", "")
         if isinstance(prompt, list):
             if all(isinstance(p, str) for p in prompt):
@@ -6165,7 +6151,7 @@ class Completions(Codec):
                 raise BadRequest("token-id prompts are not supported; send text", "prompt")
         if not isinstance(prompt, str):
             raise BadRequest("'prompt' must be a string or an array of strings", "prompt")
-        req = ChatRequest(model.strip(), [Message("user", [Text(prompt)])])
+        req = ChatRequest(model, [Message("user", [Text(prompt)])])
         req.client_format = cls.name
         req.stream = bool(_expect(body.get("stream"), bool, "stream", "a boolean"))
         so = body.get("stream_options")
