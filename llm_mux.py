@@ -4205,12 +4205,11 @@ class Anthropic(Codec):
                     choice = {"type": "auto"}  # forced tool use is not allowed with thinking
                 body["tool_choice"] = choice
         rf = req.response_format
-        if rf:
-            hint = "Respond with a single JSON object and nothing else."
-            if rf["type"] == "json_schema":
-                hint = "Respond with a single JSON object matching this JSON Schema, and nothing else:\n" + \
-                       json_dumps(rf.get("schema") or {})
-            body.setdefault("system", []).append({"type": "text", "text": hint})
+        if rf and rf["type"] == "json_schema":
+            body["output_config"] = {"format": {"type": "json_schema", "schema": rf.get("schema") or {}}}
+        elif rf:  # JSON mode has no Messages API field: ask for it in the system prompt
+            body.setdefault("system", []).append({"type": "text",
+                                                  "text": "Respond with a single JSON object and nothing else."})
         return body
 
     # -- response: wire -> IR -------------------------------------------------------------------------------------
@@ -7131,8 +7130,35 @@ class App:
         raise GatewayError(404, "The model '%s' does not exist or is not served by this gateway" % ir.model,
                            "not_found", "model", code="model_not_found")
 
+    MAX_INLINE_MEDIA = 20 * 1024 * 1024
+
+    async def inline_remote_media(self, ir, routes):
+        """Gemini cannot fetch arbitrary image URLs (formats.md §6.6): download them and send them inline. Uses
+        the gateway's own client, so proxies and upstream-overrides apply; a failed download is a 400."""
+        if not any(issubclass(r.provider.codec, Gemini) for r in routes):
+            return
+        media = [p for m in ir.messages for p in m.parts if p.kind in ("image", "file") and not p.data and p.url
+                 and p.url.startswith(("http://", "https://"))]
+        media += [c for m in ir.messages for p in m.parts if p.kind == "tool_result" for c in p.content
+                  if c.kind in ("image", "file") and not c.data and c.url and c.url.startswith(("http://", "https://"))]
+        for p in media:
+            try:
+                resp = await self.client.request("GET", p.url, [("Accept", "image/*, */*")], timeout=15,
+                                                 stream_timeout=30, max_size=self.MAX_INLINE_MEDIA)
+                data = await resp.read()
+            except UpstreamError as e:
+                raise BadRequest("could not download %s to send it inline: %s" % (p.url, e.message), "messages")
+            if resp.status >= 300:
+                raise BadRequest("could not download %s to send it inline: HTTP %d" % (p.url, resp.status),
+                                 "messages")
+            mime = (resp.headers.get("content-type") or "").split(";")[0].strip()
+            p.data = base64.b64encode(data).decode("ascii")
+            p.mime = mime if "/" in mime else (p.mime or sniff_image_mime(p.data))
+            p.url = None
+
     async def serve_chat(self, http_req, codec, ir, encoder=None, render=None, content_type=None):
         routes = self.resolve_model(ir)
+        await self.inline_remote_media(ir, routes)
         route, cred, resp = await self.router.send(ir, routes)
         upstream_streams = ir.stream or route.provider.stream_only
         if not ir.stream:

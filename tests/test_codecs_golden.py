@@ -303,3 +303,22 @@ def test_ollama_tool_calls_are_objects_and_images_sniffed():
     resp = M.ChatResponse(parts=[M.ToolCall("c", "f", "{\"b\":2}")], finish="tool_calls")
     out = M.Ollama.build_response(resp, M.ChatRequest("m"))
     assert out["message"]["tool_calls"][0]["function"]["arguments"] == {"b": 2}
+
+
+def test_response_format_mapping():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    req = oa([{"role": "user", "content": "x"}],
+             response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema, "strict": True}})
+    assert M.Anthropic.build_request(req, "c")["output_config"] == {"format": {"type": "json_schema",
+                                                                              "schema": schema}}
+    assert M.Responses.build_request(req, "g")["text"] == {"format": {"type": "json_schema", "name": "r",
+                                                                       "schema": schema, "strict": True}}
+    assert M.OpenAIChat.build_request(req, "g")["response_format"]["json_schema"]["schema"] == schema
+    req = oa([{"role": "user", "content": "x"}], response_format={"type": "json_object"})
+    assert "JSON object" in M.Anthropic.build_request(req, "c")["system"][-1]["text"]
+    assert M.Gemini.build_request(req, "g")["generationConfig"] == {"responseMimeType": "application/json"}
+    ol = M.Ollama.parse_request({"model": "m", "messages": [{"role": "user", "content": "x"}], "format": schema,
+                                 "options": {"num_predict": 5, "temperature": 0.1, "top_p": 0.5, "stop": ["s"]}})
+    out = M.OpenAIChat.build_request(ol, "g")
+    assert out["response_format"]["json_schema"]["schema"] == schema
+    assert (out["max_tokens"], out["temperature"], out["top_p"], out["stop"]) == (5, 0.1, 0.5, ["s"])

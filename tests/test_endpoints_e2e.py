@@ -182,3 +182,31 @@ def test_stateless_responses_refuse_previous_response_id(env):
         openai.OpenAI(base_url=gw.url + "/v1", api_key="k").responses.create(
             model="up-openai", input="hi", previous_response_id="resp_123")
     assert "previous_response_id" in str(e.value)
+
+
+def test_image_urls_are_downloaded_and_inlined_for_gemini(env):
+    gw, up = env
+    from fakes import FakeUpstream, Reply
+    png = b"\x89PNG\r\n\x1a\n" + b"\x01" * 16
+    img = FakeUpstream(lambda r: Reply("raw", body=png, headers={"Content-Type": "image/png"}, chunked=False)).start()
+    try:
+        c = openai.OpenAI(base_url=gw.url + "/v1", api_key="k", max_retries=0)
+        r = c.chat.completions.create(model="up-gemini", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "SCENARIO:image what"},
+            {"type": "image_url", "image_url": {"url": img.url + "/cat.png"}}]}])
+        assert r.choices[0].message.content == "saw image"
+        body = [q for q in up.requests if upstreams.detect(q.path) == "gemini"][-1].json
+        import base64
+        assert {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(png).decode()}} in \
+            body["contents"][0]["parts"]
+        # other upstreams get the URL as it is
+        c.chat.completions.create(model="up-openai", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "SCENARIO:image x"}, {"type": "image_url", "image_url": {"url": img.url + "/c"}}]}])
+        body = [q for q in up.requests if upstreams.detect(q.path) == "openai"][-1].json
+        assert body["messages"][0]["content"][1]["image_url"]["url"] == img.url + "/c"
+        assert len(img.requests) == 1
+        with pytest.raises(openai.BadRequestError):
+            c.chat.completions.create(model="up-gemini", messages=[{"role": "user", "content": [
+                {"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/x"}}]}])
+    finally:
+        img.stop()
