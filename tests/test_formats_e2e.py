@@ -337,3 +337,12 @@ def test_malformed_requests_are_400_in_each_shape(env):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req, timeout=10)
         assert e.value.code == 400 and check(json.loads(e.value.read())), path
+
+
+@pytest.mark.parametrize("model", UPS)
+def test_gemini_client_sees_a_mid_stream_failure(env, model):
+    """Gemini has no in-band error event; the stream carries a bare error object, which the SDK raises on."""
+    from google.genai import errors as gerrors
+    gw, up = env
+    with pytest.raises((gerrors.APIError, ValueError)):
+        call_gemini(gw, model, "SCENARIO:midfail x", True)
