@@ -149,6 +149,16 @@ def glob_match(pattern, name):
     return fnmatch.fnmatchcase(name.lower(), pattern.lower().replace("[", "[[]").replace("?", "[?]"))
 
 
+class Clock:
+    """Monotonic time and sleeping, in one object so tests can drive cooldowns and backoff with a fake clock."""
+
+    def now(self):
+        return time.monotonic()
+
+    async def sleep(self, seconds):
+        await asyncio.sleep(max(0.0, seconds))
+
+
 def release_startup_memory():
     """Give the heap that compiling this large file left behind back to the OS (glibc keeps it otherwise; about
     15 MB). A script run as __main__ is always compiled from source, so this matters for `python llm_mux.py`."""
@@ -6310,25 +6320,44 @@ def apikey_credential_id(provider_id, key, base_url, proxy_url):
     return "%s:apikey:%s" % (provider_id, h.hexdigest()[:12])
 
 
+class ModelState:
+    """A credential's health for one model: cooling until `until`; `level` counts hint-less 429s in a row."""
+
+    __slots__ = ("until", "level", "last_error", "status")
+
+    def __init__(self):
+        self.until, self.level, self.last_error, self.status = 0.0, 0, None, "active"
+
+
 class Credential:
     """One account or API key. State is live (never a stale copy): routing reads and writes it directly."""
 
     __slots__ = ("id", "provider_id", "label", "api_key", "base_url", "proxy_url", "headers", "in_flight", "uses",
-                 "cooldowns", "disabled", "last_error")
+                 "usage_score", "usage_at", "states", "until_all", "disabled", "last_error")
 
     def __init__(self, id, provider_id, label, api_key="", base_url="", proxy_url="", headers=()):
         self.id, self.provider_id, self.label = id, provider_id, label
         self.api_key, self.base_url, self.proxy_url, self.headers = api_key, base_url, proxy_url, list(headers)
         self.in_flight = 0
         self.uses = 0
-        self.cooldowns = {}  # model -> monotonic time until which this credential must not serve it
-        self.disabled = False
+        self.usage_score = 0.0  # requests, decaying with a one-minute half-life: "recently used"
+        self.usage_at = 0.0
+        self.states = {}  # model -> ModelState
+        self.until_all = 0.0  # credential-scoped cooldown (e.g. Claude's 5-hour window): every model waits
+        self.disabled = None  # None, or the reason the credential was taken out (revoked token, ...)
         self.last_error = None
 
     def cooling_until(self, model):
-        until = self.cooldowns.get(model, 0.0)
-        any_model = self.cooldowns.get("*", 0.0)
-        return max(until, any_model)
+        st = self.states.get(model)
+        return max(st.until if st is not None else 0.0, self.until_all)
+
+    def recent_usage(self, now):
+        return self.usage_score * 0.5 ** ((now - self.usage_at) / 60.0)
+
+    def note_use(self, now):
+        self.usage_score = self.recent_usage(now) + 1.0
+        self.usage_at = now
+        self.uses += 1
 
 
 def credentials_for_entry(entry):
@@ -6351,23 +6380,21 @@ def credentials_for_entry(entry):
 # answers and streams into the IR, and classifying its errors. Providers do not choose credentials or retry.
 
 class UpstreamFailure:
-    """A classified upstream error: what the client sees and how routing should treat the credential."""
+    """A classified upstream error: what the client sees, and how routing treats the credential.
+    category: user_error | auth_revoked | auth_error | quota | not_found | transient | unknown
+    (gateway.md §6.8); scope: "model" or "credential" (every model of the credential cools down)."""
 
-    __slots__ = ("status", "message", "type", "retry_after", "scope", "disable", "retryable", "body")
+    __slots__ = ("status", "message", "type", "category", "retry_after", "scope", "disable", "retryable")
 
-    def __init__(self, status, message, type, retry_after=None, scope="model", disable=False, retryable=True,
-                 body=None):
-        self.status, self.message, self.type = status, message, type
+    def __init__(self, status, message, type, category="unknown", retry_after=None, scope="model", disable=False,
+                 retryable=True):
+        self.status, self.message, self.type, self.category = status, message, type, category
         self.retry_after, self.scope, self.disable, self.retryable = retry_after, scope, disable, retryable
-        self.body = body
 
 
 def upstream_error_message(body):
     """The human message inside an upstream error body (OpenAI, Anthropic and Google shapes), else the text."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        data = None
+    data = body if isinstance(body, (dict, list)) else _json_or_none(body)
     if isinstance(data, list) and data and isinstance(data[0], dict):
         data = data[0]
     if isinstance(data, dict):
@@ -6384,28 +6411,151 @@ def upstream_error_message(body):
     return text[:500] or "upstream error"
 
 
+def _json_or_none(body):
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError, TypeError):
+        return None
+
+
+_GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|\u00b5s|ns|m|s)")
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "\u00b5s": 1e-6, "ns": 1e-9}
+
+
+def parse_duration(text):
+    """Seconds from a Go/protobuf duration such as `12s`, `1.5s`, `3h2m1s`; None if it is not one."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    text = text.strip()
+    parts = _GO_DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
+def parse_instant(value):
+    """Epoch seconds from unix seconds/milliseconds, RFC 3339 or an HTTP date; None if unparsable."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)) or (isinstance(value, str) and re.match(r"^\d+(\.\d+)?$", value.strip())):
+        v = float(value)
+        return v / 1000.0 if v > 1e12 else v
+    text = str(value).strip()
+    import datetime
+    try:
+        iso = text.replace("Z", "+00:00")
+        m = re.match(r"^(.*T\d\d:\d\d:\d\d)(\.\d+)?(.*)$", iso)
+        if m and m.group(2):  # fromisoformat on 3.9/3.10 takes at most 6 fractional digits
+            iso = m.group(1) + m.group(2)[:7] + m.group(3)
+        dt = datetime.datetime.fromisoformat(iso)
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=datetime.timezone.utc)
+        return dt.timestamp()
+    except ValueError:
+        pass
+    try:
+        import email.utils
+        return email.utils.parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
 def parse_retry_after(headers):
-    """Seconds from `Retry-After` (seconds or HTTP date) or `retry-after-ms`; None when absent."""
+    """Seconds from `retry-after-ms` or `Retry-After` (seconds or HTTP date); None when absent."""
     ms = headers.get("retry-after-ms")
     if ms:
         try:
             return max(0.0, float(ms) / 1000.0)
         except ValueError:
             pass
-    ra = headers.get("retry-after")
+    ra = (headers.get("retry-after") or "").strip()
     if not ra:
         return None
-    ra = ra.strip()
     try:
         return max(0.0, float(ra))
     except ValueError:
-        pass
-    try:
-        import email.utils
-        when = email.utils.parsedate_to_datetime(ra)
-        return max(0.0, when.timestamp() - time.time())
-    except (TypeError, ValueError, IndexError):
-        return None
+        when = parse_instant(ra)
+        return None if when is None else max(0.0, when - time.time())
+
+
+ANTHROPIC_UNIFIED_WINDOWS = ("5h", "7d", "7d_oi", "")
+
+
+def retry_hint(headers, data):
+    """When the upstream says the limit lifts, in seconds from now, and whether it binds the whole credential.
+    Reads Retry-After, Anthropic's unified-window headers (5-hour / 7-day: credential-scoped), Google's RetryInfo
+    and quota-reset details, and Codex's resets_at / resets_in_seconds. Hints are honoured in full (no cap):
+    the latest deadline wins."""
+    now = time.time()
+    hints = []
+    scope = "model"
+    ra = parse_retry_after(headers)
+    if ra is not None:
+        hints.append(ra)
+    for window in ANTHROPIC_UNIFIED_WINDOWS:
+        prefix = "anthropic-ratelimit-unified-" + (window + "-" if window else "")
+        if (headers.get(prefix + "status") or "").lower() == "rejected":
+            scope = "credential"
+            when = parse_instant(headers.get(prefix + "reset"))
+            if when is not None:
+                hints.append(max(0.0, when - now))
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        data = data[0]
+    err = data.get("error") if isinstance(data, dict) else None
+    if isinstance(err, dict):
+        for d in err.get("details") or ():
+            if not isinstance(d, dict):
+                continue
+            for key in ("retryDelay", "quotaResetDelay"):
+                v = parse_duration(d.get(key) or (d.get("metadata") or {}).get(key))
+                if v is not None:
+                    hints.append(v)
+            meta = d.get("metadata") or {}
+            for v in (meta.get("quotaResetTimeStamp"), (meta.get("quotaInfo") or {}).get("resetTime"),
+                      d.get("resetTime")):
+                when = parse_instant(v)
+                if when is not None:
+                    hints.append(max(0.0, when - now))
+        when = parse_instant(err.get("resets_at"))
+        if when is not None and when > now:
+            hints.append(when - now)
+        elif isinstance(err.get("resets_in_seconds"), (int, float)):
+            hints.append(float(err["resets_in_seconds"]))
+    return (max(hints) if hints else None), scope
+
+
+_REVOKED = ("invalid_grant", "token has been expired or revoked", "token revoked", "oauth_token_revoked")
+_USER_ERROR = ("invalid_argument", "invalid request", "malformed", "missing required", "invalid json",
+               "please use a valid", "not supported", "must be non-empty", "cannot be empty")
+_QUOTA = ("resource_exhausted", "quota", "rate limit", "rate_limit", "too many requests", "credit balance is too low",
+          "overloaded_error", "usage_limit_reached")
+
+
+def classify_failure(status, headers, body):
+    """The generic policy (gateway.md §6.8, providers.md §1.3): category by message, then by status."""
+    data = _json_or_none(body) if isinstance(body, (bytes, str)) else body
+    message = upstream_error_message(body)
+    low = message.lower() + " " + (body.decode("utf-8", "replace").lower()[:2000] if isinstance(body, bytes) else "")
+    hint, scope = retry_hint(headers, data)
+    if any(s in low for s in _REVOKED):
+        return UpstreamFailure(status or 401, message, "authentication", "auth_revoked", scope="credential",
+                               disable=True)
+    if status == 429 or scope == "credential" or (status >= 400 and any(s in low for s in _QUOTA)
+                                                  and status not in (400, 404)):
+        etype = "overloaded" if status in (503, 529) else "rate_limit"
+        return UpstreamFailure(status if status >= 400 else 429, message, etype, "quota", hint, scope)
+    if status == 401:
+        return UpstreamFailure(status, message, "authentication", "auth_error", hint)
+    if status in (402, 403):
+        return UpstreamFailure(status, message, "permission", "quota", hint)
+    if status == 404:
+        return UpstreamFailure(status, message, "not_found", "not_found", hint)
+    if status in (408, 500, 502, 503, 504, 529) or status >= 500:
+        return UpstreamFailure(status, message, error_type_for_status(status), "transient", hint)
+    if 400 <= status < 500 or any(s in low for s in _USER_ERROR):
+        # The request itself is at fault: another credential would fail the same way.
+        return UpstreamFailure(status, message, error_type_for_status(status), "user_error", retryable=False)
+    return UpstreamFailure(status or 502, message, "upstream", "unknown", hint)
 
 
 class Provider:
@@ -6456,23 +6606,7 @@ class Provider:
 
     def classify_error(self, status, headers, body):
         """Generic policy (providers.md §1.3); providers refine it with their own bodies and hints."""
-        message = upstream_error_message(body)
-        low = message.lower()
-        if any(s in low for s in ("invalid_grant", "token has been expired or revoked", "oauth_token_revoked")):
-            return UpstreamFailure(status, message, "authentication", scope="credential", disable=True)
-        retry_after = parse_retry_after(headers)
-        if status == 429 or any(s in low for s in ("resource_exhausted", "rate limit", "rate_limit_error",
-                                                     "too many requests", "overloaded_error")):
-            return UpstreamFailure(429 if status < 500 else status, message,
-                                   "rate_limit" if status == 429 else "overloaded", retry_after)
-        if status in (401, 402, 403):
-            return UpstreamFailure(status, message, error_type_for_status(status), retry_after, scope="credential")
-        if status == 404:
-            return UpstreamFailure(status, message, "not_found", retry_after)
-        if status in (408, 500, 502, 503, 504, 529) or status >= 500:
-            return UpstreamFailure(status, message, error_type_for_status(status), retry_after)
-        # Other 4xx: the request itself is at fault; another credential will not fix it.
-        return UpstreamFailure(status, message, error_type_for_status(status), retryable=False)
+        return classify_failure(status, headers, body)
 
 
 class OpenAICompatProvider(Provider):
@@ -6535,11 +6669,6 @@ class AnthropicProvider(Provider):
     def parse_count(data):
         return data.get("input_tokens") if isinstance(data, dict) else None
 
-    def classify_error(self, status, headers, body):
-        failure = Provider.classify_error(self, status, headers, body)
-        if status == 529:
-            failure.type = "overloaded"
-        return failure
 
 
 class GeminiProvider(Provider):
@@ -6658,112 +6787,287 @@ class Registry:
         return [(visible, routes[0].provider.name) for visible, routes in self.routes.items()]
 
 
+class CircuitBreaker:
+    """Per-provider breaker (gateway.md §6.12): trips when a 10 s window holds at least 10 calls and either 5
+    failures in a row or a failure ratio of 0.5; stays open 30 s; then lets 3 trial calls through."""
+
+    WINDOW, MIN_CALLS, CONSECUTIVE, RATIO, OPEN_FOR, TRIALS = 10.0, 10, 5, 0.5, 30.0, 3
+
+    def __init__(self, name):
+        self.name = name
+        self.state = "closed"
+        self.window_start = 0.0
+        self.calls = self.failures = self.consecutive = 0
+        self.opened_at = 0.0
+        self.trials = self.trial_ok = 0
+
+    def _move(self, state, now):
+        log.info("circuit breaker %s: %s -> %s", self.name, self.state, state)
+        self.state = state
+        if state == "open":
+            self.opened_at = now
+        elif state == "half-open":
+            self.trials = self.trial_ok = 0
+        else:
+            self.window_start, self.calls, self.failures, self.consecutive = now, 0, 0, 0
+
+    def allows(self, now):
+        if self.state == "open" and now - self.opened_at >= self.OPEN_FOR:
+            self._move("half-open", now)
+        if self.state == "open":
+            return False
+        if self.state == "half-open":
+            if self.trials >= self.TRIALS:
+                return False
+            self.trials += 1
+        return True
+
+    def record(self, ok, now):
+        if self.state == "half-open":
+            if not ok:
+                self._move("open", now)
+            else:
+                self.trial_ok += 1
+                if self.trial_ok >= self.TRIALS:
+                    self._move("closed", now)
+            return
+        if self.state == "open":
+            return
+        if now - self.window_start >= self.WINDOW:
+            self.window_start, self.calls, self.failures = now, 0, 0
+        self.calls += 1
+        if ok:
+            self.consecutive = 0
+        else:
+            self.failures += 1
+            self.consecutive += 1
+            if self.calls >= self.MIN_CALLS and (self.consecutive >= self.CONSECUTIVE or
+                                                 self.failures >= self.calls * self.RATIO):
+                self._move("open", now)
+
+
 class Router:
-    """Chooses credentials and runs attempts until one succeeds or every candidate has been tried."""
+    """Chooses credentials and runs attempts until one succeeds (gateway.md §6.6–6.12, with the originals' quirks
+    fixed: live state only, hints honoured in full, one source of truth for cooldowns)."""
 
-    def __init__(self, app):
+    AFFINITY_TTL = 3600.0
+    AFFINITY_MAX = 10000
+    BACKOFF_BASE, BACKOFF_CAP = 0.05, 2.0
+
+    def __init__(self, app, clock=None):
         self.app = app
+        self.clock = clock or Clock()
+        self.breakers = {}
+        self.affinity = {}  # conversation key -> (credential id, expires)
 
-    def candidates(self, routes, now):
-        """(route, credential) pairs that may serve now, least busy first; and the earliest recovery time."""
+    def breaker(self, provider_id):
+        b = self.breakers.get(provider_id)
+        if b is None:
+            b = self.breakers[provider_id] = CircuitBreaker(provider_id)
+        return b
+
+    # -- selection ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def affinity_key(req):
+        """A stable id for the conversation: an explicit cache key, else a hash of its first turns (which do not
+        change as the conversation grows), so one conversation keeps one credential and its prompt cache."""
+        explicit = req.extra.get("responses_prompt_cache_key") or req.extra.get("session_id")
+        if explicit:
+            return "k:" + str(explicit)
+        h = hashlib.sha256(req.system_text().encode("utf-8", "replace"))
+        for m in req.messages[:2]:
+            h.update(b"\x00" + m.role.encode() + b"\x00")
+            for p in m.parts:
+                if p.kind == "text":
+                    h.update(p.text.encode("utf-8", "replace"))
+                elif p.kind == "tool_call":
+                    h.update(p.name.encode() + p.arguments.encode("utf-8", "replace"))
+        return "h:" + h.hexdigest()[:32]
+
+    def candidates(self, routes, now, skip=()):
+        """Ready (route, credential) pairs, least busy and least recently used first; and the earliest time a
+        cooling one recovers. Providers whose breaker is open are left out unless every provider's is."""
         ready = []
         earliest = None
-        for route in routes:
+        for order, route in enumerate(routes):
             for cred in route.provider.credentials:
-                if cred.disabled:
+                if cred.disabled or (cred.id, route.model) in skip:
                     continue
                 until = cred.cooling_until(route.model)
                 if until > now:
                     earliest = until if earliest is None else min(earliest, until)
                     continue
-                ready.append((cred.in_flight, cred.uses, len(ready), route, cred))
-        ready.sort(key=lambda t: t[:3])
-        return [(t[3], t[4]) for t in ready], earliest
+                ready.append((cred.in_flight, round(cred.recent_usage(now), 3), order, len(ready), route, cred))
+        ready.sort(key=lambda t: t[:4])
+        return [(t[4], t[5]) for t in ready], earliest
 
-    def cool(self, cred, model, failure):
-        cfg = self.app.cfg
+    def pick(self, req, pairs, now):
+        key = self.affinity_key(req)
+        bound = self.affinity.get(key)
+        if bound is not None and bound[1] > now:
+            for route, cred in pairs:
+                if cred.id == bound[0]:
+                    return route, cred, key
+        return pairs[0][0], pairs[0][1], key
+
+    def bind(self, key, cred, now):
+        if len(self.affinity) >= self.AFFINITY_MAX:
+            for k in [k for k, (_, exp) in self.affinity.items() if exp <= now][:1000] or \
+                    list(self.affinity)[:self.AFFINITY_MAX // 10]:
+                self.affinity.pop(k, None)
+        self.affinity[key] = (cred.id, now + self.AFFINITY_TTL)
+
+    # -- outcomes -------------------------------------------------------------------------------------------------
+    def cool(self, cred, model, failure, now):
+        """Cooldown per credential x model (gateway.md §6.9), or for the whole credential when the quota is
+        credential-scoped. Revoked tokens disable the credential and say so."""
+        cred.last_error = failure.message
         if failure.disable:
-            cred.disabled = True
-            log.error("credential %s disabled: %s", cred.label, failure.message)
+            cred.disabled = "revoked: " + failure.message[:200]
+            log.error("credential %s disabled (%s): %s", cred.label, failure.category, failure.message[:300])
             return
-        status = failure.status
-        if status == 429:
-            if cfg.disable_cooling:
+        cat = failure.category
+        if cat == "user_error":
+            return
+        st = cred.states.get(model)
+        if st is None:
+            st = cred.states[model] = ModelState()
+        if failure.status == 429 or (cat == "quota" and failure.status not in (401, 402, 403)):
+            if self.app.cfg.disable_cooling:
                 return
-            seconds = failure.retry_after if failure.retry_after is not None else 1.0
-        elif status in (401, 402, 403):
-            seconds = 30 * 60
-        elif status == 404:
-            seconds = 12 * 3600
-        elif status in (408, 500, 502, 503, 504, 529) or status >= 500:
-            seconds = failure.retry_after if failure.retry_after is not None else 60
+            if failure.retry_after is not None:
+                seconds = failure.retry_after
+            else:
+                seconds = min(1800.0, float(2 ** st.level))
+                st.level += 1
+        elif failure.status in (401, 402, 403):
+            seconds = 1800.0
+        elif failure.status == 404:
+            seconds = 12 * 3600.0
+        elif cat == "transient":
+            seconds = failure.retry_after if failure.retry_after is not None else 60.0
         else:
-            return
-        scope = "*" if failure.scope == "credential" else model
-        cred.cooldowns[scope] = max(cred.cooldowns.get(scope, 0.0), time.monotonic() + seconds)
+            seconds = failure.retry_after if failure.retry_after is not None else 30.0
+        until = now + seconds
+        st.status, st.last_error = "cooling", failure.message
+        if failure.scope == "credential":
+            cred.until_all = max(cred.until_all, until)
+        else:
+            st.until = max(st.until, until)
+        log.info("credential %s cooling for %s on %s: %ds (%s %d)", cred.label,
+                 "every model" if failure.scope == "credential" else model, failure.category, seconds,
+                 "HTTP", failure.status)
 
-    async def send(self, req, routes):
-        """Send `req` to the first credential that answers 2xx. Returns (route, cred, UpstreamResponse); the
-        caller must call `done(cred)` when the body is consumed. Raises GatewayError when nothing succeeded."""
+    @staticmethod
+    def succeeded(cred, model):
+        st = cred.states.get(model)
+        if st is not None:
+            st.until, st.level, st.last_error, st.status = 0.0, 0, None, "active"
+        cred.last_error = None
+
+    def stream_ended(self, route, cred, ok, failure=None):
+        """A stream finished (ok) or died mid-way: the breaker counts it; a death cools the credential briefly."""
+        now = self.clock.now()
+        self.breaker(route.provider.id).record(ok, now)
+        if not ok and failure is not None:
+            self.cool(cred, route.model, failure, now)
+
+    # -- the attempt loop -----------------------------------------------------------------------------------------
+    async def send(self, req, chain):
+        """Send `req` along `chain` (the requested model's routes, then each fallback model's). Returns (route,
+        cred, UpstreamResponse); the caller must call `done(cred)` when the body is consumed. Until a response is
+        accepted, a failure moves to the next credential, waits for one that recovers within
+        max-retry-interval, then moves to the fallback models; attempts per model are bounded by request-retry."""
         cfg = self.app.cfg
         client = self.app.client
-        attempts_left = max(0, cfg.request_retry) + 1
-        tried = set()
+        clock = self.clock
         last = None
-        while attempts_left > 0:
-            now = time.monotonic()
-            pairs, earliest = self.candidates(routes, now)
-            pairs = [(r, c) for r, c in pairs if (c.id, r.model) not in tried]
-            if not pairs:
-                if last is None and earliest is not None:
-                    wait = earliest - now
-                    errors = sorted(set(c.last_error for r in routes for c in r.provider.credentials
-                                        if c.last_error))
-                    raise GatewayError(429, "all credentials for model '%s' are cooling down; retry in %ds%s"
-                                       % (req.model, math.ceil(wait), " (last error: %s)" % errors[-1][:300]
-                                          if errors else ""), "rate_limit",
-                                       headers=[("Retry-After", str(max(1, math.ceil(wait))))])
-                break
-            route, cred = pairs[0]
-            tried.add((cred.id, route.model))
-            attempts_left -= 1
-            method, url, headers, body = route.provider.build(req, cred, route.model)
-            cred.in_flight += 1
-            cred.uses += 1
-            ok = False
-            try:
-                resp = await client.request(method, url, headers, body, cred.proxy_url)
-                if resp.status < 300:
-                    ok = True
-                    return route, cred, resp
-                err_body = await resp.read(1 << 20)
-                failure = route.provider.classify_error(resp.status, resp.headers, err_body)
-                log.warning("upstream %s answered %d for %s via %s: %s", route.provider.name, resp.status,
-                            route.model, cred.label, failure.message[:200])
-            except UpstreamError as e:
-                status = 504 if e.kind == "timeout" else 502
-                failure = UpstreamFailure(status, "upstream %s: %s" % (route.provider.name, e.message),
-                                          "timeout" if e.kind == "timeout" else "upstream")
-                log.warning("upstream %s failed for %s via %s: %s", route.provider.name, route.model, cred.label,
-                            e.message)
-            finally:
-                if not ok:
-                    cred.in_flight -= 1
-            cred.last_error = failure.message
-            self.cool(cred, route.model, failure)
-            last = failure
-            if not failure.retryable:
-                break
+        earliest_all = None
+        for routes in chain:
+            attempts_left = max(0, cfg.request_retry) + 1
+            tried = set()
+            attempt = 0
+            while attempts_left > 0:
+                now = clock.now()
+                pairs, earliest = self.candidates(routes, now, tried)
+                usable = [(r, c) for r, c in pairs if self.breaker(r.provider.id).state != "open"] or pairs
+                if not usable:
+                    if earliest is not None:
+                        earliest_all = earliest if earliest_all is None else min(earliest_all, earliest)
+                        wait = earliest - now
+                        if 0 < wait <= cfg.max_retry_interval and last is not None:
+                            log.info("waiting %.1fs for a credential of %s to recover", wait, routes[0].visible)
+                            await clock.sleep(wait)
+                            tried.clear()
+                            continue
+                    break
+                route, cred, key = self.pick(req, usable, now)
+                breaker = self.breaker(route.provider.id)
+                if not breaker.allows(now) and len(usable) > 1:
+                    tried.add((cred.id, route.model))
+                    continue
+                if attempt > 0:
+                    # exponential backoff with full jitter between attempts
+                    await clock.sleep(random_uniform(0, min(self.BACKOFF_CAP, self.BACKOFF_BASE * 2 ** (attempt - 1))))
+                attempt += 1
+                attempts_left -= 1
+                tried.add((cred.id, route.model))
+                method, url, headers, body = route.provider.build(req, cred, route.model)
+                cred.in_flight += 1
+                cred.note_use(now)
+                ok = False
+                try:
+                    resp = await client.request(method, url, headers, body, cred.proxy_url)
+                    if resp.status < 300:
+                        ok = True
+                        self.succeeded(cred, route.model)
+                        self.bind(key, cred, clock.now())
+                        if not (req.stream or route.provider.stream_only):
+                            breaker.record(True, clock.now())
+                        return route, cred, resp
+                    err_body = await resp.read(1 << 20)
+                    failure = route.provider.classify_error(resp.status, resp.headers, err_body)
+                    log.warning("upstream %s answered %d for %s via %s: %s", route.provider.name, resp.status,
+                                route.model, cred.label, failure.message[:200])
+                except UpstreamError as e:
+                    status = 504 if e.kind == "timeout" else 502
+                    failure = UpstreamFailure(status, "upstream %s: %s" % (route.provider.name, e.message),
+                                              "timeout" if e.kind == "timeout" else "upstream",
+                                              "transient" if e.kind == "timeout" else "unknown")
+                    log.warning("upstream %s failed for %s via %s: %s", route.provider.name, route.model,
+                                cred.label, e.message)
+                finally:
+                    if not ok:
+                        cred.in_flight -= 1
+                breaker.record(failure.category in ("user_error", "not_found"), clock.now())
+                self.cool(cred, route.model, failure, clock.now())
+                last = failure
+                if not failure.retryable:
+                    raise self._error(last)
         if last is None:
+            if earliest_all is not None:
+                wait = max(1, math.ceil(earliest_all - clock.now()))
+                errors = sorted(set(c.last_error for routes in chain for r in routes for c in r.provider.credentials
+                                    if c.last_error))
+                raise GatewayError(429, "all credentials for model '%s' are cooling down; retry in %ds%s"
+                                   % (req.model, wait, " (last error: %s)" % errors[-1][:300] if errors else ""),
+                                   "rate_limit", headers=[("Retry-After", str(wait))])
             raise GatewayError(503, "no credential can serve model '%s'" % req.model, "overloaded")
+        raise self._error(last)
+
+    def _error(self, failure):
         headers = []
-        if last.retry_after is not None and last.status in (429, 503, 529):
-            headers.append(("Retry-After", str(max(1, math.ceil(last.retry_after)))))
-        raise GatewayError(last.status, last.message, last.type, headers=headers)
+        if failure.retry_after is not None and failure.status in (429, 503, 529):
+            headers.append(("Retry-After", str(max(1, math.ceil(failure.retry_after)))))
+        return GatewayError(failure.status, failure.message, failure.type, headers=headers)
 
     @staticmethod
     def done(cred):
         cred.in_flight -= 1
+
+
+def random_uniform(a, b):
+    return a + (b - a) * (int.from_bytes(os.urandom(4), "big") / 4294967296.0)
 
 
 # === 11. Handlers ===
@@ -7088,12 +7392,8 @@ class App:
     # -- token counting -------------------------------------------------------------------------------------------
     async def count_tokens(self, ir):
         """Ask the upstream's counter where it has one; otherwise estimate (logged as an estimate)."""
-        name, _ = split_thinking_suffix(ir.model)
-        routes = self.registry.resolve(name)
-        if not routes:
-            raise GatewayError(404, "The model '%s' does not exist or is not served by this gateway" % ir.model,
-                               "not_found", "model", code="model_not_found")
-        pairs, _ = self.router.candidates(routes, time.monotonic())
+        routes = self.resolve_model(ir)[0]
+        pairs, _ = self.router.candidates(routes, self.router.clock.now())
         for route, cred in pairs[:2]:
             spec = route.provider.count_tokens(ir, cred, route.model)
             if spec is None:
@@ -7117,18 +7417,27 @@ class App:
 
     # -- the chat pipeline ----------------------------------------------------------------------------------------
     def resolve_model(self, ir):
-        """Routes for the request's model; a `model(high)` / `model(16384)` suffix selects thinking."""
-        routes = self.registry.resolve(ir.model)
-        if routes:
-            return routes
-        base, thinking = split_thinking_suffix(ir.model)
-        if thinking is not None:
-            routes = self.registry.resolve(base)
-            if routes:
-                ir.thinking = thinking
-                return routes
-        raise GatewayError(404, "The model '%s' does not exist or is not served by this gateway" % ir.model,
-                           "not_found", "model", code="model_not_found")
+        """The routes to try, in order: the requested model's, then each `routing.fallbacks` model's. A
+        `model(high)` / `model(16384)` suffix selects thinking."""
+        name = ir.model
+        routes = self.registry.resolve(name)
+        if not routes:
+            base, thinking = split_thinking_suffix(name)
+            if thinking is not None:
+                routes = self.registry.resolve(base)
+                if routes:
+                    ir.thinking = thinking
+                    name = base
+        chain = [routes] if routes else []
+        fallbacks = self.cfg.routing["fallbacks"]
+        for fb in fallbacks.get(name) or fallbacks.get(self.cfg.routing["aliases"].get(name, name)) or []:
+            fb_routes = self.registry.resolve(fb)
+            if fb_routes:
+                chain.append(fb_routes)
+        if not chain:
+            raise GatewayError(404, "The model '%s' does not exist or is not served by this gateway" % ir.model,
+                               "not_found", "model", code="model_not_found")
+        return chain
 
     MAX_INLINE_MEDIA = 20 * 1024 * 1024
 
@@ -7157,9 +7466,9 @@ class App:
             p.url = None
 
     async def serve_chat(self, http_req, codec, ir, encoder=None, render=None, content_type=None):
-        routes = self.resolve_model(ir)
-        await self.inline_remote_media(ir, routes)
-        route, cred, resp = await self.router.send(ir, routes)
+        chain = self.resolve_model(ir)
+        await self.inline_remote_media(ir, [r for routes in chain for r in routes])
+        route, cred, resp = await self.router.send(ir, chain)
         upstream_streams = ir.stream or route.provider.stream_only
         if not ir.stream:
             try:
@@ -7206,23 +7515,38 @@ class App:
         """IR events from an upstream SSE body; network failures become one ErrorEvent at the end."""
         decoder = route.provider.stream_decoder(ir)
         parser = SSEParser()
+        failure = None
         try:
             async for chunk in resp.iter_bytes():
                 for event, data in parser.feed(chunk):
                     for ev in decoder.feed(event, data):
+                        if ev.kind == "error":
+                            failure = ev
                         yield ev
             for event, data in parser.finish():
                 for ev in decoder.feed(event, data):
+                    if ev.kind == "error":
+                        failure = ev
                     yield ev
             for ev in decoder.close():
+                if ev.kind == "error":
+                    failure = ev
                 yield ev
         except UpstreamError as e:
-            yield ErrorEvent(504 if e.kind == "timeout" else 502,
-                             "upstream %s: %s" % (route.provider.name, e.message),
-                             "timeout" if e.kind == "timeout" else "upstream")
+            failure = ErrorEvent(504 if e.kind == "timeout" else 502,
+                                 "upstream %s: %s" % (route.provider.name, e.message),
+                                 "timeout" if e.kind == "timeout" else "upstream")
+            yield failure
         finally:
             resp.close()
             self.router.done(cred)
+            # The breaker counts streams that die mid-way; a client that goes away is not the upstream's fault.
+            if failure is not None:
+                cat = "quota" if failure.status == 429 else ("transient" if failure.status >= 500 else "unknown")
+                self.router.stream_ended(route, cred, False, UpstreamFailure(
+                    failure.status, failure.message, failure.type, cat))
+            else:
+                self.router.stream_ended(route, cred, True)
 
     async def _encode_stream(self, first, events, encoder):
         try:
