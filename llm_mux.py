@@ -6811,6 +6811,12 @@ class CircuitBreaker:
         else:
             self.window_start, self.calls, self.failures, self.consecutive = now, 0, 0, 0
 
+    def ready(self, now):
+        """Whether calls may go through now (or a half-open trial may start), without changing state."""
+        if self.state == "open":
+            return now - self.opened_at >= self.OPEN_FOR
+        return self.state == "closed" or self.trials < self.TRIALS
+
     def allows(self, now):
         if self.state == "open" and now - self.opened_at >= self.OPEN_FOR:
             self._move("half-open", now)
@@ -6891,11 +6897,13 @@ class Router:
         earliest = None
         for order, route in enumerate(routes):
             for cred in route.provider.credentials:
-                if cred.disabled or (cred.id, route.model) in skip:
+                if cred.disabled:
                     continue
                 until = cred.cooling_until(route.model)
                 if until > now:
                     earliest = until if earliest is None else min(earliest, until)
+                    continue
+                if (cred.id, route.model) in skip:
                     continue
                 ready.append((cred.in_flight, round(cred.recent_usage(now), 3), order, len(ready), route, cred))
         ready.sort(key=lambda t: t[:4])
@@ -6925,6 +6933,7 @@ class Router:
         if failure.disable:
             cred.disabled = "revoked: " + failure.message[:200]
             log.error("credential %s disabled (%s): %s", cred.label, failure.category, failure.message[:300])
+            failure.retryable = True  # the next credential may well work
             return
         cat = failure.category
         if cat == "user_error":
@@ -6990,7 +6999,7 @@ class Router:
             while attempts_left > 0:
                 now = clock.now()
                 pairs, earliest = self.candidates(routes, now, tried)
-                usable = [(r, c) for r, c in pairs if self.breaker(r.provider.id).state != "open"] or pairs
+                usable = [(r, c) for r, c in pairs if self.breaker(r.provider.id).ready(now)] or pairs
                 if not usable:
                     if earliest is not None:
                         earliest_all = earliest if earliest_all is None else min(earliest_all, earliest)

@@ -103,7 +103,10 @@ class FakeUpstream:
 
             do_GET = do_POST = do_PUT = do_DELETE = _handle
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 512  # the default backlog of 5 drops connections under concurrent load
+
+        self.server = Server(("127.0.0.1", 0), H)
         self.server.daemon_threads = True
         self.scheme = "http"
         if certfile:

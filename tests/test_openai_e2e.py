@@ -134,7 +134,7 @@ def test_unknown_model_is_404_in_openai_shape(gateway, upstream):
 def test_upstream_429_surfaces_as_rate_limit_error_with_status(gateway, upstream):
     up = upstream(lambda r: Reply(status=429, body={"error": {"message": "slow down", "type": "rate_limit_error"}},
                                   headers={"Retry-After": "7"}))
-    gw = gateway(openai_provider_config(up.url))
+    gw = gateway(openai_provider_config(up.url) + "max-retry-interval: 0\n")  # surface it, do not wait it out
     with pytest.raises(openai.RateLimitError) as e:
         client_for(gw).chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "x"}])
     assert "slow down" in str(e.value)
