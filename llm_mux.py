@@ -17,8 +17,9 @@ Table of contents
    9. Providers
   10. Routing
   11. Handlers
-  12. CLI
-  13. main
+  12. Watcher
+  13. CLI
+  14. main
 """
 
 # === 1. Header, version, table of contents ===
@@ -6748,17 +6749,25 @@ class Route:
 class Registry:
     """Built from a Config snapshot; rebuilt (not mutated) when the config changes."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, previous=None):
         self.cfg = cfg
         self.providers = []
         self.routes = {}
         self.lower = {}
+        live = {c.id: c for p in previous.providers for c in p.credentials} if previous is not None else {}
         for entry in cfg.providers:
             cls = PROVIDER_CLASSES.get(entry.type)
             if cls is None:
                 log.warning("provider %s (type %s) is not supported yet; skipped", entry.name, entry.type)
                 continue
             provider = cls(entry)
+            # A reload keeps each unchanged credential's live object: cooldowns and in-flight counts carry over,
+            # and requests already running keep decrementing the object they hold.
+            for i, cred in enumerate(provider.credentials):
+                old = live.get(cred.id)
+                if old is not None:
+                    old.label, old.headers = cred.label, cred.headers
+                    provider.credentials[i] = old
             self.providers.append(provider)
             for visible, upstream in provider.model_list():
                 self.routes.setdefault(visible, []).append(Route(provider, upstream, visible))
@@ -7148,9 +7157,11 @@ class App:
 
     def apply_config(self, cfg):
         """Swap in a new snapshot; requests already running keep the objects they hold."""
+        previous = getattr(self, "registry", None)
         self.cfg = cfg
         self.limits = ServerLimits(cfg)
-        self.registry = Registry(cfg)
+        self.registry = Registry(cfg, previous)
+        log.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
 
     async def __call__(self, req):
         fmt = format_for_path(req.path)
@@ -7582,7 +7593,92 @@ class App:
             await events.aclose()
 
 
-# === 12. CLI ===
+# === 12. Watcher ===
+# Owns: noticing edits to the config file (polling, debounced, content-hashed) and applying them without a
+# restart. A broken edit keeps the running config and logs the error with its line. It never serves requests.
+
+RESTART_KEYS = ("host", "port", "tls")
+
+
+class ConfigWatcher:
+    """Polls the config file; applies a changed, valid config to the app. LLM_MUX_* overrides are re-applied on
+    every reload (the original lost them after the first one)."""
+
+    def __init__(self, app, path, interval=0.25, environ=None):
+        self.app, self.path, self.interval = app, path, interval
+        self.environ = environ
+        self.stamp = self._stat()
+        self.pending = None
+        self.digest = self._digest()
+        self.task = None
+
+    def _stat(self):
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _digest(self):
+        try:
+            with open(self.path, "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            return None
+
+    def start(self):
+        self.task = asyncio.get_running_loop().create_task(self._run())
+        return self.task
+
+    def stop(self):
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _run(self):
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self.check()
+            except Exception:  # the watcher must outlive any surprise
+                log.exception("config watcher failed")
+
+    def check(self):
+        stamp = self._stat()
+        if stamp is None or stamp == self.stamp:
+            self.pending = None
+            return False
+        # Debounce: editors write in several steps; act once the file looks the same on two polls in a row.
+        if stamp != self.pending:
+            self.pending = stamp
+            return False
+        self.stamp = stamp
+        digest = self._digest()
+        if digest is None or digest == self.digest:
+            return False
+        self.digest = digest
+        return self.reload()
+
+    def reload(self):
+        old = self.app.cfg
+        try:
+            cfg = Config.load(self.path, self.environ)
+        except ConfigError as e:
+            log.error("config reload failed, keeping the running config: %s", e)
+            return False
+        for w in cfg.warnings:
+            log.warning("config: %s", w)
+        for key in RESTART_KEYS:
+            if cfg.data.get(key) != old.data.get(key):
+                log.warning("config: '%s' changed; it takes effect after a restart", key)
+                cfg.data[key] = old.data[key]
+                setattr(cfg, key.replace("-", "_"), getattr(old, key.replace("-", "_")))
+        self.app.apply_config(cfg)
+        log.info("config reloaded from %s (%d providers, %d models)", self.path, len(self.app.registry.providers),
+                 len(self.app.registry.routes))
+        return True
+
+
+# === 13. CLI ===
 # Owns: the command line (serve, version, env) and the process around the server: logging, signals, TLS
 # context, the safe-binding check. It builds on everything above and adds no gateway behaviour of its own.
 
@@ -7623,9 +7719,10 @@ def listen_url(cfg):
     return "%s://%s:%d" % ("https" if cfg.tls["enable"] else "http", host, cfg.port)
 
 
-async def serve_forever(cfg, ready=None):
+async def serve_forever(cfg, ready=None, config_path=None):
     """Run the gateway until SIGTERM/SIGINT, then drain in-flight responses for up to shutdown-timeout."""
     app = App(cfg)
+    watcher = ConfigWatcher(app, config_path) if config_path else None
     server = HttpServer(app, lambda: app.limits)
     ctx = server_ssl_context(cfg)
     try:
@@ -7640,6 +7737,8 @@ async def serve_forever(cfg, ready=None):
     if ready is not None:
         ready(port)
     release_startup_memory()
+    if watcher is not None:
+        watcher.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -7648,6 +7747,8 @@ async def serve_forever(cfg, ready=None):
         except (NotImplementedError, RuntimeError):
             pass
     await stop.wait()
+    if watcher is not None:
+        watcher.stop()
     log.info("shutting down: no new connections; waiting up to %ss for %d in-flight requests",
              cfg.server["shutdown-timeout"], len(server.busy))
     await server.shutdown(float(cfg.server["shutdown-timeout"]))
@@ -7669,7 +7770,7 @@ def cmd_serve(args):
     check_bind_safety(cfg)
     if uvloop is not None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.run(serve_forever(cfg))
+    asyncio.run(serve_forever(cfg, config_path=path if os.path.exists(path) else None))
     return 0
 
 
@@ -7737,7 +7838,7 @@ def build_parser():
     return parser
 
 
-# === 13. main ===
+# === 14. main ===
 # Owns: the entry point shared by `python llm_mux.py`, the zipapp and `python -m llm_mux`.
 
 def main(argv=None):
