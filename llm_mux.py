@@ -6313,6 +6313,15 @@ class ProviderEntry:
         return e
 
 
+def synthetic_entry(ptype, excluded=()):
+    """The provider entry of file-based (OAuth) credentials: no config block, default models."""
+    e = ProviderEntry()
+    e.index, e.type, e.name, e.provider_id = -1, ptype, ptype, ptype
+    e.base_url, e.proxy_url, e.headers, e.keys, e.models = "", "", [], [], []
+    e.excluded = [p.lower() for p in excluded]
+    return e
+
+
 def apikey_credential_id(provider_id, key, base_url, proxy_url):
     """`<provider>:apikey:<12 hex>` — stable across restarts, so cooldowns and usage rows line up."""
     h = hashlib.sha256((provider_id + ":apikey").encode())
@@ -6334,9 +6343,16 @@ class Credential:
     """One account or API key. State is live (never a stale copy): routing reads and writes it directly."""
 
     __slots__ = ("id", "provider_id", "label", "api_key", "base_url", "proxy_url", "headers", "in_flight", "uses",
-                 "usage_score", "usage_at", "states", "until_all", "disabled", "last_error")
+                 "usage_score", "usage_at", "states", "until_all", "disabled", "last_error", "path", "meta",
+                 "refresh_task", "refresh_after", "refresh_error", "stamp")
 
     def __init__(self, id, provider_id, label, api_key="", base_url="", proxy_url="", headers=()):
+        self.path = None  # a credential file in auth-dir, for OAuth accounts
+        self.meta = {}  # that file's JSON (tokens, expiry, email, ...)
+        self.refresh_task = None  # the one refresh in flight for this credential (single flight)
+        self.refresh_after = 0.0  # epoch seconds before which a failed refresh is not retried
+        self.refresh_error = None
+        self.stamp = None  # (mtime_ns, size) of the file as last read
         self.id, self.provider_id, self.label = id, provider_id, label
         self.api_key, self.base_url, self.proxy_url, self.headers = api_key, base_url, proxy_url, list(headers)
         self.in_flight = 0
@@ -6359,6 +6375,80 @@ class Credential:
         self.usage_score = self.recent_usage(now) + 1.0
         self.usage_at = now
         self.uses += 1
+
+
+EXPIRY_FIELDS = ("expired", "expire", "expires_at", "expiresAt", "expiry", "expires")
+
+
+def credential_expiry(meta):
+    """Epoch seconds when the access token expires (gateway.md §2.10: several spellings, nested `token`)."""
+    for holder in (meta, meta.get("token") if isinstance(meta.get("token"), dict) else None,
+                   meta.get("Token") if isinstance(meta.get("Token"), dict) else None):
+        if not holder:
+            continue
+        for key in EXPIRY_FIELDS:
+            if holder.get(key) not in (None, ""):
+                when = parse_instant(holder[key])
+                if when is not None:
+                    return when
+    return None
+
+
+def rfc3339(epoch):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def read_credential_file(path):
+    """(meta, stamp) for a credential file, or raises ValueError with a clear reason."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            raw = f.read(1 << 20)
+    except OSError as e:
+        raise ValueError("cannot read: %s" % (e.strerror or e))
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError("not valid JSON: %s" % e)
+    if not isinstance(meta, dict):
+        raise ValueError("not a JSON object")
+    if not isinstance(meta.get("type"), str) or not meta["type"].strip():
+        raise ValueError("has no 'type'")
+    return meta, (st.st_mtime_ns, st.st_size)
+
+
+def scan_auth_dir(auth_dir):
+    """{file name: (meta, stamp)} for every readable *.json credential; broken files are logged and skipped."""
+    found = {}
+    try:
+        names = sorted(os.listdir(auth_dir))
+    except OSError:
+        return found
+    for name in names:
+        if not name.endswith(".json") or name.startswith("."):
+            continue
+        path = os.path.join(auth_dir, name)
+        try:
+            found[name] = read_credential_file(path)
+        except ValueError as e:
+            log.warning("credential file %s skipped: %s", name, e)
+    return found
+
+
+def file_provider_id(meta):
+    t = meta["type"].strip().lower()
+    return "gemini-cli" if t == "gemini" else t
+
+
+def credential_from_file(name, meta, stamp, auth_dir):
+    cred = Credential(name, file_provider_id(meta), meta.get("email") or meta.get("label") or name,
+                      proxy_url=(meta.get("proxy_url") or "").strip())
+    cred.path = os.path.join(auth_dir, name)
+    cred.meta = meta
+    cred.stamp = stamp
+    if meta.get("disabled") is True:
+        cred.disabled = "disabled in its file"
+    return cred
 
 
 def credentials_for_entry(entry):
@@ -6567,12 +6657,41 @@ class Provider:
     default_base_url = ""
     default_models = ()
     stream_only = False  # the upstream is always asked for a stream; non-stream clients get it collected
+    refresh_lead = None  # seconds before expiry to refresh an OAuth token (providers.md §1.2); None: no refresh
 
-    def __init__(self, entry):
+    def __init__(self, entry, credentials=None):
         self.entry = entry
         self.id = entry.provider_id
         self.name = entry.name
-        self.credentials = credentials_for_entry(entry)
+        self.credentials = credentials if credentials is not None else credentials_for_entry(entry)
+
+    async def refresh(self, cred, client):
+        """New credential-file content with fresh tokens (providers with `refresh_lead` implement it)."""
+        raise NotImplementedError
+
+    @staticmethod
+    async def post_token(client, url, body, cred, form=False):
+        """POST to an OAuth token endpoint; returns the JSON answer or raises RefreshError."""
+        if form:
+            payload = urllib.parse.urlencode(body).encode()
+            ctype = "application/x-www-form-urlencoded"
+        else:
+            payload = json_bytes(body)
+            ctype = "application/json"
+        try:
+            resp = await client.request("POST", url, [("Content-Type", ctype), ("Accept", "application/json")],
+                                        payload, cred.proxy_url, timeout=15, stream_timeout=30)
+            raw = await resp.read(1 << 20)
+        except UpstreamError as e:
+            raise RefreshError("token endpoint unreachable: %s" % e.message)
+        data = _json_or_none(raw)
+        if resp.status >= 300 or not isinstance(data, dict):
+            message = upstream_error_message(raw)
+            low = raw.decode("utf-8", "replace").lower()
+            raise RefreshError("token endpoint answered %d: %s" % (resp.status, message[:300]),
+                               revoked=any(s in low for s in _REVOKED),
+                               retry_after=parse_retry_after(resp.headers))
+        return data
 
     def model_list(self):
         """[(client-visible id, upstream model name)] after exclusions."""
@@ -6608,6 +6727,12 @@ class Provider:
     def classify_error(self, status, headers, body):
         """Generic policy (providers.md §1.3); providers refine it with their own bodies and hints."""
         return classify_failure(status, headers, body)
+
+
+class RefreshError(Exception):
+    def __init__(self, message, revoked=False, retry_after=None):
+        super().__init__(message)
+        self.message, self.revoked, self.retry_after = message, revoked, retry_after
 
 
 class OpenAICompatProvider(Provider):
@@ -6728,8 +6853,69 @@ class CodexProvider(Provider):
         return "POST", self.base_url(cred) + "/responses", headers, body
 
 
+class ClaudeOAuthProvider(AnthropicProvider):
+    """Claude Pro/Max through OAuth credential files (`type: claude`), providers.md §A.2–A.3: the Messages API
+    with a bearer token, Claude Code's identity headers and betas, and its required system prompt placed before
+    (never instead of) the client's own."""
+
+    type = "claude"
+    token_url = "https://platform.claude.com/v1/oauth/token"
+    client_id = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
+    refresh_lead = 4 * 3600
+    identity = "You are Claude Code, Anthropic's official CLI for Claude."
+    betas = "claude-code-20250219,oauth-2025-04-20,interleaved-thinking-2025-05-14,fine-grained-tool-streaming-2025-05-14"
+
+    def _headers(self, req, cred, stream):
+        beta = self.betas
+        client_beta = req.extra.get("anthropic_beta") if req.client_format == "anthropic" else None
+        if client_beta:
+            extra = [b.strip() for b in client_beta.split(",") if b.strip() and b.strip() not in beta]
+            beta = ",".join([beta] + extra)
+        return [("Content-Type", "application/json"), ("Accept", "text/event-stream" if stream else "application/json"),
+                ("Authorization", "Bearer " + (cred.meta.get("access_token") or "")),
+                ("anthropic-version", "2023-06-01"), ("anthropic-beta", beta),
+                ("anthropic-dangerous-direct-browser-access", "true"), ("x-app", "cli"),
+                ("User-Agent", "claude-cli/2.1.220 (external, cli)"), ("X-Stainless-Lang", "js"),
+                ("X-Stainless-Runtime", "node"), ("X-Stainless-Retry-Count", "0"),
+                ("X-Stainless-Package-Version", "0.94.0"), ("X-Stainless-Runtime-Version", "v26.3.0"),
+                ("X-Stainless-OS", "MacOS"), ("X-Stainless-Arch", "arm64")]
+
+    def build(self, req, cred, model):
+        body = self.codec.build_request(req, model)
+        if not model.startswith("claude-3-5-haiku"):
+            system = body.get("system") or []
+            body["system"] = [{"type": "text", "text": self.identity}] + [
+                b for b in system if b.get("text") != self.identity]
+        body.setdefault("metadata", {"user_id": req.user or "llm-mux-user"})
+        return ("POST", self.base_url(cred) + "/v1/messages?beta=true", self._headers(req, cred, req.stream),
+                json_bytes(body))
+
+    def count_tokens(self, req, cred, model):
+        method, url, headers, body = AnthropicProvider.count_tokens(self, req, cred, model)
+        return method, url.replace("/count_tokens", "/count_tokens?beta=true"), headers, body
+
+    async def refresh(self, cred, client):
+        data = await self.post_token(client, self.token_url, {"client_id": self.client_id,
+                                                              "grant_type": "refresh_token",
+                                                              "refresh_token": cred.meta.get("refresh_token")}, cred)
+        if not data.get("access_token"):
+            raise RefreshError("token endpoint answered without an access_token")
+        meta = dict(cred.meta)
+        meta["access_token"] = data["access_token"]
+        meta["refresh_token"] = data.get("refresh_token") or meta.get("refresh_token")  # rotated, or kept
+        now = time.time()
+        meta["expired"] = rfc3339(now + float(data.get("expires_in") or 3600))
+        meta["last_refresh"] = rfc3339(now)
+        email = (data.get("account") or {}).get("email_address")
+        if email:
+            meta["email"] = email
+        return meta
+
+
 PROVIDER_CLASSES = {"openai": OpenAICompatProvider, "anthropic": AnthropicProvider, "gemini": GeminiProvider,
                     "vertex-compat": VertexCompatProvider, "codex": CodexProvider}
+FILE_PROVIDER_CLASSES = {"claude": ClaudeOAuthProvider}
+PROVIDER_NAMES = {"claude": "Claude"}
 
 
 # === 10. Routing ===
@@ -6749,24 +6935,41 @@ class Route:
 class Registry:
     """Built from a Config snapshot; rebuilt (not mutated) when the config changes."""
 
-    def __init__(self, cfg, previous=None):
+    def __init__(self, cfg, previous=None, files=None):
         self.cfg = cfg
         self.providers = []
         self.routes = {}
         self.lower = {}
         live = {c.id: c for p in previous.providers for c in p.credentials} if previous is not None else {}
+        providers = []
         for entry in cfg.providers:
             cls = PROVIDER_CLASSES.get(entry.type)
             if cls is None:
                 log.warning("provider %s (type %s) is not supported yet; skipped", entry.name, entry.type)
                 continue
-            provider = cls(entry)
+            providers.append(cls(entry))
+        by_type = {}
+        for cred in (files or {}).values():
+            by_type.setdefault(cred.provider_id, []).append(cred)
+        excluded = cfg.oauth_excluded_models
+        for ptype, creds in sorted(by_type.items()):
+            cls = FILE_PROVIDER_CLASSES.get(ptype)
+            if cls is None:
+                log.warning("credential files of type %r are not supported yet: %s", ptype,
+                            ", ".join(c.id for c in creds))
+                continue
+            providers.append(cls(synthetic_entry(ptype, excluded.get(ptype) or ()), creds))
+        for provider in providers:
             # A reload keeps each unchanged credential's live object: cooldowns and in-flight counts carry over,
             # and requests already running keep decrementing the object they hold.
             for i, cred in enumerate(provider.credentials):
                 old = live.get(cred.id)
-                if old is not None:
-                    old.label, old.headers = cred.label, cred.headers
+                if old is not None and old is not cred:
+                    old.label, old.headers, old.proxy_url = cred.label, cred.headers, cred.proxy_url
+                    if cred.path is not None and cred.stamp != old.stamp:
+                        old.meta, old.stamp, old.path = cred.meta, cred.stamp, cred.path
+                        if old.disabled == "disabled in its file" or cred.disabled:
+                            old.disabled = cred.disabled
                     provider.credentials[i] = old
             self.providers.append(provider)
             for visible, upstream in provider.model_list():
@@ -7001,6 +7204,7 @@ class Router:
         clock = self.clock
         last = None
         earliest_all = None
+        refreshed = set()
         for routes in chain:
             attempts_left = max(0, cfg.request_retry) + 1
             tried = set()
@@ -7020,6 +7224,12 @@ class Router:
                             continue
                     break
                 route, cred, key = self.pick(req, usable, now)
+                if route.provider.refresh_lead is not None and \
+                        not await self.app.refresher.ensure(cred, route.provider):
+                    tried.add((cred.id, route.model))
+                    last = last or UpstreamFailure(401, "credential %s has no valid token: %s" % (
+                        cred.label, cred.refresh_error or cred.disabled), "authentication", "auth_error")
+                    continue
                 breaker = self.breaker(route.provider.id)
                 if not breaker.allows(now) and len(usable) > 1:
                     tried.add((cred.id, route.model))
@@ -7057,6 +7267,13 @@ class Router:
                 finally:
                     if not ok:
                         cred.in_flight -= 1
+                if failure.status == 401 and route.provider.refresh_lead is not None and cred.id not in refreshed:
+                    # An expired or rotated token: refresh once, then try again without cooling the credential.
+                    refreshed.add(cred.id)
+                    if await self.app.refresher.ensure(cred, route.provider, force=True):
+                        tried.discard((cred.id, route.model))
+                        attempts_left += 1
+                        continue
                 breaker.record(failure.category in ("user_error", "not_found"), clock.now())
                 self.cool(cred, route.model, failure, clock.now())
                 last = failure
@@ -7082,6 +7299,131 @@ class Router:
     @staticmethod
     def done(cred):
         cred.in_flight -= 1
+
+
+class Refresher:
+    """Keeps OAuth tokens fresh (gateway.md §6.14, providers.md §1.2): a background sweep refreshes each token
+    `refresh_lead` before it expires; requests refresh an expired token on demand, and a 401 forces one refresh.
+    Single flight per credential inside the process (one task that every caller awaits) and across processes
+    sharing the auth dir (an exclusive lock file beside the credential; a token another process already rotated
+    is adopted, not refreshed again). The new token is written atomically, mode 0600, before it is used, so a
+    rotated refresh token is never lost. Failures back off (1 min, then 5 min) and show in the status."""
+
+    SWEEP = 30.0
+    LOCK_TIMEOUT = 30.0
+
+    def __init__(self, app):
+        self.app = app
+        self.task = None
+        self.refresh_calls = 0
+
+    @staticmethod
+    def due(cred, margin, now=None):
+        exp = credential_expiry(cred.meta)
+        if exp is None:
+            return not cred.meta.get("access_token")
+        return exp - (now or time.time()) <= margin
+
+    async def ensure(self, cred, provider, force=False):
+        """True when the credential holds a usable token (refreshing it first if needed)."""
+        if provider.refresh_lead is None or cred.path is None:
+            return True
+        task = cred.refresh_task
+        if task is None or task.done():
+            if not force and not self.due(cred, 60):
+                return True
+            if time.time() < cred.refresh_after and not force:
+                return not self.due(cred, 0)
+            task = cred.refresh_task = asyncio.ensure_future(self._refresh(cred, provider, force))
+        return await asyncio.shield(task)
+
+    async def _lock(self, path):
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: in-process single flight only
+            return None
+        lock_path = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + self.LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except OSError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise RefreshError("another process holds the refresh lock for %s" % os.path.basename(path))
+                await asyncio.sleep(0.05)
+
+    @staticmethod
+    def _unlock(fd):
+        if fd is not None:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    async def _refresh(self, cred, provider, force):
+        fd = None
+        try:
+            fd = await self._lock(cred.path)
+            try:
+                meta, stamp = read_credential_file(cred.path)
+            except ValueError:
+                meta, stamp = cred.meta, cred.stamp
+            if meta.get("access_token") != cred.meta.get("access_token"):
+                # Someone (another gateway process, a login) rotated the token while we waited: use theirs.
+                cred.meta, cred.stamp = meta, stamp
+                if not self.due(cred, 60):
+                    log.info("credential %s: adopted the token refreshed by another process", cred.label)
+                    return True
+            elif not force and not self.due(cred, provider.refresh_lead):
+                return True
+            self.refresh_calls += 1
+            new = await provider.refresh(cred, self.app.client)
+            write_file_atomic(cred.path, json.dumps(new, indent=2, ensure_ascii=False) + "\n", 0o600)
+            st = os.stat(cred.path)
+            cred.meta, cred.stamp = new, (st.st_mtime_ns, st.st_size)
+            cred.refresh_error, cred.refresh_after = None, 0.0
+            exp = credential_expiry(new)
+            log.info("credential %s refreshed; token valid until %s", cred.label, rfc3339(exp) if exp else "?")
+            return True
+        except RefreshError as e:
+            cred.refresh_error = e.message
+            if e.revoked:
+                cred.disabled = "revoked: " + e.message[:200]
+                log.error("credential %s disabled: refresh token revoked (%s)", cred.label, e.message[:300])
+                return False
+            backoff = 300.0 if cred.refresh_after else 60.0
+            if e.retry_after is not None:
+                backoff = min(300.0, max(5.0, e.retry_after))
+            cred.refresh_after = time.time() + backoff
+            log.warning("credential %s: refresh failed (%s); next try in %ds", cred.label, e.message[:300], backoff)
+            return not self.due(cred, 0)
+        finally:
+            self._unlock(fd)
+
+    def start(self):
+        self.task = asyncio.get_running_loop().create_task(self._sweep())
+
+    def stop(self):
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _sweep(self):
+        while True:
+            try:
+                now = time.time()
+                for provider in self.app.registry.providers:
+                    if provider.refresh_lead is None:
+                        continue
+                    for cred in provider.credentials:
+                        if cred.disabled or cred.path is None or now < cred.refresh_after:
+                            continue
+                        if self.due(cred, provider.refresh_lead, now):
+                            asyncio.ensure_future(self.ensure(cred, provider, force=True))
+            except Exception:
+                log.exception("refresh sweep failed")
+            await asyncio.sleep(self.SWEEP)
 
 
 def random_uniform(a, b):
@@ -7131,9 +7473,11 @@ def caller_family(req):
 class App:
     """The gateway as an HTTP app: holds the current Config snapshot, the registry, the router and the client."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, files=None):
         self.client = HttpClient(lambda: self.cfg)
         self.router = Router(self)
+        self.refresher = Refresher(self)
+        self.files = files if files is not None else self.load_files(cfg.auth_dir)
         self.apply_config(cfg)
         self.started = time.time()
         self.routes = {
@@ -7155,12 +7499,24 @@ class App:
             self.routes[("POST", prefix + "/generate")] = self.ollama_generate
         self.public = {"/", "/api/version", "/ollama/api/version"}
 
+    @staticmethod
+    def load_files(auth_dir):
+        return {name: credential_from_file(name, meta, stamp, auth_dir)
+                for name, (meta, stamp) in scan_auth_dir(auth_dir).items()}
+
+    def apply_files(self, files):
+        """A new set of credential files (added, changed or removed ones); the registry is rebuilt around it."""
+        self.files = files
+        self.registry = Registry(self.cfg, self.registry, files)
+
     def apply_config(self, cfg):
         """Swap in a new snapshot; requests already running keep the objects they hold."""
         previous = getattr(self, "registry", None)
+        if previous is not None and cfg.auth_dir != self.cfg.auth_dir:
+            self.files = self.load_files(cfg.auth_dir)
         self.cfg = cfg
         self.limits = ServerLimits(cfg)
-        self.registry = Registry(cfg, previous)
+        self.registry = Registry(cfg, previous, self.files)
         log.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
 
     async def __call__(self, req):
@@ -7594,8 +7950,8 @@ class App:
 
 
 # === 12. Watcher ===
-# Owns: noticing edits to the config file (polling, debounced, content-hashed) and applying them without a
-# restart. A broken edit keeps the running config and logs the error with its line. It never serves requests.
+# Owns: noticing edits to the config file and to the credential files in auth-dir (polling, debounced) and
+# applying them without a restart. A broken config edit keeps the running config and logs the error with its line.
 
 RESTART_KEYS = ("host", "port", "tls")
 
@@ -7678,6 +8034,78 @@ class ConfigWatcher:
         return True
 
 
+class AuthDirWatcher:
+    """Polls auth-dir: a credential file created, modified, deleted or renamed is picked up within a second.
+    Unchanged files keep their live credential objects; the gateway's own refresh writes are adopted as edits."""
+
+    def __init__(self, app, interval=0.25):
+        self.app, self.interval = app, interval
+        self.listing = self._listing()
+        self.pending = None
+        self.task = None
+
+    def _listing(self):
+        d = self.app.cfg.auth_dir
+        out = {}
+        try:
+            names = os.listdir(d)
+        except OSError:
+            return out
+        for name in names:
+            if name.endswith(".json") and not name.startswith("."):
+                try:
+                    st = os.stat(os.path.join(d, name))
+                except OSError:
+                    continue
+                out[name] = (st.st_mtime_ns, st.st_size)
+        return out
+
+    def start(self):
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self):
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _run(self):
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self.check()
+            except Exception:
+                log.exception("auth-dir watcher failed")
+
+    def check(self):
+        listing = self._listing()
+        if listing == self.listing:
+            self.pending = None
+            return False
+        if listing != self.pending:  # debounce: the same picture on two polls in a row
+            self.pending = listing
+            return False
+        before = set(self.listing)
+        self.listing = listing
+        d = self.app.cfg.auth_dir
+        files = {}
+        for name, stamp in listing.items():
+            old = self.app.files.get(name)
+            if old is not None and old.stamp == stamp:
+                files[name] = old
+                continue
+            try:
+                meta, real_stamp = read_credential_file(os.path.join(d, name))
+            except ValueError as e:
+                log.warning("credential file %s skipped: %s", name, e)
+                continue
+            files[name] = credential_from_file(name, meta, real_stamp, d)
+        added = sorted(set(files) - before)
+        removed = sorted(before - set(listing))
+        self.app.apply_files(files)
+        log.info("auth dir changed: %d credential file(s)%s%s", len(files),
+                 "; added " + ", ".join(added) if added else "", "; removed " + ", ".join(removed) if removed else "")
+        return True
+
+
 # === 13. CLI ===
 # Owns: the command line (serve, version, env) and the process around the server: logging, signals, TLS
 # context, the safe-binding check. It builds on everything above and adds no gateway behaviour of its own.
@@ -7721,8 +8149,10 @@ def listen_url(cfg):
 
 async def serve_forever(cfg, ready=None, config_path=None):
     """Run the gateway until SIGTERM/SIGINT, then drain in-flight responses for up to shutdown-timeout."""
+    os.makedirs(cfg.auth_dir, mode=0o700, exist_ok=True)
     app = App(cfg)
     watcher = ConfigWatcher(app, config_path) if config_path else None
+    auth_watcher = AuthDirWatcher(app)
     server = HttpServer(app, lambda: app.limits)
     ctx = server_ssl_context(cfg)
     try:
@@ -7739,6 +8169,8 @@ async def serve_forever(cfg, ready=None, config_path=None):
     release_startup_memory()
     if watcher is not None:
         watcher.start()
+    auth_watcher.start()
+    app.refresher.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -7749,6 +8181,8 @@ async def serve_forever(cfg, ready=None, config_path=None):
     await stop.wait()
     if watcher is not None:
         watcher.stop()
+    auth_watcher.stop()
+    app.refresher.stop()
     log.info("shutting down: no new connections; waiting up to %ss for %d in-flight requests",
              cfg.server["shutdown-timeout"], len(server.busy))
     await server.shutdown(float(cfg.server["shutdown-timeout"]))
