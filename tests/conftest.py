@@ -6,12 +6,13 @@ import textwrap
 import time
 import urllib.request
 
-import warnings
-
 import pytest
 
-# The Anthropic SDK warns about model ids it knows to be retiring; the tests use such ids on purpose.
-warnings.filterwarnings("ignore", message=r"The model .* is deprecated")
+
+
+def pytest_configure(config):
+    # The Anthropic SDK warns about model ids it knows to be retiring; the tests use such ids on purpose.
+    config.addinivalue_line("filterwarnings", r"ignore:The model .* is deprecated")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
