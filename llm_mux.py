@@ -6926,10 +6926,10 @@ PROVIDER_NAMES = {"claude": "Claude"}
 class Route:
     """One way to serve a client-visible model: a provider, the upstream model name, and its credentials."""
 
-    __slots__ = ("provider", "model", "visible")
+    __slots__ = ("provider", "model", "visible", "priority")
 
-    def __init__(self, provider, model, visible):
-        self.provider, self.model, self.visible = provider, model, visible
+    def __init__(self, provider, model, visible, priority=1):
+        self.provider, self.model, self.visible, self.priority = provider, model, visible, priority
 
 
 class Registry:
@@ -6972,16 +6972,28 @@ class Registry:
                             old.disabled = cred.disabled
                     provider.credentials[i] = old
             self.providers.append(provider)
+            priority = cfg.routing["provider-priority"].get(provider.id) or \
+                cfg.routing["provider-priority"].get(provider.name) or 1
             for visible, upstream in provider.model_list():
-                self.routes.setdefault(visible, []).append(Route(provider, upstream, visible))
+                self.routes.setdefault(visible, []).append(Route(provider, upstream, visible, max(1, priority)))
                 self.lower.setdefault(visible.lower(), visible)
+        for routes in self.routes.values():
+            routes.sort(key=lambda r: r.priority)  # stable: equal priorities keep config order
+
+    @staticmethod
+    def display_name(provider):
+        return PROVIDER_NAMES.get(provider.id) or provider.name
 
     def resolve(self, model):
-        """Routes for a requested model id (after `routing.aliases` and an optional `provider://` prefix)."""
+        """Routes for a requested model id, after `routing.aliases`; `provider://model` or `[Display] model`
+        (as listed with show-provider-prefixes) pins the provider."""
         aliases = self.cfg.routing["aliases"]
         model = aliases.get(model, model)
         prefix = None
-        if "://" in model:
+        if model.startswith("[") and "] " in model:
+            prefix, _, model = model[1:].partition("] ")
+            model = aliases.get(model, model)
+        elif "://" in model:
             prefix, _, model = model.partition("://")
             model = aliases.get(model, model)
         routes = self.routes.get(model)
@@ -6991,12 +7003,29 @@ class Registry:
         if not routes:
             return []
         if prefix:
-            routes = [r for r in routes if r.provider.id == prefix.lower() or r.provider.name.lower() == prefix.lower()]
+            p = prefix.lower()
+            routes = [r for r in routes if p in (r.provider.id, r.provider.name.lower(),
+                                                 self.display_name(r.provider).lower())]
         return routes
 
     def model_entries(self):
-        """[(id, owner)] for /v1/models, one entry per id (first provider wins)."""
+        """[(id, owner)] for model lists: one entry per id, or with show-provider-prefixes one per provider as
+        `[Display] id` (which requests may use to pin that provider)."""
+        if self.cfg.show_provider_prefixes:
+            out = []
+            for visible, routes in self.routes.items():
+                seen = set()
+                for r in routes:
+                    name = self.display_name(r.provider)
+                    if name not in seen:
+                        seen.add(name)
+                        out.append(("[%s] %s" % (name, visible), r.provider.name))
+            return out
         return [(visible, routes[0].provider.name) for visible, routes in self.routes.items()]
+
+    def preview_variants(self, model):
+        """Models named `<model>-preview...`: where quota-exceeded.switch-preview-model sends a failing request."""
+        return sorted(v for v in self.routes if v.startswith(model + "-preview"))
 
 
 class CircuitBreaker:
@@ -7117,16 +7146,18 @@ class Router:
                     continue
                 if (cred.id, route.model) in skip:
                     continue
-                ready.append((cred.in_flight, round(cred.recent_usage(now), 3), order, len(ready), route, cred))
-        ready.sort(key=lambda t: t[:4])
-        return [(t[4], t[5]) for t in ready], earliest
+                ready.append((route.priority, cred.in_flight, round(cred.recent_usage(now), 3), order, len(ready),
+                              route, cred))
+        ready.sort(key=lambda t: t[:5])
+        return [(t[5], t[6]) for t in ready], earliest
 
     def pick(self, req, pairs, now):
         key = self.affinity_key(req)
         bound = self.affinity.get(key)
         if bound is not None and bound[1] > now:
+            best = pairs[0][0].priority
             for route, cred in pairs:
-                if cred.id == bound[0]:
+                if cred.id == bound[0] and route.priority == best:
                     return route, cred, key
         return pairs[0][0], pairs[0][1], key
 
@@ -7506,8 +7537,13 @@ class App:
 
     def apply_files(self, files):
         """A new set of credential files (added, changed or removed ones); the registry is rebuilt around it."""
-        self.files = files
         self.registry = Registry(self.cfg, self.registry, files)
+        self._adopt_live_files(files)
+
+    def _adopt_live_files(self, files):
+        """Keep `files` pointing at the live credential objects the registry kept, so stamps stay current."""
+        live = {c.id: c for p in self.registry.providers for c in p.credentials if c.path is not None}
+        self.files = {name: live.get(name, cred) for name, cred in files.items()}
 
     def apply_config(self, cfg):
         """Swap in a new snapshot; requests already running keep the objects they hold."""
@@ -7517,6 +7553,7 @@ class App:
         self.cfg = cfg
         self.limits = ServerLimits(cfg)
         self.registry = Registry(cfg, previous, self.files)
+        self._adopt_live_files(self.files)
         log.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
 
     async def __call__(self, req):
@@ -7806,9 +7843,12 @@ class App:
                     name = base
         chain = [routes] if routes else []
         fallbacks = self.cfg.routing["fallbacks"]
-        for fb in fallbacks.get(name) or fallbacks.get(self.cfg.routing["aliases"].get(name, name)) or []:
+        extra = list(fallbacks.get(name) or fallbacks.get(self.cfg.routing["aliases"].get(name, name)) or [])
+        if self.cfg.quota_exceeded["switch-preview-model"]:
+            extra += self.registry.preview_variants(name)
+        for fb in extra:
             fb_routes = self.registry.resolve(fb)
-            if fb_routes:
+            if fb_routes and fb_routes not in chain:
                 chain.append(fb_routes)
         if not chain:
             raise GatewayError(404, "The model '%s' does not exist or is not served by this gateway" % ir.model,
@@ -8082,6 +8122,11 @@ class AuthDirWatcher:
             return False
         if listing != self.pending:  # debounce: the same picture on two polls in a row
             self.pending = listing
+            return False
+        live = self.app.files
+        if set(listing) == set(self.listing) and all(
+                stamp == self.listing[n] or (n in live and live[n].stamp == stamp) for n, stamp in listing.items()):
+            self.listing = listing  # only our own refresh writes: nothing to reload
             return False
         before = set(self.listing)
         self.listing = listing

@@ -221,3 +221,39 @@ def test_broken_credential_files_are_reported_not_fatal(gateway, claude, tmp_pat
     gw = gateway(claude.config() + "auth-dir: %s\n" % auth)
     assert ask(gw).content[0].text == "hi via at-good"
     assert "broken.json skipped: not valid JSON" in gw.output() and "notype.json skipped: has no 'type'" in gw.output()
+
+
+def test_an_auth_file_drop_takes_effect_while_a_stream_is_in_flight(gateway, claude, upstream, tmp_path):
+    from conftest import openai_provider_config
+    from fakes import openai_stream_events
+    paced = []
+    for e in openai_stream_events(tuple("abcdefgh"), usage=False):
+        paced += [e, 0.2]
+    up = upstream(lambda r: Reply("sse", events=paced))
+    auth = str(tmp_path / "auth")
+    os.makedirs(auth)
+    gw = gateway(openai_provider_config(up.url) + claude.config() + "auth-dir: %s\n" % auth)
+    c = openai.OpenAI(base_url=gw.url + "/v1", api_key="k", max_retries=0, timeout=30)
+    got = []
+    started = threading.Event()
+
+    def consume():
+        for chunk in c.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "x"}],
+                                               stream=True):
+            started.set()
+            got.extend(ch.delta.content or "" for ch in chunk.choices)
+    t = threading.Thread(target=consume)
+    t.start()
+    assert started.wait(10)
+    write_cred(auth)
+    t0 = time.monotonic()
+    while True:
+        try:
+            if ask(gw).content[0].text == "hi via at-good":
+                break
+        except anthropic.NotFoundError:
+            pass
+        assert time.monotonic() - t0 < 2
+        time.sleep(0.05)
+    t.join(20)
+    assert "".join(got) == "abcdefgh"

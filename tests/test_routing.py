@@ -336,3 +336,75 @@ def test_200_concurrent_requests_with_one_failing_credential_lose_none(make):
     results = asyncio.run(run())
     assert len(results) == 200
     assert all(r.choices[0].message.content in ("ok-k1", "ok-k3") for r in results)
+
+
+def test_garbage_and_hanging_upstreams_fail_over(make):
+    def handler(r):
+        key = r.headers["authorization"][7:]
+        if key == "k1":
+            return Reply("raw", body="<html>not json at all", headers={"Content-Type": "text/html"})
+        if key == "k2":
+            return Reply("hang")
+        return Reply(body=openai_completion("ok-" + key))
+    gw, up = make(handler, keys=("k1", "k2", "k3"), cfg="request-retry: 2\nstream-timeout: 1\n")
+    # k1 answers 200 with garbage: the client gets a clear 502 (no silent empty answer)
+    c = gw.client()
+    results = []
+    for i in range(3):
+        try:
+            results.append(c.chat.completions.create(model="m", messages=[
+                {"role": "user", "content": "g%d" % i}]).choices[0].message.content)
+        except openai.APIStatusError as e:
+            results.append(e.status_code)
+    assert 502 in results and "ok-k3" in results
+    assert cooling_for(gw, "k2") == pytest.approx(60, abs=1)  # the hang timed out (504): transient, one minute
+
+
+def test_provider_priority_orders_providers(make):
+    a = FakeUpstream(lambda r: Reply(body=openai_completion("from a"))).start()
+    b = FakeUpstream(lambda r: Reply(body=openai_completion("from b"))).start()
+    gw = GatewayThread("routing:\n  provider-priority: {second: 1, first: 2}\nproviders:\n" +
+                       provider(a.url, ["ka"], name="first") + provider(b.url, ["kb"], name="second"))
+    try:
+        answers = {gw.chat(text="c%d" % i).choices[0].message.content for i in range(6)}
+        assert answers == {"from b"}  # lower number first, whatever the load
+    finally:
+        gw.stop()
+        a.stop()
+        b.stop()
+
+
+def test_show_provider_prefixes_lists_and_pins_providers(make):
+    a = FakeUpstream(lambda r: Reply(body=openai_completion("from a"))).start()
+    b = FakeUpstream(lambda r: Reply(body=openai_completion("from b"))).start()
+    gw = GatewayThread("show-provider-prefixes: true\nproviders:\n" + provider(a.url, ["ka"], name="Alpha") +
+                       provider(b.url, ["kb"], name="Beta"))
+    try:
+        ids = sorted(m.id for m in gw.client().models.list())
+        assert ids == ["[Alpha] m", "[Beta] m"]
+        assert gw.chat("[Beta] m").choices[0].message.content == "from b"
+        assert gw.chat("Alpha://m").choices[0].message.content == "from a"
+    finally:
+        gw.stop()
+        a.stop()
+        b.stop()
+
+
+def test_switch_preview_model_falls_back_to_the_preview_variant(make):
+    up = FakeUpstream(lambda r: Reply(status=429, body={"error": {"message": "quota"}}) if r.json["model"] == "gm"
+                      else Reply(body=openai_completion("preview answered"))).start()
+    gw = GatewayThread("providers:\n" + provider(up.url, ["k1"], models=("gm", "gm-preview-05")))
+    try:
+        assert gw.chat("gm").choices[0].message.content == "preview answered"
+    finally:
+        gw.stop()
+        up.stop()
+    up = FakeUpstream(up.handler).start()
+    gw = GatewayThread("quota-exceeded: {switch-preview-model: false}\nproviders:\n" +
+                       provider(up.url, ["k1"], models=("gm", "gm-preview-05")))
+    try:
+        with pytest.raises(openai.RateLimitError):
+            gw.chat("gm")
+    finally:
+        gw.stop()
+        up.stop()
