@@ -6729,6 +6729,11 @@ class Provider:
         return classify_failure(status, headers, body)
 
 
+# How long before expiry each provider's OAuth token is refreshed (providers.md §1.2, llm-mux's values).
+REFRESH_LEADS = {"claude": 4 * 3600, "codex": 5 * 86400, "antigravity": 300, "qwen": 3 * 3600, "iflow": 86400,
+                 "cline": 120, "kiro": 300, "github-copilot": 300, "gemini-cli": 600, "vertex": 300}
+
+
 class RefreshError(Exception):
     def __init__(self, message, revoked=False, retry_after=None):
         super().__init__(message)
@@ -6861,7 +6866,7 @@ class ClaudeOAuthProvider(AnthropicProvider):
     type = "claude"
     token_url = "https://platform.claude.com/v1/oauth/token"
     client_id = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
-    refresh_lead = 4 * 3600
+    refresh_lead = REFRESH_LEADS["claude"]
     identity = "You are Claude Code, Anthropic's official CLI for Claude."
     betas = "claude-code-20250219,oauth-2025-04-20,interleaved-thinking-2025-05-14,fine-grained-tool-streaming-2025-05-14"
 
