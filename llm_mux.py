@@ -6451,6 +6451,101 @@ def credential_from_file(name, meta, stamp, auth_dir):
     return cred
 
 
+# -- RS256 for Vertex service accounts (standard library only) ----------------------------------------------------
+
+class RsaKey:
+    """An RSA private key from PEM (PKCS#8 `PRIVATE KEY` or PKCS#1 `RSA PRIVATE KEY`), enough to sign."""
+
+    __slots__ = ("n", "e", "d", "p", "q", "dp", "dq", "qinv", "size")
+
+    def __init__(self, n, e, d, p, q, dp, dq, qinv):
+        self.n, self.e, self.d, self.p, self.q, self.dp, self.dq, self.qinv = n, e, d, p, q, dp, dq, qinv
+        self.size = (n.bit_length() + 7) // 8
+
+    @staticmethod
+    def _der(data, pos, expect=None):
+        """(tag, value, next position) of the DER element at `pos`."""
+        if pos + 2 > len(data):
+            raise ValueError("truncated DER")
+        tag, length = data[pos], data[pos + 1]
+        pos += 2
+        if length & 0x80:
+            count = length & 0x7F
+            if count == 0 or count > 4 or pos + count > len(data):
+                raise ValueError("bad DER length")
+            length = int.from_bytes(data[pos:pos + count], "big")
+            pos += count
+        if pos + length > len(data):
+            raise ValueError("truncated DER")
+        if expect is not None and tag != expect:
+            raise ValueError("unexpected DER tag 0x%02x (wanted 0x%02x)" % (tag, expect))
+        return tag, data[pos:pos + length], pos + length
+
+    @classmethod
+    def _pkcs1(cls, der):
+        _, seq, _ = cls._der(der, 0, 0x30)
+        ints = []
+        pos = 0
+        while pos < len(seq) and len(ints) < 9:
+            _, value, pos = cls._der(seq, pos, 0x02)
+            ints.append(int.from_bytes(value, "big"))
+        if len(ints) != 9 or ints[0] != 0:
+            raise ValueError("not a two-prime RSA private key")
+        return cls(*ints[1:])
+
+    @classmethod
+    def from_pem(cls, pem):
+        text = pem.replace("\\n", "\n") if "\\n" in pem else pem  # keys pasted with escaped newlines
+        m = re.search(r"-----BEGIN ([A-Z ]+)-----(.*?)-----END \1-----", text, re.S)
+        if not m:
+            raise ValueError("no PEM block found")
+        try:
+            der = base64.b64decode("".join(m.group(2).split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("PEM body is not base64")
+        kind = m.group(1)
+        if kind == "RSA PRIVATE KEY":
+            return cls._pkcs1(der)
+        if kind == "PRIVATE KEY":  # PKCS#8: SEQUENCE { version, AlgorithmIdentifier, OCTET STRING { PKCS#1 } }
+            _, seq, _ = cls._der(der, 0, 0x30)
+            _, _, pos = cls._der(seq, 0, 0x02)
+            _, alg, pos = cls._der(seq, pos, 0x30)
+            if b"\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01" not in alg:  # OID 1.2.840.113549.1.1.1 rsaEncryption
+                raise ValueError("not an RSA key")
+            _, inner, _ = cls._der(seq, pos, 0x04)
+            return cls._pkcs1(inner)
+        raise ValueError("unsupported PEM block %r" % kind)
+
+    # DigestInfo for SHA-256 (RFC 8017 §9.2 note 1)
+    _SHA256_PREFIX = bytes.fromhex("3031300d060960864801650304020105000420")
+
+    def sign_sha256(self, message):
+        """RSASSA-PKCS1-v1_5 with SHA-256 (EMSA-PKCS1-v1_5 encoding, CRT exponentiation)."""
+        t = self._SHA256_PREFIX + hashlib.sha256(message).digest()
+        if self.size < len(t) + 11:
+            raise ValueError("RSA key too short")
+        em = b"\x00\x01" + b"\xff" * (self.size - len(t) - 3) + b"\x00" + t
+        m = int.from_bytes(em, "big")
+        m1, m2 = pow(m, self.dp, self.p), pow(m, self.dq, self.q)
+        h = (self.qinv * (m1 - m2)) % self.p
+        sig = m2 + h * self.q
+        if pow(sig, self.e, self.n) != m:  # guard against a faulty key or computation
+            raise ValueError("RSA signature self-check failed")
+        return sig.to_bytes(self.size, "big")
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def jwt_rs256(claims, key, kid=None):
+    header = {"alg": "RS256", "typ": "JWT"}
+    if kid:
+        header["kid"] = kid
+    signing_input = (b64url(json_bytes(header)) + "." + b64url(json_bytes(claims))).encode("ascii")
+    return signing_input.decode("ascii") + "." + b64url(key.sign_sha256(signing_input))
+
+
 def credentials_for_entry(entry):
     seen = {}
     out = []
@@ -6919,8 +7014,53 @@ class ClaudeOAuthProvider(AnthropicProvider):
 
 PROVIDER_CLASSES = {"openai": OpenAICompatProvider, "anthropic": AnthropicProvider, "gemini": GeminiProvider,
                     "vertex-compat": VertexCompatProvider, "codex": CodexProvider}
-FILE_PROVIDER_CLASSES = {"claude": ClaudeOAuthProvider}
-PROVIDER_NAMES = {"claude": "Claude"}
+class VertexProvider(GeminiProvider):
+    """Vertex AI with a service-account credential file (`type: vertex`), providers.md §G: an RS256 JWT signed with
+    the account's key is exchanged for an access token, renewed before it expires."""
+
+    type = "vertex"
+    scope = "https://www.googleapis.com/auth/cloud-platform"
+    default_token_uri = "https://oauth2.googleapis.com/token"
+    refresh_lead = REFRESH_LEADS["vertex"]
+
+    def base_url(self, cred):
+        loc = cred.meta.get("location") or "us-central1"
+        return "https://aiplatform.googleapis.com" if loc == "global" else \
+            "https://%s-aiplatform.googleapis.com" % loc
+
+    def _url(self, cred, model, action):
+        loc = cred.meta.get("location") or "us-central1"
+        project = cred.meta.get("project_id") or (cred.meta.get("service_account") or {}).get("project_id")
+        return "%s/v1/projects/%s/locations/%s/publishers/google/models/%s:%s" % (
+            self.base_url(cred), project, loc, model, action)
+
+    def _headers(self, cred):
+        return [("Content-Type", "application/json"), ("User-Agent", USER_AGENT),
+                ("Authorization", "Bearer " + (cred.meta.get("access_token") or ""))]
+
+    async def refresh(self, cred, client):
+        sa = cred.meta.get("service_account") or {}
+        try:
+            key = RsaKey.from_pem(sa.get("private_key") or "")
+        except ValueError as e:
+            raise RefreshError("service account private key unusable: %s" % e, revoked=True)
+        token_uri = sa.get("token_uri") or self.default_token_uri
+        now = int(time.time())
+        assertion = jwt_rs256({"iss": sa.get("client_email"), "scope": self.scope, "aud": token_uri, "iat": now,
+                               "exp": now + 3600}, key, sa.get("private_key_id"))
+        data = await self.post_token(client, token_uri, {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+                                                         "assertion": assertion}, cred, form=True)
+        if not data.get("access_token"):
+            raise RefreshError("token endpoint answered without an access_token")
+        meta = dict(cred.meta)
+        meta["access_token"] = data["access_token"]
+        meta["expired"] = rfc3339(now + float(data.get("expires_in") or 3600))
+        meta["last_refresh"] = rfc3339(now)
+        return meta
+
+
+FILE_PROVIDER_CLASSES = {"claude": ClaudeOAuthProvider, "vertex": VertexProvider}
+PROVIDER_NAMES = {"claude": "Claude", "vertex": "Vertex AI"}
 
 
 # === 10. Routing ===
@@ -8301,6 +8441,40 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
 
 
+def import_vertex(sa_path, auth_dir, location="us-central1"):
+    """Turn a Google service-account JSON key into `vertex-<project>.json` in auth-dir (0600). Returns the path."""
+    try:
+        with open(sa_path, "r", encoding="utf-8") as f:
+            sa = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CliError("cannot read service account %s: %s" % (sa_path, e))
+    if not isinstance(sa, dict) or sa.get("type") != "service_account":
+        raise CliError("%s is not a service-account key (its type is not 'service_account')" % sa_path)
+    for field in ("project_id", "client_email", "private_key"):
+        if not sa.get(field):
+            raise CliError("service account %s has no %s" % (sa_path, field))
+    try:
+        RsaKey.from_pem(sa["private_key"])
+    except ValueError as e:
+        raise CliError("service account private key unusable: %s" % e)
+    name = "vertex-%s.json" % re.sub(r"[^A-Za-z0-9_.-]", "_", sa["project_id"])
+    path = os.path.join(auth_dir, name)
+    write_file_atomic(path, json.dumps({"type": "vertex", "service_account": sa, "project_id": sa["project_id"],
+                                        "email": sa["client_email"], "location": location}, indent=2) + "\n", 0o600)
+    return path
+
+
+def cmd_import(args):
+    cfg, _, _ = load_config_for_cli(args.config, create=False)
+    if args.source == "vertex":
+        if not args.file:
+            raise CliError("usage: llm-mux import vertex <service-account.json> [--location REGION]")
+        path = import_vertex(args.file, cfg.auth_dir, args.location)
+        print("Vertex credentials imported: %s" % path)
+        return 0
+    raise CliError("unknown import source %r (supported: vertex)" % args.source)
+
+
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="PATH", help="config file (default: $LLM_MUX_CONFIG or "
@@ -8318,6 +8492,11 @@ def build_parser():
     p.set_defaults(func=cmd_version)
     p = sub.add_parser("env", parents=[common], help="show the config, auth dir and listen address it would use")
     p.set_defaults(func=cmd_env)
+    p = sub.add_parser("import", parents=[common], help="import credentials into auth-dir (vertex <key.json>)")
+    p.add_argument("source", choices=["vertex"], help="what to import")
+    p.add_argument("file", nargs="?", help="the file to import (vertex: a service-account JSON key)")
+    p.add_argument("--location", default="us-central1", help="Vertex region (default us-central1; 'global' allowed)")
+    p.set_defaults(func=cmd_import)
     parser.set_defaults(func=cmd_serve, host=None, port=None)
     return parser
 
