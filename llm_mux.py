@@ -8441,6 +8441,222 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
 
 
+# -- login flows -----------------------------------------------------------------------------------------------------
+# The flow objects know the provider's OAuth details; `run_login` drives one from the terminal. The same flow objects
+# can be driven by the management API later (no printing or input inside them).
+
+def pkce_pair():
+    """(verifier, S256 challenge): 96 random bytes, base64url without padding (providers.md §A.1)."""
+    verifier = b64url(os.urandom(96))
+    return verifier, b64url(hashlib.sha256(verifier.encode("ascii")).digest())
+
+
+def jwt_claims(token):
+    """The (unverified) payload of a JWT such as an id_token, or {}."""
+    try:
+        body = token.split(".")[1]
+        return json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    except (IndexError, ValueError, AttributeError, binascii.Error):
+        return {}
+
+
+class ClaudeLogin:
+    """Claude Pro/Max: authorization code + PKCE with a local callback on port 54545 (providers.md §A.1)."""
+
+    provider = "claude"
+    authorize_url = "https://claude.ai/oauth/authorize"
+    redirect_uri = "http://localhost:54545/callback"
+    callback_port = 54545
+    scope = "org:create_api_key user:profile user:inference"
+
+    def __init__(self):
+        self.verifier, self.challenge = pkce_pair()
+        self.state = b64url(os.urandom(24))
+
+    def url(self):
+        q = urllib.parse.urlencode({"code": "true", "client_id": ClaudeOAuthProvider.client_id,
+                                    "response_type": "code", "redirect_uri": self.redirect_uri, "scope": self.scope,
+                                    "code_challenge": self.challenge, "code_challenge_method": "S256",
+                                    "state": self.state})
+        return self.authorize_url + "?" + q
+
+    def code_from_paste(self, text):
+        """A pasted redirect URL (…/callback?code=…&state=…) or a bare `code#state`."""
+        text = text.strip()
+        if "code=" in text:
+            q = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(text).query))
+            code, state = q.get("code", ""), q.get("state")
+        else:
+            code, _, state = text.partition("#")
+        if state and state != self.state:
+            raise CliError("the pasted state does not match this login (stale or foreign URL)")
+        return code
+
+    async def exchange(self, client, code):
+        """Trade the code for tokens; returns (file name, credential-file content)."""
+        code, _, state = code.partition("#")
+        data = await Provider.post_token(client, ClaudeOAuthProvider.token_url, {
+            "grant_type": "authorization_code", "code": code, "redirect_uri": self.redirect_uri,
+            "client_id": ClaudeOAuthProvider.client_id, "code_verifier": self.verifier, "state": state or self.state},
+            Credential("login", "claude", "login"))
+        email = (data.get("account") or {}).get("email_address") or ""
+        if not data.get("access_token") or not email:
+            raise CliError("the token endpoint answered without an access token or account e-mail")
+        now = time.time()
+        meta = {"type": "claude", "email": email, "access_token": data["access_token"],
+                "refresh_token": data.get("refresh_token") or "", "id_token": "",
+                "expired": rfc3339(now + float(data.get("expires_in") or 3600)), "last_refresh": rfc3339(now)}
+        org = data.get("organization") or {}
+        if org.get("uuid"):
+            meta["organization_uuid"], meta["organization_name"] = org["uuid"], org.get("name") or ""
+        if (data.get("account") or {}).get("uuid"):
+            meta["account_uuid"] = data["account"]["uuid"]
+        return "claude-%s.json" % email, meta
+
+
+LOGIN_FLOWS = {"claude": ClaudeLogin}
+
+
+async def wait_for_callback(flow, port, timeout):
+    """Serve `GET /callback?code=…&state=…` on 127.0.0.1:port until the browser arrives; returns the code."""
+    loop = asyncio.get_running_loop()
+    got = loop.create_future()
+
+    async def app(req):
+        q = req.query
+        if req.path not in ("/callback", "/oauth2callback"):
+            return Response(404, b"not found", None, "text/plain")
+        if q.get("error"):
+            if not got.done():
+                got.set_exception(CliError("the provider refused the login: %s %s" % (
+                    q["error"], q.get("error_description", ""))))
+            return Response(400, b"Login failed; see the terminal.", None, "text/plain")
+        if q.get("state") != flow.state:
+            return Response(400, b"State mismatch: this is not the login that is waiting.", None, "text/plain")
+        if not got.done():
+            got.set_result(q.get("code", ""))
+        return Response(200, b"<html><body><h2>llm-mux: login complete.</h2>You can close this window.</body></html>",
+                        None, "text/html; charset=utf-8")
+    cfg = Config.defaults(environ={})
+    server = HttpServer(app, lambda: ServerLimits(cfg), access_log=False)
+    try:
+        await server.listen("127.0.0.1", port)
+    except OSError as e:
+        raise CliError("cannot listen on 127.0.0.1:%d for the login callback: %s (another login running? use "
+                       "--callback-port or --no-browser)" % (port, e.strerror or e))
+    try:
+        return await asyncio.wait_for(got, timeout)
+    finally:
+        await server.shutdown(0.5)
+
+
+async def run_login(cfg, name, no_browser=False, port=None, timeout=300, out=None, paste=None):
+    """The terminal side of a login: show the URL (open a browser where one exists), wait for the callback or a
+    pasted URL, exchange the code, and write the credential file (0600) only at the very end, so an interrupted
+    login leaves nothing half-written."""
+    out = out or sys.stdout
+    flow = LOGIN_FLOWS[name]()
+    client = HttpClient(lambda: cfg)
+    url = flow.url()
+    print("Open this URL to log in to %s:\n\n  %s\n" % (name, url), file=out, flush=True)
+    if not no_browser:
+        try:
+            import webbrowser
+            webbrowser.open(url)
+        except Exception:
+            pass
+    loop = asyncio.get_running_loop()
+    waiters = [asyncio.ensure_future(wait_for_callback(flow, port or flow.callback_port, timeout))]
+    if no_browser or paste is not None:
+        print("Waiting for the browser... or paste the URL you were sent to (or the code) and press Enter:",
+              file=out, flush=True)
+        read = paste or (lambda: sys.stdin.readline())
+        waiters.append(asyncio.ensure_future(loop.run_in_executor(None, read)))
+    else:
+        print("Waiting for the browser... (Ctrl-C to cancel; %d s)" % timeout, file=out, flush=True)
+    try:
+        done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            if not w.done():
+                w.cancel()
+    first = done.pop()
+    try:
+        result = first.result()
+    except asyncio.TimeoutError:
+        raise CliError("no answer from the browser within %d s; run the login again" % timeout)
+    code = flow.code_from_paste(result) if first is not waiters[0] else result
+    if not code:
+        raise CliError("no authorization code received")
+    filename, meta = await flow.exchange(client, code)
+    path = os.path.join(cfg.auth_dir, filename)
+    write_file_atomic(path, json.dumps(meta, indent=2) + "\n", 0o600)
+    client.close_idle()
+    print("Logged in as %s; credentials saved to %s" % (meta.get("email"), path), file=out, flush=True)
+    return path
+
+
+def cmd_login(args):
+    cfg, _, _ = load_config_for_cli(args.config, create=False)
+    setup_logging(args.debug)
+    try:
+        asyncio.run(run_login(cfg, args.provider, args.no_browser, args.callback_port, args.timeout))
+    except KeyboardInterrupt:
+        print("\nlogin cancelled; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def claude_code_credentials(home):
+    """Claude Code's own store: $CLAUDE_CONFIG_DIR/.credentials.json or ~/.claude/.credentials.json."""
+    base = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join(home, ".claude")
+    path = os.path.join(base, ".credentials.json")
+    with open(path, "r", encoding="utf-8") as f:
+        data = json.load(f)
+    oauth = data.get("claudeAiOauth") or data.get("claude_ai_oauth") or {}
+    if not oauth.get("accessToken") or not oauth.get("refreshToken"):
+        raise ValueError("no claudeAiOauth tokens in %s" % path)
+    email = ""
+    try:
+        with open(os.path.join(home, ".claude.json"), "r", encoding="utf-8") as f:
+            email = (json.load(f).get("oauthAccount") or {}).get("emailAddress") or ""
+    except (OSError, ValueError):
+        pass
+    expires = oauth.get("expiresAt")
+    meta = {"type": "claude", "email": email or "claude-code", "access_token": oauth["accessToken"],
+            "refresh_token": oauth["refreshToken"], "id_token": "",
+            "expired": rfc3339(expires / 1000.0 if expires and expires > 1e12 else (expires or time.time())),
+            "last_refresh": rfc3339(time.time())}
+    return path, "claude-%s.json" % meta["email"], meta
+
+
+IMPORTERS = [("Claude Code", claude_code_credentials)]
+
+
+def import_cli_credentials(auth_dir, home=None, out=None):
+    """Find the credentials official CLIs stored and convert them into auth-dir files. Returns (imported, skipped)."""
+    out = out or sys.stdout
+    home = home or os.path.expanduser("~")
+    imported, skipped = [], []
+    for label, finder in IMPORTERS:
+        try:
+            source, name, meta = finder(home)
+        except FileNotFoundError:
+            skipped.append((label, "not found"))
+            continue
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            skipped.append((label, str(e)))
+            continue
+        path = os.path.join(auth_dir, name)
+        write_file_atomic(path, json.dumps(meta, indent=2) + "\n", 0o600)
+        imported.append((label, source, path))
+    for label, source, path in imported:
+        print("imported %s credentials from %s -> %s" % (label, source, path), file=out)
+    for label, why in skipped:
+        print("skipped %s: %s" % (label, why), file=out)
+    return imported, skipped
+
+
 def import_vertex(sa_path, auth_dir, location="us-central1"):
     """Turn a Google service-account JSON key into `vertex-<project>.json` in auth-dir (0600). Returns the path."""
     try:
@@ -8466,6 +8682,9 @@ def import_vertex(sa_path, auth_dir, location="us-central1"):
 
 def cmd_import(args):
     cfg, _, _ = load_config_for_cli(args.config, create=False)
+    if args.source == "cli":
+        imported, _ = import_cli_credentials(cfg.auth_dir)
+        return 0 if imported else 1
     if args.source == "vertex":
         if not args.file:
             raise CliError("usage: llm-mux import vertex <service-account.json> [--location REGION]")
@@ -8492,8 +8711,15 @@ def build_parser():
     p.set_defaults(func=cmd_version)
     p = sub.add_parser("env", parents=[common], help="show the config, auth dir and listen address it would use")
     p.set_defaults(func=cmd_env)
-    p = sub.add_parser("import", parents=[common], help="import credentials into auth-dir (vertex <key.json>)")
-    p.add_argument("source", choices=["vertex"], help="what to import")
+    p = sub.add_parser("login", parents=[common], help="log in to a subscription provider (claude)")
+    p.add_argument("provider", choices=sorted(LOGIN_FLOWS), help="which provider")
+    p.add_argument("--no-browser", action="store_true", help="print the URL and accept the pasted redirect URL")
+    p.add_argument("--callback-port", type=int, help="port for the local callback listener")
+    p.add_argument("--timeout", type=int, default=300, help="seconds to wait for the browser (default 300)")
+    p.set_defaults(func=cmd_login)
+    p = sub.add_parser("import", parents=[common],
+                       help="import credentials into auth-dir: 'cli' (what official CLIs stored) or 'vertex <key.json>'")
+    p.add_argument("source", nargs="?", default="cli", choices=["cli", "vertex"], help="what to import (default cli)")
     p.add_argument("file", nargs="?", help="the file to import (vertex: a service-account JSON key)")
     p.add_argument("--location", default="us-central1", help="Vertex region (default us-central1; 'global' allowed)")
     p.set_defaults(func=cmd_import)
