@@ -7500,17 +7500,18 @@ class Refresher:
             return not cred.meta.get("access_token")
         return exp - (now or time.time()) <= margin
 
-    async def ensure(self, cred, provider, force=False):
-        """True when the credential holds a usable token (refreshing it first if needed)."""
+    async def ensure(self, cred, provider, force=False, margin=60.0):
+        """True when the credential holds a usable token, refreshing it first when it expires within `margin`
+        seconds (or, with `force`, because the upstream just rejected it)."""
         if provider.refresh_lead is None or cred.path is None:
             return True
         task = cred.refresh_task
         if task is None or task.done():
-            if not force and not self.due(cred, 60):
+            if not force and not self.due(cred, margin):
                 return True
             if time.time() < cred.refresh_after and not force:
                 return not self.due(cred, 0)
-            task = cred.refresh_task = asyncio.ensure_future(self._refresh(cred, provider, force))
+            task = cred.refresh_task = asyncio.ensure_future(self._refresh(cred, provider, force, margin))
         return await asyncio.shield(task)
 
     async def _lock(self, path):
@@ -7538,21 +7539,23 @@ class Refresher:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    async def _refresh(self, cred, provider, force):
+    async def _refresh(self, cred, provider, force, margin):
         fd = None
+        rejected = cred.meta.get("access_token")  # what we held when we decided to refresh
         try:
             fd = await self._lock(cred.path)
+            # Decide again under the lock, from the file: another process (or a login, or our own watcher) may
+            # have rotated the token while we waited, and then it is adopted rather than refreshed again.
             try:
                 meta, stamp = read_credential_file(cred.path)
             except ValueError:
                 meta, stamp = cred.meta, cred.stamp
-            if meta.get("access_token") != cred.meta.get("access_token"):
-                # Someone (another gateway process, a login) rotated the token while we waited: use theirs.
+            if meta.get("access_token") != rejected:
                 cred.meta, cred.stamp = meta, stamp
-                if not self.due(cred, 60):
+                if not self.due(cred, 60 if force else margin):
                     log.info("credential %s: adopted the token refreshed by another process", cred.label)
                     return True
-            elif not force and not self.due(cred, provider.refresh_lead):
+            elif not force and not self.due(cred, margin):
                 return True
             self.refresh_calls += 1
             new = await provider.refresh(cred, self.app.client)
@@ -7596,7 +7599,7 @@ class Refresher:
                         if cred.disabled or cred.path is None or now < cred.refresh_after:
                             continue
                         if self.due(cred, provider.refresh_lead, now):
-                            asyncio.ensure_future(self.ensure(cred, provider, force=True))
+                            asyncio.ensure_future(self.ensure(cred, provider, margin=provider.refresh_lead))
             except Exception:
                 log.exception("refresh sweep failed")
             await asyncio.sleep(self.SWEEP)
