@@ -7014,6 +7014,65 @@ class ClaudeOAuthProvider(AnthropicProvider):
 
 PROVIDER_CLASSES = {"openai": OpenAICompatProvider, "anthropic": AnthropicProvider, "gemini": GeminiProvider,
                     "vertex-compat": VertexCompatProvider, "codex": CodexProvider}
+class CodexOAuthProvider(CodexProvider):
+    """Codex through a ChatGPT account (`type: codex` credential files), providers.md §B.2–B.3: the Responses API at
+    chatgpt.com/backend-api/codex, always streamed, with the Codex CLI's identity headers and body rules."""
+
+    type = "codex"
+    default_base_url = "https://chatgpt.com/backend-api/codex"
+    token_url = "https://auth.openai.com/oauth/token"
+    client_id = "app_EMoamEEZ73f0CkXaXp7hrann"
+    refresh_lead = REFRESH_LEADS["codex"]
+    default_models = ("gpt-5.5", "gpt-5.4", "gpt-5.4-mini", "gpt-5.1-codex-max", "gpt-5.1-codex", "gpt-5.1",
+                      "gpt-5-codex", "gpt-5")
+    user_agent = "codex-tui/0.146.0 (Mac OS 26.5.0; arm64) iTerm.app/3.6.10 (codex-tui; 0.146.0)"
+
+    def build(self, req, cred, model):
+        body = self.codec.build_request(req, model)
+        for field in ("max_output_tokens", "temperature", "top_p"):  # the ChatGPT backend rejects these
+            body.pop(field, None)
+        body["store"] = False
+        body["stream"] = True
+        body["include"] = ["reasoning.encrypted_content"]
+        if body.get("tools"):
+            body["parallel_tool_calls"] = True
+        cache_key = body.get("prompt_cache_key") or Router.affinity_key(req)
+        body["prompt_cache_key"] = cache_key
+        headers = [("Content-Type", "application/json"), ("Accept", "text/event-stream"),
+                   ("Authorization", "Bearer " + (cred.meta.get("access_token") or "")),
+                   ("User-Agent", self.user_agent), ("Originator", "codex-tui"), ("Session-Id", cache_key)]
+        if cred.meta.get("account_id"):
+            headers.append(("Chatgpt-Account-Id", cred.meta["account_id"]))
+        return "POST", self.base_url(cred) + "/responses", headers, json_bytes(body)
+
+    async def refresh(self, cred, client):
+        data = await self.post_token(client, self.token_url, {
+            "client_id": self.client_id, "grant_type": "refresh_token",
+            "refresh_token": cred.meta.get("refresh_token") or "", "scope": "openid profile email"}, cred, form=True)
+        if not data.get("access_token"):
+            raise RefreshError("token endpoint answered without an access_token")
+        return codex_meta(data, cred.meta)
+
+
+def codex_meta(data, old=None):
+    """A Codex credential file from a token answer (the id_token carries e-mail and ChatGPT account id)."""
+    meta = dict(old or {})
+    meta["type"] = "codex"
+    for key in ("id_token", "access_token", "refresh_token"):
+        if data.get(key):
+            meta[key] = data[key]
+    claims = jwt_claims(meta.get("id_token") or "")
+    auth = claims.get("https://api.openai.com/auth") or {}
+    meta["account_id"] = auth.get("chatgpt_account_id") or meta.get("account_id") or ""
+    meta["email"] = claims.get("email") or meta.get("email") or ""
+    if auth.get("chatgpt_plan_type"):
+        meta["plan_type"] = auth["chatgpt_plan_type"]
+    now = time.time()
+    meta["expired"] = rfc3339(now + float(data.get("expires_in") or 3600))
+    meta["last_refresh"] = rfc3339(now)
+    return meta
+
+
 class VertexProvider(GeminiProvider):
     """Vertex AI with a service-account credential file (`type: vertex`), providers.md §G: an RS256 JWT signed with
     the account's key is exchanged for an access token, renewed before it expires."""
@@ -7059,8 +7118,8 @@ class VertexProvider(GeminiProvider):
         return meta
 
 
-FILE_PROVIDER_CLASSES = {"claude": ClaudeOAuthProvider, "vertex": VertexProvider}
-PROVIDER_NAMES = {"claude": "Claude", "vertex": "Vertex AI"}
+FILE_PROVIDER_CLASSES = {"claude": ClaudeOAuthProvider, "vertex": VertexProvider, "codex": CodexOAuthProvider}
+PROVIDER_NAMES = {"claude": "Claude", "vertex": "Vertex AI", "codex": "Codex"}
 
 
 # === 10. Routing ===
@@ -8517,7 +8576,104 @@ class ClaudeLogin:
         return "claude-%s.json" % email, meta
 
 
-LOGIN_FLOWS = {"claude": ClaudeLogin}
+class CodexLogin(ClaudeLogin):
+    """ChatGPT (Codex): authorization code + PKCE, local callback on 1455 (providers.md §B.1); or the device-code
+    flow, where the user types a code at auth.openai.com/codex/device."""
+
+    provider = "codex"
+    authorize_url = "https://auth.openai.com/oauth/authorize"
+    redirect_uri = "http://localhost:1455/auth/callback"
+    callback_port = 1455
+    scope = "openid email profile offline_access"
+    device_url = "https://auth.openai.com/codex/device"
+    usercode_url = "https://auth.openai.com/api/accounts/deviceauth/usercode"
+    device_token_url = "https://auth.openai.com/api/accounts/deviceauth/token"
+    device_redirect = "https://auth.openai.com/deviceauth/callback"
+
+    def url(self):
+        q = urllib.parse.urlencode({"response_type": "code", "client_id": CodexOAuthProvider.client_id,
+                                    "redirect_uri": self.redirect_uri, "scope": self.scope, "state": self.state,
+                                    "code_challenge": self.challenge, "code_challenge_method": "S256",
+                                    "prompt": "login", "id_token_add_organizations": "true",
+                                    "codex_cli_simplified_flow": "true"})
+        return self.authorize_url + "?" + q
+
+    async def exchange(self, client, code, redirect_uri=None, verifier=None):
+        code = code.partition("#")[0]
+        data = await Provider.post_token(client, CodexOAuthProvider.token_url, {
+            "grant_type": "authorization_code", "client_id": CodexOAuthProvider.client_id, "code": code,
+            "redirect_uri": redirect_uri or self.redirect_uri, "code_verifier": verifier or self.verifier},
+            Credential("login", "codex", "login"), form=True)
+        if not data.get("access_token"):
+            raise CliError("the token endpoint answered without an access token")
+        meta = codex_meta(data)
+        if not meta["email"]:
+            raise CliError("the id_token carries no e-mail address")
+        return "codex-%s.json" % meta["email"], meta
+
+    async def device_start(self, client):
+        """Ask for a user code: (device_auth_id, user_code, interval seconds)."""
+        data = await Provider.post_token(client, self.usercode_url, {"client_id": CodexOAuthProvider.client_id},
+                                         Credential("login", "codex", "login"))
+        code = data.get("user_code") or data.get("usercode")
+        if not data.get("device_auth_id") or not code:
+            raise CliError("the device-code endpoint answered without a code")
+        try:
+            interval = max(1, int(data.get("interval") or 5))
+        except ValueError:
+            interval = 5
+        return data["device_auth_id"], code, interval
+
+    async def device_poll(self, client, device_auth_id, user_code):
+        """None while the user has not finished; then (authorization_code, code_verifier)."""
+        body = json_bytes({"device_auth_id": device_auth_id, "user_code": user_code})
+        try:
+            resp = await client.request("POST", self.device_token_url, [("Content-Type", "application/json"),
+                                                                        ("Accept", "application/json")], body,
+                                        timeout=15, stream_timeout=30)
+            raw = await resp.read(1 << 20)
+        except UpstreamError as e:
+            log.debug("device poll failed: %s", e.message)
+            return None
+        if resp.status in (403, 404, 428):
+            return None
+        data = _json_or_none(raw) or {}
+        if resp.status >= 300 or not data.get("authorization_code"):
+            raise CliError("device login failed: HTTP %d %s" % (resp.status, upstream_error_message(raw)[:200]))
+        return data["authorization_code"], data.get("code_verifier") or ""
+
+
+LOGIN_FLOWS = {"claude": ClaudeLogin, "codex": CodexLogin}
+
+
+async def run_device_login(cfg, name, timeout=900, out=None, sleep=asyncio.sleep):
+    """Device-code login: show the page and code with a countdown, poll until the user finishes."""
+    out = out or sys.stdout
+    flow = LOGIN_FLOWS[name]()
+    client = HttpClient(lambda: cfg)
+    device_id, user_code, interval = await flow.device_start(client)
+    print("Open %s and enter the code:\n\n    %s\n" % (flow.device_url, user_code), file=out, flush=True)
+    deadline = time.monotonic() + timeout
+    last_shown = None
+    while True:
+        left = int(deadline - time.monotonic())
+        if left <= 0:
+            raise CliError("the code expired before the login was finished; run the login again")
+        if last_shown is None or last_shown - left >= 60:
+            print("Waiting for you to enter the code... (%d:%02d left, Ctrl-C to cancel)" % (left // 60, left % 60),
+                  file=out, flush=True)
+            last_shown = left
+        got = await flow.device_poll(client, device_id, user_code)
+        if got is not None:
+            break
+        await sleep(interval)
+    code, verifier = got
+    filename, meta = await flow.exchange(client, code, flow.device_redirect, verifier)
+    path = os.path.join(cfg.auth_dir, filename)
+    write_file_atomic(path, json.dumps(meta, indent=2) + "\n", 0o600)
+    client.close_idle()
+    print("Logged in as %s; credentials saved to %s" % (meta.get("email"), path), file=out, flush=True)
+    return path
 
 
 async def wait_for_callback(flow, port, timeout):
@@ -8527,7 +8683,7 @@ async def wait_for_callback(flow, port, timeout):
 
     async def app(req):
         q = req.query
-        if req.path not in ("/callback", "/oauth2callback"):
+        if req.path not in ("/callback", "/oauth2callback", "/auth/callback"):
             return Response(404, b"not found", None, "text/plain")
         if q.get("error"):
             if not got.done():
@@ -8603,7 +8759,12 @@ def cmd_login(args):
     cfg, _, _ = load_config_for_cli(args.config, create=False)
     setup_logging(args.debug)
     try:
-        asyncio.run(run_login(cfg, args.provider, args.no_browser, args.callback_port, args.timeout))
+        if getattr(args, "device", False):
+            if not hasattr(LOGIN_FLOWS[args.provider], "device_start"):
+                raise CliError("%s has no device-code login" % args.provider)
+            asyncio.run(run_device_login(cfg, args.provider, args.timeout if args.timeout != 300 else 900))
+        else:
+            asyncio.run(run_login(cfg, args.provider, args.no_browser, args.callback_port, args.timeout))
     except KeyboardInterrupt:
         print("\nlogin cancelled; nothing was written", file=sys.stderr)
         return 130
@@ -8633,7 +8794,26 @@ def claude_code_credentials(home):
     return path, "claude-%s.json" % meta["email"], meta
 
 
-IMPORTERS = [("Claude Code", claude_code_credentials)]
+def codex_cli_credentials(home):
+    """Codex CLI's own store: $CODEX_HOME/auth.json or ~/.codex/auth.json (`tokens.{id,access,refresh}_token`)."""
+    base = os.environ.get("CODEX_HOME") or os.path.join(home, ".codex")
+    path = os.path.join(base, "auth.json")
+    with open(path, "r", encoding="utf-8") as f:
+        data = json.load(f)
+    tokens = data.get("tokens") or {}
+    if not tokens.get("access_token") or not tokens.get("refresh_token"):
+        raise ValueError("no ChatGPT tokens in %s (an API-key login is not imported)" % path)
+    meta = codex_meta({"id_token": tokens.get("id_token"), "access_token": tokens["access_token"],
+                       "refresh_token": tokens["refresh_token"]}, {"account_id": tokens.get("account_id") or ""})
+    exp = jwt_claims(tokens["access_token"]).get("exp")
+    if exp:
+        meta["expired"] = rfc3339(float(exp))
+    if not meta["email"]:
+        raise ValueError("no e-mail in the id_token of %s" % path)
+    return path, "codex-%s.json" % meta["email"], meta
+
+
+IMPORTERS = [("Claude Code", claude_code_credentials), ("Codex CLI", codex_cli_credentials)]
 
 
 def import_cli_credentials(auth_dir, home=None, out=None):
@@ -8719,6 +8899,7 @@ def build_parser():
     p.add_argument("--no-browser", action="store_true", help="print the URL and accept the pasted redirect URL")
     p.add_argument("--callback-port", type=int, help="port for the local callback listener")
     p.add_argument("--timeout", type=int, default=300, help="seconds to wait for the browser (default 300)")
+    p.add_argument("--device", action="store_true", help="device-code login (codex): type a code on any device")
     p.set_defaults(func=cmd_login)
     p = sub.add_parser("import", parents=[common],
                        help="import credentials into auth-dir: 'cli' (what official CLIs stored) or 'vertex <key.json>'")
