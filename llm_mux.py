@@ -5055,6 +5055,9 @@ class Gemini(Codec):
                 obj = json.loads(data)
             except ValueError:
                 return []
+            return self.feed_obj(obj)
+
+        def feed_obj(self, obj):
             if isinstance(obj, list):
                 obj = obj[0] if obj else {}
             if not isinstance(obj, dict):
@@ -6344,7 +6347,7 @@ class Credential:
 
     __slots__ = ("id", "provider_id", "label", "api_key", "base_url", "proxy_url", "headers", "in_flight", "uses",
                  "usage_score", "usage_at", "states", "until_all", "disabled", "last_error", "path", "meta",
-                 "refresh_task", "refresh_after", "refresh_error", "stamp")
+                 "refresh_task", "refresh_after", "refresh_error", "stamp", "project")
 
     def __init__(self, id, provider_id, label, api_key="", base_url="", proxy_url="", headers=()):
         self.path = None  # a credential file in auth-dir, for OAuth accounts
@@ -6353,6 +6356,7 @@ class Credential:
         self.refresh_after = 0.0  # epoch seconds before which a failed refresh is not retried
         self.refresh_error = None
         self.stamp = None  # (mtime_ns, size) of the file as last read
+        self.project = None  # the project of a virtual per-project credential (Gemini CLI)
         self.id, self.provider_id, self.label = id, provider_id, label
         self.api_key, self.base_url, self.proxy_url, self.headers = api_key, base_url, proxy_url, list(headers)
         self.in_flight = 0
@@ -6440,15 +6444,27 @@ def file_provider_id(meta):
     return "gemini-cli" if t == "gemini" else t
 
 
-def credential_from_file(name, meta, stamp, auth_dir):
-    cred = Credential(name, file_provider_id(meta), meta.get("email") or meta.get("label") or name,
-                      proxy_url=(meta.get("proxy_url") or "").strip())
-    cred.path = os.path.join(auth_dir, name)
-    cred.meta = meta
-    cred.stamp = stamp
-    if meta.get("disabled") is True:
-        cred.disabled = "disabled in its file"
-    return cred
+def credentials_from_file(name, meta, stamp, auth_dir):
+    """The credentials one file holds: usually one; a Gemini CLI file whose project_id lists several projects
+    holds one virtual credential per project (id `<file>::<project>`), all sharing the file's token (§1.1)."""
+    pid = file_provider_id(meta)
+    label = meta.get("email") or meta.get("label") or name
+    projects = [p.strip() for p in str(meta.get("project_id") or "").split(",") if p.strip()]
+    specs = [(name, None)]
+    if pid == "gemini-cli" and len(projects) > 1:
+        specs = [("%s::%s" % (name, re.sub(r"[/\\ ]", "_", p)), p) for p in projects]
+    out = []
+    for cid, project in specs:
+        cred = Credential(cid, pid, "%s (%s)" % (label, project) if project else label,
+                          proxy_url=(meta.get("proxy_url") or "").strip())
+        cred.path = os.path.join(auth_dir, name)
+        cred.meta = meta
+        cred.stamp = stamp
+        cred.project = project
+        if meta.get("disabled") is True:
+            cred.disabled = "disabled in its file"
+        out.append(cred)
+    return out
 
 
 # -- RS256 for Vertex service accounts (standard library only) ----------------------------------------------------
@@ -7054,6 +7070,97 @@ class CodexOAuthProvider(CodexProvider):
         return codex_meta(data, cred.meta)
 
 
+class GeminiCLIProvider(GeminiProvider):
+    """Gemini through a Google account (Gemini CLI's Code Assist, `type: gemini` files), providers.md §E: the
+    `v1internal` envelope {model, project, request} at cloudcode-pa, answers wrapped in `response`. A file listing
+    several projects gives one virtual credential per project; rotating among them on quota is
+    `quota-exceeded.switch-project`."""
+
+    type = "gemini-cli"
+    default_base_url = "https://cloudcode-pa.googleapis.com/v1internal"
+    token_url = "https://oauth2.googleapis.com/token"
+    client_id = "681255809395-oo8ft2oprdrnp9e3aqf6av3hmdib135j.apps.googleusercontent.com"
+    client_secret = "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"
+    refresh_lead = REFRESH_LEADS["gemini-cli"]
+    default_models = ("gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.5-flash-lite", "gemini-3-pro-preview",
+                      "gemini-3.1-pro-preview", "gemini-3-flash-preview")
+
+    @staticmethod
+    def project_of(cred):
+        return cred.project or str(cred.meta.get("project_id") or "").split(",")[0].strip()
+
+    def _headers(self, cred, stream=False):
+        return [("Content-Type", "application/json"), ("Accept", "text/event-stream" if stream else "application/json"),
+                ("Authorization", "Bearer " + (cred.meta.get("access_token") or
+                                               (cred.meta.get("token") or {}).get("access_token") or "")),
+                ("User-Agent", "google-api-nodejs-client/9.15.1"), ("X-Goog-Api-Client", "gl-node/22.17.0"),
+                ("Client-Metadata", "ideType=IDE_UNSPECIFIED,platform=PLATFORM_UNSPECIFIED,pluginType=GEMINI")]
+
+    def build(self, req, cred, model):
+        body = {"model": model, "project": self.project_of(cred), "request": self.codec.build_request(req, model)}
+        action = ":streamGenerateContent?alt=sse" if req.stream else ":generateContent"
+        return "POST", self.base_url(cred) + action, self._headers(cred, req.stream), json_bytes(body)
+
+    def count_tokens(self, req, cred, model):
+        request = self.codec.build_request(req, model)
+        request.pop("safetySettings", None)
+        return ("POST", self.base_url(cred) + ":countTokens", self._headers(cred),
+                json_bytes({"request": {"model": "models/" + model, "contents": request["contents"]}}))
+
+    def parse_response(self, data):
+        return self.codec.parse_response(data.get("response", data) if isinstance(data, dict) else data)
+
+    def stream_decoder(self, req):
+        return EnvelopeDecoder(self.codec.StreamDecoder(req))
+
+    async def refresh(self, cred, client):
+        token = dict(cred.meta.get("token") or {})
+        refresh_token = cred.meta.get("refresh_token") or token.get("refresh_token")
+        data = await self.post_token(client, token.get("token_uri") or self.token_url, {
+            "grant_type": "refresh_token", "refresh_token": refresh_token or "",
+            "client_id": token.get("client_id") or self.client_id,
+            "client_secret": token.get("client_secret") or self.client_secret}, cred, form=True)
+        if not data.get("access_token"):
+            raise RefreshError("token endpoint answered without an access_token")
+        return google_token_meta(cred.meta, data)
+
+
+def google_token_meta(old, data):
+    """Gemini CLI file content after a Google token answer: the nested `token` map and its top-level mirrors."""
+    meta = dict(old)
+    token = dict(meta.get("token") or {})
+    now = time.time()
+    expiry = rfc3339(now + float(data.get("expires_in") or 3600))
+    for target in (token, meta):
+        target["access_token"] = data["access_token"]
+        target["token_type"] = data.get("token_type") or "Bearer"
+        target["expiry"] = expiry
+        if data.get("refresh_token"):
+            target["refresh_token"] = data["refresh_token"]
+    meta["token"] = token
+    meta["last_refresh"] = rfc3339(now)
+    return meta
+
+
+class EnvelopeDecoder:
+    """Unwraps `{"response": {...}}` stream chunks (Cloud Code's envelope) for the Gemini decoder."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def feed(self, event, data):
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return []
+        if isinstance(obj, dict) and isinstance(obj.get("response"), dict):
+            obj = obj["response"]
+        return self.inner.feed_obj(obj)
+
+    def close(self):
+        return self.inner.close()
+
+
 def codex_meta(data, old=None):
     """A Codex credential file from a token answer (the id_token carries e-mail and ChatGPT account id)."""
     meta = dict(old or {})
@@ -7118,8 +7225,9 @@ class VertexProvider(GeminiProvider):
         return meta
 
 
-FILE_PROVIDER_CLASSES = {"claude": ClaudeOAuthProvider, "vertex": VertexProvider, "codex": CodexOAuthProvider}
-PROVIDER_NAMES = {"claude": "Claude", "vertex": "Vertex AI", "codex": "Codex"}
+FILE_PROVIDER_CLASSES = {"claude": ClaudeOAuthProvider, "vertex": VertexProvider, "codex": CodexOAuthProvider,
+                         "gemini-cli": GeminiCLIProvider}
+PROVIDER_NAMES = {"claude": "Claude", "vertex": "Vertex AI", "codex": "Codex", "gemini-cli": "Gemini CLI"}
 
 
 # === 10. Routing ===
@@ -7410,6 +7518,12 @@ class Router:
             cred.until_all = max(cred.until_all, until)
         else:
             st.until = max(st.until, until)
+        if cred.project and cat == "quota" and not self.app.cfg.quota_exceeded["switch-project"]:
+            # Without switch-project the account's other projects are not an escape from its quota.
+            for sibling in self.app.files.values():
+                if sibling.path == cred.path and sibling is not cred:
+                    sst = sibling.states.setdefault(model, ModelState())
+                    sst.until, sst.status = max(sst.until, until), "cooling"
         log.info("credential %s cooling for %s on %s: %ds (%s %d)", cred.label,
                  "every model" if failure.scope == "credential" else model, failure.category, seconds,
                  "HTTP", failure.status)
@@ -7739,8 +7853,8 @@ class App:
 
     @staticmethod
     def load_files(auth_dir):
-        return {name: credential_from_file(name, meta, stamp, auth_dir)
-                for name, (meta, stamp) in scan_auth_dir(auth_dir).items()}
+        return {c.id: c for name, (meta, stamp) in scan_auth_dir(auth_dir).items()
+                for c in credentials_from_file(name, meta, stamp, auth_dir)}
 
     def apply_files(self, files):
         """A new set of credential files (added, changed or removed ones); the registry is rebuilt around it."""
@@ -8330,7 +8444,9 @@ class AuthDirWatcher:
         if listing != self.pending:  # debounce: the same picture on two polls in a row
             self.pending = listing
             return False
-        live = self.app.files
+        live = {}
+        for cred in self.app.files.values():
+            live[os.path.basename(cred.path)] = cred
         if set(listing) == set(self.listing) and all(
                 stamp == self.listing[n] or (n in live and live[n].stamp == stamp) for n, stamp in listing.items()):
             self.listing = listing  # only our own refresh writes: nothing to reload
@@ -8338,22 +8454,25 @@ class AuthDirWatcher:
         before = set(self.listing)
         self.listing = listing
         d = self.app.cfg.auth_dir
+        by_file = {}
+        for cred in self.app.files.values():
+            by_file.setdefault(os.path.basename(cred.path), []).append(cred)
         files = {}
         for name, stamp in listing.items():
-            old = self.app.files.get(name)
-            if old is not None and old.stamp == stamp:
-                files[name] = old
+            olds = by_file.get(name) or []
+            if olds and all(c.stamp == stamp for c in olds):
+                files.update((c.id, c) for c in olds)
                 continue
             try:
                 meta, real_stamp = read_credential_file(os.path.join(d, name))
             except ValueError as e:
                 log.warning("credential file %s skipped: %s", name, e)
                 continue
-            files[name] = credential_from_file(name, meta, real_stamp, d)
-        added = sorted(set(files) - before)
+            files.update((c.id, c) for c in credentials_from_file(name, meta, real_stamp, d))
+        added = sorted(set(listing) - before)
         removed = sorted(before - set(listing))
         self.app.apply_files(files)
-        log.info("auth dir changed: %d credential file(s)%s%s", len(files),
+        log.info("auth dir changed: %d credential file(s)%s%s", len(listing),
                  "; added " + ", ".join(added) if added else "", "; removed " + ", ".join(removed) if removed else "")
         return True
 
