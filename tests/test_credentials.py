@@ -257,3 +257,25 @@ def test_an_auth_file_drop_takes_effect_while_a_stream_is_in_flight(gateway, cla
         time.sleep(0.05)
     t.join(20)
     assert "".join(got) == "abcdefgh"
+
+
+def test_oauth_excluded_models_hide_models_of_file_credentials_and_reload(gateway, claude, tmp_path):
+    auth = str(tmp_path / "auth")
+    write_cred(auth)
+    gw = gateway(claude.config() + "auth-dir: %s\noauth-excluded-models:\n  claude: [\"claude-3-*\", \"*opus-4-1*\"]\n"
+                 % auth)
+    ids = lambda: sorted(m.id for m in openai.OpenAI(base_url=gw.url + "/v1", api_key="k").models.list())
+    listed = ids()
+    assert MODEL in listed and "claude-opus-4-5-20251101" in listed
+    assert not [m for m in listed if m.startswith("claude-3-") or "opus-4-1" in m]
+    with pytest.raises(anthropic.NotFoundError):
+        anthropic.Anthropic(base_url=gw.url, api_key="k", max_retries=0).messages.create(
+            model="claude-3-7-sonnet-20250219", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    text = open(gw.config_path).read().replace('[\"claude-3-*\", \"*opus-4-1*\"]', '[\"*sonnet*\"]')
+    with open(gw.config_path, "w") as f:
+        f.write(text)
+    t0 = time.monotonic()
+    while MODEL in ids():
+        assert time.monotonic() - t0 < 2
+        time.sleep(0.05)
+    assert "claude-3-7-sonnet-20250219" not in ids() and "claude-3-5-haiku-20241022" in ids()
