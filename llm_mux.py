@@ -7125,6 +7125,69 @@ class GeminiCLIProvider(GeminiProvider):
         return google_token_meta(cred.meta, data)
 
 
+class AntigravityProvider(GeminiCLIProvider):
+    """Antigravity accounts (`type: antigravity` files), providers.md §F: Cloud Code's v1internal with the
+    Antigravity client identity and envelope {model, project, userAgent, requestType, requestId, request}; the
+    daily and prod hosts are used in turn."""
+
+    type = "antigravity"
+    bases = ("https://daily-cloudcode-pa.googleapis.com/v1internal", "https://cloudcode-pa.googleapis.com/v1internal")
+    client_id = "1071006060591-tmhssin2h21lcre235vtolojh4g403ep.apps.googleusercontent.com"
+    client_secret = "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"
+    refresh_lead = REFRESH_LEADS["antigravity"]
+    user_agent = "antigravity/hub/2.9.1 darwin/arm64"
+    default_models = ("claude-opus-4-6-thinking", "claude-sonnet-4-6", "gemini-3-flash", "gemini-3.1-pro-low",
+                      "gemini-3.5-flash-low", "gemini-3.6-flash-high", "gemini-3.7-flash-high", "gpt-oss-120b-medium")
+
+    def __init__(self, entry, credentials=None):
+        GeminiCLIProvider.__init__(self, entry, credentials)
+        self._turn = 0
+
+    def base_url(self, cred):
+        if cred.meta.get("base_url"):
+            return cred.meta["base_url"].rstrip("/") + "/v1internal"
+        self._turn += 1
+        return self.bases[(self._turn - 1) % 2]  # daily, then prod, in turn (as llm-mux does)
+
+    def _headers(self, cred, stream=False):
+        return [("Content-Type", "application/json"), ("Accept", "text/event-stream" if stream else "application/json"),
+                ("Authorization", "Bearer " + (cred.meta.get("access_token") or "")),
+                ("User-Agent", cred.meta.get("user_agent") or self.user_agent)]
+
+    def build(self, req, cred, model):
+        request = self.codec.build_request(req, model)
+        request.pop("safetySettings", None)
+        first = next((m for m in req.messages if m.role == "user"), None)
+        seed = first.text() if first is not None else ""
+        digest = hashlib.sha256(seed.encode("utf-8", "replace")).digest() if seed else os.urandom(8)
+        request["sessionId"] = "-%d" % (int.from_bytes(digest[:8], "big") & 0x7FFFFFFFFFFFFFFF)
+        if request.get("tools"):
+            request.setdefault("toolConfig", {}).setdefault("functionCallingConfig", {})["mode"] = "VALIDATED"
+        body = {"model": model, "project": self.project_of(cred), "userAgent": "antigravity", "requestType": "agent",
+                "requestId": "agent-" + new_id("", 16), "request": request}
+        action = ":streamGenerateContent?alt=sse" if req.stream else ":generateContent"
+        return "POST", self.base_url(cred) + action, self._headers(cred, req.stream), json_bytes(body)
+
+    async def refresh(self, cred, client):
+        data = await self.post_token(client, self.token_url, {
+            "client_id": self.client_id, "client_secret": self.client_secret, "grant_type": "refresh_token",
+            "refresh_token": cred.meta.get("refresh_token") or ""}, cred, form=True)
+        if not data.get("access_token"):
+            raise RefreshError("token endpoint answered without an access_token")
+        return antigravity_meta(data, cred.meta)
+
+
+def antigravity_meta(data, old=None):
+    meta = dict(old or {})
+    now = time.time()
+    expires_in = int(data.get("expires_in") or 3600)
+    meta.update({"type": "antigravity", "access_token": data["access_token"], "expires_in": expires_in,
+                 "timestamp": int(now * 1000), "expired": rfc3339(now + expires_in)})
+    if data.get("refresh_token"):
+        meta["refresh_token"] = data["refresh_token"]
+    return meta
+
+
 def google_token_meta(old, data):
     """Gemini CLI file content after a Google token answer: the nested `token` map and its top-level mirrors."""
     meta = dict(old)
@@ -7226,8 +7289,9 @@ class VertexProvider(GeminiProvider):
 
 
 FILE_PROVIDER_CLASSES = {"claude": ClaudeOAuthProvider, "vertex": VertexProvider, "codex": CodexOAuthProvider,
-                         "gemini-cli": GeminiCLIProvider}
-PROVIDER_NAMES = {"claude": "Claude", "vertex": "Vertex AI", "codex": "Codex", "gemini-cli": "Gemini CLI"}
+                         "gemini-cli": GeminiCLIProvider, "antigravity": AntigravityProvider}
+PROVIDER_NAMES = {"claude": "Claude", "vertex": "Vertex AI", "codex": "Codex", "gemini-cli": "Gemini CLI",
+                  "antigravity": "Antigravity"}
 
 
 # === 10. Routing ===
@@ -8762,7 +8826,139 @@ class CodexLogin(ClaudeLogin):
         return data["authorization_code"], data.get("code_verifier") or ""
 
 
-LOGIN_FLOWS = {"claude": ClaudeLogin, "codex": CodexLogin}
+class GoogleLogin(ClaudeLogin):
+    """Google's installed-app flow (authorization code, no PKCE) plus Cloud Code project discovery: the parts
+    Gemini CLI and Antigravity logins share (providers.md §E.1, §F.1)."""
+
+    authorize_url = "https://accounts.google.com/o/oauth2/v2/auth"
+    token_url = "https://oauth2.googleapis.com/token"
+    userinfo_url = "https://www.googleapis.com/oauth2/v1/userinfo?alt=json"
+    code_assist = "https://cloudcode-pa.googleapis.com/v1internal"
+    provider_class = GeminiCLIProvider
+    metadata = {"ideType": "IDE_UNSPECIFIED", "platform": "PLATFORM_UNSPECIFIED", "pluginType": "GEMINI"}
+
+    def __init__(self, project=None):
+        ClaudeLogin.__init__(self)
+        self.project = project
+
+    def url(self):
+        q = urllib.parse.urlencode({"client_id": self.provider_class.client_id, "redirect_uri": self.redirect_uri,
+                                    "response_type": "code", "scope": self.scope, "access_type": "offline",
+                                    "prompt": "consent", "state": self.state})
+        return self.authorize_url + "?" + q
+
+    async def _json(self, client, method, url, token, body=None, headers=()):
+        hdrs = [("Authorization", "Bearer " + token), ("Accept", "application/json"),
+                ("Content-Type", "application/json")] + list(headers)
+        try:
+            resp = await client.request(method, url, hdrs, json_bytes(body) if body is not None else None,
+                                        timeout=15, stream_timeout=60)
+            raw = await resp.read(1 << 20)
+        except UpstreamError as e:
+            raise CliError("%s failed: %s" % (url, e.message))
+        if resp.status >= 300:
+            raise CliError("%s answered %d: %s" % (url.split("?")[0], resp.status, upstream_error_message(raw)[:200]))
+        return _json_or_none(raw) or {}
+
+    @staticmethod
+    def _project_id(value):
+        if isinstance(value, dict):
+            return value.get("id") or value.get("projectId") or ""
+        return value or ""
+
+    async def discover_project(self, client, token, requested=None, sleep=asyncio.sleep):
+        """loadCodeAssist, then onboardUser until done: the Code Assist project this account uses."""
+        body = {"metadata": self.metadata}
+        if requested:
+            body["cloudaicompanionProject"] = requested
+        data = await self._json(client, "POST", self.code_assist + ":loadCodeAssist", token, body)
+        found = self._project_id(data.get("cloudaicompanionProject")) or data.get("projectId") or data.get("project")
+        if found and not requested:
+            return found
+        tier = next((t.get("id") for t in data.get("allowedTiers") or [] if t.get("isDefault")), None) or \
+            (data.get("currentTier") or {}).get("id") or "legacy-tier"
+        onboard = {"tierId": tier, "metadata": self.metadata}
+        if requested:
+            onboard["cloudaicompanionProject"] = requested
+        for _ in range(15):
+            op = await self._json(client, "POST", self.code_assist + ":onboardUser", token, onboard)
+            if op.get("done"):
+                got = self._project_id((op.get("response") or {}).get("cloudaicompanionProject"))
+                return requested or got or found
+            await sleep(2)
+        raise CliError("Code Assist onboarding did not finish; try again later")
+
+    async def tokens(self, client, code):
+        data = await Provider.post_token(client, self.token_url, {
+            "code": code.partition("#")[0], "client_id": self.provider_class.client_id,
+            "client_secret": self.provider_class.client_secret, "redirect_uri": self.redirect_uri,
+            "grant_type": "authorization_code"}, Credential("login", self.provider, "login"), form=True)
+        if not data.get("access_token"):
+            raise CliError("the token endpoint answered without an access token")
+        info = await self._json(client, "GET", self.userinfo_url, data["access_token"])
+        if not info.get("email"):
+            raise CliError("could not read the account's e-mail address")
+        return data, info["email"]
+
+
+class GeminiCLILogin(GoogleLogin):
+    """Gemini CLI (Code Assist): port 8085; `--project ID`, `--project A,B` or `--project ALL` chooses projects
+    (several projects make one virtual credential each); without it the account's own project is discovered."""
+
+    provider = "gemini-cli"
+    authorize_url = "https://accounts.google.com/o/oauth2/auth"
+    redirect_uri = "http://localhost:8085/oauth2callback"
+    callback_port = 8085
+    scope = ("https://www.googleapis.com/auth/cloud-platform https://www.googleapis.com/auth/userinfo.email "
+             "https://www.googleapis.com/auth/userinfo.profile")
+    projects_url = "https://cloudresourcemanager.googleapis.com/v1/projects"
+
+    async def exchange(self, client, code):
+        data, email = await self.tokens(client, code)
+        token = data["access_token"]
+        requested = [p.strip() for p in (self.project or "").split(",") if p.strip()]
+        if requested == ["ALL"]:
+            listing = await self._json(client, "GET", self.projects_url, token)
+            requested = [p.get("projectId") for p in listing.get("projects") or [] if p.get("projectId")]
+            if not requested:
+                raise CliError("this account can see no Google Cloud projects")
+        projects = [await self.discover_project(client, token, p) for p in requested] if requested else \
+            [await self.discover_project(client, token)]
+        projects = [p for p in projects if p]
+        if not projects:
+            raise CliError("no Code Assist project found; pass --project <id>")
+        meta = google_token_meta({"type": "gemini", "email": email, "project_id": ",".join(projects), "auto": False,
+                                  "checked": True, "token": {
+                                      "token_uri": self.token_url, "client_id": self.provider_class.client_id,
+                                      "client_secret": self.provider_class.client_secret,
+                                      "scopes": self.scope.split(), "universe_domain": "googleapis.com",
+                                      "refresh_token": data.get("refresh_token") or ""}}, data)
+        suffix = "all" if len(projects) > 1 else projects[0]
+        return "gemini-%s-%s.json" % (email, suffix), meta
+
+
+class AntigravityLogin(GoogleLogin):
+    """Antigravity: port 51121, path /oauth-callback; the project is discovered (onboarded when new)."""
+
+    provider = "antigravity"
+    redirect_uri = "http://localhost:51121/oauth-callback"
+    callback_port = 51121
+    scope = ("https://www.googleapis.com/auth/cloud-platform https://www.googleapis.com/auth/userinfo.email "
+             "https://www.googleapis.com/auth/userinfo.profile https://www.googleapis.com/auth/cclog "
+             "https://www.googleapis.com/auth/experimentsandconfigs")
+    provider_class = AntigravityProvider
+    metadata = {"ideType": "ANTIGRAVITY"}
+
+    async def exchange(self, client, code):
+        data, email = await self.tokens(client, code)
+        project = await self.discover_project(client, data["access_token"], self.project)
+        if not project:
+            raise CliError("no Code Assist project found for this account")
+        meta = antigravity_meta(data, {"email": email, "project_id": project})
+        return "antigravity-%s.json" % email.replace("@", "_").replace(".", "_"), meta
+
+
+LOGIN_FLOWS = {"claude": ClaudeLogin, "codex": CodexLogin, "gemini": GeminiCLILogin, "antigravity": AntigravityLogin}
 
 
 async def run_device_login(cfg, name, timeout=900, out=None, sleep=asyncio.sleep):
@@ -8802,7 +8998,7 @@ async def wait_for_callback(flow, port, timeout):
 
     async def app(req):
         q = req.query
-        if req.path not in ("/callback", "/oauth2callback", "/auth/callback"):
+        if req.path not in ("/callback", "/oauth2callback", "/auth/callback", "/oauth-callback"):
             return Response(404, b"not found", None, "text/plain")
         if q.get("error"):
             if not got.done():
@@ -8828,12 +9024,12 @@ async def wait_for_callback(flow, port, timeout):
         await server.shutdown(0.5)
 
 
-async def run_login(cfg, name, no_browser=False, port=None, timeout=300, out=None, paste=None):
+async def run_login(cfg, name, no_browser=False, port=None, timeout=300, out=None, paste=None, project=None):
     """The terminal side of a login: show the URL (open a browser where one exists), wait for the callback or a
     pasted URL, exchange the code, and write the credential file (0600) only at the very end, so an interrupted
     login leaves nothing half-written."""
     out = out or sys.stdout
-    flow = LOGIN_FLOWS[name]()
+    flow = LOGIN_FLOWS[name](project) if project else LOGIN_FLOWS[name]()
     client = HttpClient(lambda: cfg)
     url = flow.url()
     print("Open this URL to log in to %s:\n\n  %s\n" % (name, url), file=out, flush=True)
@@ -8883,7 +9079,8 @@ def cmd_login(args):
                 raise CliError("%s has no device-code login" % args.provider)
             asyncio.run(run_device_login(cfg, args.provider, args.timeout if args.timeout != 300 else 900))
         else:
-            asyncio.run(run_login(cfg, args.provider, args.no_browser, args.callback_port, args.timeout))
+            asyncio.run(run_login(cfg, args.provider, args.no_browser, args.callback_port, args.timeout,
+                                  project=args.project))
     except KeyboardInterrupt:
         print("\nlogin cancelled; nothing was written", file=sys.stderr)
         return 130
@@ -8932,17 +9129,53 @@ def codex_cli_credentials(home):
     return path, "codex-%s.json" % meta["email"], meta
 
 
-IMPORTERS = [("Claude Code", claude_code_credentials), ("Codex CLI", codex_cli_credentials)]
+def gemini_cli_credentials(home, cfg=None):
+    """Gemini CLI's own store: ~/.gemini/oauth_creds.json (`expiry_date` in ms). The project comes from
+    GOOGLE_CLOUD_PROJECT, else Code Assist discovery."""
+    path = os.path.join(home, ".gemini", "oauth_creds.json")
+    with open(path, "r", encoding="utf-8") as f:
+        data = json.load(f)
+    if not data.get("refresh_token"):
+        raise ValueError("no refresh_token in %s" % path)
+    email = jwt_claims(data.get("id_token") or "").get("email") or ""
+    project = os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("GOOGLE_CLOUD_PROJECT_ID") or ""
+    if not project and cfg is not None and data.get("access_token"):
+        async def discover():
+            client = HttpClient(lambda: cfg)
+            try:
+                return await GeminiCLILogin().discover_project(client, data["access_token"])
+            finally:
+                client.close_idle()
+        try:
+            project = asyncio.run(discover())
+        except CliError as e:
+            raise ValueError("project discovery failed (%s); set GOOGLE_CLOUD_PROJECT" % e)
+    if not project:
+        raise ValueError("no project known; set GOOGLE_CLOUD_PROJECT")
+    expires = data.get("expiry_date")
+    token = {"access_token": data.get("access_token") or "", "refresh_token": data["refresh_token"],
+             "token_type": data.get("token_type") or "Bearer",
+             "expiry": rfc3339(expires / 1000.0 if expires and expires > 1e12 else (expires or time.time())),
+             "token_uri": GeminiCLILogin.token_url, "client_id": GeminiCLIProvider.client_id,
+             "client_secret": GeminiCLIProvider.client_secret, "scopes": (data.get("scope") or "").split()}
+    meta = {"type": "gemini", "email": email or "gemini-cli", "project_id": project, "auto": False, "checked": True,
+            "token": token, "access_token": token["access_token"], "refresh_token": token["refresh_token"],
+            "expiry": token["expiry"]}
+    return path, "gemini-%s-%s.json" % (meta["email"], project), meta
 
 
-def import_cli_credentials(auth_dir, home=None, out=None):
+IMPORTERS = [("Claude Code", claude_code_credentials), ("Codex CLI", codex_cli_credentials),
+             ("Gemini CLI", gemini_cli_credentials)]
+
+
+def import_cli_credentials(auth_dir, home=None, out=None, cfg=None):
     """Find the credentials official CLIs stored and convert them into auth-dir files. Returns (imported, skipped)."""
     out = out or sys.stdout
     home = home or os.path.expanduser("~")
     imported, skipped = [], []
     for label, finder in IMPORTERS:
         try:
-            source, name, meta = finder(home)
+            source, name, meta = finder(home, cfg) if finder is gemini_cli_credentials else finder(home)
         except FileNotFoundError:
             skipped.append((label, "not found"))
             continue
@@ -8985,7 +9218,7 @@ def import_vertex(sa_path, auth_dir, location="us-central1"):
 def cmd_import(args):
     cfg, _, _ = load_config_for_cli(args.config, create=False)
     if args.source == "cli":
-        imported, _ = import_cli_credentials(cfg.auth_dir)
+        imported, _ = import_cli_credentials(cfg.auth_dir, cfg=cfg)
         return 0 if imported else 1
     if args.source == "vertex":
         if not args.file:
@@ -9013,12 +9246,14 @@ def build_parser():
     p.set_defaults(func=cmd_version)
     p = sub.add_parser("env", parents=[common], help="show the config, auth dir and listen address it would use")
     p.set_defaults(func=cmd_env)
-    p = sub.add_parser("login", parents=[common], help="log in to a subscription provider (claude)")
+    p = sub.add_parser("login", parents=[common],
+                       help="log in to a subscription provider (claude, codex, gemini, antigravity)")
     p.add_argument("provider", choices=sorted(LOGIN_FLOWS), help="which provider")
     p.add_argument("--no-browser", action="store_true", help="print the URL and accept the pasted redirect URL")
     p.add_argument("--callback-port", type=int, help="port for the local callback listener")
     p.add_argument("--timeout", type=int, default=300, help="seconds to wait for the browser (default 300)")
     p.add_argument("--device", action="store_true", help="device-code login (codex): type a code on any device")
+    p.add_argument("--project", help="gemini: the Google Cloud project(s) to use: ID, ID1,ID2 or ALL")
     p.set_defaults(func=cmd_login)
     p = sub.add_parser("import", parents=[common],
                        help="import credentials into auth-dir: 'cli' (what official CLIs stored) or 'vertex <key.json>'")
