@@ -6723,7 +6723,17 @@ def retry_hint(headers, data):
             hints.append(when - now)
         elif isinstance(err.get("resets_in_seconds"), (int, float)):
             hints.append(float(err["resets_in_seconds"]))
+        if not hints and isinstance(err.get("message"), str):
+            # Cloud Code words it in the message: "... Please retry after 12s" / "after 1h2m3s" (providers.md §F.6)
+            m = _RETRY_AFTER_TEXT.search(err["message"])
+            if m:
+                v = parse_duration(m.group(1))
+                if v is not None:
+                    hints.append(v)
     return (max(hints) if hints else None), scope
+
+
+_RETRY_AFTER_TEXT = re.compile(r"after ((?:\d+(?:\.\d+)?(?:h|ms|m|s))+)")
 
 
 _REVOKED = ("invalid_grant", "token has been expired or revoked", "token revoked", "oauth_token_revoked")

@@ -118,6 +118,10 @@ def cooling_for(gw, key, model="m"):
     (429, {"error": {"code": 429, "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
                                                "metadata": {"quotaResetDelay": "5h0m0s"}}]}}, {}, 18000),
     (429, {"error": {"type": "usage_limit_reached", "message": "limit", "resets_in_seconds": 7200}}, {}, 7200),
+    (429, {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "You have exhausted your capacity on "
+                     "this model. Your quota will reset after 1h2m3s.", "details": [
+                         {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "QUOTA_EXHAUSTED"}]}}, {},
+     3723),
 ])
 def test_cooldown_classes_and_exact_durations(make, status, body, headers, seconds):
     gw, up = make(by_key({"k1": Reply(status=status, body=body, headers=headers)}))
