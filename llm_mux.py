@@ -6778,6 +6778,7 @@ class Provider:
     default_base_url = ""
     default_models = ()
     stream_only = False  # the upstream is always asked for a stream; non-stream clients get it collected
+    quota_groups = False  # a quota error on one model cools every model of its family (claude-*, gemini-*, ...)
     refresh_lead = None  # seconds before expiry to refresh an OAuth token (providers.md §1.2); None: no refresh
 
     def __init__(self, entry, credentials=None):
@@ -7138,9 +7139,10 @@ class GeminiCLIProvider(GeminiProvider):
 class AntigravityProvider(GeminiCLIProvider):
     """Antigravity accounts (`type: antigravity` files), providers.md §F: Cloud Code's v1internal with the
     Antigravity client identity and envelope {model, project, userAgent, requestType, requestId, request}; the
-    daily and prod hosts are used in turn."""
+    daily and prod hosts are used in turn. Models of one family share a quota (a 429 on one cools them all)."""
 
     type = "antigravity"
+    quota_groups = True
     bases = ("https://daily-cloudcode-pa.googleapis.com/v1internal", "https://cloudcode-pa.googleapis.com/v1internal")
     client_id = "1071006060591-tmhssin2h21lcre235vtolojh4g403ep.apps.googleusercontent.com"
     client_secret = "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"
@@ -7555,7 +7557,7 @@ class Router:
         self.affinity[key] = (cred.id, now + self.AFFINITY_TTL)
 
     # -- outcomes -------------------------------------------------------------------------------------------------
-    def cool(self, cred, model, failure, now):
+    def cool(self, cred, model, failure, now, provider=None):
         """Cooldown per credential x model (gateway.md §6.9), or for the whole credential when the quota is
         credential-scoped. Revoked tokens disable the credential and say so."""
         cred.last_error = failure.message
@@ -7592,6 +7594,12 @@ class Router:
             cred.until_all = max(cred.until_all, until)
         else:
             st.until = max(st.until, until)
+        if provider is not None and provider.quota_groups and cat == "quota":
+            family = re.split(r"[-_.]", model, 1)[0]
+            for _, other in provider.model_list():
+                if other != model and re.split(r"[-_.]", other, 1)[0] == family:
+                    ost = cred.states.setdefault(other, ModelState())
+                    ost.until, ost.status = max(ost.until, until), "cooling"
         if cred.project and cat == "quota" and not self.app.cfg.quota_exceeded["switch-project"]:
             # Without switch-project the account's other projects are not an escape from its quota.
             for sibling in self.app.files.values():
@@ -7698,7 +7706,7 @@ class Router:
                         attempts_left += 1
                         continue
                 breaker.record(failure.category in ("user_error", "not_found"), clock.now())
-                self.cool(cred, route.model, failure, clock.now())
+                self.cool(cred, route.model, failure, clock.now(), route.provider)
                 last = failure
                 if not failure.retryable:
                     raise self._error(last)
@@ -8922,6 +8930,19 @@ class GeminiCLILogin(GoogleLogin):
     scope = ("https://www.googleapis.com/auth/cloud-platform https://www.googleapis.com/auth/userinfo.email "
              "https://www.googleapis.com/auth/userinfo.profile")
     projects_url = "https://cloudresourcemanager.googleapis.com/v1/projects"
+    serviceusage = "https://serviceusage.googleapis.com/v1/projects/%s/services/cloudaicompanion.googleapis.com"
+
+    async def enable_api(self, client, token, project):
+        """Make sure the Gemini for Cloud API (cloudaicompanion) is enabled in a chosen project (§E.1 step 4)."""
+        url = self.serviceusage % project
+        state = await self._json(client, "GET", url, token)
+        if state.get("state") == "ENABLED":
+            return
+        try:
+            await self._json(client, "POST", url + ":enable", token, {})
+        except CliError as e:
+            if "already enabled" not in str(e).lower():
+                raise CliError("project %s: the Gemini for Cloud API could not be enabled (%s)" % (project, e))
 
     async def exchange(self, client, code):
         data, email = await self.tokens(client, code)
@@ -8935,6 +8956,8 @@ class GeminiCLILogin(GoogleLogin):
         projects = [await self.discover_project(client, token, p) for p in requested] if requested else \
             [await self.discover_project(client, token)]
         projects = [p for p in projects if p]
+        for p in requested:
+            await self.enable_api(client, token, p)
         if not projects:
             raise CliError("no Code Assist project found; pass --project <id>")
         meta = google_token_meta({"type": "gemini", "email": email, "project_id": ",".join(projects), "auto": False,

@@ -279,3 +279,28 @@ def test_oauth_excluded_models_hide_models_of_file_credentials_and_reload(gatewa
         assert time.monotonic() - t0 < 2
         time.sleep(0.05)
     assert "claude-3-7-sonnet-20250219" not in ids() and "claude-3-5-haiku-20241022" in ids()
+
+
+def test_claude_5h_window_cools_the_account_until_the_reset(gateway, claude, tmp_path):
+    auth = str(tmp_path / "auth")
+    write_cred(auth)
+    reset = int(time.time()) + 3 * 3600
+    original = claude.handle
+
+    def limited(r):
+        if r.path.startswith("/v1/messages"):
+            return Reply(status=429, body={"type": "error", "error": {"type": "rate_limit_error",
+                                                                      "message": "This request would exceed your limit"}},
+                         headers={"anthropic-ratelimit-unified-5h-status": "rejected",
+                                  "anthropic-ratelimit-unified-5h-reset": str(reset)})
+        return original(r)
+    claude.up.handler = limited
+    gw = gateway(claude.config() + "auth-dir: %s\nrequest-retry: 0\nmax-retry-interval: 0\n" % auth)
+    with pytest.raises(anthropic.RateLimitError):
+        ask(gw)
+    n = len(claude.up.requests)
+    c = anthropic.Anthropic(base_url=gw.url, api_key="k", max_retries=0)
+    with pytest.raises(anthropic.RateLimitError) as e:
+        c.messages.create(model="claude-opus-4-5-20251101", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    assert len(claude.up.requests) == n  # every model of the account waits for the window to reset
+    assert abs(int(e.value.response.headers["retry-after"]) - 3 * 3600) <= 5

@@ -34,6 +34,11 @@ class FakeGoogle:
                                "token_type": "Bearer"})
         if r.path.startswith("/oauth2/v1/userinfo"):
             return Reply(body={"email": "g@example.com", "verified_email": True})
+        if r.path.startswith("/v1/projects/") and "/services/cloudaicompanion.googleapis.com" in r.path:
+            if r.path.endswith(":enable"):
+                self.enabled = getattr(self, "enabled", []) + [r.path.split("/")[3]]
+                return Reply(body={"done": True})
+            return Reply(body={"state": "ENABLED" if r.path.split("/")[3] == "p-one" else "DISABLED"})
         if r.path == "/v1/projects":
             return Reply(body={"projects": [{"projectId": "p-one"}, {"projectId": "p-two"}]})
         if r.path == "/v1internal:loadCodeAssist":
@@ -53,7 +58,8 @@ class FakeGoogle:
 
     def config(self, auth):
         hosts = ("https://oauth2.googleapis.com", "https://www.googleapis.com", "https://cloudcode-pa.googleapis.com",
-                 "https://daily-cloudcode-pa.googleapis.com", "https://cloudresourcemanager.googleapis.com")
+                 "https://daily-cloudcode-pa.googleapis.com", "https://cloudresourcemanager.googleapis.com",
+                 "https://serviceusage.googleapis.com")
         return "auth-dir: %s\nupstream-overrides:\n%s" % (auth, "".join('  "%s": "%s"\n' % (h, self.up.url)
                                                                         for h in hosts))
 
@@ -99,6 +105,7 @@ def test_gemini_login_with_all_projects(tmp_path):
         assert "Logged in as g@example.com" in out
         onboarded = [json.loads(b)["cloudaicompanionProject"] for p, b in g.calls if p == "/v1internal:onboardUser"]
         assert onboarded == ["p-one", "p-two"]
+        assert g.enabled == ["p-two"]  # the API was enabled where it was not (p-one already had it)
     finally:
         g.up.stop()
 
@@ -158,3 +165,31 @@ def test_import_gemini_cli_oauth_creds(tmp_path):
     saved = json.loads((tmp_path / "auth" / "gemini-cli@example.com-my-proj.json").read_text())
     assert saved["project_id"] == "my-proj" and saved["token"]["refresh_token"] == "1//y"
     assert saved["token"]["expiry"] == "2030-03-17T17:46:40Z"
+
+
+def test_antigravity_quota_groups_cool_a_whole_model_family(gateway, tmp_path):
+    calls = []
+
+    def handler(r):
+        calls.append(r.json["model"])
+        return Reply(status=429, body={"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message":
+                                                 "quota will reset after 600s"}})
+    up = FakeUpstream(handler).start()
+    try:
+        auth = tmp_path / "auth"
+        auth.mkdir()
+        (auth / "antigravity-a.json").write_text(json.dumps({
+            "type": "antigravity", "email": "a@x", "project_id": "p", "access_token": "ya29", "refresh_token": "r",
+            "expired": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 7200))}))
+        gw = gateway("auth-dir: %s\nrequest-retry: 0\nmax-retry-interval: 0\nupstream-overrides:\n"
+                     '  "https://cloudcode-pa.googleapis.com": "%s"\n  "https://daily-cloudcode-pa.googleapis.com": "%s"\n'
+                     % (auth, up.url, up.url))
+        c = openai.OpenAI(base_url=gw.url + "/v1", api_key="k", max_retries=0)
+        with pytest.raises(openai.RateLimitError):
+            c.chat.completions.create(model="gemini-3-flash", messages=[{"role": "user", "content": "x"}])
+        with pytest.raises(openai.RateLimitError) as e:
+            c.chat.completions.create(model="gemini-3.1-pro-low", messages=[{"role": "user", "content": "x"}])
+        assert calls == ["gemini-3-flash"]  # the sibling model was not even tried
+        assert 595 <= int(e.value.response.headers["retry-after"]) <= 600
+    finally:
+        up.stop()
