@@ -6792,6 +6792,15 @@ class Provider:
         raise NotImplementedError
 
     @staticmethod
+    def token_expiry(cred):
+        """When the token requests use expires (epoch seconds), or None if unknown."""
+        return credential_expiry(cred.meta)
+
+    @staticmethod
+    def has_token(cred):
+        return bool(cred.meta.get("access_token"))
+
+    @staticmethod
     async def post_token(client, url, body, cred, form=False):
         """POST to an OAuth token endpoint; returns the JSON answer or raises RefreshError."""
         if form:
@@ -7236,6 +7245,165 @@ class EnvelopeDecoder:
         return self.inner.close()
 
 
+class CopilotProvider(OpenAICompatProvider):
+    """GitHub Copilot (`type: github-copilot` files), providers.md §C: the stored GitHub token is exchanged for a
+    short-lived Copilot API token (renewed 5 min before it expires); chat goes to the Copilot API with the editor
+    and integration headers. The API base comes from the token answer: `endpoints.api` first (what llm-mux's
+    structure and GitHub's answers carry), else a top-level `endpoint` (the reading of CLIProxyAPI PR #4978), else
+    api.githubcopilot.com."""
+
+    type = "github-copilot"
+    default_base_url = "https://api.githubcopilot.com"
+    token_exchange_url = "https://api.github.com/copilot_internal/v2/token"
+    refresh_lead = REFRESH_LEADS["github-copilot"]
+    default_models = ("gpt-4.1", "gpt-4o", "gpt-5", "gpt-5-mini", "gpt-5.1", "gpt-5.2", "claude-sonnet-4",
+                      "claude-sonnet-4.5", "claude-haiku-4.5", "claude-opus-4.5", "gemini-2.5-pro", "gemini-3-flash",
+                      "gemini-3-pro-preview", "grok-code-fast-1")
+
+    @staticmethod
+    def token_expiry(cred):
+        return cred.meta.get("copilot_expires_at")
+
+    @staticmethod
+    def has_token(cred):
+        return bool(cred.meta.get("copilot_token"))
+
+    def base_url(self, cred):
+        return (cred.meta.get("copilot_api") or self.default_base_url).rstrip("/")
+
+    def build(self, req, cred, model):
+        body = self.codec.build_request(req, model)
+        body["stream"] = bool(req.stream)
+        headers = [("Content-Type", "application/json"), ("Accept", "text/event-stream" if req.stream else
+                                                          "application/json"),
+                   ("Authorization", "Bearer " + (cred.meta.get("copilot_token") or "")),
+                   ("User-Agent", "GithubCopilot/1.0"), ("Editor-Version", "vscode/1.104.1"),
+                   ("Editor-Plugin-Version", "copilot/1.300.0"), ("Openai-Intent", "conversation-panel"),
+                   ("Copilot-Integration-Id", "vscode-chat"), ("X-Request-Id", new_id("", 16))]
+        return "POST", self.base_url(cred) + "/chat/completions", headers, json_bytes(body)
+
+    @classmethod
+    async def exchange(cls, client, github_token, proxy=""):
+        try:
+            resp = await client.request("GET", cls.token_exchange_url, [
+                ("Authorization", "token " + github_token), ("Accept", "application/json"),
+                ("User-Agent", "GithubCopilot/1.0"), ("Editor-Version", "vscode/1.100.0"),
+                ("Editor-Plugin-Version", "copilot/1.300.0")], None, proxy, timeout=15, stream_timeout=30)
+            raw = await resp.read(1 << 20)
+        except UpstreamError as e:
+            raise RefreshError("Copilot token exchange unreachable: %s" % e.message)
+        data = _json_or_none(raw)
+        if resp.status >= 300 or not isinstance(data, dict) or not data.get("token"):
+            raise RefreshError("Copilot token exchange answered %d: %s" % (resp.status,
+                                                                         upstream_error_message(raw)[:200]),
+                               revoked=resp.status == 401)
+        return data
+
+    async def refresh(self, cred, client):
+        data = await self.exchange(client, cred.meta.get("access_token") or "", cred.proxy_url)
+        meta = dict(cred.meta)
+        meta["copilot_token"] = data["token"]
+        meta["copilot_expires_at"] = float(data.get("expires_at") or time.time() + 25 * 60)
+        api = (data.get("endpoints") or {}).get("api") or data.get("endpoint")
+        if api:
+            meta["copilot_api"] = api
+        return meta
+
+
+class QwenProvider(OpenAICompatProvider):
+    """Qwen Code accounts (`type: qwen` files), providers.md §H: OpenAI chat at the account's `resource_url`."""
+
+    type = "qwen"
+    default_base_url = "https://portal.qwen.ai/v1"
+    token_url = "https://chat.qwen.ai/api/v1/oauth2/token"
+    client_id = "f0304373b74a44d2b584a3fb70ca9e56"
+    refresh_lead = REFRESH_LEADS["qwen"]
+    default_models = ("qwen3-coder-plus", "qwen3-coder-flash", "vision-model", "coder-model")
+    user_agent = "QwenCode/0.14.2 (darwin; arm64)"
+
+    def base_url(self, cred):
+        url = (cred.meta.get("resource_url") or "").strip()
+        if not url:
+            return self.default_base_url
+        if "://" not in url:
+            url = "https://" + url
+        url = url.rstrip("/")
+        return url if url.endswith("/v1") else url + "/v1"
+
+    def build(self, req, cred, model):
+        method, url, headers, body = OpenAICompatProvider.build(self, req, cred, model)
+        headers = [(k, v) for k, v in headers if k not in ("Authorization", "User-Agent")] + [
+            ("Authorization", "Bearer " + (cred.meta.get("access_token") or "")), ("User-Agent", self.user_agent),
+            ("X-Dashscope-Cachecontrol", "enable"), ("X-Dashscope-Authtype", "qwen-oauth"),
+            ("X-Dashscope-Useragent", self.user_agent)]
+        return method, url, headers, body
+
+    def classify_error(self, status, headers, body):
+        failure = classify_failure(status, headers, body)
+        low = (body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)).lower()
+        if status in (403, 429) and any(s in low for s in ("insufficient_quota", "quota_exceeded", "quota exceeded")):
+            failure.status, failure.type, failure.category, failure.retryable = 429, "rate_limit", "quota", True
+        return failure
+
+    async def refresh(self, cred, client):
+        data = await self.post_token(client, self.token_url, {
+            "grant_type": "refresh_token", "refresh_token": cred.meta.get("refresh_token") or "",
+            "client_id": self.client_id}, cred, form=True)
+        if not data.get("access_token"):
+            raise RefreshError("token endpoint answered without an access_token")
+        return qwen_meta(data, cred.meta)
+
+
+def qwen_meta(data, old=None):
+    meta = dict(old or {})
+    now = time.time()
+    meta.update({"type": "qwen", "access_token": data["access_token"], "last_refresh": rfc3339(now),
+                 "expired": rfc3339(now + float(data.get("expires_in") or 3600))})
+    for key in ("refresh_token", "resource_url"):
+        if data.get(key):
+            meta[key] = data[key]
+    return meta
+
+
+class ClineProvider(OpenAICompatProvider):
+    """Cline accounts (`type: cline` files), providers.md §K: OpenAI chat at api.cline.bot with a `workos:` bearer;
+    short-lived access tokens renewed from the exported refresh token."""
+
+    type = "cline"
+    default_base_url = "https://api.cline.bot/api/v1"
+    refresh_url = "https://api.cline.bot/api/v1/auth/refresh"
+    refresh_lead = REFRESH_LEADS["cline"]
+    default_models = ("minimax/minimax-m2", "x-ai/grok-code-fast-1")
+
+    def build(self, req, cred, model):
+        method, url, headers, body = OpenAICompatProvider.build(self, req, cred, model)
+        headers = [(k, v) for k, v in headers if k != "Authorization"] + [
+            ("Authorization", "Bearer workos:" + (cred.meta.get("access_token") or ""))]
+        return method, url, headers, body
+
+    async def refresh(self, cred, client):
+        return await cline_exchange(client, cred.meta.get("refresh_token") or "", cred, cred.meta)
+
+
+async def cline_exchange(client, refresh_token, cred, old=None):
+    data = await Provider.post_token(client, ClineProvider.refresh_url, {"refreshToken": refresh_token,
+                                                                         "grantType": "refresh_token"}, cred)
+    inner = data.get("data") or {}
+    if not data.get("success") or not inner.get("accessToken"):
+        raise RefreshError("Cline refused the refresh token: %s" % upstream_error_message(json_bytes(data))[:200],
+                           revoked=True)
+    meta = dict(old or {})
+    now = time.time()
+    expires = parse_instant(inner.get("expiresAt")) or now + 600
+    meta.update({"type": "cline", "access_token": inner["accessToken"],
+                 "refresh_token": inner.get("refreshToken") or refresh_token, "last_refresh": rfc3339(now),
+                 "expired": rfc3339(expires)})
+    email = (inner.get("userInfo") or {}).get("email")
+    if email:
+        meta["email"] = email
+    return meta
+
+
 def codex_meta(data, old=None):
     """A Codex credential file from a token answer (the id_token carries e-mail and ChatGPT account id)."""
     meta = dict(old or {})
@@ -7301,9 +7469,10 @@ class VertexProvider(GeminiProvider):
 
 
 FILE_PROVIDER_CLASSES = {"claude": ClaudeOAuthProvider, "vertex": VertexProvider, "codex": CodexOAuthProvider,
-                         "gemini-cli": GeminiCLIProvider, "antigravity": AntigravityProvider}
+                         "gemini-cli": GeminiCLIProvider, "antigravity": AntigravityProvider,
+                         "github-copilot": CopilotProvider, "qwen": QwenProvider, "cline": ClineProvider}
 PROVIDER_NAMES = {"claude": "Claude", "vertex": "Vertex AI", "codex": "Codex", "gemini-cli": "Gemini CLI",
-                  "antigravity": "Antigravity"}
+                  "antigravity": "Antigravity", "github-copilot": "GitHub Copilot", "qwen": "Qwen", "cline": "Cline"}
 
 
 # === 10. Routing ===
@@ -7749,10 +7918,10 @@ class Refresher:
         self.refresh_calls = 0
 
     @staticmethod
-    def due(cred, margin, now=None):
-        exp = credential_expiry(cred.meta)
+    def due(cred, margin, now=None, provider=None):
+        exp = provider.token_expiry(cred) if provider is not None else credential_expiry(cred.meta)
         if exp is None:
-            return not cred.meta.get("access_token")
+            return not (provider.has_token(cred) if provider is not None else cred.meta.get("access_token"))
         return exp - (now or time.time()) <= margin
 
     async def ensure(self, cred, provider, force=False, margin=60.0):
@@ -7762,10 +7931,10 @@ class Refresher:
             return True
         task = cred.refresh_task
         if task is None or task.done():
-            if not force and not self.due(cred, margin):
+            if not force and not self.due(cred, margin, provider=provider):
                 return True
             if time.time() < cred.refresh_after and not force:
-                return not self.due(cred, 0)
+                return not self.due(cred, 0, provider=provider)
             task = cred.refresh_task = asyncio.ensure_future(self._refresh(cred, provider, force, margin))
         return await asyncio.shield(task)
 
@@ -7807,10 +7976,10 @@ class Refresher:
                 meta, stamp = cred.meta, cred.stamp
             if meta.get("access_token") != rejected:
                 cred.meta, cred.stamp = meta, stamp
-                if not self.due(cred, 60 if force else margin):
+                if not self.due(cred, 60 if force else margin, provider=provider):
                     log.info("credential %s: adopted the token refreshed by another process", cred.label)
                     return True
-            elif not force and not self.due(cred, margin):
+            elif not force and not self.due(cred, margin, provider=provider):
                 return True
             self.refresh_calls += 1
             new = await provider.refresh(cred, self.app.client)
@@ -7818,7 +7987,7 @@ class Refresher:
             st = os.stat(cred.path)
             cred.meta, cred.stamp = new, (st.st_mtime_ns, st.st_size)
             cred.refresh_error, cred.refresh_after = None, 0.0
-            exp = credential_expiry(new)
+            exp = provider.token_expiry(cred)
             log.info("credential %s refreshed; token valid until %s", cred.label, rfc3339(exp) if exp else "?")
             return True
         except RefreshError as e:
@@ -7832,7 +8001,7 @@ class Refresher:
                 backoff = min(300.0, max(5.0, e.retry_after))
             cred.refresh_after = time.time() + backoff
             log.warning("credential %s: refresh failed (%s); next try in %ds", cred.label, e.message[:300], backoff)
-            return not self.due(cred, 0)
+            return not self.due(cred, 0, provider=provider)
         finally:
             self._unlock(fd)
 
@@ -7853,7 +8022,7 @@ class Refresher:
                     for cred in provider.credentials:
                         if cred.disabled or cred.path is None or now < cred.refresh_after:
                             continue
-                        if self.due(cred, provider.refresh_lead, now):
+                        if self.due(cred, provider.refresh_lead, now, provider):
                             asyncio.ensure_future(self.ensure(cred, provider, margin=provider.refresh_lead))
             except Exception:
                 log.exception("refresh sweep failed")
@@ -8813,7 +8982,7 @@ class CodexLogin(ClaudeLogin):
         return "codex-%s.json" % meta["email"], meta
 
     async def device_start(self, client):
-        """Ask for a user code: (device_auth_id, user_code, interval seconds)."""
+        """Ask for a user code."""
         data = await Provider.post_token(client, self.usercode_url, {"client_id": CodexOAuthProvider.client_id},
                                          Credential("login", "codex", "login"))
         code = data.get("user_code") or data.get("usercode")
@@ -8823,11 +8992,16 @@ class CodexLogin(ClaudeLogin):
             interval = max(1, int(data.get("interval") or 5))
         except ValueError:
             interval = 5
-        return data["device_auth_id"], code, interval
+        return {"url": self.device_url, "code": code, "interval": interval, "expires_in": 900,
+                "id": data["device_auth_id"]}
 
-    async def device_poll(self, client, device_auth_id, user_code):
+    async def device_finish(self, client, got):
+        code, verifier = got
+        return await self.exchange(client, code, self.device_redirect, verifier)
+
+    async def device_poll(self, client, started):
         """None while the user has not finished; then (authorization_code, code_verifier)."""
-        body = json_bytes({"device_auth_id": device_auth_id, "user_code": user_code})
+        body = json_bytes({"device_auth_id": started["id"], "user_code": started["code"]})
         try:
             resp = await client.request("POST", self.device_token_url, [("Content-Type", "application/json"),
                                                                         ("Accept", "application/json")], body,
@@ -8991,17 +9165,159 @@ class AntigravityLogin(GoogleLogin):
         return "antigravity-%s.json" % email.replace("@", "_").replace(".", "_"), meta
 
 
-LOGIN_FLOWS = {"claude": ClaudeLogin, "codex": CodexLogin, "gemini": GeminiCLILogin, "antigravity": AntigravityLogin}
+class DeviceLogin:
+    """Shared polling rules of RFC 8628 device flows (GitHub, Qwen): pending, slow_down, or a final error."""
+
+    kind = "device"
+
+    @staticmethod
+    async def poll_form(client, url, form, pending_statuses=(400,)):
+        try:
+            resp = await client.request("POST", url, [("Content-Type", "application/x-www-form-urlencoded"),
+                                                      ("Accept", "application/json")],
+                                        urllib.parse.urlencode(form).encode(), timeout=15, stream_timeout=30)
+            raw = await resp.read(1 << 20)
+        except UpstreamError as e:
+            log.debug("device poll failed: %s", e.message)
+            return None
+        data = _json_or_none(raw) or {}
+        err = data.get("error")
+        if err in ("authorization_pending",):
+            return None
+        if err == "slow_down":
+            return "slow_down"
+        if err or resp.status >= 300 or not data.get("access_token"):
+            raise CliError("device login failed: %s" % (data.get("error_description") or err or resp.status))
+        return data
+
+
+class CopilotLogin(DeviceLogin):
+    """GitHub's device flow, then one Copilot token exchange to prove the account has Copilot (providers.md §C.1)."""
+
+    provider = "github-copilot"
+    client_id = "Iv1.b507a08c87ecfe98"
+    code_url = "https://github.com/login/device/code"
+    token_url = "https://github.com/login/oauth/access_token"
+    user_url = "https://api.github.com/user"
+
+    async def device_start(self, client):
+        data = await Provider.post_token(client, self.code_url, {"client_id": self.client_id, "scope": "user:email"},
+                                         Credential("login", self.provider, "login"), form=True)
+        if not data.get("device_code") or not data.get("user_code"):
+            raise CliError("GitHub answered without a device code")
+        return {"url": data.get("verification_uri") or "https://github.com/login/device", "code": data["user_code"],
+                "interval": max(5, int(data.get("interval") or 5)), "expires_in": min(900, int(
+                    data.get("expires_in") or 900)), "id": data["device_code"]}
+
+    async def device_poll(self, client, started):
+        return await self.poll_form(client, self.token_url, {
+            "client_id": self.client_id, "device_code": started["id"],
+            "grant_type": "urn:ietf:params:oauth:grant-type:device_code"}, pending_statuses=(200,))
+
+    async def device_finish(self, client, data):
+        token = data["access_token"]
+        try:
+            resp = await client.request("GET", self.user_url, [("Authorization", "Bearer " + token),
+                                                               ("Accept", "application/json"), ("User-Agent", USER_AGENT)],
+                                        timeout=15, stream_timeout=30)
+            user = _json_or_none(await resp.read(1 << 20)) or {}
+        except UpstreamError as e:
+            raise CliError("cannot read the GitHub user: %s" % e.message)
+        login = user.get("login")
+        if not login:
+            raise CliError("GitHub did not say who this token belongs to")
+        try:
+            await CopilotProvider.exchange(client, token)
+        except RefreshError as e:
+            raise CliError("this GitHub account has no Copilot access (%s)" % e.message)
+        meta = {"type": "github-copilot", "access_token": token, "token_type": data.get("token_type") or "bearer",
+                "scope": data.get("scope") or "", "username": login, "email": login, "timestamp": int(time.time() * 1000)}
+        return "github-copilot-%s.json" % login, meta
+
+
+class QwenLogin(DeviceLogin):
+    """Qwen Code: device flow with PKCE (providers.md §H.1). Qwen returns no e-mail: `--alias` names the account."""
+
+    provider = "qwen"
+    code_url = "https://chat.qwen.ai/api/v1/oauth2/device/code"
+    alias = None
+
+    def __init__(self):
+        self.verifier = b64url(os.urandom(32))
+        self.challenge = b64url(hashlib.sha256(self.verifier.encode("ascii")).digest())
+
+    async def device_start(self, client):
+        data = await Provider.post_token(client, self.code_url, {
+            "client_id": QwenProvider.client_id, "scope": "openid profile email model.completion",
+            "code_challenge": self.challenge, "code_challenge_method": "S256"},
+            Credential("login", self.provider, "login"), form=True)
+        if not data.get("device_code") or not data.get("user_code"):
+            raise CliError("Qwen answered without a device code")
+        return {"url": data.get("verification_uri_complete") or data.get("verification_uri"),
+                "code": data["user_code"], "interval": int(data.get("interval") or 2),
+                "expires_in": int(data.get("expires_in") or 300), "id": data["device_code"]}
+
+    async def device_poll(self, client, started):
+        return await self.poll_form(client, QwenProvider.token_url, {
+            "grant_type": "urn:ietf:params:oauth:grant-type:device_code", "client_id": QwenProvider.client_id,
+            "device_code": started["id"], "code_verifier": self.verifier})
+
+    async def device_finish(self, client, data):
+        alias = self.alias or "qwen-" + hashlib.sha256((data.get("refresh_token") or "").encode()).hexdigest()[:8]
+        meta = qwen_meta(data, {"email": alias})
+        return "qwen-%s.json" % alias, meta
+
+
+class ClineLogin:
+    """Cline: paste the refresh token from "Cline: Export Auth Token"; it is exchanged at once (providers.md §K.1)."""
+
+    kind = "token"
+    provider = "cline"
+    prompt = "Paste the refresh token from the Cline extension (Cline: Export Auth Token) and press Enter:"
+
+    async def finish(self, client, pasted):
+        meta = await cline_exchange(client, pasted.strip(), Credential("login", "cline", "login"))
+        if not meta.get("email"):
+            meta["email"] = "cline-" + hashlib.sha256(pasted.encode()).hexdigest()[:8]
+        return "cline-%s.json" % meta["email"], meta
+
+
+LOGIN_FLOWS = {"claude": ClaudeLogin, "codex": CodexLogin, "gemini": GeminiCLILogin, "antigravity": AntigravityLogin,
+               "copilot": CopilotLogin, "qwen": QwenLogin, "cline": ClineLogin}
+
+
+async def run_token_login(cfg, name, out=None, read=None):
+    """Logins that start from a pasted token (Cline)."""
+    out = out or sys.stdout
+    flow = LOGIN_FLOWS[name]()
+    print(flow.prompt, file=out, flush=True)
+    pasted = await asyncio.get_running_loop().run_in_executor(None, read or sys.stdin.readline)
+    if not pasted.strip():
+        raise CliError("nothing was pasted")
+    client = HttpClient(lambda: cfg)
+    try:
+        filename, meta = await flow.finish(client, pasted)
+    except RefreshError as e:
+        raise CliError(e.message)
+    path = os.path.join(cfg.auth_dir, filename)
+    write_file_atomic(path, json.dumps(meta, indent=2) + "\n", 0o600)
+    client.close_idle()
+    print("Logged in as %s; credentials saved to %s" % (meta.get("email"), path), file=out, flush=True)
+    return path
 
 
 async def run_device_login(cfg, name, timeout=900, out=None, sleep=asyncio.sleep):
-    """Device-code login: show the page and code with a countdown, poll until the user finishes."""
+    """Device-code login: show the page and code with a countdown, poll until the user finishes. Flows provide
+    device_start -> {url, code, interval, expires_in, ...}, device_poll -> None (pending) or a result, and
+    device_finish(result) -> (file name, credential-file content)."""
     out = out or sys.stdout
     flow = LOGIN_FLOWS[name]()
     client = HttpClient(lambda: cfg)
-    device_id, user_code, interval = await flow.device_start(client)
-    print("Open %s and enter the code:\n\n    %s\n" % (flow.device_url, user_code), file=out, flush=True)
-    deadline = time.monotonic() + timeout
+    started = await flow.device_start(client)
+    print("Open %s and enter the code:\n\n    %s\n" % (started["url"], started["code"]), file=out, flush=True)
+    limit = min(timeout, started.get("expires_in") or timeout)
+    deadline = time.monotonic() + limit
+    interval = started.get("interval") or 5
     last_shown = None
     while True:
         left = int(deadline - time.monotonic())
@@ -9011,16 +9327,18 @@ async def run_device_login(cfg, name, timeout=900, out=None, sleep=asyncio.sleep
             print("Waiting for you to enter the code... (%d:%02d left, Ctrl-C to cancel)" % (left // 60, left % 60),
                   file=out, flush=True)
             last_shown = left
-        got = await flow.device_poll(client, device_id, user_code)
-        if got is not None:
+        got = await flow.device_poll(client, started)
+        if got == "slow_down":
+            interval += 5
+        elif got is not None:
             break
         await sleep(interval)
-    code, verifier = got
-    filename, meta = await flow.exchange(client, code, flow.device_redirect, verifier)
+    filename, meta = await flow.device_finish(client, got)
     path = os.path.join(cfg.auth_dir, filename)
     write_file_atomic(path, json.dumps(meta, indent=2) + "\n", 0o600)
     client.close_idle()
-    print("Logged in as %s; credentials saved to %s" % (meta.get("email"), path), file=out, flush=True)
+    print("Logged in as %s; credentials saved to %s" % (meta.get("email") or meta.get("username"), path),
+          file=out, flush=True)
     return path
 
 
@@ -9106,10 +9424,15 @@ async def run_login(cfg, name, no_browser=False, port=None, timeout=300, out=Non
 def cmd_login(args):
     cfg, _, _ = load_config_for_cli(args.config, create=False)
     setup_logging(args.debug)
+    flow = LOGIN_FLOWS[args.provider]
     try:
-        if getattr(args, "device", False):
-            if not hasattr(LOGIN_FLOWS[args.provider], "device_start"):
+        if getattr(flow, "kind", "browser") == "token":
+            asyncio.run(run_token_login(cfg, args.provider))
+        elif getattr(args, "device", False) or getattr(flow, "kind", "browser") == "device":
+            if not hasattr(flow, "device_start"):
                 raise CliError("%s has no device-code login" % args.provider)
+            if args.alias:
+                flow.alias = args.alias
             asyncio.run(run_device_login(cfg, args.provider, args.timeout if args.timeout != 300 else 900))
         else:
             asyncio.run(run_login(cfg, args.provider, args.no_browser, args.callback_port, args.timeout,
@@ -9280,13 +9603,15 @@ def build_parser():
     p = sub.add_parser("env", parents=[common], help="show the config, auth dir and listen address it would use")
     p.set_defaults(func=cmd_env)
     p = sub.add_parser("login", parents=[common],
-                       help="log in to a subscription provider (claude, codex, gemini, antigravity)")
+                       help="log in to a subscription provider (claude, codex, gemini, antigravity, copilot, qwen, "
+                            "cline)")
     p.add_argument("provider", choices=sorted(LOGIN_FLOWS), help="which provider")
     p.add_argument("--no-browser", action="store_true", help="print the URL and accept the pasted redirect URL")
     p.add_argument("--callback-port", type=int, help="port for the local callback listener")
     p.add_argument("--timeout", type=int, default=300, help="seconds to wait for the browser (default 300)")
     p.add_argument("--device", action="store_true", help="device-code login (codex): type a code on any device")
     p.add_argument("--project", help="gemini: the Google Cloud project(s) to use: ID, ID1,ID2 or ALL")
+    p.add_argument("--alias", help="qwen: a name for the account (Qwen does not say which account it is)")
     p.set_defaults(func=cmd_login)
     p = sub.add_parser("import", parents=[common],
                        help="import credentials into auth-dir: 'cli' (what official CLIs stored) or 'vertex <key.json>'")
