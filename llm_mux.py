@@ -6844,6 +6844,11 @@ class Provider:
     def stream_decoder(self, req):
         return self.codec.StreamDecoder(req)
 
+    @staticmethod
+    def frame_parser(resp):
+        """Splits the upstream body into (event, data) frames: SSE for every provider but Kiro."""
+        return SSEParser()
+
     def count_tokens(self, req, cred, model):
         """(method, url, headers, body) for the upstream's token counter, or None when it has none."""
         return None
@@ -7245,6 +7250,324 @@ class EnvelopeDecoder:
         return self.inner.close()
 
 
+class AwsEventStream:
+    """The AWS binary event stream (`application/vnd.amazon.eventstream`), decoded by hand (providers.md §J.4):
+    each frame is a 12-byte prelude (total length, headers length, CRC32 of those 8 bytes), headers, a JSON
+    payload, and a CRC32 of everything before it. Both CRCs are checked: a corrupt frame is an error, never
+    skipped. Frames may arrive split across reads. Yields (event type, payload text)."""
+
+    MAX_FRAME = 16 << 20
+
+    def __init__(self):
+        self.buf = bytearray()
+
+    @staticmethod
+    def headers(data):
+        out = {}
+        pos = 0
+        while pos < len(data):
+            n = data[pos]
+            name = data[pos + 1:pos + 1 + n].decode("utf-8", "replace")
+            pos += 1 + n
+            kind = data[pos]
+            pos += 1
+            if kind in (0, 1):
+                value = kind == 0
+            elif kind in (2, 3, 4, 5, 8, 9):
+                size = {2: 1, 3: 2, 4: 4, 5: 8, 8: 8, 9: 16}[kind]
+                value = data[pos:pos + size]
+                pos += size
+            elif kind in (6, 7):
+                size = int.from_bytes(data[pos:pos + 2], "big")
+                value = data[pos + 2:pos + 2 + size]
+                if kind == 7:
+                    value = value.decode("utf-8", "replace")
+                pos += 2 + size
+            else:
+                raise UpstreamError("protocol", "event stream: unknown header value type %d" % kind)
+            out[name] = value
+        return out
+
+    def feed(self, chunk):
+        self.buf += chunk
+        out = []
+        while len(self.buf) >= 12:
+            total = int.from_bytes(self.buf[0:4], "big")
+            hlen = int.from_bytes(self.buf[4:8], "big")
+            if total < 16 or total > self.MAX_FRAME or hlen > total - 16:
+                raise UpstreamError("protocol", "event stream: bad frame lengths (%d, %d)" % (total, hlen))
+            if zlib.crc32(bytes(self.buf[0:8])) != int.from_bytes(self.buf[8:12], "big"):
+                raise UpstreamError("protocol", "event stream: prelude CRC mismatch")
+            if len(self.buf) < total:
+                break
+            frame = bytes(self.buf[:total])
+            del self.buf[:total]
+            if zlib.crc32(frame[:-4]) != int.from_bytes(frame[-4:], "big"):
+                raise UpstreamError("protocol", "event stream: message CRC mismatch")
+            headers = self.headers(frame[12:12 + hlen])
+            payload = frame[12 + hlen:-4].decode("utf-8", "replace")
+            mtype = headers.get(":message-type", "event")
+            if mtype in ("error", "exception"):
+                message = headers.get(":error-message") or headers.get(":exception-type") or payload
+                out.append(("error", json_dumps({"error": {"message": str(message)[:500]}})))
+            else:
+                out.append((headers.get(":event-type"), payload))
+        return out
+
+    def finish(self):
+        if self.buf:
+            raise UpstreamError("protocol", "event stream ended inside a frame")
+        return []
+
+
+class JsonBody:
+    """A whole JSON body handed to a stream decoder as one frame (Kiro may answer plain JSON)."""
+
+    def __init__(self):
+        self.parts = []
+
+    def feed(self, chunk):
+        self.parts.append(chunk)
+        return []
+
+    def finish(self):
+        return [("json", b"".join(self.parts).decode("utf-8", "replace"))]
+
+
+KIRO_MODELS = {
+    "claude-sonnet-4-5": "CLAUDE_SONNET_4_5_20250929_V1_0", "claude-sonnet-4-5-20250929": "CLAUDE_SONNET_4_5_20250929_V1_0",
+    "claude-sonnet-4-20250514": "CLAUDE_SONNET_4_20250514_V1_0",
+    "amazonq-claude-sonnet-4-20250514": "CLAUDE_SONNET_4_20250514_V1_0", "claude-4-sonnet": "CLAUDE_SONNET_4_20250514_V1_0",
+    "claude-3-7-sonnet-20250219": "CLAUDE_3_7_SONNET_20250219_V1_0",
+    "amazonq-claude-3-7-sonnet-20250219": "CLAUDE_3_7_SONNET_20250219_V1_0",
+    "claude-opus-4-20250514": "CLAUDE_OPUS_4_20250514_V1_0", "claude-opus-4-5-20251101": "CLAUDE_OPUS_4_5_20251101_V1_0",
+    "claude-3-5-sonnet-20241022": "CLAUDE_3_5_SONNET_20241022_V1_0",
+    "claude-3-5-haiku-20241022": "CLAUDE_3_5_HAIKU_20241022_V1_0"}
+
+
+class KiroProvider(Provider):
+    """Kiro / Amazon Q with Kiro IDE tokens (`type: kiro` files), providers.md §J: the CodeWhisperer
+    `generateAssistantResponse` API with a conversationState body, answered as an AWS binary event stream."""
+
+    type = "kiro"
+    codec = OpenAIChat  # only for the error shape; requests and answers are Kiro's own (below)
+    default_base_url = "https://codewhisperer.us-east-1.amazonaws.com"
+    refresh_lead = REFRESH_LEADS["kiro"]
+    stream_only = True
+    default_models = tuple(KIRO_MODELS)
+
+    def build(self, req, cred, model):
+        body = kiro_request(req, KIRO_MODELS.get(model, model))
+        if cred.meta.get("profile_arn"):
+            body["profileArn"] = cred.meta["profile_arn"]
+        headers = [("Content-Type", "application/json"), ("Accept", "application/json"),
+                   ("Authorization", "Bearer " + (cred.meta.get("access_token") or "")),
+                   ("x-amzn-kiro-agent-mode", "vibe"), ("x-amz-user-agent", "aws-sdk-js/1.0.7 KiroIDE-0.1.25 llm-mux"),
+                   ("amz-sdk-request", "attempt=1; max=1")]
+        return "POST", self.base_url(cred) + "/generateAssistantResponse", headers, json_bytes(body)
+
+    @staticmethod
+    def frame_parser(resp):
+        ctype = (resp.headers.get("content-type") or "").lower()
+        return JsonBody() if ctype.startswith("application/json") else AwsEventStream()
+
+    def stream_decoder(self, req):
+        return KiroStreamDecoder()
+
+    async def refresh(self, cred, client):
+        return await kiro_refresh(client, cred)
+
+
+def kiro_request(req, model_id):
+    """IR -> Kiro's conversationState (providers.md §J.3): system text first in the first user turn, strictly
+    alternating history, tool results and tools on the current message."""
+    turns = []  # ("user"|"assistant", dict)
+    for m in repair_tool_turns(req.messages):
+        if m.role in ("user", "system"):
+            msg = {"content": m.text(), "modelId": model_id, "origin": "AI_EDITOR"}
+            images = [{"format": (p.mime or "image/png").split("/")[-1], "source": {"bytes": p.data}}
+                      for p in m.parts if p.kind == "image" and p.data]
+            if images:
+                msg["images"] = images
+            turns.append(("user", msg))
+        elif m.role == "tool":
+            results = [{"content": [{"text": r.text()}], "status": "error" if r.is_error else "success",
+                        "toolUseId": r.id} for r in m.parts]
+            turns.append(("user", {"content": "", "modelId": model_id, "origin": "AI_EDITOR",
+                                   "userInputMessageContext": {"toolResults": results}}))
+        else:
+            msg = {"content": "".join(p.text for p in m.parts if p.kind == "text")}
+            uses = [{"input": p.args_object(), "name": p.name, "toolUseId": p.id} for p in m.parts
+                    if p.kind == "tool_call"]
+            if uses:
+                msg["toolUses"] = uses
+            turns.append(("assistant", msg))
+    merged = []
+    for role, msg in turns:
+        if merged and merged[-1][0] == role:
+            prev = merged[-1][1]
+            prev["content"] = "\n\n".join(x for x in (prev.get("content"), msg.get("content")) if x)
+            if role == "user":
+                ctx = msg.get("userInputMessageContext", {}).get("toolResults")
+                if ctx:
+                    prev.setdefault("userInputMessageContext", {}).setdefault("toolResults", []).extend(ctx)
+            elif msg.get("toolUses"):
+                prev.setdefault("toolUses", []).extend(msg["toolUses"])
+            continue
+        merged.append((role, msg))
+    if not merged or merged[0][0] != "user":
+        merged.insert(0, ("user", {"content": "Continue", "modelId": model_id, "origin": "AI_EDITOR"}))
+    if merged[-1][0] != "user":
+        merged.append(("user", {"content": "Continue", "modelId": model_id, "origin": "AI_EDITOR"}))
+    system = "\n".join(p.text for p in req.system if p.kind == "text")
+    if system.strip():
+        first = merged[0][1]
+        first["content"] = system + "\n\n" + (first.get("content") or "")
+    current = merged[-1][1]
+    if not current.get("content"):
+        current["content"] = "Continue"
+    if req.tools:
+        current.setdefault("userInputMessageContext", {})["tools"] = [
+            {"toolSpecification": {"name": t.name, "description": t.description or t.name, "inputSchema": {
+                "json": (custom_tool_schema() if t.tool_kind == "custom" else t.parameters) or
+                {"type": "object", "properties": {}}}}} for t in req.tools]
+    history = []
+    for role, msg in merged[:-1]:
+        history.append({"userInputMessage": msg} if role == "user" else {"assistantResponseMessage": msg})
+    return {"conversationState": {"chatTriggerType": "MANUAL", "conversationId": new_id("", 16),
+                                  "currentMessage": {"userInputMessage": current}, "history": history}}
+
+
+class KiroStreamDecoder:
+    """Kiro event payloads -> IR events (assistantResponseEvent, toolUseEvent, reasoningContentEvent, usage ...)."""
+
+    def __init__(self):
+        self.started = False
+        self.tools = {}  # toolUseId -> our index
+        self.open = set()
+        self.usage = None
+        self.done = False
+        self.seen_tool = False
+
+    def _start(self):
+        if self.started:
+            return []
+        self.started = True
+        return [Start()]
+
+    def feed(self, event, data):
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return []
+        if event == "json":  # a plain JSON answer: reuse the event shapes
+            msg = ((obj.get("conversationState") or {}).get("currentMessage") or {}).get("assistantResponseMessage") \
+                or obj.get("assistantResponseMessage") or obj
+            out = self._start()
+            if msg.get("content"):
+                out.append(TextDelta(msg["content"]))
+            for use in msg.get("toolUses") or obj.get("toolUsages") or []:
+                out.extend(self._whole_tool(use))
+            u = obj.get("usage") or {}
+            if u:
+                self.usage = Usage(u.get("inputTokens") or 0, u.get("outputTokens") or 0)
+            return out
+        if not isinstance(obj, dict):
+            return []
+        out = self._start()
+        if obj.get("error") or obj.get("type") == "error":
+            err = obj.get("error")
+            message = err.get("message") if isinstance(err, dict) else (err or obj.get("message") or "Kiro error")
+            self.done = True
+            return out + [ErrorEvent(502, str(message), "upstream")]
+        if isinstance(obj.get("assistantResponseEvent"), dict):
+            obj = obj["assistantResponseEvent"]
+        if "toolUseId" in obj:
+            tid = obj["toolUseId"]
+            if tid not in self.tools:
+                self.tools[tid] = len(self.tools)
+                self.open.add(tid)
+                self.seen_tool = True
+                out.append(ToolCallStart(self.tools[tid], tid, obj.get("name") or ""))
+            piece = obj.get("input")
+            if isinstance(piece, dict):
+                piece = json_dumps(piece)
+            if piece:
+                out.append(ToolCallDelta(self.tools[tid], piece))
+            if obj.get("stop") and tid in self.open:
+                self.open.discard(tid)
+                out.append(ToolCallEnd(self.tools[tid]))
+            return out
+        if isinstance(obj.get("content"), str) and obj["content"]:
+            out.append(TextDelta(obj["content"]))
+        if isinstance(obj.get("reasoningContentEvent"), dict) or event == "reasoningContentEvent":
+            text = (obj.get("reasoningContentEvent") or obj).get("text") or ""
+            if text:
+                out.append(ThinkingDelta(text, source="kiro"))
+        for use in obj.get("toolUsages") or []:
+            out.extend(self._whole_tool(use))
+        if "inputTokens" in obj or "outputTokens" in obj:
+            self.usage = Usage(obj.get("inputTokens") or 0, obj.get("outputTokens") or 0)
+        return out
+
+    def _whole_tool(self, use):
+        tid = use.get("toolUseId") or new_id("tooluse_")
+        n = self.tools.setdefault(tid, len(self.tools))
+        self.seen_tool = True
+        args = use.get("input")
+        return [ToolCallStart(n, tid, use.get("name") or ""),
+                ToolCallDelta(n, json_dumps(args) if isinstance(args, (dict, list)) else (args or "{}")),
+                ToolCallEnd(n)]
+
+    def close(self):
+        if self.done:
+            return []
+        self.done = True
+        out = self._start()
+        for tid in sorted(self.open, key=self.tools.get):
+            out.append(ToolCallEnd(self.tools[tid]))
+        if self.usage is not None:
+            out.append(UsageEvent(self.usage))
+        return out + [Finish("tool_calls" if self.seen_tool else "stop")]
+
+
+async def kiro_refresh(client, cred):
+    """Social sign-in: JSON at prod.<region>.auth.desktop.kiro.dev. IAM / Builder ID: AWS SSO-OIDC CreateToken;
+    its documented body is JSON with camelCase fields, which is tried first; llm-mux's form body is the fallback
+    (providers.md §J.2 marks the form variant unverified)."""
+    meta = dict(cred.meta)
+    region = meta.get("region") or "us-east-1"
+    rt = meta.get("refresh_token") or ""
+    if (meta.get("auth_method") or "social") == "social":
+        data = await Provider.post_token(client, "https://prod.%s.auth.desktop.kiro.dev/refreshToken" % region,
+                                         {"refreshToken": rt}, cred)
+    else:
+        url = "https://oidc.%s.amazonaws.com/token" % region
+        try:
+            data = await Provider.post_token(client, url, {"grantType": "refresh_token", "refreshToken": rt,
+                                                           "clientId": meta.get("client_id") or "",
+                                                           "clientSecret": meta.get("client_secret") or ""}, cred)
+        except RefreshError as e:
+            if e.revoked:
+                raise
+            data = await Provider.post_token(client, url, {"grant_type": "refresh_token", "refresh_token": rt,
+                                                           "client_id": meta.get("client_id") or "",
+                                                           "client_secret": meta.get("client_secret") or ""},
+                                             cred, form=True)
+    access = data.get("accessToken") or data.get("access_token")
+    if not access:
+        raise RefreshError("Kiro refresh answered without an access token")
+    now = time.time()
+    expires_in = float(data.get("expiresIn") or data.get("expires_in") or 3600)
+    meta.update({"type": "kiro", "access_token": access, "expires_at": rfc3339(now + expires_in),
+                 "expires_in": int(expires_in), "last_refresh": rfc3339(now)})
+    if data.get("refreshToken") or data.get("refresh_token"):
+        meta["refresh_token"] = data.get("refreshToken") or data.get("refresh_token")
+    if data.get("profileArn"):
+        meta["profile_arn"] = data["profileArn"]
+    return meta
+
+
 class CopilotProvider(OpenAICompatProvider):
     """GitHub Copilot (`type: github-copilot` files), providers.md §C: the stored GitHub token is exchanged for a
     short-lived Copilot API token (renewed 5 min before it expires); chat goes to the Copilot API with the editor
@@ -7470,9 +7793,11 @@ class VertexProvider(GeminiProvider):
 
 FILE_PROVIDER_CLASSES = {"claude": ClaudeOAuthProvider, "vertex": VertexProvider, "codex": CodexOAuthProvider,
                          "gemini-cli": GeminiCLIProvider, "antigravity": AntigravityProvider,
-                         "github-copilot": CopilotProvider, "qwen": QwenProvider, "cline": ClineProvider}
+                         "github-copilot": CopilotProvider, "qwen": QwenProvider, "cline": ClineProvider,
+                         "kiro": KiroProvider}
 PROVIDER_NAMES = {"claude": "Claude", "vertex": "Vertex AI", "codex": "Codex", "gemini-cli": "Gemini CLI",
-                  "antigravity": "Antigravity", "github-copilot": "GitHub Copilot", "qwen": "Qwen", "cline": "Cline"}
+                  "antigravity": "Antigravity", "github-copilot": "GitHub Copilot", "qwen": "Qwen", "cline": "Cline",
+                  "kiro": "Kiro"}
 
 
 # === 10. Routing ===
@@ -8502,7 +8827,7 @@ class App:
     async def _upstream_events(self, route, cred, resp, ir):
         """IR events from an upstream SSE body; network failures become one ErrorEvent at the end."""
         decoder = route.provider.stream_decoder(ir)
-        parser = SSEParser()
+        parser = route.provider.frame_parser(resp)
         failure = None
         try:
             async for chunk in resp.iter_bytes():
@@ -9424,6 +9749,9 @@ async def run_login(cfg, name, no_browser=False, port=None, timeout=300, out=Non
 def cmd_login(args):
     cfg, _, _ = load_config_for_cli(args.config, create=False)
     setup_logging(args.debug)
+    if args.provider == "kiro":  # Kiro has no browser login in the gateway: import the Kiro IDE's tokens
+        imported, _ = import_cli_credentials(cfg.auth_dir, cfg=cfg, only="Kiro IDE")
+        return 0 if imported else 1
     flow = LOGIN_FLOWS[args.provider]
     try:
         if getattr(flow, "kind", "browser") == "token":
@@ -9520,18 +9848,64 @@ def gemini_cli_credentials(home, cfg=None):
     return path, "gemini-%s-%s.json" % (meta["email"], project), meta
 
 
+def kiro_ide_credentials(home, auth_dir=None):
+    """The Kiro IDE's tokens in ~/.aws/sso/cache/*.json (the first file with a refresh token not imported yet)."""
+    cache = os.path.join(home, ".aws", "sso", "cache")
+    names = sorted(os.listdir(cache))  # FileNotFoundError -> "not found"
+    known = set()
+    if auth_dir and os.path.isdir(auth_dir):
+        for n in os.listdir(auth_dir):
+            if n.startswith("kiro-") and n.endswith(".json"):
+                try:
+                    with open(os.path.join(auth_dir, n), encoding="utf-8") as f:
+                        known.add(json.load(f).get("refresh_token"))
+                except (OSError, ValueError):
+                    pass
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        path = os.path.join(cache, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        rt = data.get("refreshToken") or data.get("refresh_token")
+        if not rt or rt in known:
+            continue
+        expires = data.get("expiresAt") or data.get("expires_at")
+        meta = {"type": "kiro", "access_token": data.get("accessToken") or data.get("access_token") or "",
+                "refresh_token": rt, "expires_at": rfc3339(parse_instant(expires) or time.time()),
+                "region": data.get("region") or "us-east-1",
+                "auth_method": (data.get("authMethod") or data.get("auth_method") or "social").lower()}
+        for src, dst in (("profileArn", "profile_arn"), ("profile_arn", "profile_arn"), ("provider", "provider"),
+                         ("clientId", "client_id"), ("clientSecret", "client_secret"), ("startUrl", "start_url")):
+            if data.get(src):
+                meta[dst] = data[src]
+        meta["email"] = meta.get("provider") or "kiro"
+        return path, "kiro-%d.json" % int(time.time()), meta
+    raise ValueError("no Kiro token with a new refresh token in %s" % cache)
+
+
 IMPORTERS = [("Claude Code", claude_code_credentials), ("Codex CLI", codex_cli_credentials),
-             ("Gemini CLI", gemini_cli_credentials)]
+             ("Gemini CLI", gemini_cli_credentials), ("Kiro IDE", kiro_ide_credentials)]
 
 
-def import_cli_credentials(auth_dir, home=None, out=None, cfg=None):
+def import_cli_credentials(auth_dir, home=None, out=None, cfg=None, only=None):
     """Find the credentials official CLIs stored and convert them into auth-dir files. Returns (imported, skipped)."""
     out = out or sys.stdout
     home = home or os.path.expanduser("~")
     imported, skipped = [], []
     for label, finder in IMPORTERS:
+        if only and label != only:
+            continue
         try:
-            source, name, meta = finder(home, cfg) if finder is gemini_cli_credentials else finder(home)
+            if finder is gemini_cli_credentials:
+                source, name, meta = finder(home, cfg)
+            elif finder is kiro_ide_credentials:
+                source, name, meta = finder(home, auth_dir)
+            else:
+                source, name, meta = finder(home)
         except FileNotFoundError:
             skipped.append((label, "not found"))
             continue
@@ -9605,7 +9979,7 @@ def build_parser():
     p = sub.add_parser("login", parents=[common],
                        help="log in to a subscription provider (claude, codex, gemini, antigravity, copilot, qwen, "
                             "cline)")
-    p.add_argument("provider", choices=sorted(LOGIN_FLOWS), help="which provider")
+    p.add_argument("provider", choices=sorted(list(LOGIN_FLOWS) + ["kiro"]), help="which provider")
     p.add_argument("--no-browser", action="store_true", help="print the URL and accept the pasted redirect URL")
     p.add_argument("--callback-port", type=int, help="port for the local callback listener")
     p.add_argument("--timeout", type=int, default=300, help="seconds to wait for the browser (default 300)")
