@@ -7568,6 +7568,137 @@ async def kiro_refresh(client, cred):
     return meta
 
 
+class IFlowProvider(OpenAICompatProvider):
+    """iFlow accounts (`type: iflow` files), providers.md §I: OpenAI chat at apis.iflow.cn with the account's API
+    key (from the OAuth user-info exchange or a platform cookie), every request signed as iFlow CLI signs it."""
+
+    type = "iflow"
+    default_base_url = "https://apis.iflow.cn/v1"
+    client_id = "10009311001"
+    client_secret = "4Z3YjXycVsQvyGF1etiNlIBB4RsqSDtW"
+    token_url = "https://iflow.cn/oauth/token"
+    userinfo_url = "https://iflow.cn/api/oauth/getUserInfo"
+    apikey_url = "https://platform.iflow.cn/api/openapi/apikey"
+    refresh_lead = REFRESH_LEADS["iflow"]
+    default_models = ("qwen3-coder-plus", "qwen3-max", "qwen3-vl-plus", "qwen3-max-preview", "glm-4.6", "kimi-k2",
+                      "deepseek-v3.2", "deepseek-v3.1", "deepseek-r1", "deepseek-v3", "qwen3-32b",
+                      "qwen3-235b-a22b-thinking-2507", "qwen3-235b-a22b-instruct", "qwen3-235b", "minimax-m2")
+
+    @staticmethod
+    def token_expiry(cred):
+        exp = credential_expiry(cred.meta)
+        if exp is not None and cred.meta.get("cookie") and not cred.meta.get("refresh_token"):
+            return exp - 86400  # cookie-issued keys are renewed 48 h ahead (the lead is 24 h)
+        return exp
+
+    @staticmethod
+    def has_token(cred):
+        return bool(cred.meta.get("api_key"))
+
+    def base_url(self, cred):
+        return (cred.meta.get("base_url") or self.default_base_url).rstrip("/")
+
+    def build(self, req, cred, model):
+        body = self.codec.build_request(req, model)
+        effort = thinking_effort(req.thinking)
+        if effort is not None:
+            body.pop("reasoning_effort", None)
+            on = effort != "none"
+            if model.startswith("glm") or model.startswith(("deepseek-v3.2", "deepseek-v3.1")):
+                body["chat_template_kwargs"] = {"enable_thinking": on}
+                if on and model.startswith("glm"):
+                    body["chat_template_kwargs"]["clear_thinking"] = False
+            elif model.startswith("minimax"):
+                body["reasoning_split"] = on
+        key = cred.meta.get("api_key") or ""
+        session = "session-" + new_id("", 16)
+        stamp = str(int(time.time() * 1000))
+        signature = hmac.new(key.encode(), ("iFlow-Cli:%s:%s" % (session, stamp)).encode(), hashlib.sha256).hexdigest()
+        headers = [("Content-Type", "application/json"), ("Accept", "text/event-stream" if req.stream else
+                                                          "application/json"),
+                   ("Authorization", "Bearer " + key), ("User-Agent", "iFlow-Cli"), ("session-id", session),
+                   ("x-iflow-timestamp", stamp), ("x-iflow-signature", signature)]
+        return "POST", self.base_url(cred) + "/chat/completions", headers, json_bytes(body)
+
+    @classmethod
+    def basic(cls):
+        return "Basic " + base64.b64encode(("%s:%s" % (cls.client_id, cls.client_secret)).encode()).decode()
+
+    @classmethod
+    async def oauth_token(cls, client, form, cred):
+        try:
+            resp = await client.request("POST", cls.token_url, [
+                ("Content-Type", "application/x-www-form-urlencoded"), ("Accept", "application/json"),
+                ("Authorization", cls.basic())], urllib.parse.urlencode(form).encode(), cred.proxy_url,
+                timeout=15, stream_timeout=30)
+            raw = await resp.read(1 << 20)
+        except UpstreamError as e:
+            raise RefreshError("iFlow token endpoint unreachable: %s" % e.message)
+        data = _json_or_none(raw) or {}
+        if resp.status >= 300 or not data.get("access_token"):
+            low = raw.decode("utf-8", "replace").lower()
+            raise RefreshError("iFlow token endpoint answered %d: %s" % (resp.status, upstream_error_message(raw)[:200]),
+                               revoked=any(x in low for x in _REVOKED))
+        return data
+
+    @classmethod
+    async def user_info(cls, client, access_token, cred):
+        try:
+            resp = await client.request("GET", cls.userinfo_url + "?accessToken=" + urllib.parse.quote(access_token),
+                                        [("Accept", "application/json")], None, cred.proxy_url, timeout=15,
+                                        stream_timeout=30)
+            data = _json_or_none(await resp.read(1 << 20)) or {}
+        except UpstreamError as e:
+            raise RefreshError("iFlow user info unreachable: %s" % e.message)
+        info = data.get("data") or {}
+        if not data.get("success") or not info.get("apiKey"):
+            raise RefreshError("iFlow user info gave no API key")
+        return info
+
+    @classmethod
+    async def cookie_key(cls, client, cookie, name, cred, create=False):
+        headers = [("Cookie", cookie), ("Accept", "application/json, text/plain, */*"),
+                   ("User-Agent", "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+                                  "Chrome/91.0.4472.124 Safari/537.36"),
+                   ("Accept-Language", "zh-CN,zh;q=0.9,en;q=0.8"), ("Origin", "https://platform.iflow.cn"),
+                   ("Referer", "https://platform.iflow.cn/")]
+        try:
+            if create:
+                resp = await client.request("POST", cls.apikey_url, headers + [("Content-Type", "application/json")],
+                                            json_bytes({"name": name}), cred.proxy_url, timeout=15, stream_timeout=30)
+            else:
+                resp = await client.request("GET", cls.apikey_url, headers, None, cred.proxy_url, timeout=15,
+                                            stream_timeout=30)
+            data = _json_or_none(await resp.read(1 << 20)) or {}
+        except UpstreamError as e:
+            raise RefreshError("iFlow platform unreachable: %s" % e.message)
+        info = data.get("data") or {}
+        key = info.get("apiKey") or info.get("apiKeyMask")
+        if not data.get("success") or not key:
+            raise RefreshError("iFlow platform refused the cookie: %s" % (data.get("message") or "no API key"),
+                               revoked=create is False and resp.status in (401, 403))
+        return info, key
+
+    async def refresh(self, cred, client):
+        meta = dict(cred.meta)
+        now = time.time()
+        if meta.get("refresh_token"):
+            data = await self.oauth_token(client, {"grant_type": "refresh_token", "refresh_token": meta["refresh_token"],
+                                                   "client_id": self.client_id, "client_secret": self.client_secret},
+                                          cred)
+            info = await self.user_info(client, data["access_token"], cred)
+            meta.update({"access_token": data["access_token"], "refresh_token": data.get("refresh_token") or
+                         meta["refresh_token"], "api_key": info["apiKey"],
+                         "expired": rfc3339(now + float(data.get("expires_in") or 86400 * 2))})
+        elif meta.get("cookie"):
+            info, key = await self.cookie_key(client, meta["cookie"], meta.get("email") or "", cred, create=True)
+            meta.update({"api_key": key, "expired": info.get("expireTime") or meta.get("expired")})
+        else:
+            raise RefreshError("iFlow credential has neither a refresh token nor a cookie", revoked=True)
+        meta["last_refresh"] = rfc3339(now)
+        return meta
+
+
 class CopilotProvider(OpenAICompatProvider):
     """GitHub Copilot (`type: github-copilot` files), providers.md §C: the stored GitHub token is exchanged for a
     short-lived Copilot API token (renewed 5 min before it expires); chat goes to the Copilot API with the editor
@@ -7794,10 +7925,10 @@ class VertexProvider(GeminiProvider):
 FILE_PROVIDER_CLASSES = {"claude": ClaudeOAuthProvider, "vertex": VertexProvider, "codex": CodexOAuthProvider,
                          "gemini-cli": GeminiCLIProvider, "antigravity": AntigravityProvider,
                          "github-copilot": CopilotProvider, "qwen": QwenProvider, "cline": ClineProvider,
-                         "kiro": KiroProvider}
+                         "kiro": KiroProvider, "iflow": IFlowProvider}
 PROVIDER_NAMES = {"claude": "Claude", "vertex": "Vertex AI", "codex": "Codex", "gemini-cli": "Gemini CLI",
                   "antigravity": "Antigravity", "github-copilot": "GitHub Copilot", "qwen": "Qwen", "cline": "Cline",
-                  "kiro": "Kiro"}
+                  "kiro": "Kiro", "iflow": "iFlow"}
 
 
 # === 10. Routing ===
@@ -9607,8 +9738,62 @@ class ClineLogin:
         return "cline-%s.json" % meta["email"], meta
 
 
+class IFlowLogin(ClaudeLogin):
+    """iFlow: authorization code (no PKCE) on port 11451, then the user-info exchange that yields the API key
+    (providers.md §I.1a). `llm-mux login iflow --cookie '<platform.iflow.cn cookie>'` is the cookie path (§I.1b)."""
+
+    provider = "iflow"
+    authorize_url = "https://iflow.cn/oauth"
+    redirect_uri = "http://localhost:11451/oauth2callback"
+    callback_port = 11451
+
+    def url(self):
+        q = urllib.parse.urlencode({"loginMethod": "phone", "type": "phone", "redirect": self.redirect_uri,
+                                    "state": self.state, "client_id": IFlowProvider.client_id})
+        return self.authorize_url + "?" + q
+
+    async def exchange(self, client, code):
+        cred = Credential("login", "iflow", "login")
+        try:
+            data = await IFlowProvider.oauth_token(client, {
+                "grant_type": "authorization_code", "code": code.partition("#")[0], "redirect_uri": self.redirect_uri,
+                "client_id": IFlowProvider.client_id, "client_secret": IFlowProvider.client_secret}, cred)
+            info = await IFlowProvider.user_info(client, data["access_token"], cred)
+        except RefreshError as e:
+            raise CliError(e.message)
+        account = info.get("email") or info.get("phone") or "iflow"
+        now = time.time()
+        meta = {"type": "iflow", "access_token": data["access_token"], "refresh_token": data.get("refresh_token") or "",
+                "api_key": info["apiKey"], "email": account, "token_type": data.get("token_type") or "bearer",
+                "scope": data.get("scope") or "", "cookie": "", "last_refresh": rfc3339(now),
+                "expired": rfc3339(now + float(data.get("expires_in") or 86400 * 2))}
+        return "iflow-%s.json" % account, meta
+
+
+async def iflow_cookie_login(cfg, cookie, out=None):
+    out = out or sys.stdout
+    cookie = " ".join(cookie.split())
+    if "BXAuth=" not in cookie:
+        raise CliError("the cookie must contain BXAuth= (copy it from platform.iflow.cn while logged in)")
+    if not cookie.endswith(";"):
+        cookie += ";"
+    client = HttpClient(lambda: cfg)
+    try:
+        info, key = await IFlowProvider.cookie_key(client, cookie, "", Credential("login", "iflow", "login"))
+    except RefreshError as e:
+        raise CliError(e.message)
+    name = info.get("name") or "iflow"
+    meta = {"type": "iflow", "api_key": key, "email": name, "expired": info.get("expireTime") or "", "cookie": cookie,
+            "last_refresh": rfc3339(time.time())}
+    path = os.path.join(cfg.auth_dir, "iflow-%s.json" % re.sub(r"[^A-Za-z0-9@._-]", "_", name))
+    write_file_atomic(path, json.dumps(meta, indent=2) + "\n", 0o600)
+    client.close_idle()
+    print("Logged in as %s; credentials saved to %s" % (name, path), file=out, flush=True)
+    return path
+
+
 LOGIN_FLOWS = {"claude": ClaudeLogin, "codex": CodexLogin, "gemini": GeminiCLILogin, "antigravity": AntigravityLogin,
-               "copilot": CopilotLogin, "qwen": QwenLogin, "cline": ClineLogin}
+               "copilot": CopilotLogin, "qwen": QwenLogin, "cline": ClineLogin, "iflow": IFlowLogin}
 
 
 async def run_token_login(cfg, name, out=None, read=None):
@@ -9754,7 +9939,9 @@ def cmd_login(args):
         return 0 if imported else 1
     flow = LOGIN_FLOWS[args.provider]
     try:
-        if getattr(flow, "kind", "browser") == "token":
+        if args.provider == "iflow" and args.cookie:
+            asyncio.run(iflow_cookie_login(cfg, args.cookie))
+        elif getattr(flow, "kind", "browser") == "token":
             asyncio.run(run_token_login(cfg, args.provider))
         elif getattr(args, "device", False) or getattr(flow, "kind", "browser") == "device":
             if not hasattr(flow, "device_start"):
@@ -9978,7 +10165,7 @@ def build_parser():
     p.set_defaults(func=cmd_env)
     p = sub.add_parser("login", parents=[common],
                        help="log in to a subscription provider (claude, codex, gemini, antigravity, copilot, qwen, "
-                            "cline)")
+                            "iflow, kiro, cline)")
     p.add_argument("provider", choices=sorted(list(LOGIN_FLOWS) + ["kiro"]), help="which provider")
     p.add_argument("--no-browser", action="store_true", help="print the URL and accept the pasted redirect URL")
     p.add_argument("--callback-port", type=int, help="port for the local callback listener")
@@ -9986,6 +10173,7 @@ def build_parser():
     p.add_argument("--device", action="store_true", help="device-code login (codex): type a code on any device")
     p.add_argument("--project", help="gemini: the Google Cloud project(s) to use: ID, ID1,ID2 or ALL")
     p.add_argument("--alias", help="qwen: a name for the account (Qwen does not say which account it is)")
+    p.add_argument("--cookie", help="iflow: log in with a platform.iflow.cn browser cookie (must contain BXAuth=)")
     p.set_defaults(func=cmd_login)
     p = sub.add_parser("import", parents=[common],
                        help="import credentials into auth-dir: 'cli' (what official CLIs stored) or 'vertex <key.json>'")
