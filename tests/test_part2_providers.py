@@ -186,3 +186,16 @@ def test_cline_refresh_token_login_and_workos_bearer(tmp_path, fake, gateway):
     bad = subprocess.run([sys.executable, LLM_MUX, "login", "cline", "--config", str(tmp_path / "c.yaml")],
                          input="bad\n", capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "refused" in bad.stderr
+
+
+def test_cline_token_is_refreshed_before_it_expires(tmp_path, fake, gateway):
+    auth = tmp_path / "auth"
+    auth.mkdir()
+    path = auth / "cline-x.json"
+    path.write_text(json.dumps({"type": "cline", "access_token": "old", "refresh_token": "rt-old",
+                                "expired": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 60))}))
+    gw = gateway(fake.config(auth))  # 60 s left: inside Cline's 2-minute lead
+    assert chat(gw, "minimax/minimax-m2") == "api via Bearer workos:cl-at"
+    assert [c.json for c in fake.calls if c.path == "/api/v1/auth/refresh"][0]["refreshToken"] == "rt-old"
+    saved = json.loads(path.read_text())
+    assert saved["access_token"] == "cl-at" and saved["refresh_token"] == "cl-rt2" and saved["email"] == "dev@cline.test"
