@@ -9785,11 +9785,8 @@ async def iflow_cookie_login(cfg, cookie, out=None):
     name = info.get("name") or "iflow"
     meta = {"type": "iflow", "api_key": key, "email": name, "expired": info.get("expireTime") or "", "cookie": cookie,
             "last_refresh": rfc3339(time.time())}
-    path = os.path.join(cfg.auth_dir, "iflow-%s.json" % re.sub(r"[^A-Za-z0-9@._-]", "_", name))
-    write_file_atomic(path, json.dumps(meta, indent=2) + "\n", 0o600)
     client.close_idle()
-    print("Logged in as %s; credentials saved to %s" % (name, path), file=out, flush=True)
-    return path
+    return save_login(cfg, "iflow-%s.json" % re.sub(r"[^A-Za-z0-9@._-]", "_", name), meta, out)
 
 
 LOGIN_FLOWS = {"claude": ClaudeLogin, "codex": CodexLogin, "gemini": GeminiCLILogin, "antigravity": AntigravityLogin,
@@ -9809,10 +9806,16 @@ async def run_token_login(cfg, name, out=None, read=None):
         filename, meta = await flow.finish(client, pasted)
     except RefreshError as e:
         raise CliError(e.message)
+    client.close_idle()
+    return save_login(cfg, filename, meta, out)
+
+
+def save_login(cfg, filename, meta, out):
+    """The end of every login: the credential file written atomically (0600), then one line saying who it is."""
     path = os.path.join(cfg.auth_dir, filename)
     write_file_atomic(path, json.dumps(meta, indent=2) + "\n", 0o600)
-    client.close_idle()
-    print("Logged in as %s; credentials saved to %s" % (meta.get("email"), path), file=out, flush=True)
+    print("Logged in as %s; credentials saved to %s" % (meta.get("email") or meta.get("username"), path),
+          file=out, flush=True)
     return path
 
 
@@ -9844,12 +9847,8 @@ async def run_device_login(cfg, name, timeout=900, out=None, sleep=asyncio.sleep
             break
         await sleep(interval)
     filename, meta = await flow.device_finish(client, got)
-    path = os.path.join(cfg.auth_dir, filename)
-    write_file_atomic(path, json.dumps(meta, indent=2) + "\n", 0o600)
     client.close_idle()
-    print("Logged in as %s; credentials saved to %s" % (meta.get("email") or meta.get("username"), path),
-          file=out, flush=True)
-    return path
+    return save_login(cfg, filename, meta, out)
 
 
 async def wait_for_callback(flow, port, timeout):
@@ -9924,11 +9923,8 @@ async def run_login(cfg, name, no_browser=False, port=None, timeout=300, out=Non
     if not code:
         raise CliError("no authorization code received")
     filename, meta = await flow.exchange(client, code)
-    path = os.path.join(cfg.auth_dir, filename)
-    write_file_atomic(path, json.dumps(meta, indent=2) + "\n", 0o600)
     client.close_idle()
-    print("Logged in as %s; credentials saved to %s" % (meta.get("email"), path), file=out, flush=True)
-    return path
+    return save_login(cfg, filename, meta, out)
 
 
 def cmd_login(args):
