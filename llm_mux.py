@@ -610,6 +610,7 @@ class YamlReader:
         breaks = []
         line_break = ""
         first = True
+        leading_non_space = True
         idx = 0
         while idx < len(lines):
             text = lines[idx]

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -123,3 +124,27 @@ def openai_provider_config(upstream_url, keys=("sk-up-1",), models=(("gpt-test",
     if extra:
         lines.append(textwrap.indent(textwrap.dedent(extra).strip("\n"), "    "))
     return "\n".join(lines) + "\n"
+
+
+def read_login_url(proc, marker):
+    """Read a login subprocess's output until the authorization URL (containing `marker`) appears."""
+    while True:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        if marker in line:
+            return line.strip()
+
+
+def play_browser(port, path, state, code="the-code", timeout=10):
+    """What the browser does after the user approves: GET the local callback with a code and the state."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:%d%s?code=%s&state=%s" % (port, path, code, state),
+                                        timeout=5) as r:
+                return r.read()
+        except urllib.error.HTTPError:
+            raise
+        except OSError:
+            assert time.time() < deadline, "the login's callback listener never came up"
+            time.sleep(0.05)

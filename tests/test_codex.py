@@ -15,7 +15,7 @@ import openai
 import pytest
 
 import upstreams
-from conftest import ROOT
+from conftest import ROOT, play_browser, read_login_url
 from fakes import FakeUpstream, Reply, free_port
 
 LLM_MUX = os.path.join(ROOT, "llm_mux.py")
@@ -125,24 +125,12 @@ def run_login(tmp_path, oa, *args, stdin=None):
 def test_browser_login(tmp_path, oa):
     port = free_port()
     auth, proc = run_login(tmp_path, oa, "--callback-port", str(port))
-    url = None
-    while url is None:
-        line = proc.stdout.readline()
-        assert line, proc.stderr.read()
-        if "https://auth.openai.com/oauth/authorize?" in line:
-            url = line.strip()
+    url = read_login_url(proc, "https://auth.openai.com/oauth/authorize?")
     q = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
     assert q["client_id"] == "app_EMoamEEZ73f0CkXaXp7hrann" and q["redirect_uri"] == "http://localhost:1455/auth/callback"
     assert q["prompt"] == "login" and q["codex_cli_simplified_flow"] == "true"
     assert q["scope"] == "openid email profile offline_access"
-    deadline = time.time() + 10
-    while True:
-        try:
-            urllib.request.urlopen("http://127.0.0.1:%d/auth/callback?code=cx&state=%s" % (port, q["state"]), timeout=5)
-            break
-        except OSError:
-            assert time.time() < deadline
-            time.sleep(0.05)
+    play_browser(port, "/auth/callback", q["state"], code="cx")
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     form = oa.token_calls[0]

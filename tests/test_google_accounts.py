@@ -12,7 +12,7 @@ import urllib.request
 import openai
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, play_browser, read_login_url
 from fakes import FakeUpstream, Reply, free_port
 
 LLM_MUX = os.path.join(ROOT, "llm_mux.py")
@@ -72,21 +72,9 @@ def login(tmp_path, google, name, path, *args):
     proc = subprocess.Popen([sys.executable, LLM_MUX, "login", name, "--config", str(cfg), "--callback-port",
                              str(port)] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, BROWSER="true", PYTHONUNBUFFERED="1"))
-    url = None
-    while url is None:
-        line = proc.stdout.readline()
-        assert line, proc.stderr.read()
-        if "https://accounts.google.com/" in line:
-            url = line.strip()
+    url = read_login_url(proc, "https://accounts.google.com/")
     q = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
-    deadline = time.time() + 10
-    while True:
-        try:
-            urllib.request.urlopen("http://127.0.0.1:%d%s?code=gcode&state=%s" % (port, path, q["state"]), timeout=5)
-            break
-        except OSError:
-            assert time.time() < deadline
-            time.sleep(0.05)
+    play_browser(port, path, q["state"], code="gcode")
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     return q, auth, out

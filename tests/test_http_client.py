@@ -2,7 +2,6 @@
 type against real proxy servers (tinyproxy, dante, microsocks, stunnel)."""
 import asyncio
 import json
-import os
 
 import pytest
 

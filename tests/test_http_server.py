@@ -3,7 +3,6 @@ streaming. Checked with raw sockets, against h11's parser on a shared corpus, an
 import base64
 import json
 import shutil
-import socket
 import subprocess
 import time
 

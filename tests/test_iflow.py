@@ -13,7 +13,7 @@ import urllib.request
 import openai
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, play_browser, read_login_url
 from fakes import FakeUpstream, Reply, free_port, openai_completion
 
 LLM_MUX = os.path.join(ROOT, "llm_mux.py")
@@ -73,22 +73,10 @@ def test_oauth_login_then_signed_requests_and_refresh(tmp_path, ifl, gateway):
     proc = subprocess.Popen([sys.executable, LLM_MUX, "login", "iflow", "--config", str(cfg), "--callback-port",
                              str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, BROWSER="true", PYTHONUNBUFFERED="1"))
-    url = None
-    while url is None:
-        line = proc.stdout.readline()
-        assert line, proc.stderr.read()
-        if "https://iflow.cn/oauth?" in line:
-            url = line.strip()
+    url = read_login_url(proc, "https://iflow.cn/oauth?")
     q = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
     assert q["redirect"] == "http://localhost:11451/oauth2callback" and q["client_id"] == "10009311001"
-    deadline = time.time() + 10
-    while True:
-        try:
-            urllib.request.urlopen("http://127.0.0.1:%d/oauth2callback?code=c1&state=%s" % (port, q["state"]), timeout=5)
-            break
-        except OSError:
-            assert time.time() < deadline
-            time.sleep(0.05)
+    play_browser(port, "/oauth2callback", q["state"], code="c1")
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     path = auth / "iflow-i@flow.cn.json"
