@@ -126,7 +126,7 @@ def test_body_over_limit_is_413_before_the_body_is_read(srv):
     r = Reader(s)
     t0 = time.monotonic()
     resp = r.response()
-    assert resp.status == 413 and time.monotonic() - t0 < 0.9
+    assert resp.status == 413 and time.monotonic() - t0 < 5  # reading the body would take the 60 s body timeout
     assert r.closed()
 
 
