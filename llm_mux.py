@@ -6192,11 +6192,18 @@ class Completions(Codec):
                "model": req.model, "choices": [{"text": text, "index": 0, "logprobs": None,
                                                 "finish_reason": "length" if resp.finish == "length" else (
                                                     "content_filter" if resp.finish == "content_filter" else "stop")}]}
-        usage = OpenAIChat.wire_usage(resp.usage)
+        usage = cls.wire_usage(resp.usage)
         if usage:
-            out["usage"] = {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
-                            "total_tokens": usage["total_tokens"]}
+            out["usage"] = usage
         return out
+
+    @staticmethod
+    def wire_usage(u):
+        """Legacy completions report only the three totals."""
+        if u is None:
+            return None
+        return {"prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens,
+                "total_tokens": u.input_tokens + u.output_tokens}
 
     class StreamEncoder:
         def __init__(self, req):
@@ -6224,11 +6231,8 @@ class Completions(Codec):
                 self.finished = True
                 out = self._chunk("", "length" if ev.reason == "length" else "stop")
                 if self.req.include_usage and self.usage is not None:
-                    u = OpenAIChat.wire_usage(self.usage)
                     obj = {"id": self.id, "object": "text_completion", "created": self.created,
-                           "model": self.req.model, "choices": [],
-                           "usage": {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
-                                     "total_tokens": u["total_tokens"]}}
+                           "model": self.req.model, "choices": [], "usage": Completions.wire_usage(self.usage)}
                     out += b"data: " + json_bytes(obj) + b"\n\n"
                 return out + b"data: [DONE]\n\n"
             if k == "error":
