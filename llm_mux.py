@@ -16,10 +16,11 @@ Table of contents
    8. Credentials
    9. Providers
   10. Routing
-  11. Handlers
-  12. Watcher
-  13. CLI
-  14. main
+  11. Gateway
+  12. Client API
+  13. Watcher
+  14. CLI
+  15. main
 """
 
 # === 1. Header, version, table of contents ===
@@ -155,6 +156,10 @@ class Clock:
 
     def now(self):
         return time.monotonic()
+
+    def wall(self):
+        """Epoch seconds, for deadlines that upstreams state as dates (token expiry)."""
+        return time.time()
 
     async def sleep(self, seconds):
         await asyncio.sleep(max(0.0, seconds))
@@ -1522,6 +1527,9 @@ class Headers:
         return iter(self.items)
 
 
+EMPTY_HEADERS = Headers()
+
+
 class Request:
     """One parsed client request. The body is fully read (bounded by max-request-size) before the app runs."""
 
@@ -1578,6 +1586,11 @@ class StreamResponse:
             self.headers.append(("Content-Type", content_type))
             if content_type == "text/event-stream":
                 self.headers.append(("Cache-Control", "no-cache"))
+
+
+def plain_error(status, message, path=None):
+    """The HTTP server's own error page; an app passes its API-shaped one instead."""
+    return Response(status, (message + "\n").encode("utf-8"), None, "text/plain; charset=utf-8")
 
 
 def json_response(obj, status=200, headers=None):
@@ -1723,9 +1736,10 @@ class ServerLimits:
 class HttpServer:
     """Serves an `app(request) -> Response | StreamResponse` coroutine over HTTP/1.1 (optionally TLS)."""
 
-    def __init__(self, app, limits_fn, access_log=True):
+    def __init__(self, app, limits_fn, access_log=True, error_page=None):
         self.app = app
         self.limits_fn = limits_fn
+        self.error_page = error_page or plain_error  # (status, message, path or None) -> Response
         self.access_log = access_log
         self.servers = []
         self.connections = set()
@@ -1790,6 +1804,7 @@ class HttpServer:
                     break
                 except ChannelClosed:
                     break
+                req = None
                 try:
                     req = parse_request_head(head[:-4], peer)
                     req.secure = secure
@@ -1808,10 +1823,10 @@ class HttpServer:
                     elif length:
                         req.body = await ch.read_exactly(length, body_deadline)
                 except HttpError as e:
-                    self._write_error(ch, e)
+                    self._write_error(ch, e, req and req.path)
                     break
                 except asyncio.TimeoutError:
-                    self._write_error(ch, HttpError(408, "request body not received in time"))
+                    self._write_error(ch, HttpError(408, "request body not received in time"), req.path)
                     break
                 except ChannelClosed:
                     break
@@ -1842,12 +1857,10 @@ class HttpServer:
                 except asyncio.CancelledError:
                     raise
                 except HttpError as e:
-                    resp = json_response({"error": {"message": e.message, "type": "invalid_request_error"}},
-                                         e.status)
+                    resp = self.error_page(e.status, e.message, req.path)
                 except Exception:
                     log.exception("unhandled error serving %s %s", req.method, req.path)
-                    resp = json_response({"error": {"message": "internal server error", "type": "server_error"}},
-                                         500)
+                    resp = self.error_page(500, "internal server error", req.path)
             status = resp.status
             keep = req.keep_alive and not self.draining
             if limits.cors:
@@ -1910,20 +1923,18 @@ class HttpServer:
                 ch.write(b"0\r\n\r\n")
             await ch.drain()
         finally:
-            aclose = getattr(agen, "aclose", None)
-            if aclose is not None:
-                try:
-                    await aclose()
-                except Exception:
-                    pass
+            for close in (getattr(agen, "aclose", None), resp.on_close):
+                if close is not None:
+                    try:
+                        await close()
+                    except Exception:
+                        log.exception("closing a stream failed")
         return sent
 
-    def _write_error(self, ch, err):
-        body = json_bytes({"error": {"message": err.message, "type": "invalid_request_error",
-                                     "code": err.status}})
-        head = self._head(err.status, [("Content-Type", "application/json")], False,
-                          "Content-Length: %d\r\n" % len(body))
-        ch.write(head + body)
+    def _write_error(self, ch, err, path=None):
+        resp = self.error_page(err.status, err.message, path)
+        body = resp.body or b""
+        ch.write(self._head(err.status, resp.headers, False, "Content-Length: %d\r\n" % len(body)) + body)
         log.warning("HTTP %d: %s", err.status, err.message)
 
     def _cors_headers(self, req, limits, headers):
@@ -6444,6 +6455,12 @@ def scan_auth_dir(auth_dir):
     return found
 
 
+def load_credential_files(auth_dir):
+    """{credential id: Credential} for every credential file in auth_dir."""
+    return {c.id: c for name, (meta, stamp) in scan_auth_dir(auth_dir).items()
+            for c in credentials_from_file(name, meta, stamp, auth_dir)}
+
+
 def file_provider_id(meta):
     t = meta["type"].strip().lower()
     return "gemini-cli" if t == "gemini" else t
@@ -6784,6 +6801,7 @@ class Provider:
     default_models = ()
     stream_only = False  # the upstream is always asked for a stream; non-stream clients get it collected
     quota_groups = False  # a quota error on one model cools every model of its family (claude-*, gemini-*, ...)
+    inline_media = False  # the upstream cannot fetch image/file URLs: the gateway downloads them and sends them inline
     refresh_lead = None  # seconds before expiry to refresh an OAuth token (providers.md §1.2); None: no refresh
 
     def __init__(self, entry, credentials=None):
@@ -6948,6 +6966,7 @@ class GeminiProvider(Provider):
 
     type = "gemini"
     codec = Gemini
+    inline_media = True
     default_base_url = "https://generativelanguage.googleapis.com"
     default_models = ("gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.5-flash-lite", "gemini-3-pro-preview",
                       "gemini-3-flash-preview")
@@ -8119,11 +8138,13 @@ class Router:
     AFFINITY_MAX = 10000
     BACKOFF_BASE, BACKOFF_CAP = 0.05, 2.0
 
-    def __init__(self, app, clock=None):
-        self.app = app
+    def __init__(self, settings, client, refresher, clock=None):
+        self.settings = settings  # () -> the current Config snapshot
+        self.client, self.refresher = client, refresher
         self.clock = clock or Clock()
         self.breakers = {}
         self.affinity = {}  # conversation key -> (credential id, expires)
+        self.observers = []  # callables told of every finished Call (usage records, metrics)
 
     def breaker(self, provider_id):
         b = self.breakers.get(provider_id)
@@ -8187,6 +8208,24 @@ class Router:
         self.affinity[key] = (cred.id, now + self.AFFINITY_TTL)
 
     # -- outcomes -------------------------------------------------------------------------------------------------
+    def settle(self, call):
+        """What a finished Call teaches routing: the breaker's count, a cooldown for a failure, affinity and a
+        clean slate for a success. Auxiliary calls (token counting) leave credential health alone."""
+        if call.kind != "chat":
+            return
+        now = self.clock.now()
+        route, cred = call.route, call.cred
+        breaker = self.breaker(route.provider.id)
+        if call.outcome == "failed":
+            failure = call.failure
+            breaker.record(failure.category in ("user_error", "not_found"), now)
+            self.cool(cred, route.model, failure, now, route.provider)
+        elif call.outcome != "refreshed" and call.status is not None and call.status < 300:
+            # A client that goes away mid-stream is not the upstream's fault.
+            breaker.record(True, now)
+            self.succeeded(cred, route.model)
+            self.bind(call.key, cred, now)
+
     def cool(self, cred, model, failure, now, provider=None):
         """Cooldown per credential x model (gateway.md §6.9), or for the whole credential when the quota is
         credential-scoped. Revoked tokens disable the credential and say so."""
@@ -8203,7 +8242,7 @@ class Router:
         if st is None:
             st = cred.states[model] = ModelState()
         if failure.status == 429 or (cat == "quota" and failure.status not in (401, 402, 403)):
-            if self.app.cfg.disable_cooling:
+            if self.settings().disable_cooling:
                 return
             if failure.retry_after is not None:
                 seconds = failure.retry_after
@@ -8230,9 +8269,10 @@ class Router:
                 if other != model and re.split(r"[-_.]", other, 1)[0] == family:
                     ost = cred.states.setdefault(other, ModelState())
                     ost.until, ost.status = max(ost.until, until), "cooling"
-        if cred.project and cat == "quota" and not self.app.cfg.quota_exceeded["switch-project"]:
+        if cred.project and cat == "quota" and provider is not None and \
+                not self.settings().quota_exceeded["switch-project"]:
             # Without switch-project the account's other projects are not an escape from its quota.
-            for sibling in self.app.files.values():
+            for sibling in provider.credentials:
                 if sibling.path == cred.path and sibling is not cred:
                     sst = sibling.states.setdefault(model, ModelState())
                     sst.until, sst.status = max(sst.until, until), "cooling"
@@ -8247,109 +8287,104 @@ class Router:
             st.until, st.level, st.last_error, st.status = 0.0, 0, None, "active"
         cred.last_error = None
 
-    def stream_ended(self, route, cred, ok, failure=None):
-        """A stream finished (ok) or died mid-way: the breaker counts it; a death cools the credential briefly."""
-        now = self.clock.now()
-        self.breaker(route.provider.id).record(ok, now)
-        if not ok and failure is not None:
-            self.cool(cred, route.model, failure, now)
-
     # -- the attempt loop -----------------------------------------------------------------------------------------
     async def send(self, req, chain):
-        """Send `req` along `chain` (the requested model's routes, then each fallback model's). Returns (route,
-        cred, UpstreamResponse); the caller must call `done(cred)` when the body is consumed. Until a response is
-        accepted, a failure moves to the next credential, waits for one that recovers within
-        max-retry-interval, then moves to the fallback models; attempts per model are bounded by request-retry."""
-        cfg = self.app.cfg
-        client = self.app.client
-        clock = self.clock
-        last = None
-        earliest_all = None
-        refreshed = set()
+        """Send `req` along `chain` (the requested model's routes, then each fallback model's); returns the open
+        Call whose upstream accepted it. Until then a failure moves to the next credential, waits for one that
+        recovers within max-retry-interval, then moves to the fallback models; attempts per model are bounded by
+        request-retry."""
+        cfg = self.settings()
+        state = {"last": None, "earliest": None, "refreshed": set()}
         for routes in chain:
-            attempts_left = max(0, cfg.request_retry) + 1
-            tried = set()
-            attempt = 0
-            while attempts_left > 0:
-                now = clock.now()
-                pairs, earliest = self.candidates(routes, now, tried)
-                usable = [(r, c) for r, c in pairs if self.breaker(r.provider.id).ready(now)] or pairs
-                if not usable:
-                    if earliest is not None:
-                        earliest_all = earliest if earliest_all is None else min(earliest_all, earliest)
-                        wait = earliest - now
-                        if 0 < wait <= cfg.max_retry_interval and last is not None:
-                            log.info("waiting %.1fs for a credential of %s to recover", wait, routes[0].visible)
-                            await clock.sleep(wait)
-                            tried.clear()
-                            continue
-                    break
-                route, cred, key = self.pick(req, usable, now)
-                if route.provider.refresh_lead is not None and \
-                        not await self.app.refresher.ensure(cred, route.provider):
-                    tried.add((cred.id, route.model))
-                    last = last or UpstreamFailure(401, "credential %s has no valid token: %s" % (
-                        cred.label, cred.refresh_error or cred.disabled), "authentication", "auth_error")
+            call = await self._send_on(req, routes, cfg, state)
+            if call is not None:
+                return call
+        last = state["last"]
+        if last is not None:
+            raise self._error(last)
+        if state["earliest"] is not None:
+            wait = max(1, math.ceil(state["earliest"] - self.clock.now()))
+            errors = sorted(set(c.last_error for routes in chain for r in routes for c in r.provider.credentials
+                                if c.last_error))
+            raise GatewayError(429, "all credentials for model '%s' are cooling down; retry in %ds%s"
+                               % (req.model, wait, " (last error: %s)" % errors[-1][:300] if errors else ""),
+                               "rate_limit", headers=[("Retry-After", str(wait))])
+        raise GatewayError(503, "no credential can serve model '%s'" % req.model, "overloaded")
+
+    async def _send_on(self, req, routes, cfg, state):
+        """Attempts on one model's routes; the accepted Call, or None when they are used up."""
+        attempts_left = max(0, cfg.request_retry) + 1
+        tried = set()
+        attempt = 0
+        while attempts_left > 0:
+            now = self.clock.now()
+            pairs, earliest = self.candidates(routes, now, tried)
+            usable = [(r, c) for r, c in pairs if self.breaker(r.provider.id).ready(now)] or pairs
+            if not usable:
+                if earliest is None:
+                    return None
+                state["earliest"] = earliest if state["earliest"] is None else min(state["earliest"], earliest)
+                wait = earliest - now
+                if not (0 < wait <= cfg.max_retry_interval and state["last"] is not None):
+                    return None
+                log.info("waiting %.1fs for a credential of %s to recover", wait, routes[0].visible)
+                await self.clock.sleep(wait)
+                tried.clear()
+                continue
+            route, cred, key = self.pick(req, usable, now)
+            tried.add((cred.id, route.model))
+            if route.provider.refresh_lead is not None and not await self.refresher.ensure(cred, route.provider):
+                state["last"] = state["last"] or UpstreamFailure(401, "credential %s has no valid token: %s" % (
+                    cred.label, cred.refresh_error or cred.disabled), "authentication", "auth_error")
+                continue
+            if not self.breaker(route.provider.id).allows(now) and len(usable) > 1:
+                continue
+            if attempt > 0:  # exponential backoff with full jitter between attempts
+                await self.clock.sleep(random_uniform(0, min(self.BACKOFF_CAP, self.BACKOFF_BASE * 2 ** (attempt - 1))))
+            attempt += 1
+            attempts_left -= 1
+            spec = route.provider.build(req, cred, route.model)
+            call = Call(self, req, route, cred, "chat", key)
+            resp, failure = await call.send(spec)
+            if resp is not None:
+                return call
+            if call.outcome is None and failure.status == 401 and route.provider.refresh_lead is not None \
+                    and cred.id not in state["refreshed"]:
+                # An expired or rotated token: refresh once, then try again without cooling the credential.
+                state["refreshed"].add(cred.id)
+                if await self.refresher.ensure(cred, route.provider, force=True):
+                    call.finish("refreshed", failure)
+                    tried.discard((cred.id, route.model))
+                    attempts_left += 1
                     continue
-                breaker = self.breaker(route.provider.id)
-                if not breaker.allows(now) and len(usable) > 1:
-                    tried.add((cred.id, route.model))
-                    continue
-                if attempt > 0:
-                    # exponential backoff with full jitter between attempts
-                    await clock.sleep(random_uniform(0, min(self.BACKOFF_CAP, self.BACKOFF_BASE * 2 ** (attempt - 1))))
-                attempt += 1
-                attempts_left -= 1
-                tried.add((cred.id, route.model))
-                method, url, headers, body = route.provider.build(req, cred, route.model)
-                cred.in_flight += 1
-                cred.note_use(now)
-                ok = False
-                try:
-                    resp = await client.request(method, url, headers, body, cred.proxy_url)
-                    if resp.status < 300:
-                        ok = True
-                        self.succeeded(cred, route.model)
-                        self.bind(key, cred, clock.now())
-                        if not (req.stream or route.provider.stream_only):
-                            breaker.record(True, clock.now())
-                        return route, cred, resp
-                    err_body = await resp.read(1 << 20)
-                    failure = route.provider.classify_error(resp.status, resp.headers, err_body)
-                    log.warning("upstream %s answered %d for %s via %s: %s", route.provider.name, resp.status,
-                                route.model, cred.label, failure.message[:200])
-                except UpstreamError as e:
-                    status = 504 if e.kind == "timeout" else 502
-                    failure = UpstreamFailure(status, "upstream %s: %s" % (route.provider.name, e.message),
-                                              "timeout" if e.kind == "timeout" else "upstream",
-                                              "transient" if e.kind == "timeout" else "unknown")
-                    log.warning("upstream %s failed for %s via %s: %s", route.provider.name, route.model,
-                                cred.label, e.message)
-                finally:
-                    if not ok:
-                        cred.in_flight -= 1
-                if failure.status == 401 and route.provider.refresh_lead is not None and cred.id not in refreshed:
-                    # An expired or rotated token: refresh once, then try again without cooling the credential.
-                    refreshed.add(cred.id)
-                    if await self.app.refresher.ensure(cred, route.provider, force=True):
-                        tried.discard((cred.id, route.model))
-                        attempts_left += 1
-                        continue
-                breaker.record(failure.category in ("user_error", "not_found"), clock.now())
-                self.cool(cred, route.model, failure, clock.now(), route.provider)
-                last = failure
-                if not failure.retryable:
-                    raise self._error(last)
-        if last is None:
-            if earliest_all is not None:
-                wait = max(1, math.ceil(earliest_all - clock.now()))
-                errors = sorted(set(c.last_error for routes in chain for r in routes for c in r.provider.credentials
-                                    if c.last_error))
-                raise GatewayError(429, "all credentials for model '%s' are cooling down; retry in %ds%s"
-                                   % (req.model, wait, " (last error: %s)" % errors[-1][:300] if errors else ""),
-                                   "rate_limit", headers=[("Retry-After", str(wait))])
-            raise GatewayError(503, "no credential can serve model '%s'" % req.model, "overloaded")
-        raise self._error(last)
+            call.fail(failure)
+            state["last"] = failure
+            if not failure.retryable:
+                raise self._error(failure)
+        return None
+
+    async def count(self, req, routes):
+        """The upstream's own token count from the first ready credentials whose provider has a counter, through
+        a Call like any other upstream request; None when none answers."""
+        pairs, _ = self.candidates(routes, self.clock.now())
+        for route, cred in pairs[:2]:
+            spec = route.provider.count_tokens(req, cred, route.model)
+            if spec is None:
+                continue
+            call = Call(self, req, route, cred, "count")
+            resp, failure = await call.send(spec)
+            if resp is None:
+                call.fail(failure)
+                continue
+            try:
+                n = route.provider.parse_count(await resp.json())
+            except UpstreamError as e:
+                call.fail(call.network_failure(e))
+                continue
+            call.finish("ok")
+            if isinstance(n, int):
+                return n
+        return None
 
     def _error(self, failure):
         headers = []
@@ -8357,9 +8392,145 @@ class Router:
             headers.append(("Retry-After", str(max(1, math.ceil(failure.retry_after)))))
         return GatewayError(failure.status, failure.message, failure.type, headers=headers)
 
-    @staticmethod
-    def done(cred):
-        cred.in_flight -= 1
+
+class Call:
+    """One upstream attempt, owned from open to finish. Routing opens it (credential chosen, in-flight counted);
+    `send` performs the request; the answer is read through `answer()` or `events()`; `finish(outcome)` runs
+    exactly once however the attempt ends, and is the only place where the breaker, cooldowns, affinity, in-flight
+    counts and the call observers (usage, metrics) learn how it went.
+    outcome: ok | failed (with `failure`) | refreshed (a 401 that a token refresh answers; the retry is a new
+    call) | client_gone (the client left before the end) | cancelled."""
+
+    __slots__ = ("router", "req", "route", "cred", "kind", "key", "started", "first_byte", "ended", "status",
+                 "outcome", "failure", "usage", "response", "stream_error")
+
+    def __init__(self, router, req, route, cred, kind="chat", key=None):
+        self.router, self.req, self.route, self.cred, self.kind, self.key = router, req, route, cred, kind, key
+        self.started = router.clock.now()
+        self.first_byte = self.ended = self.status = self.outcome = self.failure = None
+        self.usage = self.response = self.stream_error = None
+        cred.in_flight += 1
+        cred.note_use(self.started)
+
+    @property
+    def provider(self):
+        return self.route.provider
+
+    def finish(self, outcome, failure=None):
+        """Record how the attempt ended; later calls are ignored (returns False)."""
+        if self.outcome is not None:
+            return False
+        self.outcome, self.failure, self.ended = outcome, failure, self.router.clock.now()
+        self.cred.in_flight -= 1
+        if self.response is not None:
+            self.response.close()
+        self.router.settle(self)
+        for observe in self.router.observers:
+            try:
+                observe(self)
+            except Exception:
+                log.exception("call observer failed")
+        return True
+
+    def fail(self, failure):
+        self.finish("failed", failure)
+        return failure
+
+    def network_failure(self, e):
+        """An UpstreamError (connect, TLS, timeout, broken framing) as a classified failure."""
+        timeout = e.kind == "timeout"
+        return UpstreamFailure(504 if timeout else 502, "upstream %s: %s" % (self.provider.name, e.message),
+                               "timeout" if timeout else "upstream", "transient" if timeout else "unknown")
+
+    async def send(self, spec):
+        """Send (method, url, headers, body). Returns (response, None) for a 2xx answer, else (None, failure). A
+        network failure finishes the call; an HTTP error answer leaves the verdict (refresh or fail) to routing."""
+        method, url, headers, body = spec
+        try:
+            resp = await self.router.client.request(method, url, headers, body, self.cred.proxy_url)
+            self.status, self.first_byte = resp.status, self.router.clock.now()
+            if resp.status < 300:
+                self.response = resp
+                return resp, None
+            err_body = await resp.read(1 << 20)
+        except UpstreamError as e:
+            log.warning("upstream %s failed for %s via %s: %s", self.provider.name, self.route.model,
+                        self.cred.label, e.message)
+            return None, self.fail(self.network_failure(e))
+        except BaseException:
+            self.finish("cancelled")
+            raise
+        failure = self.provider.classify_error(resp.status, resp.headers, err_body)
+        log.warning("upstream %s answered %d for %s via %s: %s", self.provider.name, resp.status, self.route.model,
+                    self.cred.label, failure.message[:200])
+        return None, failure
+
+    async def answer(self):
+        """The whole answer as a ChatResponse (a stream-only upstream's stream collected); finishes the call."""
+        if self.provider.stream_only:
+            collector = ResponseCollector()
+            async for ev in self.events():
+                collector.add(ev)
+            if collector.error is not None:
+                e = collector.error
+                raise GatewayError(e.status, e.message, e.type)
+            return collector.result()
+        try:
+            answer = self.provider.parse_response(await self.response.json())
+        except UpstreamError as e:
+            failure = self.fail(self.network_failure(e))
+            raise GatewayError(failure.status, failure.message, failure.type)
+        except BaseException:
+            self.finish("cancelled")
+            raise
+        self.usage = answer.usage
+        self.finish("ok")
+        return answer
+
+    async def events(self):
+        """IR events of the upstream stream; a network failure becomes one ErrorEvent at the end. Closing the
+        generator before the end (the client went away) finishes the call as client_gone."""
+        decoder = self.provider.stream_decoder(self.req)
+        parser = self.provider.frame_parser(self.response)
+        outcome = "client_gone"
+        try:
+            async for chunk in self.response.iter_bytes():
+                for ev in self._decode(decoder, parser.feed(chunk)):
+                    yield ev
+            for ev in self._decode(decoder, parser.finish(), final=True):
+                yield ev
+            outcome = "ok"
+        except UpstreamError as e:
+            failure = self.network_failure(e)
+            self.stream_error = ErrorEvent(failure.status, failure.message, failure.type)
+            yield self.stream_error
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            ev = self.stream_error
+            if ev is not None:
+                # A stream that dies mid-way is classified like the same error before the first byte.
+                self.fail(self.provider.classify_error(ev.status, EMPTY_HEADERS, {"error": {"message": ev.message}}))
+            self.finish(outcome)
+
+    def _decode(self, decoder, frames, final=False):
+        for event, data in frames:
+            for ev in decoder.feed(event, data):
+                if ev.kind in ("usage", "error"):
+                    self._note(ev)
+                yield ev
+        if final:
+            for ev in decoder.close():
+                if ev.kind in ("usage", "error"):
+                    self._note(ev)
+                yield ev
+
+    def _note(self, ev):
+        if ev.kind == "usage":
+            self.usage = ev.usage
+        else:
+            self.stream_error = ev
 
 
 class Refresher:
@@ -8373,17 +8544,18 @@ class Refresher:
     SWEEP = 30.0
     LOCK_TIMEOUT = 30.0
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, client, providers, clock=None):
+        self.client = client
+        self.providers = providers  # () -> the providers to keep fresh
+        self.clock = clock or Clock()
         self.task = None
         self.refresh_calls = 0
 
-    @staticmethod
-    def due(cred, margin, now=None, provider=None):
-        exp = provider.token_expiry(cred) if provider is not None else credential_expiry(cred.meta)
+    def due(self, cred, margin, provider, now=None):
+        exp = provider.token_expiry(cred)
         if exp is None:
-            return not (provider.has_token(cred) if provider is not None else cred.meta.get("access_token"))
-        return exp - (now or time.time()) <= margin
+            return not provider.has_token(cred)
+        return exp - (now or self.clock.wall()) <= margin
 
     async def ensure(self, cred, provider, force=False, margin=60.0):
         """True when the credential holds a usable token, refreshing it first when it expires within `margin`
@@ -8392,10 +8564,10 @@ class Refresher:
             return True
         task = cred.refresh_task
         if task is None or task.done():
-            if not force and not self.due(cred, margin, provider=provider):
+            if not force and not self.due(cred, margin, provider):
                 return True
-            if time.time() < cred.refresh_after and not force:
-                return not self.due(cred, 0, provider=provider)
+            if self.clock.wall() < cred.refresh_after and not force:
+                return not self.due(cred, 0, provider)
             task = cred.refresh_task = asyncio.ensure_future(self._refresh(cred, provider, force, margin))
         return await asyncio.shield(task)
 
@@ -8437,13 +8609,13 @@ class Refresher:
                 meta, stamp = cred.meta, cred.stamp
             if meta.get("access_token") != rejected:
                 cred.meta, cred.stamp = meta, stamp
-                if not self.due(cred, 60 if force else margin, provider=provider):
+                if not self.due(cred, 60 if force else margin, provider):
                     log.info("credential %s: adopted the token refreshed by another process", cred.label)
                     return True
-            elif not force and not self.due(cred, margin, provider=provider):
+            elif not force and not self.due(cred, margin, provider):
                 return True
             self.refresh_calls += 1
-            new = await provider.refresh(cred, self.app.client)
+            new = await provider.refresh(cred, self.client)
             write_file_atomic(cred.path, json.dumps(new, indent=2, ensure_ascii=False) + "\n", 0o600)
             st = os.stat(cred.path)
             cred.meta, cred.stamp = new, (st.st_mtime_ns, st.st_size)
@@ -8460,9 +8632,9 @@ class Refresher:
             backoff = 300.0 if cred.refresh_after else 60.0
             if e.retry_after is not None:
                 backoff = min(300.0, max(5.0, e.retry_after))
-            cred.refresh_after = time.time() + backoff
+            cred.refresh_after = self.clock.wall() + backoff
             log.warning("credential %s: refresh failed (%s); next try in %ds", cred.label, e.message[:300], backoff)
-            return not self.due(cred, 0, provider=provider)
+            return not self.due(cred, 0, provider)
         finally:
             self._unlock(fd)
 
@@ -8476,25 +8648,151 @@ class Refresher:
     async def _sweep(self):
         while True:
             try:
-                now = time.time()
-                for provider in self.app.registry.providers:
+                now = self.clock.wall()
+                for provider in self.providers():
                     if provider.refresh_lead is None:
                         continue
                     for cred in provider.credentials:
                         if cred.disabled or cred.path is None or now < cred.refresh_after:
                             continue
-                        if self.due(cred, provider.refresh_lead, now, provider):
+                        if self.due(cred, provider.refresh_lead, provider, now):
                             asyncio.ensure_future(self.ensure(cred, provider, margin=provider.refresh_lead))
             except Exception:
                 log.exception("refresh sweep failed")
-            await asyncio.sleep(self.SWEEP)
+            await self.clock.sleep(self.SWEEP)
 
 
 def random_uniform(a, b):
     return a + (b - a) * (int.from_bytes(os.urandom(4), "big") / 4294967296.0)
 
 
-# === 11. Handlers ===
+# === 11. Gateway ===
+# Owns: the assembled runtime: the config snapshot, credential files, registry, HTTP client, router, refresher
+# and clock, and the hooks that observe every finished Call (usage records, metrics, limits hang here). It hands
+# each piece what it needs; nothing reaches back through it. It speaks no client API (that is the Client API).
+
+class Gateway:
+    """Everything a running gateway holds. `apply_config` swaps in a new Config snapshot; requests already running
+    keep the objects they hold."""
+
+    MAX_INLINE_MEDIA = 20 * 1024 * 1024
+
+    def __init__(self, cfg, files=None, clock=None):
+        self.clock = clock or Clock()
+        self.cfg = cfg
+        self.client = HttpClient(lambda: self.cfg)
+        self.registry = None
+        self.refresher = Refresher(self.client, lambda: self.registry.providers, self.clock)
+        self.router = Router(lambda: self.cfg, self.client, self.refresher, self.clock)
+        self.files = files if files is not None else load_credential_files(cfg.auth_dir)
+        self.apply_config(cfg)
+        self.started = time.time()
+
+    def apply_files(self, files):
+        """A new set of credential files (added, changed or removed ones); the registry is rebuilt around it."""
+        self.registry = Registry(self.cfg, self.registry, files)
+        self._adopt_live_files(files)
+
+    def _adopt_live_files(self, files):
+        """Keep `files` pointing at the live credential objects the registry kept, so stamps stay current."""
+        live = {c.id: c for p in self.registry.providers for c in p.credentials if c.path is not None}
+        self.files = {name: live.get(name, cred) for name, cred in files.items()}
+
+    def apply_config(self, cfg):
+        """Swap in a new snapshot; requests already running keep the objects they hold."""
+        if self.registry is not None and cfg.auth_dir != self.cfg.auth_dir:
+            self.files = load_credential_files(cfg.auth_dir)
+        self.cfg = cfg
+        self.limits = ServerLimits(cfg)
+        self.registry = Registry(cfg, self.registry, self.files)
+        self._adopt_live_files(self.files)
+        log.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
+
+    def start(self):
+        self.refresher.start()
+
+    def stop(self):
+        self.refresher.stop()
+        self.client.close_idle()
+
+    # -- models ---------------------------------------------------------------------------------------------------
+    def known_routes(self, mid):
+        routes = self.registry.resolve(split_thinking_suffix(mid)[0])
+        if not routes:
+            raise GatewayError(404, "The model '%s' does not exist" % mid, "not_found", "model",
+                               code="model_not_found")
+        return routes
+
+    def resolve_model(self, ir):
+        """The routes to try, in order: the requested model's, then each `routing.fallbacks` model's. A
+        `model(high)` / `model(16384)` suffix selects thinking."""
+        name = ir.model
+        routes = self.registry.resolve(name)
+        if not routes:
+            base, thinking = split_thinking_suffix(name)
+            if thinking is not None:
+                routes = self.registry.resolve(base)
+                if routes:
+                    ir.thinking = thinking
+                    name = base
+        chain = [routes] if routes else []
+        fallbacks = self.cfg.routing["fallbacks"]
+        extra = list(fallbacks.get(name) or fallbacks.get(self.cfg.routing["aliases"].get(name, name)) or [])
+        if self.cfg.quota_exceeded["switch-preview-model"]:
+            extra += self.registry.preview_variants(name)
+        for fb in extra:
+            fb_routes = self.registry.resolve(fb)
+            if fb_routes and fb_routes not in chain:
+                chain.append(fb_routes)
+        if not chain:
+            raise GatewayError(404, "The model '%s' does not exist or is not served by this gateway" % ir.model,
+                               "not_found", "model", code="model_not_found")
+        return chain
+
+    # -- calls ----------------------------------------------------------------------------------------------------
+    async def call(self, ir):
+        """Route `ir` and return the open Call an upstream accepted (the caller reads its answer or events)."""
+        chain = self.resolve_model(ir)
+        await self.inline_remote_media(ir, [r for routes in chain for r in routes])
+        return await self.router.send(ir, chain)
+
+    async def count_tokens(self, ir):
+        """Ask the upstream's counter where it has one; otherwise estimate (logged as an estimate)."""
+        n = await self.router.count(ir, self.resolve_model(ir)[0])
+        if n is not None:
+            return n
+        n = estimate_tokens(ir)
+        log.info("count_tokens for %s: estimated %d tokens (about 4 characters per token; the upstream has no "
+                 "token counter)", ir.model, n)
+        return n
+
+    async def inline_remote_media(self, ir, routes):
+        """Providers that cannot fetch arbitrary URLs (`inline_media`, e.g. Gemini, formats.md §6.6) get them
+        downloaded and sent inline. Uses the gateway's own client, so proxies and upstream-overrides apply; a
+        failed download is a 400."""
+        if not any(r.provider.inline_media for r in routes):
+            return
+        media = [p for m in ir.messages for p in m.parts if p.kind in ("image", "file") and not p.data and p.url
+                 and p.url.startswith(("http://", "https://"))]
+        media += [c for m in ir.messages for p in m.parts if p.kind == "tool_result" for c in p.content
+                  if c.kind in ("image", "file") and not c.data and c.url and c.url.startswith(("http://", "https://"))]
+        for p in media:
+            try:
+                resp = await self.client.request("GET", p.url, [("Accept", "image/*, */*")], timeout=15,
+                                                 stream_timeout=30, max_size=self.MAX_INLINE_MEDIA)
+                data = await resp.read()
+            except UpstreamError as e:
+                raise BadRequest("could not download %s to send it inline: %s" % (p.url, e.message), "messages")
+            if resp.status >= 300:
+                raise BadRequest("could not download %s to send it inline: HTTP %d" % (p.url, resp.status),
+                                 "messages")
+            mime = (resp.headers.get("content-type") or "").split(";")[0].strip()
+            p.data = base64.b64encode(data).decode("ascii")
+            p.mime = mime if "/" in mime else (p.mime or sniff_image_mime(p.data))
+            p.url = None
+
+
+# === 12. Client API ===
 # Owns: the client-facing endpoints: authentication, request parsing into the IR via the client's codec, the
 # hand-off to routing, and writing the answer (JSON or stream) in the client's format. Errors are rendered in the
 # format of the endpoint that was called.
@@ -8510,6 +8808,13 @@ def format_for_path(path):
     if path.startswith("/v1/responses"):
         return "responses"
     return "openai"
+
+
+def http_error_page(status, message, path=None):
+    """HTTP-level errors (malformed requests, oversize bodies, handler crashes) in the shape of the API the path
+    belongs to."""
+    err = GatewayError(status, message, error_type_for_status(status) if status != 413 else "invalid_request")
+    return error_response(format_for_path(path or "/v1"), err)
 
 
 def render_error(fmt, err):
@@ -8535,15 +8840,11 @@ def caller_family(req):
 
 
 class App:
-    """The gateway as an HTTP app: holds the current Config snapshot, the registry, the router and the client."""
+    """The client API as an HTTP app: route tables over a Gateway, each handler parsing with its codec and
+    rendering the answer (JSON or stream) in the client's format."""
 
-    def __init__(self, cfg, files=None):
-        self.client = HttpClient(lambda: self.cfg)
-        self.router = Router(self)
-        self.refresher = Refresher(self)
-        self.files = files if files is not None else self.load_files(cfg.auth_dir)
-        self.apply_config(cfg)
-        self.started = time.time()
+    def __init__(self, gateway):
+        self.gw = gateway
         self.routes = {
             ("GET", "/"): self.root,
             ("GET", "/v1/models"): self.list_models,
@@ -8562,32 +8863,6 @@ class App:
             self.routes[("POST", prefix + "/chat")] = self.ollama_chat
             self.routes[("POST", prefix + "/generate")] = self.ollama_generate
         self.public = {"/", "/api/version", "/ollama/api/version"}
-
-    @staticmethod
-    def load_files(auth_dir):
-        return {c.id: c for name, (meta, stamp) in scan_auth_dir(auth_dir).items()
-                for c in credentials_from_file(name, meta, stamp, auth_dir)}
-
-    def apply_files(self, files):
-        """A new set of credential files (added, changed or removed ones); the registry is rebuilt around it."""
-        self.registry = Registry(self.cfg, self.registry, files)
-        self._adopt_live_files(files)
-
-    def _adopt_live_files(self, files):
-        """Keep `files` pointing at the live credential objects the registry kept, so stamps stay current."""
-        live = {c.id: c for p in self.registry.providers for c in p.credentials if c.path is not None}
-        self.files = {name: live.get(name, cred) for name, cred in files.items()}
-
-    def apply_config(self, cfg):
-        """Swap in a new snapshot; requests already running keep the objects they hold."""
-        previous = getattr(self, "registry", None)
-        if previous is not None and cfg.auth_dir != self.cfg.auth_dir:
-            self.files = self.load_files(cfg.auth_dir)
-        self.cfg = cfg
-        self.limits = ServerLimits(cfg)
-        self.registry = Registry(cfg, previous, self.files)
-        self._adopt_live_files(self.files)
-        log.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
 
     async def __call__(self, req):
         fmt = format_for_path(req.path)
@@ -8623,7 +8898,7 @@ class App:
     # -- auth -----------------------------------------------------------------------------------------------------
     def authenticate(self, req):
         """API-key check (gateway.md §4.1), constant-time; without keys only loopback peers are served."""
-        cfg = self.cfg
+        cfg = self.gw.cfg
         if cfg.disable_auth:
             return
         keys = cfg.api_keys
@@ -8676,29 +8951,25 @@ class App:
                         "text/plain; charset=utf-8")
 
     def _anthropic_model(self, mid):
-        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started))
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.gw.started))
         return {"type": "model", "id": mid, "display_name": mid, "created_at": created}
 
     async def list_models(self, req):
         family = caller_family(req)
-        ids = [mid for mid, _ in self.registry.model_entries()]
+        ids = [mid for mid, _ in self.gw.registry.model_entries()]
         if family == "anthropic":
             data = [self._anthropic_model(mid) for mid in ids]
             return json_response({"data": data, "has_more": False, "first_id": ids[0] if ids else None,
                                   "last_id": ids[-1] if ids else None})
         if family == "gemini":
             return json_response({"models": [Gemini.model_entry(mid) for mid in ids]})
-        created = int(self.started)
+        created = int(self.gw.started)
         data = [{"id": mid, "object": "model", "created": created, "owned_by": owner}
-                for mid, owner in self.registry.model_entries()]
+                for mid, owner in self.gw.registry.model_entries()]
         return json_response({"object": "list", "data": data})
 
-    def _known_model(self, mid, fmt):
-        routes = self.registry.resolve(split_thinking_suffix(mid)[0])
-        if not routes:
-            raise GatewayError(404, "The model '%s' does not exist" % mid, "not_found", "model",
-                               code="model_not_found")
-        return routes
+    def _known_model(self, mid, fmt=None):
+        return self.gw.known_routes(mid)
 
     async def get_model(self, req):
         mid = req.path[len("/v1/models/"):]
@@ -8708,11 +8979,11 @@ class App:
             return json_response(self._anthropic_model(mid))
         if family == "gemini":
             return json_response(Gemini.model_entry(mid[len("models/"):] if mid.startswith("models/") else mid))
-        return json_response({"id": mid, "object": "model", "created": int(self.started),
+        return json_response({"id": mid, "object": "model", "created": int(self.gw.started),
                               "owned_by": routes[0].provider.name})
 
     async def gemini_list_models(self, req):
-        return json_response({"models": [Gemini.model_entry(mid) for mid, _ in self.registry.model_entries()]})
+        return json_response({"models": [Gemini.model_entry(mid) for mid, _ in self.gw.registry.model_entries()]})
 
     async def gemini_get_model(self, req):
         mid = req.path[len("/v1beta/models/"):]
@@ -8749,7 +9020,7 @@ class App:
 
     async def messages_count_tokens(self, req):
         ir = Anthropic.parse_request(self.read_json(req), count_only=True)
-        return json_response({"input_tokens": await self.count_tokens(ir)})
+        return json_response({"input_tokens": await self.gw.count_tokens(ir)})
 
     # -- Gemini ---------------------------------------------------------------------------------------------------
     async def gemini_action(self, req):
@@ -8761,7 +9032,7 @@ class App:
         body = self.read_json(req)
         if action == "countTokens":
             ir = Gemini.parse_request(body, model, count_only=True)
-            return json_response({"totalTokens": await self.count_tokens(ir)})
+            return json_response({"totalTokens": await self.gw.count_tokens(ir)})
         if action not in ("generateContent", "streamGenerateContent"):
             raise GatewayError(404, "unsupported method %r" % action, "not_found")
         ir = Gemini.parse_request(body, model)
@@ -8777,7 +9048,7 @@ class App:
 
     def ollama_model(self, name):
         """Open WebUI appends `:latest` to untagged names; accept both spellings."""
-        if name.endswith(":latest") and not self.registry.resolve(name):
+        if name.endswith(":latest") and not self.gw.registry.resolve(name):
             return name[:-len(":latest")]
         return name
 
@@ -8786,14 +9057,14 @@ class App:
 
     def _ollama_entry(self, mid):
         digest = hashlib.sha256(mid.encode()).hexdigest()
-        modified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started))
+        modified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.gw.started))
         name = self.ollama_name(mid)
         return {"name": name, "model": name, "modified_at": modified, "size": 0, "digest": digest,
                 "details": {"parent_model": "", "format": "gguf", "family": "llm-mux", "families": ["llm-mux"],
                             "parameter_size": "", "quantization_level": ""}}
 
     async def ollama_tags(self, req):
-        return json_response({"models": [self._ollama_entry(mid) for mid, _ in self.registry.model_entries()]})
+        return json_response({"models": [self._ollama_entry(mid) for mid, _ in self.gw.registry.model_entries()]})
 
     async def ollama_ps(self, req):
         return json_response({"models": []})
@@ -8835,113 +9106,12 @@ class App:
                                      render=lambda resp, r: Ollama.build_response(resp, r, True, started),
                                      content_type="application/x-ndjson")
 
-    # -- token counting -------------------------------------------------------------------------------------------
-    async def count_tokens(self, ir):
-        """Ask the upstream's counter where it has one; otherwise estimate (logged as an estimate)."""
-        routes = self.resolve_model(ir)[0]
-        pairs, _ = self.router.candidates(routes, self.router.clock.now())
-        for route, cred in pairs[:2]:
-            spec = route.provider.count_tokens(ir, cred, route.model)
-            if spec is None:
-                continue
-            method, url, headers, body = spec
-            try:
-                resp = await self.client.request(method, url, headers, body, cred.proxy_url)
-                data = await resp.json()
-            except UpstreamError as e:
-                log.warning("count_tokens via %s failed: %s", route.provider.name, e.message)
-                continue
-            if resp.status < 300:
-                n = route.provider.parse_count(data)
-                if isinstance(n, int):
-                    return n
-            log.warning("count_tokens via %s answered %d", route.provider.name, resp.status)
-        n = estimate_tokens(ir)
-        log.info("count_tokens for %s: estimated %d tokens (about 4 characters per token; the upstream has no "
-                 "token counter)", ir.model, n)
-        return n
-
-    # -- the chat pipeline ----------------------------------------------------------------------------------------
-    def resolve_model(self, ir):
-        """The routes to try, in order: the requested model's, then each `routing.fallbacks` model's. A
-        `model(high)` / `model(16384)` suffix selects thinking."""
-        name = ir.model
-        routes = self.registry.resolve(name)
-        if not routes:
-            base, thinking = split_thinking_suffix(name)
-            if thinking is not None:
-                routes = self.registry.resolve(base)
-                if routes:
-                    ir.thinking = thinking
-                    name = base
-        chain = [routes] if routes else []
-        fallbacks = self.cfg.routing["fallbacks"]
-        extra = list(fallbacks.get(name) or fallbacks.get(self.cfg.routing["aliases"].get(name, name)) or [])
-        if self.cfg.quota_exceeded["switch-preview-model"]:
-            extra += self.registry.preview_variants(name)
-        for fb in extra:
-            fb_routes = self.registry.resolve(fb)
-            if fb_routes and fb_routes not in chain:
-                chain.append(fb_routes)
-        if not chain:
-            raise GatewayError(404, "The model '%s' does not exist or is not served by this gateway" % ir.model,
-                               "not_found", "model", code="model_not_found")
-        return chain
-
-    MAX_INLINE_MEDIA = 20 * 1024 * 1024
-
-    async def inline_remote_media(self, ir, routes):
-        """Gemini cannot fetch arbitrary image URLs (formats.md §6.6): download them and send them inline. Uses
-        the gateway's own client, so proxies and upstream-overrides apply; a failed download is a 400."""
-        if not any(issubclass(r.provider.codec, Gemini) for r in routes):
-            return
-        media = [p for m in ir.messages for p in m.parts if p.kind in ("image", "file") and not p.data and p.url
-                 and p.url.startswith(("http://", "https://"))]
-        media += [c for m in ir.messages for p in m.parts if p.kind == "tool_result" for c in p.content
-                  if c.kind in ("image", "file") and not c.data and c.url and c.url.startswith(("http://", "https://"))]
-        for p in media:
-            try:
-                resp = await self.client.request("GET", p.url, [("Accept", "image/*, */*")], timeout=15,
-                                                 stream_timeout=30, max_size=self.MAX_INLINE_MEDIA)
-                data = await resp.read()
-            except UpstreamError as e:
-                raise BadRequest("could not download %s to send it inline: %s" % (p.url, e.message), "messages")
-            if resp.status >= 300:
-                raise BadRequest("could not download %s to send it inline: HTTP %d" % (p.url, resp.status),
-                                 "messages")
-            mime = (resp.headers.get("content-type") or "").split(";")[0].strip()
-            p.data = base64.b64encode(data).decode("ascii")
-            p.mime = mime if "/" in mime else (p.mime or sniff_image_mime(p.data))
-            p.url = None
-
     async def serve_chat(self, http_req, codec, ir, encoder=None, render=None, content_type=None):
-        chain = self.resolve_model(ir)
-        await self.inline_remote_media(ir, [r for routes in chain for r in routes])
-        route, cred, resp = await self.router.send(ir, chain)
-        upstream_streams = ir.stream or route.provider.stream_only
+        call = await self.gw.call(ir)
         if not ir.stream:
-            try:
-                if upstream_streams:
-                    collector = ResponseCollector()
-                    async for ev in self._upstream_events(route, cred, resp, ir):
-                        collector.add(ev)
-                    if collector.error is not None:
-                        e = collector.error
-                        raise GatewayError(e.status, e.message, e.type)
-                    answer = collector.result()
-                else:
-                    try:
-                        data = await resp.json()
-                        answer = route.provider.parse_response(data)
-                    except UpstreamError as e:
-                        raise GatewayError(502, "upstream %s: %s" % (route.provider.name, e.message), "upstream")
-            finally:
-                if not upstream_streams:
-                    resp.close()
-                    self.router.done(cred)
-            body = render(answer, ir) if render else codec.build_response(answer, ir)
-            return json_response(body)
-        events = self._upstream_events(route, cred, resp, ir)
+            answer = await call.answer()
+            return json_response(render(answer, ir) if render else codec.build_response(answer, ir))
+        events = call.events()
         first = []
         try:
             # Decide success or failure before committing to 200: wait for the first real event.
@@ -8957,45 +9127,10 @@ class App:
             ev = first[-1]
             raise GatewayError(ev.status, ev.message, ev.type)
         enc = encoder(ir) if encoder else codec.StreamEncoder(ir)
-        return StreamResponse(self._encode_stream(first, events, enc), 200,
+        resp = StreamResponse(self._encode_stream(first, events, enc), 200,
                               content_type=content_type or getattr(codec, "stream_content_type", "text/event-stream"))
-
-    async def _upstream_events(self, route, cred, resp, ir):
-        """IR events from an upstream SSE body; network failures become one ErrorEvent at the end."""
-        decoder = route.provider.stream_decoder(ir)
-        parser = route.provider.frame_parser(resp)
-        failure = None
-        try:
-            async for chunk in resp.iter_bytes():
-                for event, data in parser.feed(chunk):
-                    for ev in decoder.feed(event, data):
-                        if ev.kind == "error":
-                            failure = ev
-                        yield ev
-            for event, data in parser.finish():
-                for ev in decoder.feed(event, data):
-                    if ev.kind == "error":
-                        failure = ev
-                    yield ev
-            for ev in decoder.close():
-                if ev.kind == "error":
-                    failure = ev
-                yield ev
-        except UpstreamError as e:
-            failure = ErrorEvent(504 if e.kind == "timeout" else 502,
-                                 "upstream %s: %s" % (route.provider.name, e.message),
-                                 "timeout" if e.kind == "timeout" else "upstream")
-            yield failure
-        finally:
-            resp.close()
-            self.router.done(cred)
-            # The breaker counts streams that die mid-way; a client that goes away is not the upstream's fault.
-            if failure is not None:
-                cat = "quota" if failure.status == 429 else ("transient" if failure.status >= 500 else "unknown")
-                self.router.stream_ended(route, cred, False, UpstreamFailure(
-                    failure.status, failure.message, failure.type, cat))
-            else:
-                self.router.stream_ended(route, cred, True)
+        resp.on_close = events.aclose  # the Call finishes even when the body is never written
+        return resp
 
     async def _encode_stream(self, first, events, encoder):
         try:
@@ -9022,7 +9157,7 @@ class App:
             await events.aclose()
 
 
-# === 12. Watcher ===
+# === 13. Watcher ===
 # Owns: noticing edits to the config file and to the credential files in auth-dir (polling, debounced) and
 # applying them without a restart. A broken config edit keeps the running config and logs the error with its line.
 
@@ -9033,8 +9168,9 @@ class ConfigWatcher:
     """Polls the config file; applies a changed, valid config to the app. LLM_MUX_* overrides are re-applied on
     every reload (the original lost them after the first one)."""
 
-    def __init__(self, app, path, interval=0.25, environ=None):
-        self.app, self.path, self.interval = app, path, interval
+    def __init__(self, path, current, apply, interval=0.25, environ=None):
+        self.path, self.interval = path, interval
+        self.current, self.apply = current, apply  # () -> the running Config; Config -> None
         self.environ = environ
         self.stamp = self._stat()
         self.pending = None
@@ -9088,7 +9224,7 @@ class ConfigWatcher:
         return self.reload()
 
     def reload(self):
-        old = self.app.cfg
+        old = self.current()
         try:
             cfg = Config.load(self.path, self.environ)
         except ConfigError as e:
@@ -9101,9 +9237,8 @@ class ConfigWatcher:
                 log.warning("config: '%s' changed; it takes effect after a restart", key)
                 cfg.data[key] = old.data[key]
                 setattr(cfg, key.replace("-", "_"), getattr(old, key.replace("-", "_")))
-        self.app.apply_config(cfg)
-        log.info("config reloaded from %s (%d providers, %d models)", self.path, len(self.app.registry.providers),
-                 len(self.app.registry.routes))
+        self.apply(cfg)
+        log.info("config reloaded from %s", self.path)
         return True
 
 
@@ -9111,14 +9246,16 @@ class AuthDirWatcher:
     """Polls auth-dir: a credential file created, modified, deleted or renamed is picked up within a second.
     Unchanged files keep their live credential objects; the gateway's own refresh writes are adopted as edits."""
 
-    def __init__(self, app, interval=0.25):
-        self.app, self.interval = app, interval
+    def __init__(self, auth_dir, files, apply, interval=0.25):
+        # () -> the auth dir in use; () -> {id: live Credential}; {id: Credential} -> None
+        self.auth_dir, self.files, self.apply = auth_dir, files, apply
+        self.interval = interval
         self.listing = self._listing()
         self.pending = None
         self.task = None
 
     def _listing(self):
-        d = self.app.cfg.auth_dir
+        d = self.auth_dir()
         out = {}
         try:
             names = os.listdir(d)
@@ -9157,7 +9294,7 @@ class AuthDirWatcher:
             self.pending = listing
             return False
         live = {}
-        for cred in self.app.files.values():
+        for cred in self.files().values():
             live[os.path.basename(cred.path)] = cred
         if set(listing) == set(self.listing) and all(
                 stamp == self.listing[n] or (n in live and live[n].stamp == stamp) for n, stamp in listing.items()):
@@ -9165,9 +9302,9 @@ class AuthDirWatcher:
             return False
         before = set(self.listing)
         self.listing = listing
-        d = self.app.cfg.auth_dir
+        d = self.auth_dir()
         by_file = {}
-        for cred in self.app.files.values():
+        for cred in self.files().values():
             by_file.setdefault(os.path.basename(cred.path), []).append(cred)
         files = {}
         for name, stamp in listing.items():
@@ -9183,13 +9320,13 @@ class AuthDirWatcher:
             files.update((c.id, c) for c in credentials_from_file(name, meta, real_stamp, d))
         added = sorted(set(listing) - before)
         removed = sorted(before - set(listing))
-        self.app.apply_files(files)
+        self.apply(files)
         log.info("auth dir changed: %d credential file(s)%s%s", len(listing),
                  "; added " + ", ".join(added) if added else "", "; removed " + ", ".join(removed) if removed else "")
         return True
 
 
-# === 13. CLI ===
+# === 14. CLI ===
 # Owns: the command line (serve, version, env) and the process around the server: logging, signals, TLS
 # context, the safe-binding check. It builds on everything above and adds no gateway behaviour of its own.
 
@@ -9233,27 +9370,28 @@ def listen_url(cfg):
 async def serve_forever(cfg, ready=None, config_path=None):
     """Run the gateway until SIGTERM/SIGINT, then drain in-flight responses for up to shutdown-timeout."""
     os.makedirs(cfg.auth_dir, mode=0o700, exist_ok=True)
-    app = App(cfg)
-    watcher = ConfigWatcher(app, config_path) if config_path else None
-    auth_watcher = AuthDirWatcher(app)
-    server = HttpServer(app, lambda: app.limits)
+    gw = Gateway(cfg)
+    app = App(gw)
+    watcher = ConfigWatcher(config_path, lambda: gw.cfg, gw.apply_config) if config_path else None
+    auth_watcher = AuthDirWatcher(lambda: gw.cfg.auth_dir, lambda: gw.files, gw.apply_files)
+    server = HttpServer(app, lambda: gw.limits, error_page=http_error_page)
     ctx = server_ssl_context(cfg)
     try:
         srv = await server.listen(cfg.host or None, cfg.port, ctx)
     except OSError as e:
         raise CliError("cannot listen on %s:%d: %s" % (cfg.host, cfg.port, e.strerror or e))
     port = srv.sockets[0].getsockname()[1] if srv.sockets else cfg.port
-    n_creds = sum(len(p.credentials) for p in app.registry.providers)
+    n_creds = sum(len(p.credentials) for p in gw.registry.providers)
     log.info("llm-mux %s listening on %s (%d providers, %d credentials, %d models)", __version__,
-             listen_url(cfg).rsplit(":", 1)[0] + ":%d" % port, len(app.registry.providers), n_creds,
-             len(app.registry.routes))
+             listen_url(cfg).rsplit(":", 1)[0] + ":%d" % port, len(gw.registry.providers), n_creds,
+             len(gw.registry.routes))
     if ready is not None:
         ready(port)
     release_startup_memory()
     if watcher is not None:
         watcher.start()
     auth_watcher.start()
-    app.refresher.start()
+    gw.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -9265,11 +9403,11 @@ async def serve_forever(cfg, ready=None, config_path=None):
     if watcher is not None:
         watcher.stop()
     auth_watcher.stop()
-    app.refresher.stop()
+    gw.refresher.stop()
     log.info("shutting down: no new connections; waiting up to %ss for %d in-flight requests",
              cfg.server["shutdown-timeout"], len(server.busy))
     await server.shutdown(float(cfg.server["shutdown-timeout"]))
-    app.client.close_idle()
+    gw.client.close_idle()
     log.info("stopped")
 
 
@@ -10186,7 +10324,7 @@ def build_parser():
     return parser
 
 
-# === 14. main ===
+# === 15. main ===
 # Owns: the entry point shared by `python llm_mux.py`, the zipapp and `python -m llm_mux`.
 
 def main(argv=None):

@@ -119,7 +119,7 @@ def test_keys_are_compared_in_constant_time(monkeypatch):
     real = llm_mux.hmac.compare_digest
     monkeypatch.setattr(llm_mux.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
     cfg = llm_mux.Config.from_text("api-keys: [alpha, beta]\n", environ={})
-    app = llm_mux.App(cfg)
+    app = llm_mux.App(llm_mux.Gateway(cfg))
     req = llm_mux.Request("GET", "/v1/models", (1, 1), llm_mux.Headers([("x-api-key", "beta")]), "10.0.0.1")
     app.authenticate(req)
     assert calls == [(b"beta", b"alpha"), (b"beta", b"beta")]  # every key compared, none short-circuited
@@ -127,7 +127,7 @@ def test_keys_are_compared_in_constant_time(monkeypatch):
 
 def test_without_keys_only_loopback_peers_are_served():
     cfg = llm_mux.Config.from_text("", environ={})
-    app = llm_mux.App(cfg)
+    app = llm_mux.App(llm_mux.Gateway(cfg))
     app.authenticate(llm_mux.Request("GET", "/v1/models", (1, 1), llm_mux.Headers(), "127.0.0.1"))
     app.authenticate(llm_mux.Request("GET", "/v1/models", (1, 1), llm_mux.Headers(), "::1"))
     with pytest.raises(llm_mux.GatewayError) as e:

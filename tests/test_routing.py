@@ -9,67 +9,10 @@ import pytest
 
 import llm_mux
 from fakes import FakeUpstream, Reply, openai_completion, openai_stream_events
+from harness import GatewayThread, openai_provider
 
 
-class FakeClock(llm_mux.Clock):
-    def __init__(self):
-        self.t = 1000.0
-        self.sleeps = []
-
-    def now(self):
-        return self.t
-
-    async def sleep(self, seconds):
-        self.sleeps.append(seconds)
-        self.t += max(0.0, seconds)
-        await asyncio.sleep(0)
-
-
-class GatewayThread:
-    """llm_mux's App and HttpServer on a background loop, with the router on a fake clock."""
-
-    def __init__(self, config_text, fake_clock=True):
-        self.cfg = llm_mux.Config.from_text(config_text, "t.yaml", environ={})
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-
-        async def start():
-            app = llm_mux.App(self.cfg)
-            if fake_clock:
-                app.router.clock = FakeClock()
-            server = llm_mux.HttpServer(app, lambda: app.limits, access_log=False)
-            srv = await server.listen("127.0.0.1", 0)
-            return app, server, srv.sockets[0].getsockname()[1]
-        self.app, self.server, self.port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
-        self.clock = self.app.router.clock
-
-    @property
-    def url(self):
-        return "http://127.0.0.1:%d" % self.port
-
-    def client(self):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="k", max_retries=0, timeout=20)
-
-    def chat(self, model="m", text="hi", **kw):
-        return self.client().chat.completions.create(model=model, messages=[{"role": "user", "content": text}], **kw)
-
-    def cred(self, key):
-        for p in self.app.registry.providers:
-            for c in p.credentials:
-                if c.api_key == key:
-                    return c
-        raise KeyError(key)
-
-    def stop(self):
-        asyncio.run_coroutine_threadsafe(self.server.shutdown(1), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-
-
-def provider(url, keys, models=("m",), name="p", extra=""):
-    lines = ["  - type: openai", "    name: %s" % name, "    base-url: %s/v1" % url, "    api-keys:"]
-    lines += ["      - key: %s" % k for k in keys]
-    lines += ["    models:"] + ["      - name: %s" % m for m in models]
-    return "\n".join(lines) + "\n" + extra
+provider = openai_provider
 
 
 @pytest.fixture
@@ -255,7 +198,7 @@ def test_circuit_breaker_opens_skips_and_recovers(make):
     gw = GatewayThread(cfg)
     try:
         assert gw.chat().choices[0].message.content == "good"
-        assert gw.app.router.breaker("bad").state == "open"
+        assert gw.gateway.router.breaker("bad").state == "open"
         assert len(bad.requests) == 10  # 10 calls, 5+ consecutive failures: tripped; the rest were skipped
         for _ in range(3):
             gw.chat()
@@ -264,7 +207,7 @@ def test_circuit_breaker_opens_skips_and_recovers(make):
         gw.clock.t += 61  # past the breaker's 30 s and the credentials' 60 s cooldown
         gw.chat(text="a new conversation")  # (the old one is pinned to the healthy credential)
         assert len(bad.requests) == 11  # half-open: one trial call ...
-        assert gw.app.router.breaker("bad").state == "open"  # ... which failed: open again
+        assert gw.gateway.router.breaker("bad").state == "open"  # ... which failed: open again
     finally:
         gw.stop()
         bad.stop()
@@ -295,7 +238,7 @@ def test_mid_stream_deaths_count_for_the_breaker(make):
         with pytest.raises(openai.APIError):
             for _ in stream:
                 pass
-    assert gw.app.router.breaker("p").state == "open"
+    assert gw.gateway.router.breaker("p").state == "open"
 
 
 def test_session_affinity_and_spreading(make):
