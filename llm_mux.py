@@ -870,8 +870,6 @@ def yaml_load(text, filename="<string>"):
 # A type spec is one of: "str", "int", "bool", "num", "any", ("list", spec), ("map", spec), or a dict of
 # key -> (spec, default) for a mapping with known keys. Unknown keys warn; wrong types are start-up errors.
 
-_PROVIDER_TYPES = ("openai", "anthropic", "gemini", "vertex-compat", "codex")
-
 PROVIDER_SCHEMA = {
     "type": ("str", ""),
     "name": ("str", ""),
@@ -1161,6 +1159,114 @@ tls:
 #     excluded-models: ["*-preview"]
 providers: []
 """
+
+
+class ProviderRegistry:
+    """The one catalogue of provider classes, filled as each Provider subclass is defined (Providers section):
+    by the `type` of a `providers:` entry (`config_type`) and by the `type` of a credential file (`file_type`).
+    Config reads it to validate entries, routing to build providers, the CLI to list logins and importers."""
+
+    def __init__(self):
+        self.entries = {}  # providers: entry type -> class
+        self.files = {}  # credential-file type -> class
+
+    def add(self, cls):
+        own = cls.__dict__
+        if own.get("config_type"):
+            self.entries[cls.config_type] = cls
+        if own.get("file_type"):
+            for name in (cls.file_type,) + tuple(own.get("file_aliases") or ()):
+                self.files[name] = cls
+
+    def file_class(self, meta):
+        """The class serving a credential file's JSON, or None."""
+        return self.files.get(str(meta.get("type") or "").strip().lower())
+
+    def logins(self):
+        """{login name: provider class} for `llm-mux login` and the management API."""
+        return {c.login_name: c for c in self.files.values() if c.login_name}
+
+    def importers(self):
+        """Provider classes that can import their official tool's stored credentials (their own, not inherited)."""
+        return [c for c in dict.fromkeys(self.files.values()) if c.__dict__.get("official_tool")]
+
+
+PROVIDERS = ProviderRegistry()
+
+
+class ProviderEntry:
+    """One validated `providers:` entry (gateway.md §2.4)."""
+
+    __slots__ = ("type", "name", "provider_id", "base_url", "keys", "proxy_url", "headers", "models", "excluded",
+                 "index")
+
+    @classmethod
+    def from_config(cls, raw, index, warnings):
+        where = "providers[%d]" % index
+        ptype = (raw.get("type") or "").strip().lower()
+        if not raw.get("enabled", True):
+            return None
+        kind = PROVIDERS.entries.get(ptype)
+        if kind is None:
+            warnings.append("%s: type %r is not one of %s; entry skipped" % (where, ptype, ", ".join(PROVIDERS.entries)))
+            return None
+        e = cls()
+        e.index = index
+        e.type = ptype
+        e.name = (raw.get("name") or "").strip() or ptype
+        e.provider_id = kind.provider_id or e.name.lower()
+        e.base_url = (raw.get("base-url") or "").strip().rstrip("/")
+        e.proxy_url = (raw.get("proxy-url") or "").strip()
+        e.headers = [(str(k).strip(), str(v).strip()) for k, v in raw.get("headers", {}).items()
+                     if str(k).strip() and str(v).strip()]
+        e.keys = []
+        for j, item in enumerate(raw.get("api-keys") or []):
+            if isinstance(item, str):
+                key, proxy = item, ""
+            elif isinstance(item, dict):
+                key, proxy = item.get("key") or item.get("api-key") or "", item.get("proxy-url") or ""
+            else:
+                warnings.append("%s.api-keys[%d]: expected {key, proxy-url}; skipped" % (where, j))
+                continue
+            key = str(key).strip()
+            if key:
+                e.keys.append((key, str(proxy).strip()))
+        if not e.keys and (raw.get("api-key") or "").strip():
+            e.keys.append((raw["api-key"].strip(), ""))
+        e.models = []
+        for j, item in enumerate(raw.get("models") or []):
+            if isinstance(item, str):
+                name, alias = item, ""
+            elif isinstance(item, dict):
+                name, alias = item.get("name") or "", item.get("alias") or ""
+            else:
+                warnings.append("%s.models[%d]: expected {name, alias}; skipped" % (where, j))
+                continue
+            name = str(name).strip()
+            if name:
+                e.models.append((name, str(alias).strip()))
+        e.excluded = [p.strip().lower() for p in raw.get("excluded-models") or [] if p.strip()]
+        if kind.needs_base_url and not e.base_url:
+            warnings.append("%s (%s): base-url is required for type %s; entry skipped" % (where, e.name, ptype))
+            return None
+        if kind.needs_models and not e.models:
+            warnings.append("%s (%s): models is required for type %s; entry skipped" % (where, e.name, ptype))
+            return None
+        if not e.keys and kind.needs_key:
+            warnings.append("%s (%s): no api-key; entry skipped" % (where, e.name))
+            return None
+        if not e.keys:
+            e.keys.append(("", ""))  # an OpenAI-compatible endpoint that needs no key (local servers)
+        return e
+
+
+def synthetic_entry(ptype, excluded=()):
+    """The provider entry of file-based (OAuth) credentials: no config block, default models."""
+    e = ProviderEntry()
+    e.index, e.type, e.name, e.provider_id = -1, ptype, ptype, ptype
+    e.base_url, e.proxy_url, e.headers, e.keys, e.models = "", "", [], [], []
+    e.excluded = [p.lower() for p in excluded]
+    return e
 
 
 class Config:
@@ -6264,83 +6370,6 @@ CODECS = {c.name: c for c in (OpenAIChat, Anthropic, Gemini, Responses, Ollama, 
 # Owns: what one account or API key is (Credential) and how `providers:` entries become credentials. It keeps
 # each credential's live counters (in flight, uses, cooldowns); it does not pick among them (that is routing).
 
-PROVIDER_IDS = {"anthropic": "claude", "gemini": "gemini", "vertex-compat": "vertex", "codex": "codex"}
-
-
-class ProviderEntry:
-    """One validated `providers:` entry (gateway.md §2.4)."""
-
-    __slots__ = ("type", "name", "provider_id", "base_url", "keys", "proxy_url", "headers", "models", "excluded",
-                 "index")
-
-    @classmethod
-    def from_config(cls, raw, index, warnings):
-        where = "providers[%d]" % index
-        ptype = (raw.get("type") or "").strip().lower()
-        if not raw.get("enabled", True):
-            return None
-        if ptype not in _PROVIDER_TYPES:
-            warnings.append("%s: type %r is not one of %s; entry skipped" % (where, ptype, ", ".join(_PROVIDER_TYPES)))
-            return None
-        e = cls()
-        e.index = index
-        e.type = ptype
-        e.name = (raw.get("name") or "").strip() or ptype
-        e.provider_id = e.name.lower() if ptype == "openai" else PROVIDER_IDS[ptype]
-        e.base_url = (raw.get("base-url") or "").strip().rstrip("/")
-        e.proxy_url = (raw.get("proxy-url") or "").strip()
-        e.headers = [(str(k).strip(), str(v).strip()) for k, v in raw.get("headers", {}).items()
-                     if str(k).strip() and str(v).strip()]
-        e.keys = []
-        for j, item in enumerate(raw.get("api-keys") or []):
-            if isinstance(item, str):
-                key, proxy = item, ""
-            elif isinstance(item, dict):
-                key, proxy = item.get("key") or item.get("api-key") or "", item.get("proxy-url") or ""
-            else:
-                warnings.append("%s.api-keys[%d]: expected {key, proxy-url}; skipped" % (where, j))
-                continue
-            key = str(key).strip()
-            if key:
-                e.keys.append((key, str(proxy).strip()))
-        if not e.keys and (raw.get("api-key") or "").strip():
-            e.keys.append((raw["api-key"].strip(), ""))
-        e.models = []
-        for j, item in enumerate(raw.get("models") or []):
-            if isinstance(item, str):
-                name, alias = item, ""
-            elif isinstance(item, dict):
-                name, alias = item.get("name") or "", item.get("alias") or ""
-            else:
-                warnings.append("%s.models[%d]: expected {name, alias}; skipped" % (where, j))
-                continue
-            name = str(name).strip()
-            if name:
-                e.models.append((name, str(alias).strip()))
-        e.excluded = [p.strip().lower() for p in raw.get("excluded-models") or [] if p.strip()]
-        if ptype == "openai" and not e.base_url:
-            warnings.append("%s (%s): base-url is required for type %s; entry skipped" % (where, e.name, ptype))
-            return None
-        if ptype == "openai" and not e.models:
-            warnings.append("%s (%s): models is required for type %s; entry skipped" % (where, e.name, ptype))
-            return None
-        if not e.keys and ptype != "openai":
-            warnings.append("%s (%s): no api-key; entry skipped" % (where, e.name))
-            return None
-        if not e.keys:
-            e.keys.append(("", ""))  # an OpenAI-compatible endpoint that needs no key (local servers)
-        return e
-
-
-def synthetic_entry(ptype, excluded=()):
-    """The provider entry of file-based (OAuth) credentials: no config block, default models."""
-    e = ProviderEntry()
-    e.index, e.type, e.name, e.provider_id = -1, ptype, ptype, ptype
-    e.base_url, e.proxy_url, e.headers, e.keys, e.models = "", "", [], [], []
-    e.excluded = [p.lower() for p in excluded]
-    return e
-
-
 def apikey_credential_id(provider_id, key, base_url, proxy_url):
     """`<provider>:apikey:<12 hex>` — stable across restarts, so cooldowns and usage rows line up."""
     h = hashlib.sha256((provider_id + ":apikey").encode())
@@ -6462,8 +6491,9 @@ def load_credential_files(auth_dir):
 
 
 def file_provider_id(meta):
-    t = meta["type"].strip().lower()
-    return "gemini-cli" if t == "gemini" else t
+    """The provider id of a credential file: its class's file_type (`gemini` files are Gemini CLI's), else its type."""
+    cls = PROVIDERS.file_class(meta)
+    return cls.file_type if cls is not None else meta["type"].strip().lower()
 
 
 def credentials_from_file(name, meta, stamp, auth_dir):
@@ -6792,10 +6822,62 @@ def classify_failure(status, headers, body):
     return UpstreamFailure(status or 502, message, "upstream", "unknown", hint)
 
 
-class Provider:
-    """Base class: an upstream reached with a Credential. Subclasses set `codec` and override what differs."""
+class LoginError(Exception):
+    """A login or import that cannot finish; the reason is one line for the user."""
 
-    type = "?"
+
+class LoginFlow:
+    """Base of the login flows. A flow knows its provider's OAuth details and nothing of the terminal or HTTP API
+    that drives it (the CLI's `llm-mux login` and the management API use the same objects). Defining a subclass
+    with `provider_class` makes it that provider's `login`. Kinds: browser (url / code_from_paste / exchange),
+    device (device_start / device_poll / device_finish), token (finish from a pasted token)."""
+
+    kind = "browser"
+    provider_class = None
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.__dict__.get("provider_class") is not None:
+            cls.provider_class.login = cls
+
+
+def pkce_pair():
+    """(verifier, S256 challenge): 96 random bytes, base64url without padding (providers.md §A.1)."""
+    verifier = b64url(os.urandom(96))
+    return verifier, b64url(hashlib.sha256(verifier.encode("ascii")).digest())
+
+
+def jwt_claims(token):
+    """The (unverified) payload of a JWT such as an id_token, or {}."""
+    try:
+        body = token.split(".")[1]
+        return json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    except (IndexError, ValueError, AttributeError, binascii.Error):
+        return {}
+
+
+class Provider:
+    """Base class: an upstream reached with a Credential, and everything the gateway knows about it. Defining a
+    subclass registers it (PROVIDERS): `config_type` makes it serve `providers:` entries of that type, `file_type`
+    credential files of that type. Subclasses set `codec` and override what differs:
+      build(req, cred, model) -> (method, url, headers, body)   the upstream request for one attempt
+      parse_response / stream_decoder / frame_parser             its answers into the IR
+      classify_error(status, headers, body) -> UpstreamFailure   how routing treats an error
+      count_tokens / parse_count                                 its token counter, where it has one
+      refresh(cred, client) -> new file content                  OAuth providers (with `refresh_lead`)
+    plus the flags shared code asks (never the class name), its login flow (`login`, a LoginFlow subclass naming
+    this class) and `import_official(home, auth_dir, cfg)` for its official tool's stored credentials."""
+
+    config_type = None  # `type` of the `providers:` entries it serves (API keys)
+    file_type = None  # `type` of the credential files it serves (OAuth accounts)
+    file_aliases = ()  # other file types it reads
+    provider_id = None  # the id of its API-key credentials (cooldowns, breaker); None: the entry's name
+    display_name = None  # its name in model lists with show-provider-prefixes; None: the entry's name
+    needs_base_url = needs_models = False  # what a `providers:` entry must give
+    needs_key = True
+    login_name = None  # `llm-mux login <name>`
+    login = None  # its LoginFlow class (set when the flow class is defined)
+    official_tool = None  # the official tool whose stored credentials `import_official` reads
     codec = None
     default_base_url = ""
     default_models = ()
@@ -6803,6 +6885,10 @@ class Provider:
     quota_groups = False  # a quota error on one model cools every model of its family (claude-*, gemini-*, ...)
     inline_media = False  # the upstream cannot fetch image/file URLs: the gateway downloads them and sends them inline
     refresh_lead = None  # seconds before expiry to refresh an OAuth token (providers.md §1.2); None: no refresh
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        PROVIDERS.add(cls)
 
     def __init__(self, entry, credentials=None):
         self.entry = entry
@@ -6888,11 +6974,6 @@ class Provider:
         return classify_failure(status, headers, body)
 
 
-# How long before expiry each provider's OAuth token is refreshed (providers.md §1.2, llm-mux's values).
-REFRESH_LEADS = {"claude": 4 * 3600, "codex": 5 * 86400, "antigravity": 300, "qwen": 3 * 3600, "iflow": 86400,
-                 "cline": 120, "kiro": 300, "github-copilot": 300, "gemini-cli": 600, "vertex": 300}
-
-
 class RefreshError(Exception):
     def __init__(self, message, revoked=False, retry_after=None):
         super().__init__(message)
@@ -6902,7 +6983,9 @@ class RefreshError(Exception):
 class OpenAICompatProvider(Provider):
     """`type: openai`: any OpenAI-compatible Chat Completions endpoint (providers.md §L)."""
 
-    type = "openai"
+    config_type = "openai"
+    needs_base_url = needs_models = True
+    needs_key = False
     codec = OpenAIChat
 
     def build(self, req, cred, model):
@@ -6922,7 +7005,9 @@ class OpenAICompatProvider(Provider):
 class AnthropicProvider(Provider):
     """`type: anthropic`: the Messages API with an API key (providers.md §A.3, §A.7)."""
 
-    type = "anthropic"
+    config_type = "anthropic"
+    provider_id = "claude"
+    display_name = "Claude"
     codec = Anthropic
     default_base_url = "https://api.anthropic.com"
     default_models = ("claude-opus-4-5-20251101", "claude-sonnet-4-5-20250929", "claude-haiku-4-5-20251001",
@@ -6964,7 +7049,8 @@ class AnthropicProvider(Provider):
 class GeminiProvider(Provider):
     """`type: gemini`: the Generative Language API with an API key (providers.md §D.3)."""
 
-    type = "gemini"
+    config_type = "gemini"
+    provider_id = "gemini"
     codec = Gemini
     inline_media = True
     default_base_url = "https://generativelanguage.googleapis.com"
@@ -6997,7 +7083,9 @@ class GeminiProvider(Provider):
 class VertexCompatProvider(GeminiProvider):
     """`type: vertex-compat`: Vertex-style paths with an API key (providers.md §G.3)."""
 
-    type = "vertex-compat"
+    config_type = "vertex-compat"
+    provider_id = "vertex"
+    display_name = "Vertex AI"
     default_base_url = "https://aiplatform.googleapis.com"
     path = "/v1/publishers/google/models/%s:%s"
 
@@ -7005,7 +7093,9 @@ class VertexCompatProvider(GeminiProvider):
 class CodexProvider(Provider):
     """`type: codex`: the OpenAI Responses API with an API key (providers.md §B.3, §B.7); always streamed."""
 
-    type = "codex"
+    config_type = "codex"
+    provider_id = "codex"
+    display_name = "Codex"
     codec = Responses
     default_base_url = "https://api.openai.com/v1"
     default_models = ("gpt-5", "gpt-5-codex", "gpt-5.1", "gpt-5.1-codex", "gpt-5.1-codex-max")
@@ -7023,10 +7113,11 @@ class ClaudeOAuthProvider(AnthropicProvider):
     with a bearer token, Claude Code's identity headers and betas, and its required system prompt placed before
     (never instead of) the client's own."""
 
-    type = "claude"
+    official_tool = "Claude Code"
+    file_type = login_name = "claude"
     token_url = "https://platform.claude.com/v1/oauth/token"
     client_id = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
-    refresh_lead = REFRESH_LEADS["claude"]
+    refresh_lead = 4 * 3600  # providers.md §1.2 (llm-mux's lead)
     identity = "You are Claude Code, Anthropic's official CLI for Claude."
     betas = "claude-code-20250219,oauth-2025-04-20,interleaved-thinking-2025-05-14,fine-grained-tool-streaming-2025-05-14"
 
@@ -7076,18 +7167,94 @@ class ClaudeOAuthProvider(AnthropicProvider):
             meta["email"] = email
         return meta
 
+    @staticmethod
+    def import_official(home, auth_dir=None, cfg=None):
+        """Claude Code's own store: $CLAUDE_CONFIG_DIR/.credentials.json or ~/.claude/.credentials.json."""
+        base = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join(home, ".claude")
+        path = os.path.join(base, ".credentials.json")
+        with open(path, "r", encoding="utf-8") as f:
+            data = json.load(f)
+        oauth = data.get("claudeAiOauth") or data.get("claude_ai_oauth") or {}
+        if not oauth.get("accessToken") or not oauth.get("refreshToken"):
+            raise ValueError("no claudeAiOauth tokens in %s" % path)
+        email = ""
+        try:
+            with open(os.path.join(home, ".claude.json"), "r", encoding="utf-8") as f:
+                email = (json.load(f).get("oauthAccount") or {}).get("emailAddress") or ""
+        except (OSError, ValueError):
+            pass
+        expires = oauth.get("expiresAt")
+        meta = {"type": "claude", "email": email or "claude-code", "access_token": oauth["accessToken"],
+                "refresh_token": oauth["refreshToken"], "id_token": "",
+                "expired": rfc3339(expires / 1000.0 if expires and expires > 1e12 else (expires or time.time())),
+                "last_refresh": rfc3339(time.time())}
+        return path, "claude-%s.json" % meta["email"], meta
 
-PROVIDER_CLASSES = {"openai": OpenAICompatProvider, "anthropic": AnthropicProvider, "gemini": GeminiProvider,
-                    "vertex-compat": VertexCompatProvider, "codex": CodexProvider}
+
+class ClaudeLogin(LoginFlow):
+    """Claude Pro/Max: authorization code + PKCE with a local callback on port 54545 (providers.md §A.1)."""
+
+    provider_class = ClaudeOAuthProvider
+    authorize_url = "https://claude.ai/oauth/authorize"
+    redirect_uri = "http://localhost:54545/callback"
+    callback_port = 54545
+    scope = "org:create_api_key user:profile user:inference"
+
+    def __init__(self):
+        self.verifier, self.challenge = pkce_pair()
+        self.state = b64url(os.urandom(24))
+
+    def url(self):
+        q = urllib.parse.urlencode({"code": "true", "client_id": ClaudeOAuthProvider.client_id,
+                                    "response_type": "code", "redirect_uri": self.redirect_uri, "scope": self.scope,
+                                    "code_challenge": self.challenge, "code_challenge_method": "S256",
+                                    "state": self.state})
+        return self.authorize_url + "?" + q
+
+    def code_from_paste(self, text):
+        """A pasted redirect URL (…/callback?code=…&state=…) or a bare `code#state`."""
+        text = text.strip()
+        if "code=" in text:
+            q = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(text).query))
+            code, state = q.get("code", ""), q.get("state")
+        else:
+            code, _, state = text.partition("#")
+        if state and state != self.state:
+            raise LoginError("the pasted state does not match this login (stale or foreign URL)")
+        return code
+
+    async def exchange(self, client, code):
+        """Trade the code for tokens; returns (file name, credential-file content)."""
+        code, _, state = code.partition("#")
+        data = await Provider.post_token(client, ClaudeOAuthProvider.token_url, {
+            "grant_type": "authorization_code", "code": code, "redirect_uri": self.redirect_uri,
+            "client_id": ClaudeOAuthProvider.client_id, "code_verifier": self.verifier, "state": state or self.state},
+            Credential("login", "claude", "login"))
+        email = (data.get("account") or {}).get("email_address") or ""
+        if not data.get("access_token") or not email:
+            raise LoginError("the token endpoint answered without an access token or account e-mail")
+        now = time.time()
+        meta = {"type": "claude", "email": email, "access_token": data["access_token"],
+                "refresh_token": data.get("refresh_token") or "", "id_token": "",
+                "expired": rfc3339(now + float(data.get("expires_in") or 3600)), "last_refresh": rfc3339(now)}
+        org = data.get("organization") or {}
+        if org.get("uuid"):
+            meta["organization_uuid"], meta["organization_name"] = org["uuid"], org.get("name") or ""
+        if (data.get("account") or {}).get("uuid"):
+            meta["account_uuid"] = data["account"]["uuid"]
+        return "claude-%s.json" % email, meta
+
+
 class CodexOAuthProvider(CodexProvider):
     """Codex through a ChatGPT account (`type: codex` credential files), providers.md §B.2–B.3: the Responses API at
     chatgpt.com/backend-api/codex, always streamed, with the Codex CLI's identity headers and body rules."""
 
-    type = "codex"
+    official_tool = "Codex CLI"
+    file_type = login_name = "codex"
     default_base_url = "https://chatgpt.com/backend-api/codex"
     token_url = "https://auth.openai.com/oauth/token"
     client_id = "app_EMoamEEZ73f0CkXaXp7hrann"
-    refresh_lead = REFRESH_LEADS["codex"]
+    refresh_lead = 5 * 86400  # providers.md §1.2 (llm-mux's lead)
     default_models = ("gpt-5.5", "gpt-5.4", "gpt-5.4-mini", "gpt-5.1-codex-max", "gpt-5.1-codex", "gpt-5.1",
                       "gpt-5-codex", "gpt-5")
     user_agent = "codex-tui/0.146.0 (Mac OS 26.5.0; arm64) iTerm.app/3.6.10 (codex-tui; 0.146.0)"
@@ -7118,6 +7285,97 @@ class CodexOAuthProvider(CodexProvider):
             raise RefreshError("token endpoint answered without an access_token")
         return codex_meta(data, cred.meta)
 
+    @staticmethod
+    def import_official(home, auth_dir=None, cfg=None):
+        """Codex CLI's own store: $CODEX_HOME/auth.json or ~/.codex/auth.json (`tokens.{id,access,refresh}_token`)."""
+        base = os.environ.get("CODEX_HOME") or os.path.join(home, ".codex")
+        path = os.path.join(base, "auth.json")
+        with open(path, "r", encoding="utf-8") as f:
+            data = json.load(f)
+        tokens = data.get("tokens") or {}
+        if not tokens.get("access_token") or not tokens.get("refresh_token"):
+            raise ValueError("no ChatGPT tokens in %s (an API-key login is not imported)" % path)
+        meta = codex_meta({"id_token": tokens.get("id_token"), "access_token": tokens["access_token"],
+                           "refresh_token": tokens["refresh_token"]}, {"account_id": tokens.get("account_id") or ""})
+        exp = jwt_claims(tokens["access_token"]).get("exp")
+        if exp:
+            meta["expired"] = rfc3339(float(exp))
+        if not meta["email"]:
+            raise ValueError("no e-mail in the id_token of %s" % path)
+        return path, "codex-%s.json" % meta["email"], meta
+
+
+class CodexLogin(ClaudeLogin):
+    """ChatGPT (Codex): authorization code + PKCE, local callback on 1455 (providers.md §B.1); or the device-code
+    flow, where the user types a code at auth.openai.com/codex/device."""
+
+    provider_class = CodexOAuthProvider
+    authorize_url = "https://auth.openai.com/oauth/authorize"
+    redirect_uri = "http://localhost:1455/auth/callback"
+    callback_port = 1455
+    scope = "openid email profile offline_access"
+    device_url = "https://auth.openai.com/codex/device"
+    usercode_url = "https://auth.openai.com/api/accounts/deviceauth/usercode"
+    device_token_url = "https://auth.openai.com/api/accounts/deviceauth/token"
+    device_redirect = "https://auth.openai.com/deviceauth/callback"
+
+    def url(self):
+        q = urllib.parse.urlencode({"response_type": "code", "client_id": CodexOAuthProvider.client_id,
+                                    "redirect_uri": self.redirect_uri, "scope": self.scope, "state": self.state,
+                                    "code_challenge": self.challenge, "code_challenge_method": "S256",
+                                    "prompt": "login", "id_token_add_organizations": "true",
+                                    "codex_cli_simplified_flow": "true"})
+        return self.authorize_url + "?" + q
+
+    async def exchange(self, client, code, redirect_uri=None, verifier=None):
+        code = code.partition("#")[0]
+        data = await Provider.post_token(client, CodexOAuthProvider.token_url, {
+            "grant_type": "authorization_code", "client_id": CodexOAuthProvider.client_id, "code": code,
+            "redirect_uri": redirect_uri or self.redirect_uri, "code_verifier": verifier or self.verifier},
+            Credential("login", "codex", "login"), form=True)
+        if not data.get("access_token"):
+            raise LoginError("the token endpoint answered without an access token")
+        meta = codex_meta(data)
+        if not meta["email"]:
+            raise LoginError("the id_token carries no e-mail address")
+        return "codex-%s.json" % meta["email"], meta
+
+    async def device_start(self, client):
+        """Ask for a user code."""
+        data = await Provider.post_token(client, self.usercode_url, {"client_id": CodexOAuthProvider.client_id},
+                                         Credential("login", "codex", "login"))
+        code = data.get("user_code") or data.get("usercode")
+        if not data.get("device_auth_id") or not code:
+            raise LoginError("the device-code endpoint answered without a code")
+        try:
+            interval = max(1, int(data.get("interval") or 5))
+        except ValueError:
+            interval = 5
+        return {"url": self.device_url, "code": code, "interval": interval, "expires_in": 900,
+                "id": data["device_auth_id"]}
+
+    async def device_finish(self, client, got):
+        code, verifier = got
+        return await self.exchange(client, code, self.device_redirect, verifier)
+
+    async def device_poll(self, client, started):
+        """None while the user has not finished; then (authorization_code, code_verifier)."""
+        body = json_bytes({"device_auth_id": started["id"], "user_code": started["code"]})
+        try:
+            resp = await client.request("POST", self.device_token_url, [("Content-Type", "application/json"),
+                                                                        ("Accept", "application/json")], body,
+                                        timeout=15, stream_timeout=30)
+            raw = await resp.read(1 << 20)
+        except UpstreamError as e:
+            log.debug("device poll failed: %s", e.message)
+            return None
+        if resp.status in (403, 404, 428):
+            return None
+        data = _json_or_none(raw) or {}
+        if resp.status >= 300 or not data.get("authorization_code"):
+            raise LoginError("device login failed: HTTP %d %s" % (resp.status, upstream_error_message(raw)[:200]))
+        return data["authorization_code"], data.get("code_verifier") or ""
+
 
 class GeminiCLIProvider(GeminiProvider):
     """Gemini through a Google account (Gemini CLI's Code Assist, `type: gemini` files), providers.md §E: the
@@ -7125,12 +7383,16 @@ class GeminiCLIProvider(GeminiProvider):
     several projects gives one virtual credential per project; rotating among them on quota is
     `quota-exceeded.switch-project`."""
 
-    type = "gemini-cli"
+    official_tool = "Gemini CLI"
+    file_type = "gemini-cli"
+    file_aliases = ("gemini",)
+    display_name = "Gemini CLI"
+    login_name = "gemini"
     default_base_url = "https://cloudcode-pa.googleapis.com/v1internal"
     token_url = "https://oauth2.googleapis.com/token"
     client_id = "681255809395-oo8ft2oprdrnp9e3aqf6av3hmdib135j.apps.googleusercontent.com"
     client_secret = "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"
-    refresh_lead = REFRESH_LEADS["gemini-cli"]
+    refresh_lead = 600  # providers.md §1.2 (llm-mux's lead)
     default_models = ("gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.5-flash-lite", "gemini-3-pro-preview",
                       "gemini-3.1-pro-preview", "gemini-3-flash-preview")
 
@@ -7173,18 +7435,179 @@ class GeminiCLIProvider(GeminiProvider):
             raise RefreshError("token endpoint answered without an access_token")
         return google_token_meta(cred.meta, data)
 
+    @staticmethod
+    def import_official(home, auth_dir=None, cfg=None):
+        """Gemini CLI's own store: ~/.gemini/oauth_creds.json (`expiry_date` in ms). The project comes from
+        GOOGLE_CLOUD_PROJECT, else Code Assist discovery."""
+        path = os.path.join(home, ".gemini", "oauth_creds.json")
+        with open(path, "r", encoding="utf-8") as f:
+            data = json.load(f)
+        if not data.get("refresh_token"):
+            raise ValueError("no refresh_token in %s" % path)
+        email = jwt_claims(data.get("id_token") or "").get("email") or ""
+        project = os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("GOOGLE_CLOUD_PROJECT_ID") or ""
+        if not project and cfg is not None and data.get("access_token"):
+            async def discover():
+                client = HttpClient(lambda: cfg)
+                try:
+                    return await GeminiCLILogin().discover_project(client, data["access_token"])
+                finally:
+                    client.close_idle()
+            try:
+                project = asyncio.run(discover())
+            except LoginError as e:
+                raise ValueError("project discovery failed (%s); set GOOGLE_CLOUD_PROJECT" % e)
+        if not project:
+            raise ValueError("no project known; set GOOGLE_CLOUD_PROJECT")
+        expires = data.get("expiry_date")
+        token = {"access_token": data.get("access_token") or "", "refresh_token": data["refresh_token"],
+                 "token_type": data.get("token_type") or "Bearer",
+                 "expiry": rfc3339(expires / 1000.0 if expires and expires > 1e12 else (expires or time.time())),
+                 "token_uri": GeminiCLILogin.token_url, "client_id": GeminiCLIProvider.client_id,
+                 "client_secret": GeminiCLIProvider.client_secret, "scopes": (data.get("scope") or "").split()}
+        meta = {"type": "gemini", "email": email or "gemini-cli", "project_id": project, "auto": False, "checked": True,
+                "token": token, "access_token": token["access_token"], "refresh_token": token["refresh_token"],
+                "expiry": token["expiry"]}
+        return path, "gemini-%s-%s.json" % (meta["email"], project), meta
+
+
+class GoogleLogin(ClaudeLogin):
+    """Google's installed-app flow (authorization code, no PKCE) plus Cloud Code project discovery: the parts
+    Gemini CLI and Antigravity logins share (providers.md §E.1, §F.1)."""
+
+    authorize_url = "https://accounts.google.com/o/oauth2/v2/auth"
+    token_url = "https://oauth2.googleapis.com/token"
+    userinfo_url = "https://www.googleapis.com/oauth2/v1/userinfo?alt=json"
+    code_assist = "https://cloudcode-pa.googleapis.com/v1internal"
+    metadata = {"ideType": "IDE_UNSPECIFIED", "platform": "PLATFORM_UNSPECIFIED", "pluginType": "GEMINI"}
+
+    def __init__(self, project=None):
+        ClaudeLogin.__init__(self)
+        self.project = project
+
+    def url(self):
+        q = urllib.parse.urlencode({"client_id": self.provider_class.client_id, "redirect_uri": self.redirect_uri,
+                                    "response_type": "code", "scope": self.scope, "access_type": "offline",
+                                    "prompt": "consent", "state": self.state})
+        return self.authorize_url + "?" + q
+
+    async def _json(self, client, method, url, token, body=None, headers=()):
+        hdrs = [("Authorization", "Bearer " + token), ("Accept", "application/json"),
+                ("Content-Type", "application/json")] + list(headers)
+        try:
+            resp = await client.request(method, url, hdrs, json_bytes(body) if body is not None else None,
+                                        timeout=15, stream_timeout=60)
+            raw = await resp.read(1 << 20)
+        except UpstreamError as e:
+            raise LoginError("%s failed: %s" % (url, e.message))
+        if resp.status >= 300:
+            raise LoginError("%s answered %d: %s" % (url.split("?")[0], resp.status, upstream_error_message(raw)[:200]))
+        return _json_or_none(raw) or {}
+
+    @staticmethod
+    def _project_id(value):
+        if isinstance(value, dict):
+            return value.get("id") or value.get("projectId") or ""
+        return value or ""
+
+    async def discover_project(self, client, token, requested=None, sleep=asyncio.sleep):
+        """loadCodeAssist, then onboardUser until done: the Code Assist project this account uses."""
+        body = {"metadata": self.metadata}
+        if requested:
+            body["cloudaicompanionProject"] = requested
+        data = await self._json(client, "POST", self.code_assist + ":loadCodeAssist", token, body)
+        found = self._project_id(data.get("cloudaicompanionProject")) or data.get("projectId") or data.get("project")
+        if found and not requested:
+            return found
+        tier = next((t.get("id") for t in data.get("allowedTiers") or [] if t.get("isDefault")), None) or \
+            (data.get("currentTier") or {}).get("id") or "legacy-tier"
+        onboard = {"tierId": tier, "metadata": self.metadata}
+        if requested:
+            onboard["cloudaicompanionProject"] = requested
+        for _ in range(15):
+            op = await self._json(client, "POST", self.code_assist + ":onboardUser", token, onboard)
+            if op.get("done"):
+                got = self._project_id((op.get("response") or {}).get("cloudaicompanionProject"))
+                return requested or got or found
+            await sleep(2)
+        raise LoginError("Code Assist onboarding did not finish; try again later")
+
+    async def tokens(self, client, code):
+        data = await Provider.post_token(client, self.token_url, {
+            "code": code.partition("#")[0], "client_id": self.provider_class.client_id,
+            "client_secret": self.provider_class.client_secret, "redirect_uri": self.redirect_uri,
+            "grant_type": "authorization_code"}, Credential("login", self.provider_class.file_type, "login"), form=True)
+        if not data.get("access_token"):
+            raise LoginError("the token endpoint answered without an access token")
+        info = await self._json(client, "GET", self.userinfo_url, data["access_token"])
+        if not info.get("email"):
+            raise LoginError("could not read the account's e-mail address")
+        return data, info["email"]
+
+
+class GeminiCLILogin(GoogleLogin):
+    """Gemini CLI (Code Assist): port 8085; `--project ID`, `--project A,B` or `--project ALL` chooses projects
+    (several projects make one virtual credential each); without it the account's own project is discovered."""
+
+    provider_class = GeminiCLIProvider
+    authorize_url = "https://accounts.google.com/o/oauth2/auth"
+    redirect_uri = "http://localhost:8085/oauth2callback"
+    callback_port = 8085
+    scope = ("https://www.googleapis.com/auth/cloud-platform https://www.googleapis.com/auth/userinfo.email "
+             "https://www.googleapis.com/auth/userinfo.profile")
+    projects_url = "https://cloudresourcemanager.googleapis.com/v1/projects"
+    serviceusage = "https://serviceusage.googleapis.com/v1/projects/%s/services/cloudaicompanion.googleapis.com"
+
+    async def enable_api(self, client, token, project):
+        """Make sure the Gemini for Cloud API (cloudaicompanion) is enabled in a chosen project (§E.1 step 4)."""
+        url = self.serviceusage % project
+        state = await self._json(client, "GET", url, token)
+        if state.get("state") == "ENABLED":
+            return
+        try:
+            await self._json(client, "POST", url + ":enable", token, {})
+        except LoginError as e:
+            if "already enabled" not in str(e).lower():
+                raise LoginError("project %s: the Gemini for Cloud API could not be enabled (%s)" % (project, e))
+
+    async def exchange(self, client, code):
+        data, email = await self.tokens(client, code)
+        token = data["access_token"]
+        requested = [p.strip() for p in (self.project or "").split(",") if p.strip()]
+        if requested == ["ALL"]:
+            listing = await self._json(client, "GET", self.projects_url, token)
+            requested = [p.get("projectId") for p in listing.get("projects") or [] if p.get("projectId")]
+            if not requested:
+                raise LoginError("this account can see no Google Cloud projects")
+        projects = [await self.discover_project(client, token, p) for p in requested] if requested else \
+            [await self.discover_project(client, token)]
+        projects = [p for p in projects if p]
+        for p in requested:
+            await self.enable_api(client, token, p)
+        if not projects:
+            raise LoginError("no Code Assist project found; pass --project <id>")
+        meta = google_token_meta({"type": "gemini", "email": email, "project_id": ",".join(projects), "auto": False,
+                                  "checked": True, "token": {
+                                      "token_uri": self.token_url, "client_id": self.provider_class.client_id,
+                                      "client_secret": self.provider_class.client_secret,
+                                      "scopes": self.scope.split(), "universe_domain": "googleapis.com",
+                                      "refresh_token": data.get("refresh_token") or ""}}, data)
+        suffix = "all" if len(projects) > 1 else projects[0]
+        return "gemini-%s-%s.json" % (email, suffix), meta
+
 
 class AntigravityProvider(GeminiCLIProvider):
     """Antigravity accounts (`type: antigravity` files), providers.md §F: Cloud Code's v1internal with the
     Antigravity client identity and envelope {model, project, userAgent, requestType, requestId, request}; the
     daily and prod hosts are used in turn. Models of one family share a quota (a 429 on one cools them all)."""
 
-    type = "antigravity"
+    file_type = login_name = "antigravity"
+    display_name = "Antigravity"
     quota_groups = True
     bases = ("https://daily-cloudcode-pa.googleapis.com/v1internal", "https://cloudcode-pa.googleapis.com/v1internal")
     client_id = "1071006060591-tmhssin2h21lcre235vtolojh4g403ep.apps.googleusercontent.com"
     client_secret = "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"
-    refresh_lead = REFRESH_LEADS["antigravity"]
+    refresh_lead = 300  # providers.md §1.2 (llm-mux's lead)
     user_agent = "antigravity/hub/2.9.1 darwin/arm64"
     default_models = ("claude-opus-4-6-thinking", "claude-sonnet-4-6", "gemini-3-flash", "gemini-3.1-pro-low",
                       "gemini-3.5-flash-low", "gemini-3.6-flash-high", "gemini-3.7-flash-high", "gpt-oss-120b-medium")
@@ -7253,6 +7676,26 @@ def google_token_meta(old, data):
     meta["token"] = token
     meta["last_refresh"] = rfc3339(now)
     return meta
+
+
+class AntigravityLogin(GoogleLogin):
+    """Antigravity: port 51121, path /oauth-callback; the project is discovered (onboarded when new)."""
+
+    provider_class = AntigravityProvider
+    redirect_uri = "http://localhost:51121/oauth-callback"
+    callback_port = 51121
+    scope = ("https://www.googleapis.com/auth/cloud-platform https://www.googleapis.com/auth/userinfo.email "
+             "https://www.googleapis.com/auth/userinfo.profile https://www.googleapis.com/auth/cclog "
+             "https://www.googleapis.com/auth/experimentsandconfigs")
+    metadata = {"ideType": "ANTIGRAVITY"}
+
+    async def exchange(self, client, code):
+        data, email = await self.tokens(client, code)
+        project = await self.discover_project(client, data["access_token"], self.project)
+        if not project:
+            raise LoginError("no Code Assist project found for this account")
+        meta = antigravity_meta(data, {"email": email, "project_id": project})
+        return "antigravity-%s.json" % email.replace("@", "_").replace(".", "_"), meta
 
 
 class EnvelopeDecoder:
@@ -7373,10 +7816,12 @@ class KiroProvider(Provider):
     """Kiro / Amazon Q with Kiro IDE tokens (`type: kiro` files), providers.md §J: the CodeWhisperer
     `generateAssistantResponse` API with a conversationState body, answered as an AWS binary event stream."""
 
-    type = "kiro"
+    official_tool = "Kiro IDE"
+    file_type = login_name = "kiro"
+    display_name = "Kiro"
     codec = OpenAIChat  # only for the error shape; requests and answers are Kiro's own (below)
     default_base_url = "https://codewhisperer.us-east-1.amazonaws.com"
-    refresh_lead = REFRESH_LEADS["kiro"]
+    refresh_lead = 300  # providers.md §1.2 (llm-mux's lead)
     stream_only = True
     default_models = tuple(KIRO_MODELS)
 
@@ -7400,6 +7845,45 @@ class KiroProvider(Provider):
 
     async def refresh(self, cred, client):
         return await kiro_refresh(client, cred)
+
+    @staticmethod
+    def import_official(home, auth_dir=None, cfg=None):
+        """The Kiro IDE's tokens in ~/.aws/sso/cache/*.json (the first file with a refresh token not imported yet)."""
+        cache = os.path.join(home, ".aws", "sso", "cache")
+        names = sorted(os.listdir(cache))  # FileNotFoundError -> "not found"
+        known = set()
+        if auth_dir and os.path.isdir(auth_dir):
+            for n in os.listdir(auth_dir):
+                if n.startswith("kiro-") and n.endswith(".json"):
+                    try:
+                        with open(os.path.join(auth_dir, n), encoding="utf-8") as f:
+                            known.add(json.load(f).get("refresh_token"))
+                    except (OSError, ValueError):
+                        pass
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            path = os.path.join(cache, name)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+            except (OSError, ValueError):
+                continue
+            rt = data.get("refreshToken") or data.get("refresh_token")
+            if not rt or rt in known:
+                continue
+            expires = data.get("expiresAt") or data.get("expires_at")
+            meta = {"type": "kiro", "access_token": data.get("accessToken") or data.get("access_token") or "",
+                    "refresh_token": rt, "expires_at": rfc3339(parse_instant(expires) or time.time()),
+                    "region": data.get("region") or "us-east-1",
+                    "auth_method": (data.get("authMethod") or data.get("auth_method") or "social").lower()}
+            for src, dst in (("profileArn", "profile_arn"), ("profile_arn", "profile_arn"), ("provider", "provider"),
+                             ("clientId", "client_id"), ("clientSecret", "client_secret"), ("startUrl", "start_url")):
+                if data.get(src):
+                    meta[dst] = data[src]
+            meta["email"] = meta.get("provider") or "kiro"
+            return path, "kiro-%d.json" % int(time.time()), meta
+        raise ValueError("no Kiro token with a new refresh token in %s" % cache)
 
 
 def kiro_request(req, model_id):
@@ -7596,14 +8080,15 @@ class IFlowProvider(OpenAICompatProvider):
     """iFlow accounts (`type: iflow` files), providers.md §I: OpenAI chat at apis.iflow.cn with the account's API
     key (from the OAuth user-info exchange or a platform cookie), every request signed as iFlow CLI signs it."""
 
-    type = "iflow"
+    file_type = login_name = "iflow"
+    display_name = "iFlow"
     default_base_url = "https://apis.iflow.cn/v1"
     client_id = "10009311001"
     client_secret = "4Z3YjXycVsQvyGF1etiNlIBB4RsqSDtW"
     token_url = "https://iflow.cn/oauth/token"
     userinfo_url = "https://iflow.cn/api/oauth/getUserInfo"
     apikey_url = "https://platform.iflow.cn/api/openapi/apikey"
-    refresh_lead = REFRESH_LEADS["iflow"]
+    refresh_lead = 86400  # providers.md §1.2 (llm-mux's lead)
     default_models = ("qwen3-coder-plus", "qwen3-max", "qwen3-vl-plus", "qwen3-max-preview", "glm-4.6", "kimi-k2",
                       "deepseek-v3.2", "deepseek-v3.1", "deepseek-r1", "deepseek-v3", "qwen3-32b",
                       "qwen3-235b-a22b-thinking-2507", "qwen3-235b-a22b-instruct", "qwen3-235b", "minimax-m2")
@@ -7723,6 +8208,38 @@ class IFlowProvider(OpenAICompatProvider):
         return meta
 
 
+class IFlowLogin(ClaudeLogin):
+    """iFlow: authorization code (no PKCE) on port 11451, then the user-info exchange that yields the API key
+    (providers.md §I.1a). `llm-mux login iflow --cookie '<platform.iflow.cn cookie>'` is the cookie path (§I.1b)."""
+
+    provider_class = IFlowProvider
+    authorize_url = "https://iflow.cn/oauth"
+    redirect_uri = "http://localhost:11451/oauth2callback"
+    callback_port = 11451
+
+    def url(self):
+        q = urllib.parse.urlencode({"loginMethod": "phone", "type": "phone", "redirect": self.redirect_uri,
+                                    "state": self.state, "client_id": IFlowProvider.client_id})
+        return self.authorize_url + "?" + q
+
+    async def exchange(self, client, code):
+        cred = Credential("login", "iflow", "login")
+        try:
+            data = await IFlowProvider.oauth_token(client, {
+                "grant_type": "authorization_code", "code": code.partition("#")[0], "redirect_uri": self.redirect_uri,
+                "client_id": IFlowProvider.client_id, "client_secret": IFlowProvider.client_secret}, cred)
+            info = await IFlowProvider.user_info(client, data["access_token"], cred)
+        except RefreshError as e:
+            raise LoginError(e.message)
+        account = info.get("email") or info.get("phone") or "iflow"
+        now = time.time()
+        meta = {"type": "iflow", "access_token": data["access_token"], "refresh_token": data.get("refresh_token") or "",
+                "api_key": info["apiKey"], "email": account, "token_type": data.get("token_type") or "bearer",
+                "scope": data.get("scope") or "", "cookie": "", "last_refresh": rfc3339(now),
+                "expired": rfc3339(now + float(data.get("expires_in") or 86400 * 2))}
+        return "iflow-%s.json" % account, meta
+
+
 class CopilotProvider(OpenAICompatProvider):
     """GitHub Copilot (`type: github-copilot` files), providers.md §C: the stored GitHub token is exchanged for a
     short-lived Copilot API token (renewed 5 min before it expires); chat goes to the Copilot API with the editor
@@ -7730,10 +8247,12 @@ class CopilotProvider(OpenAICompatProvider):
     structure and GitHub's answers carry), else a top-level `endpoint` (the reading of CLIProxyAPI PR #4978), else
     api.githubcopilot.com."""
 
-    type = "github-copilot"
+    file_type = "github-copilot"
+    display_name = "GitHub Copilot"
+    login_name = "copilot"
     default_base_url = "https://api.githubcopilot.com"
     token_exchange_url = "https://api.github.com/copilot_internal/v2/token"
-    refresh_lead = REFRESH_LEADS["github-copilot"]
+    refresh_lead = 300  # providers.md §1.2 (llm-mux's lead)
     default_models = ("gpt-4.1", "gpt-4o", "gpt-5", "gpt-5-mini", "gpt-5.1", "gpt-5.2", "claude-sonnet-4",
                       "claude-sonnet-4.5", "claude-haiku-4.5", "claude-opus-4.5", "gemini-2.5-pro", "gemini-3-flash",
                       "gemini-3-pro-preview", "grok-code-fast-1")
@@ -7788,14 +8307,85 @@ class CopilotProvider(OpenAICompatProvider):
         return meta
 
 
+class DeviceLogin(LoginFlow):
+    """Shared polling rules of RFC 8628 device flows (GitHub, Qwen): pending, slow_down, or a final error."""
+
+    kind = "device"
+
+    @staticmethod
+    async def poll_form(client, url, form, pending_statuses=(400,)):
+        try:
+            resp = await client.request("POST", url, [("Content-Type", "application/x-www-form-urlencoded"),
+                                                      ("Accept", "application/json")],
+                                        urllib.parse.urlencode(form).encode(), timeout=15, stream_timeout=30)
+            raw = await resp.read(1 << 20)
+        except UpstreamError as e:
+            log.debug("device poll failed: %s", e.message)
+            return None
+        data = _json_or_none(raw) or {}
+        err = data.get("error")
+        if err in ("authorization_pending",):
+            return None
+        if err == "slow_down":
+            return "slow_down"
+        if err or resp.status >= 300 or not data.get("access_token"):
+            raise LoginError("device login failed: %s" % (data.get("error_description") or err or resp.status))
+        return data
+
+
+class CopilotLogin(DeviceLogin):
+    """GitHub's device flow, then one Copilot token exchange to prove the account has Copilot (providers.md §C.1)."""
+
+    provider_class = CopilotProvider
+    client_id = "Iv1.b507a08c87ecfe98"
+    code_url = "https://github.com/login/device/code"
+    token_url = "https://github.com/login/oauth/access_token"
+    user_url = "https://api.github.com/user"
+
+    async def device_start(self, client):
+        data = await Provider.post_token(client, self.code_url, {"client_id": self.client_id, "scope": "user:email"},
+                                         Credential("login", self.provider_class.file_type, "login"), form=True)
+        if not data.get("device_code") or not data.get("user_code"):
+            raise LoginError("GitHub answered without a device code")
+        return {"url": data.get("verification_uri") or "https://github.com/login/device", "code": data["user_code"],
+                "interval": max(5, int(data.get("interval") or 5)), "expires_in": min(900, int(
+                    data.get("expires_in") or 900)), "id": data["device_code"]}
+
+    async def device_poll(self, client, started):
+        return await self.poll_form(client, self.token_url, {
+            "client_id": self.client_id, "device_code": started["id"],
+            "grant_type": "urn:ietf:params:oauth:grant-type:device_code"}, pending_statuses=(200,))
+
+    async def device_finish(self, client, data):
+        token = data["access_token"]
+        try:
+            resp = await client.request("GET", self.user_url, [("Authorization", "Bearer " + token),
+                                                               ("Accept", "application/json"), ("User-Agent", USER_AGENT)],
+                                        timeout=15, stream_timeout=30)
+            user = _json_or_none(await resp.read(1 << 20)) or {}
+        except UpstreamError as e:
+            raise LoginError("cannot read the GitHub user: %s" % e.message)
+        login = user.get("login")
+        if not login:
+            raise LoginError("GitHub did not say who this token belongs to")
+        try:
+            await CopilotProvider.exchange(client, token)
+        except RefreshError as e:
+            raise LoginError("this GitHub account has no Copilot access (%s)" % e.message)
+        meta = {"type": "github-copilot", "access_token": token, "token_type": data.get("token_type") or "bearer",
+                "scope": data.get("scope") or "", "username": login, "email": login, "timestamp": int(time.time() * 1000)}
+        return "github-copilot-%s.json" % login, meta
+
+
 class QwenProvider(OpenAICompatProvider):
     """Qwen Code accounts (`type: qwen` files), providers.md §H: OpenAI chat at the account's `resource_url`."""
 
-    type = "qwen"
+    file_type = login_name = "qwen"
+    display_name = "Qwen"
     default_base_url = "https://portal.qwen.ai/v1"
     token_url = "https://chat.qwen.ai/api/v1/oauth2/token"
     client_id = "f0304373b74a44d2b584a3fb70ca9e56"
-    refresh_lead = REFRESH_LEADS["qwen"]
+    refresh_lead = 3 * 3600  # providers.md §1.2 (llm-mux's lead)
     default_models = ("qwen3-coder-plus", "qwen3-coder-flash", "vision-model", "coder-model")
     user_agent = "QwenCode/0.14.2 (darwin; arm64)"
 
@@ -7843,14 +8433,48 @@ def qwen_meta(data, old=None):
     return meta
 
 
+class QwenLogin(DeviceLogin):
+    """Qwen Code: device flow with PKCE (providers.md §H.1). Qwen returns no e-mail: `--alias` names the account."""
+
+    provider_class = QwenProvider
+    code_url = "https://chat.qwen.ai/api/v1/oauth2/device/code"
+    alias = None
+
+    def __init__(self):
+        self.verifier = b64url(os.urandom(32))
+        self.challenge = b64url(hashlib.sha256(self.verifier.encode("ascii")).digest())
+
+    async def device_start(self, client):
+        data = await Provider.post_token(client, self.code_url, {
+            "client_id": QwenProvider.client_id, "scope": "openid profile email model.completion",
+            "code_challenge": self.challenge, "code_challenge_method": "S256"},
+            Credential("login", self.provider_class.file_type, "login"), form=True)
+        if not data.get("device_code") or not data.get("user_code"):
+            raise LoginError("Qwen answered without a device code")
+        return {"url": data.get("verification_uri_complete") or data.get("verification_uri"),
+                "code": data["user_code"], "interval": int(data.get("interval") or 2),
+                "expires_in": int(data.get("expires_in") or 300), "id": data["device_code"]}
+
+    async def device_poll(self, client, started):
+        return await self.poll_form(client, QwenProvider.token_url, {
+            "grant_type": "urn:ietf:params:oauth:grant-type:device_code", "client_id": QwenProvider.client_id,
+            "device_code": started["id"], "code_verifier": self.verifier})
+
+    async def device_finish(self, client, data):
+        alias = self.alias or "qwen-" + hashlib.sha256((data.get("refresh_token") or "").encode()).hexdigest()[:8]
+        meta = qwen_meta(data, {"email": alias})
+        return "qwen-%s.json" % alias, meta
+
+
 class ClineProvider(OpenAICompatProvider):
     """Cline accounts (`type: cline` files), providers.md §K: OpenAI chat at api.cline.bot with a `workos:` bearer;
     short-lived access tokens renewed from the exported refresh token."""
 
-    type = "cline"
+    file_type = login_name = "cline"
+    display_name = "Cline"
     default_base_url = "https://api.cline.bot/api/v1"
     refresh_url = "https://api.cline.bot/api/v1/auth/refresh"
-    refresh_lead = REFRESH_LEADS["cline"]
+    refresh_lead = 120  # providers.md §1.2 (llm-mux's lead)
     default_models = ("minimax/minimax-m2", "x-ai/grok-code-fast-1")
 
     def build(self, req, cred, model):
@@ -7882,6 +8506,20 @@ async def cline_exchange(client, refresh_token, cred, old=None):
     return meta
 
 
+class ClineLogin(LoginFlow):
+    """Cline: paste the refresh token from "Cline: Export Auth Token"; it is exchanged at once (providers.md §K.1)."""
+
+    kind = "token"
+    provider_class = ClineProvider
+    prompt = "Paste the refresh token from the Cline extension (Cline: Export Auth Token) and press Enter:"
+
+    async def finish(self, client, pasted):
+        meta = await cline_exchange(client, pasted.strip(), Credential("login", "cline", "login"))
+        if not meta.get("email"):
+            meta["email"] = "cline-" + hashlib.sha256(pasted.encode()).hexdigest()[:8]
+        return "cline-%s.json" % meta["email"], meta
+
+
 def codex_meta(data, old=None):
     """A Codex credential file from a token answer (the id_token carries e-mail and ChatGPT account id)."""
     meta = dict(old or {})
@@ -7905,10 +8543,11 @@ class VertexProvider(GeminiProvider):
     """Vertex AI with a service-account credential file (`type: vertex`), providers.md §G: an RS256 JWT signed with
     the account's key is exchanged for an access token, renewed before it expires."""
 
-    type = "vertex"
+    file_type = "vertex"
+    display_name = "Vertex AI"
     scope = "https://www.googleapis.com/auth/cloud-platform"
     default_token_uri = "https://oauth2.googleapis.com/token"
-    refresh_lead = REFRESH_LEADS["vertex"]
+    refresh_lead = 300  # providers.md §1.2 (llm-mux's lead)
 
     def base_url(self, cred):
         loc = cred.meta.get("location") or "us-central1"
@@ -7946,14 +8585,6 @@ class VertexProvider(GeminiProvider):
         return meta
 
 
-FILE_PROVIDER_CLASSES = {"claude": ClaudeOAuthProvider, "vertex": VertexProvider, "codex": CodexOAuthProvider,
-                         "gemini-cli": GeminiCLIProvider, "antigravity": AntigravityProvider,
-                         "github-copilot": CopilotProvider, "qwen": QwenProvider, "cline": ClineProvider,
-                         "kiro": KiroProvider, "iflow": IFlowProvider}
-PROVIDER_NAMES = {"claude": "Claude", "vertex": "Vertex AI", "codex": "Codex", "gemini-cli": "Gemini CLI",
-                  "antigravity": "Antigravity", "github-copilot": "GitHub Copilot", "qwen": "Qwen", "cline": "Cline",
-                  "kiro": "Kiro", "iflow": "iFlow"}
-
 
 # === 10. Routing ===
 # Owns: the model registry (model id -> routes across providers and credentials), picking a credential, and the
@@ -7980,7 +8611,7 @@ class Registry:
         live = {c.id: c for p in previous.providers for c in p.credentials} if previous is not None else {}
         providers = []
         for entry in cfg.providers:
-            cls = PROVIDER_CLASSES.get(entry.type)
+            cls = PROVIDERS.entries.get(entry.type)
             if cls is None:
                 log.warning("provider %s (type %s) is not supported yet; skipped", entry.name, entry.type)
                 continue
@@ -7990,7 +8621,7 @@ class Registry:
             by_type.setdefault(cred.provider_id, []).append(cred)
         excluded = cfg.oauth_excluded_models
         for ptype, creds in sorted(by_type.items()):
-            cls = FILE_PROVIDER_CLASSES.get(ptype)
+            cls = PROVIDERS.files.get(ptype)
             if cls is None:
                 log.warning("credential files of type %r are not supported yet: %s", ptype,
                             ", ".join(c.id for c in creds))
@@ -8019,7 +8650,7 @@ class Registry:
 
     @staticmethod
     def display_name(provider):
-        return PROVIDER_NAMES.get(provider.id) or provider.name
+        return provider.display_name or provider.name
 
     def resolve(self, model):
         """Routes for a requested model id, after `routing.aliases`; `provider://model` or `[Display] model`
@@ -9472,447 +10103,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
 
 
-# -- login flows -----------------------------------------------------------------------------------------------------
-# The flow objects know the provider's OAuth details; `run_login` drives one from the terminal. The same flow objects
-# can be driven by the management API later (no printing or input inside them).
-
-def pkce_pair():
-    """(verifier, S256 challenge): 96 random bytes, base64url without padding (providers.md §A.1)."""
-    verifier = b64url(os.urandom(96))
-    return verifier, b64url(hashlib.sha256(verifier.encode("ascii")).digest())
-
-
-def jwt_claims(token):
-    """The (unverified) payload of a JWT such as an id_token, or {}."""
-    try:
-        body = token.split(".")[1]
-        return json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-    except (IndexError, ValueError, AttributeError, binascii.Error):
-        return {}
-
-
-class ClaudeLogin:
-    """Claude Pro/Max: authorization code + PKCE with a local callback on port 54545 (providers.md §A.1)."""
-
-    provider = "claude"
-    authorize_url = "https://claude.ai/oauth/authorize"
-    redirect_uri = "http://localhost:54545/callback"
-    callback_port = 54545
-    scope = "org:create_api_key user:profile user:inference"
-
-    def __init__(self):
-        self.verifier, self.challenge = pkce_pair()
-        self.state = b64url(os.urandom(24))
-
-    def url(self):
-        q = urllib.parse.urlencode({"code": "true", "client_id": ClaudeOAuthProvider.client_id,
-                                    "response_type": "code", "redirect_uri": self.redirect_uri, "scope": self.scope,
-                                    "code_challenge": self.challenge, "code_challenge_method": "S256",
-                                    "state": self.state})
-        return self.authorize_url + "?" + q
-
-    def code_from_paste(self, text):
-        """A pasted redirect URL (…/callback?code=…&state=…) or a bare `code#state`."""
-        text = text.strip()
-        if "code=" in text:
-            q = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(text).query))
-            code, state = q.get("code", ""), q.get("state")
-        else:
-            code, _, state = text.partition("#")
-        if state and state != self.state:
-            raise CliError("the pasted state does not match this login (stale or foreign URL)")
-        return code
-
-    async def exchange(self, client, code):
-        """Trade the code for tokens; returns (file name, credential-file content)."""
-        code, _, state = code.partition("#")
-        data = await Provider.post_token(client, ClaudeOAuthProvider.token_url, {
-            "grant_type": "authorization_code", "code": code, "redirect_uri": self.redirect_uri,
-            "client_id": ClaudeOAuthProvider.client_id, "code_verifier": self.verifier, "state": state or self.state},
-            Credential("login", "claude", "login"))
-        email = (data.get("account") or {}).get("email_address") or ""
-        if not data.get("access_token") or not email:
-            raise CliError("the token endpoint answered without an access token or account e-mail")
-        now = time.time()
-        meta = {"type": "claude", "email": email, "access_token": data["access_token"],
-                "refresh_token": data.get("refresh_token") or "", "id_token": "",
-                "expired": rfc3339(now + float(data.get("expires_in") or 3600)), "last_refresh": rfc3339(now)}
-        org = data.get("organization") or {}
-        if org.get("uuid"):
-            meta["organization_uuid"], meta["organization_name"] = org["uuid"], org.get("name") or ""
-        if (data.get("account") or {}).get("uuid"):
-            meta["account_uuid"] = data["account"]["uuid"]
-        return "claude-%s.json" % email, meta
-
-
-class CodexLogin(ClaudeLogin):
-    """ChatGPT (Codex): authorization code + PKCE, local callback on 1455 (providers.md §B.1); or the device-code
-    flow, where the user types a code at auth.openai.com/codex/device."""
-
-    provider = "codex"
-    authorize_url = "https://auth.openai.com/oauth/authorize"
-    redirect_uri = "http://localhost:1455/auth/callback"
-    callback_port = 1455
-    scope = "openid email profile offline_access"
-    device_url = "https://auth.openai.com/codex/device"
-    usercode_url = "https://auth.openai.com/api/accounts/deviceauth/usercode"
-    device_token_url = "https://auth.openai.com/api/accounts/deviceauth/token"
-    device_redirect = "https://auth.openai.com/deviceauth/callback"
-
-    def url(self):
-        q = urllib.parse.urlencode({"response_type": "code", "client_id": CodexOAuthProvider.client_id,
-                                    "redirect_uri": self.redirect_uri, "scope": self.scope, "state": self.state,
-                                    "code_challenge": self.challenge, "code_challenge_method": "S256",
-                                    "prompt": "login", "id_token_add_organizations": "true",
-                                    "codex_cli_simplified_flow": "true"})
-        return self.authorize_url + "?" + q
-
-    async def exchange(self, client, code, redirect_uri=None, verifier=None):
-        code = code.partition("#")[0]
-        data = await Provider.post_token(client, CodexOAuthProvider.token_url, {
-            "grant_type": "authorization_code", "client_id": CodexOAuthProvider.client_id, "code": code,
-            "redirect_uri": redirect_uri or self.redirect_uri, "code_verifier": verifier or self.verifier},
-            Credential("login", "codex", "login"), form=True)
-        if not data.get("access_token"):
-            raise CliError("the token endpoint answered without an access token")
-        meta = codex_meta(data)
-        if not meta["email"]:
-            raise CliError("the id_token carries no e-mail address")
-        return "codex-%s.json" % meta["email"], meta
-
-    async def device_start(self, client):
-        """Ask for a user code."""
-        data = await Provider.post_token(client, self.usercode_url, {"client_id": CodexOAuthProvider.client_id},
-                                         Credential("login", "codex", "login"))
-        code = data.get("user_code") or data.get("usercode")
-        if not data.get("device_auth_id") or not code:
-            raise CliError("the device-code endpoint answered without a code")
-        try:
-            interval = max(1, int(data.get("interval") or 5))
-        except ValueError:
-            interval = 5
-        return {"url": self.device_url, "code": code, "interval": interval, "expires_in": 900,
-                "id": data["device_auth_id"]}
-
-    async def device_finish(self, client, got):
-        code, verifier = got
-        return await self.exchange(client, code, self.device_redirect, verifier)
-
-    async def device_poll(self, client, started):
-        """None while the user has not finished; then (authorization_code, code_verifier)."""
-        body = json_bytes({"device_auth_id": started["id"], "user_code": started["code"]})
-        try:
-            resp = await client.request("POST", self.device_token_url, [("Content-Type", "application/json"),
-                                                                        ("Accept", "application/json")], body,
-                                        timeout=15, stream_timeout=30)
-            raw = await resp.read(1 << 20)
-        except UpstreamError as e:
-            log.debug("device poll failed: %s", e.message)
-            return None
-        if resp.status in (403, 404, 428):
-            return None
-        data = _json_or_none(raw) or {}
-        if resp.status >= 300 or not data.get("authorization_code"):
-            raise CliError("device login failed: HTTP %d %s" % (resp.status, upstream_error_message(raw)[:200]))
-        return data["authorization_code"], data.get("code_verifier") or ""
-
-
-class GoogleLogin(ClaudeLogin):
-    """Google's installed-app flow (authorization code, no PKCE) plus Cloud Code project discovery: the parts
-    Gemini CLI and Antigravity logins share (providers.md §E.1, §F.1)."""
-
-    authorize_url = "https://accounts.google.com/o/oauth2/v2/auth"
-    token_url = "https://oauth2.googleapis.com/token"
-    userinfo_url = "https://www.googleapis.com/oauth2/v1/userinfo?alt=json"
-    code_assist = "https://cloudcode-pa.googleapis.com/v1internal"
-    provider_class = GeminiCLIProvider
-    metadata = {"ideType": "IDE_UNSPECIFIED", "platform": "PLATFORM_UNSPECIFIED", "pluginType": "GEMINI"}
-
-    def __init__(self, project=None):
-        ClaudeLogin.__init__(self)
-        self.project = project
-
-    def url(self):
-        q = urllib.parse.urlencode({"client_id": self.provider_class.client_id, "redirect_uri": self.redirect_uri,
-                                    "response_type": "code", "scope": self.scope, "access_type": "offline",
-                                    "prompt": "consent", "state": self.state})
-        return self.authorize_url + "?" + q
-
-    async def _json(self, client, method, url, token, body=None, headers=()):
-        hdrs = [("Authorization", "Bearer " + token), ("Accept", "application/json"),
-                ("Content-Type", "application/json")] + list(headers)
-        try:
-            resp = await client.request(method, url, hdrs, json_bytes(body) if body is not None else None,
-                                        timeout=15, stream_timeout=60)
-            raw = await resp.read(1 << 20)
-        except UpstreamError as e:
-            raise CliError("%s failed: %s" % (url, e.message))
-        if resp.status >= 300:
-            raise CliError("%s answered %d: %s" % (url.split("?")[0], resp.status, upstream_error_message(raw)[:200]))
-        return _json_or_none(raw) or {}
-
-    @staticmethod
-    def _project_id(value):
-        if isinstance(value, dict):
-            return value.get("id") or value.get("projectId") or ""
-        return value or ""
-
-    async def discover_project(self, client, token, requested=None, sleep=asyncio.sleep):
-        """loadCodeAssist, then onboardUser until done: the Code Assist project this account uses."""
-        body = {"metadata": self.metadata}
-        if requested:
-            body["cloudaicompanionProject"] = requested
-        data = await self._json(client, "POST", self.code_assist + ":loadCodeAssist", token, body)
-        found = self._project_id(data.get("cloudaicompanionProject")) or data.get("projectId") or data.get("project")
-        if found and not requested:
-            return found
-        tier = next((t.get("id") for t in data.get("allowedTiers") or [] if t.get("isDefault")), None) or \
-            (data.get("currentTier") or {}).get("id") or "legacy-tier"
-        onboard = {"tierId": tier, "metadata": self.metadata}
-        if requested:
-            onboard["cloudaicompanionProject"] = requested
-        for _ in range(15):
-            op = await self._json(client, "POST", self.code_assist + ":onboardUser", token, onboard)
-            if op.get("done"):
-                got = self._project_id((op.get("response") or {}).get("cloudaicompanionProject"))
-                return requested or got or found
-            await sleep(2)
-        raise CliError("Code Assist onboarding did not finish; try again later")
-
-    async def tokens(self, client, code):
-        data = await Provider.post_token(client, self.token_url, {
-            "code": code.partition("#")[0], "client_id": self.provider_class.client_id,
-            "client_secret": self.provider_class.client_secret, "redirect_uri": self.redirect_uri,
-            "grant_type": "authorization_code"}, Credential("login", self.provider, "login"), form=True)
-        if not data.get("access_token"):
-            raise CliError("the token endpoint answered without an access token")
-        info = await self._json(client, "GET", self.userinfo_url, data["access_token"])
-        if not info.get("email"):
-            raise CliError("could not read the account's e-mail address")
-        return data, info["email"]
-
-
-class GeminiCLILogin(GoogleLogin):
-    """Gemini CLI (Code Assist): port 8085; `--project ID`, `--project A,B` or `--project ALL` chooses projects
-    (several projects make one virtual credential each); without it the account's own project is discovered."""
-
-    provider = "gemini-cli"
-    authorize_url = "https://accounts.google.com/o/oauth2/auth"
-    redirect_uri = "http://localhost:8085/oauth2callback"
-    callback_port = 8085
-    scope = ("https://www.googleapis.com/auth/cloud-platform https://www.googleapis.com/auth/userinfo.email "
-             "https://www.googleapis.com/auth/userinfo.profile")
-    projects_url = "https://cloudresourcemanager.googleapis.com/v1/projects"
-    serviceusage = "https://serviceusage.googleapis.com/v1/projects/%s/services/cloudaicompanion.googleapis.com"
-
-    async def enable_api(self, client, token, project):
-        """Make sure the Gemini for Cloud API (cloudaicompanion) is enabled in a chosen project (§E.1 step 4)."""
-        url = self.serviceusage % project
-        state = await self._json(client, "GET", url, token)
-        if state.get("state") == "ENABLED":
-            return
-        try:
-            await self._json(client, "POST", url + ":enable", token, {})
-        except CliError as e:
-            if "already enabled" not in str(e).lower():
-                raise CliError("project %s: the Gemini for Cloud API could not be enabled (%s)" % (project, e))
-
-    async def exchange(self, client, code):
-        data, email = await self.tokens(client, code)
-        token = data["access_token"]
-        requested = [p.strip() for p in (self.project or "").split(",") if p.strip()]
-        if requested == ["ALL"]:
-            listing = await self._json(client, "GET", self.projects_url, token)
-            requested = [p.get("projectId") for p in listing.get("projects") or [] if p.get("projectId")]
-            if not requested:
-                raise CliError("this account can see no Google Cloud projects")
-        projects = [await self.discover_project(client, token, p) for p in requested] if requested else \
-            [await self.discover_project(client, token)]
-        projects = [p for p in projects if p]
-        for p in requested:
-            await self.enable_api(client, token, p)
-        if not projects:
-            raise CliError("no Code Assist project found; pass --project <id>")
-        meta = google_token_meta({"type": "gemini", "email": email, "project_id": ",".join(projects), "auto": False,
-                                  "checked": True, "token": {
-                                      "token_uri": self.token_url, "client_id": self.provider_class.client_id,
-                                      "client_secret": self.provider_class.client_secret,
-                                      "scopes": self.scope.split(), "universe_domain": "googleapis.com",
-                                      "refresh_token": data.get("refresh_token") or ""}}, data)
-        suffix = "all" if len(projects) > 1 else projects[0]
-        return "gemini-%s-%s.json" % (email, suffix), meta
-
-
-class AntigravityLogin(GoogleLogin):
-    """Antigravity: port 51121, path /oauth-callback; the project is discovered (onboarded when new)."""
-
-    provider = "antigravity"
-    redirect_uri = "http://localhost:51121/oauth-callback"
-    callback_port = 51121
-    scope = ("https://www.googleapis.com/auth/cloud-platform https://www.googleapis.com/auth/userinfo.email "
-             "https://www.googleapis.com/auth/userinfo.profile https://www.googleapis.com/auth/cclog "
-             "https://www.googleapis.com/auth/experimentsandconfigs")
-    provider_class = AntigravityProvider
-    metadata = {"ideType": "ANTIGRAVITY"}
-
-    async def exchange(self, client, code):
-        data, email = await self.tokens(client, code)
-        project = await self.discover_project(client, data["access_token"], self.project)
-        if not project:
-            raise CliError("no Code Assist project found for this account")
-        meta = antigravity_meta(data, {"email": email, "project_id": project})
-        return "antigravity-%s.json" % email.replace("@", "_").replace(".", "_"), meta
-
-
-class DeviceLogin:
-    """Shared polling rules of RFC 8628 device flows (GitHub, Qwen): pending, slow_down, or a final error."""
-
-    kind = "device"
-
-    @staticmethod
-    async def poll_form(client, url, form, pending_statuses=(400,)):
-        try:
-            resp = await client.request("POST", url, [("Content-Type", "application/x-www-form-urlencoded"),
-                                                      ("Accept", "application/json")],
-                                        urllib.parse.urlencode(form).encode(), timeout=15, stream_timeout=30)
-            raw = await resp.read(1 << 20)
-        except UpstreamError as e:
-            log.debug("device poll failed: %s", e.message)
-            return None
-        data = _json_or_none(raw) or {}
-        err = data.get("error")
-        if err in ("authorization_pending",):
-            return None
-        if err == "slow_down":
-            return "slow_down"
-        if err or resp.status >= 300 or not data.get("access_token"):
-            raise CliError("device login failed: %s" % (data.get("error_description") or err or resp.status))
-        return data
-
-
-class CopilotLogin(DeviceLogin):
-    """GitHub's device flow, then one Copilot token exchange to prove the account has Copilot (providers.md §C.1)."""
-
-    provider = "github-copilot"
-    client_id = "Iv1.b507a08c87ecfe98"
-    code_url = "https://github.com/login/device/code"
-    token_url = "https://github.com/login/oauth/access_token"
-    user_url = "https://api.github.com/user"
-
-    async def device_start(self, client):
-        data = await Provider.post_token(client, self.code_url, {"client_id": self.client_id, "scope": "user:email"},
-                                         Credential("login", self.provider, "login"), form=True)
-        if not data.get("device_code") or not data.get("user_code"):
-            raise CliError("GitHub answered without a device code")
-        return {"url": data.get("verification_uri") or "https://github.com/login/device", "code": data["user_code"],
-                "interval": max(5, int(data.get("interval") or 5)), "expires_in": min(900, int(
-                    data.get("expires_in") or 900)), "id": data["device_code"]}
-
-    async def device_poll(self, client, started):
-        return await self.poll_form(client, self.token_url, {
-            "client_id": self.client_id, "device_code": started["id"],
-            "grant_type": "urn:ietf:params:oauth:grant-type:device_code"}, pending_statuses=(200,))
-
-    async def device_finish(self, client, data):
-        token = data["access_token"]
-        try:
-            resp = await client.request("GET", self.user_url, [("Authorization", "Bearer " + token),
-                                                               ("Accept", "application/json"), ("User-Agent", USER_AGENT)],
-                                        timeout=15, stream_timeout=30)
-            user = _json_or_none(await resp.read(1 << 20)) or {}
-        except UpstreamError as e:
-            raise CliError("cannot read the GitHub user: %s" % e.message)
-        login = user.get("login")
-        if not login:
-            raise CliError("GitHub did not say who this token belongs to")
-        try:
-            await CopilotProvider.exchange(client, token)
-        except RefreshError as e:
-            raise CliError("this GitHub account has no Copilot access (%s)" % e.message)
-        meta = {"type": "github-copilot", "access_token": token, "token_type": data.get("token_type") or "bearer",
-                "scope": data.get("scope") or "", "username": login, "email": login, "timestamp": int(time.time() * 1000)}
-        return "github-copilot-%s.json" % login, meta
-
-
-class QwenLogin(DeviceLogin):
-    """Qwen Code: device flow with PKCE (providers.md §H.1). Qwen returns no e-mail: `--alias` names the account."""
-
-    provider = "qwen"
-    code_url = "https://chat.qwen.ai/api/v1/oauth2/device/code"
-    alias = None
-
-    def __init__(self):
-        self.verifier = b64url(os.urandom(32))
-        self.challenge = b64url(hashlib.sha256(self.verifier.encode("ascii")).digest())
-
-    async def device_start(self, client):
-        data = await Provider.post_token(client, self.code_url, {
-            "client_id": QwenProvider.client_id, "scope": "openid profile email model.completion",
-            "code_challenge": self.challenge, "code_challenge_method": "S256"},
-            Credential("login", self.provider, "login"), form=True)
-        if not data.get("device_code") or not data.get("user_code"):
-            raise CliError("Qwen answered without a device code")
-        return {"url": data.get("verification_uri_complete") or data.get("verification_uri"),
-                "code": data["user_code"], "interval": int(data.get("interval") or 2),
-                "expires_in": int(data.get("expires_in") or 300), "id": data["device_code"]}
-
-    async def device_poll(self, client, started):
-        return await self.poll_form(client, QwenProvider.token_url, {
-            "grant_type": "urn:ietf:params:oauth:grant-type:device_code", "client_id": QwenProvider.client_id,
-            "device_code": started["id"], "code_verifier": self.verifier})
-
-    async def device_finish(self, client, data):
-        alias = self.alias or "qwen-" + hashlib.sha256((data.get("refresh_token") or "").encode()).hexdigest()[:8]
-        meta = qwen_meta(data, {"email": alias})
-        return "qwen-%s.json" % alias, meta
-
-
-class ClineLogin:
-    """Cline: paste the refresh token from "Cline: Export Auth Token"; it is exchanged at once (providers.md §K.1)."""
-
-    kind = "token"
-    provider = "cline"
-    prompt = "Paste the refresh token from the Cline extension (Cline: Export Auth Token) and press Enter:"
-
-    async def finish(self, client, pasted):
-        meta = await cline_exchange(client, pasted.strip(), Credential("login", "cline", "login"))
-        if not meta.get("email"):
-            meta["email"] = "cline-" + hashlib.sha256(pasted.encode()).hexdigest()[:8]
-        return "cline-%s.json" % meta["email"], meta
-
-
-class IFlowLogin(ClaudeLogin):
-    """iFlow: authorization code (no PKCE) on port 11451, then the user-info exchange that yields the API key
-    (providers.md §I.1a). `llm-mux login iflow --cookie '<platform.iflow.cn cookie>'` is the cookie path (§I.1b)."""
-
-    provider = "iflow"
-    authorize_url = "https://iflow.cn/oauth"
-    redirect_uri = "http://localhost:11451/oauth2callback"
-    callback_port = 11451
-
-    def url(self):
-        q = urllib.parse.urlencode({"loginMethod": "phone", "type": "phone", "redirect": self.redirect_uri,
-                                    "state": self.state, "client_id": IFlowProvider.client_id})
-        return self.authorize_url + "?" + q
-
-    async def exchange(self, client, code):
-        cred = Credential("login", "iflow", "login")
-        try:
-            data = await IFlowProvider.oauth_token(client, {
-                "grant_type": "authorization_code", "code": code.partition("#")[0], "redirect_uri": self.redirect_uri,
-                "client_id": IFlowProvider.client_id, "client_secret": IFlowProvider.client_secret}, cred)
-            info = await IFlowProvider.user_info(client, data["access_token"], cred)
-        except RefreshError as e:
-            raise CliError(e.message)
-        account = info.get("email") or info.get("phone") or "iflow"
-        now = time.time()
-        meta = {"type": "iflow", "access_token": data["access_token"], "refresh_token": data.get("refresh_token") or "",
-                "api_key": info["apiKey"], "email": account, "token_type": data.get("token_type") or "bearer",
-                "scope": data.get("scope") or "", "cookie": "", "last_refresh": rfc3339(now),
-                "expired": rfc3339(now + float(data.get("expires_in") or 86400 * 2))}
-        return "iflow-%s.json" % account, meta
-
-
 async def iflow_cookie_login(cfg, cookie, out=None):
     out = out or sys.stdout
     cookie = " ".join(cookie.split())
@@ -9932,14 +10122,10 @@ async def iflow_cookie_login(cfg, cookie, out=None):
     return save_login(cfg, "iflow-%s.json" % re.sub(r"[^A-Za-z0-9@._-]", "_", name), meta, out)
 
 
-LOGIN_FLOWS = {"claude": ClaudeLogin, "codex": CodexLogin, "gemini": GeminiCLILogin, "antigravity": AntigravityLogin,
-               "copilot": CopilotLogin, "qwen": QwenLogin, "cline": ClineLogin, "iflow": IFlowLogin}
-
-
 async def run_token_login(cfg, name, out=None, read=None):
     """Logins that start from a pasted token (Cline)."""
     out = out or sys.stdout
-    flow = LOGIN_FLOWS[name]()
+    flow = PROVIDERS.logins()[name].login()
     print(flow.prompt, file=out, flush=True)
     pasted = await asyncio.get_running_loop().run_in_executor(None, read or sys.stdin.readline)
     if not pasted.strip():
@@ -9967,7 +10153,7 @@ async def run_device_login(cfg, name, timeout=900, out=None, sleep=asyncio.sleep
     device_start -> {url, code, interval, expires_in, ...}, device_poll -> None (pending) or a result, and
     device_finish(result) -> (file name, credential-file content)."""
     out = out or sys.stdout
-    flow = LOGIN_FLOWS[name]()
+    flow = PROVIDERS.logins()[name].login()
     client = HttpClient(lambda: cfg)
     started = await flow.device_start(client)
     print("Open %s and enter the code:\n\n    %s\n" % (started["url"], started["code"]), file=out, flush=True)
@@ -10032,7 +10218,8 @@ async def run_login(cfg, name, no_browser=False, port=None, timeout=300, out=Non
     pasted URL, exchange the code, and write the credential file (0600) only at the very end, so an interrupted
     login leaves nothing half-written."""
     out = out or sys.stdout
-    flow = LOGIN_FLOWS[name](project) if project else LOGIN_FLOWS[name]()
+    flow_class = PROVIDERS.logins()[name].login
+    flow = flow_class(project) if project else flow_class()
     client = HttpClient(lambda: cfg)
     url = flow.url()
     print("Open this URL to log in to %s:\n\n  %s\n" % (name, url), file=out, flush=True)
@@ -10073,10 +10260,11 @@ async def run_login(cfg, name, no_browser=False, port=None, timeout=300, out=Non
 def cmd_login(args):
     cfg, _, _ = load_config_for_cli(args.config, create=False)
     setup_logging(args.debug)
-    if args.provider == "kiro":  # Kiro has no browser login in the gateway: import the Kiro IDE's tokens
-        imported, _ = import_cli_credentials(cfg.auth_dir, cfg=cfg, only="Kiro IDE")
+    provider_class = PROVIDERS.logins()[args.provider]
+    if provider_class.login is None:  # no login of its own (Kiro): import the official tool's stored tokens
+        imported, _ = import_cli_credentials(cfg.auth_dir, cfg=cfg, only=provider_class.official_tool)
         return 0 if imported else 1
-    flow = LOGIN_FLOWS[args.provider]
+    flow = provider_class.login
     try:
         if args.provider == "iflow" and args.cookie:
             asyncio.run(iflow_cookie_login(cfg, args.cookie))
@@ -10097,141 +10285,17 @@ def cmd_login(args):
     return 0
 
 
-def claude_code_credentials(home):
-    """Claude Code's own store: $CLAUDE_CONFIG_DIR/.credentials.json or ~/.claude/.credentials.json."""
-    base = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join(home, ".claude")
-    path = os.path.join(base, ".credentials.json")
-    with open(path, "r", encoding="utf-8") as f:
-        data = json.load(f)
-    oauth = data.get("claudeAiOauth") or data.get("claude_ai_oauth") or {}
-    if not oauth.get("accessToken") or not oauth.get("refreshToken"):
-        raise ValueError("no claudeAiOauth tokens in %s" % path)
-    email = ""
-    try:
-        with open(os.path.join(home, ".claude.json"), "r", encoding="utf-8") as f:
-            email = (json.load(f).get("oauthAccount") or {}).get("emailAddress") or ""
-    except (OSError, ValueError):
-        pass
-    expires = oauth.get("expiresAt")
-    meta = {"type": "claude", "email": email or "claude-code", "access_token": oauth["accessToken"],
-            "refresh_token": oauth["refreshToken"], "id_token": "",
-            "expired": rfc3339(expires / 1000.0 if expires and expires > 1e12 else (expires or time.time())),
-            "last_refresh": rfc3339(time.time())}
-    return path, "claude-%s.json" % meta["email"], meta
-
-
-def codex_cli_credentials(home):
-    """Codex CLI's own store: $CODEX_HOME/auth.json or ~/.codex/auth.json (`tokens.{id,access,refresh}_token`)."""
-    base = os.environ.get("CODEX_HOME") or os.path.join(home, ".codex")
-    path = os.path.join(base, "auth.json")
-    with open(path, "r", encoding="utf-8") as f:
-        data = json.load(f)
-    tokens = data.get("tokens") or {}
-    if not tokens.get("access_token") or not tokens.get("refresh_token"):
-        raise ValueError("no ChatGPT tokens in %s (an API-key login is not imported)" % path)
-    meta = codex_meta({"id_token": tokens.get("id_token"), "access_token": tokens["access_token"],
-                       "refresh_token": tokens["refresh_token"]}, {"account_id": tokens.get("account_id") or ""})
-    exp = jwt_claims(tokens["access_token"]).get("exp")
-    if exp:
-        meta["expired"] = rfc3339(float(exp))
-    if not meta["email"]:
-        raise ValueError("no e-mail in the id_token of %s" % path)
-    return path, "codex-%s.json" % meta["email"], meta
-
-
-def gemini_cli_credentials(home, cfg=None):
-    """Gemini CLI's own store: ~/.gemini/oauth_creds.json (`expiry_date` in ms). The project comes from
-    GOOGLE_CLOUD_PROJECT, else Code Assist discovery."""
-    path = os.path.join(home, ".gemini", "oauth_creds.json")
-    with open(path, "r", encoding="utf-8") as f:
-        data = json.load(f)
-    if not data.get("refresh_token"):
-        raise ValueError("no refresh_token in %s" % path)
-    email = jwt_claims(data.get("id_token") or "").get("email") or ""
-    project = os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("GOOGLE_CLOUD_PROJECT_ID") or ""
-    if not project and cfg is not None and data.get("access_token"):
-        async def discover():
-            client = HttpClient(lambda: cfg)
-            try:
-                return await GeminiCLILogin().discover_project(client, data["access_token"])
-            finally:
-                client.close_idle()
-        try:
-            project = asyncio.run(discover())
-        except CliError as e:
-            raise ValueError("project discovery failed (%s); set GOOGLE_CLOUD_PROJECT" % e)
-    if not project:
-        raise ValueError("no project known; set GOOGLE_CLOUD_PROJECT")
-    expires = data.get("expiry_date")
-    token = {"access_token": data.get("access_token") or "", "refresh_token": data["refresh_token"],
-             "token_type": data.get("token_type") or "Bearer",
-             "expiry": rfc3339(expires / 1000.0 if expires and expires > 1e12 else (expires or time.time())),
-             "token_uri": GeminiCLILogin.token_url, "client_id": GeminiCLIProvider.client_id,
-             "client_secret": GeminiCLIProvider.client_secret, "scopes": (data.get("scope") or "").split()}
-    meta = {"type": "gemini", "email": email or "gemini-cli", "project_id": project, "auto": False, "checked": True,
-            "token": token, "access_token": token["access_token"], "refresh_token": token["refresh_token"],
-            "expiry": token["expiry"]}
-    return path, "gemini-%s-%s.json" % (meta["email"], project), meta
-
-
-def kiro_ide_credentials(home, auth_dir=None):
-    """The Kiro IDE's tokens in ~/.aws/sso/cache/*.json (the first file with a refresh token not imported yet)."""
-    cache = os.path.join(home, ".aws", "sso", "cache")
-    names = sorted(os.listdir(cache))  # FileNotFoundError -> "not found"
-    known = set()
-    if auth_dir and os.path.isdir(auth_dir):
-        for n in os.listdir(auth_dir):
-            if n.startswith("kiro-") and n.endswith(".json"):
-                try:
-                    with open(os.path.join(auth_dir, n), encoding="utf-8") as f:
-                        known.add(json.load(f).get("refresh_token"))
-                except (OSError, ValueError):
-                    pass
-    for name in names:
-        if not name.endswith(".json"):
-            continue
-        path = os.path.join(cache, name)
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            continue
-        rt = data.get("refreshToken") or data.get("refresh_token")
-        if not rt or rt in known:
-            continue
-        expires = data.get("expiresAt") or data.get("expires_at")
-        meta = {"type": "kiro", "access_token": data.get("accessToken") or data.get("access_token") or "",
-                "refresh_token": rt, "expires_at": rfc3339(parse_instant(expires) or time.time()),
-                "region": data.get("region") or "us-east-1",
-                "auth_method": (data.get("authMethod") or data.get("auth_method") or "social").lower()}
-        for src, dst in (("profileArn", "profile_arn"), ("profile_arn", "profile_arn"), ("provider", "provider"),
-                         ("clientId", "client_id"), ("clientSecret", "client_secret"), ("startUrl", "start_url")):
-            if data.get(src):
-                meta[dst] = data[src]
-        meta["email"] = meta.get("provider") or "kiro"
-        return path, "kiro-%d.json" % int(time.time()), meta
-    raise ValueError("no Kiro token with a new refresh token in %s" % cache)
-
-
-IMPORTERS = [("Claude Code", claude_code_credentials), ("Codex CLI", codex_cli_credentials),
-             ("Gemini CLI", gemini_cli_credentials), ("Kiro IDE", kiro_ide_credentials)]
-
-
 def import_cli_credentials(auth_dir, home=None, out=None, cfg=None, only=None):
     """Find the credentials official CLIs stored and convert them into auth-dir files. Returns (imported, skipped)."""
     out = out or sys.stdout
     home = home or os.path.expanduser("~")
     imported, skipped = [], []
-    for label, finder in IMPORTERS:
+    for provider_class in PROVIDERS.importers():
+        label = provider_class.official_tool
         if only and label != only:
             continue
         try:
-            if finder is gemini_cli_credentials:
-                source, name, meta = finder(home, cfg)
-            elif finder is kiro_ide_credentials:
-                source, name, meta = finder(home, auth_dir)
-            else:
-                source, name, meta = finder(home)
+            source, name, meta = provider_class.import_official(home, auth_dir, cfg)
         except FileNotFoundError:
             skipped.append((label, "not found"))
             continue
@@ -10305,7 +10369,7 @@ def build_parser():
     p = sub.add_parser("login", parents=[common],
                        help="log in to a subscription provider (claude, codex, gemini, antigravity, copilot, qwen, "
                             "iflow, kiro, cline)")
-    p.add_argument("provider", choices=sorted(list(LOGIN_FLOWS) + ["kiro"]), help="which provider")
+    p.add_argument("provider", choices=sorted(PROVIDERS.logins()), help="which provider")
     p.add_argument("--no-browser", action="store_true", help="print the URL and accept the pasted redirect URL")
     p.add_argument("--callback-port", type=int, help="port for the local callback listener")
     p.add_argument("--timeout", type=int, default=300, help="seconds to wait for the browser (default 300)")
@@ -10332,7 +10396,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, CliError, UpstreamError) as e:
+    except (ConfigError, CliError, LoginError, UpstreamError) as e:
         print("llm-mux: %s" % e, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
