@@ -151,6 +151,80 @@ def glob_match(pattern, name):
     return fnmatch.fnmatchcase(name.lower(), pattern.lower().replace("[", "[[]").replace("?", "[?]"))
 
 
+def rfc3339(epoch):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def rfc3339_now():
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%06dZ" % int((t % 1) * 1e6)
+
+
+_GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|\u00b5s|ns|m|s)")
+
+
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "\u00b5s": 1e-6, "ns": 1e-9}
+
+
+def parse_duration(text):
+    """Seconds from a Go/protobuf duration such as `12s`, `1.5s`, `3h2m1s`; None if it is not one."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    text = text.strip()
+    parts = _GO_DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
+def parse_instant(value):
+    """Epoch seconds from unix seconds/milliseconds, RFC 3339 or an HTTP date; None if unparsable."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)) or (isinstance(value, str) and re.match(r"^\d+(\.\d+)?$", value.strip())):
+        v = float(value)
+        return v / 1000.0 if v > 1e12 else v
+    text = str(value).strip()
+    import datetime
+    try:
+        iso = text.replace("Z", "+00:00")
+        m = re.match(r"^(.*T\d\d:\d\d:\d\d)(\.\d+)?(.*)$", iso)
+        if m and m.group(2):  # fromisoformat on 3.9/3.10 takes at most 6 fractional digits
+            iso = m.group(1) + m.group(2)[:7] + m.group(3)
+        dt = datetime.datetime.fromisoformat(iso)
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=datetime.timezone.utc)
+        return dt.timestamp()
+    except ValueError:
+        pass
+    try:
+        import email.utils
+        return email.utils.parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def sniff_image_mime(b64):
+    """The image type from its first bytes (Ollama sends bare base64 with no type)."""
+    try:
+        head = base64.b64decode(b64[:24] + "=" * (-len(b64[:24]) % 4))
+    except (binascii.Error, ValueError):
+        return "image/png"
+    if head.startswith(b"\x89PNG"):
+        return "image/png"
+    if head.startswith(b"\xff\xd8"):
+        return "image/jpeg"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    return "image/png"
+
+
 class Clock:
     """Monotonic time and sleeping, in one object so tests can drive cooldowns and backoff with a fake clock."""
 
@@ -2742,12 +2816,14 @@ class Message:
 
 
 class Tool:
-    """A tool definition. `parameters` is the raw JSON Schema; `tool_kind` is function or custom."""
-    __slots__ = ("name", "description", "parameters", "tool_kind", "strict", "extra")
+    """A tool definition. `parameters` is the raw JSON Schema; `tool_kind` is function or custom; `format` is a
+    custom tool's input grammar; `cache_control` an Anthropic cache breakpoint."""
+    __slots__ = ("name", "description", "parameters", "tool_kind", "strict", "format", "cache_control")
 
-    def __init__(self, name, description=None, parameters=None, tool_kind="function", strict=None, extra=None):
+    def __init__(self, name, description=None, parameters=None, tool_kind="function", strict=None, format=None,
+                 cache_control=None):
         self.name, self.description, self.parameters = name, description, parameters
-        self.tool_kind, self.strict, self.extra = tool_kind, strict, extra
+        self.tool_kind, self.strict, self.format, self.cache_control = tool_kind, strict, format, cache_control
 
 
 class ThinkingConfig:
@@ -2793,10 +2869,14 @@ def thinking_budget(cfg):
 
 
 class ChatRequest:
-    """A chat request in the IR. `extra` keeps format-specific fields that only a same-format upstream uses."""
+    """A chat request in the IR. What only an upstream of the client's own format can use is kept in fields read
+    only when `client_format` matches: `passthrough` (the client's wire fields by their wire names),
+    `native_tools` (tool definitions the IR cannot express: server, hosted and built-in tools), `safety_settings`
+    (Gemini) and `betas` (the anthropic-beta header). `cache_key` is the client's prompt-cache / session key."""
     __slots__ = ("model", "system", "messages", "tools", "tool_choice", "parallel_tool_calls", "max_tokens",
                  "temperature", "top_p", "top_k", "stop", "n", "presence_penalty", "frequency_penalty", "seed",
-                 "response_format", "thinking", "stream", "include_usage", "user", "metadata", "extra",
+                 "response_format", "thinking", "stream", "include_usage", "user", "metadata", "passthrough",
+                 "native_tools", "safety_settings", "betas", "cache_key",
                  "client_format")
 
     def __init__(self, model, messages=None, system=None, stream=False):
@@ -2821,11 +2901,30 @@ class ChatRequest:
         self.include_usage = False
         self.user = None
         self.metadata = None
-        self.extra = {}
+        self.passthrough = {}
+        self.native_tools = []
+        self.safety_settings = None
+        self.betas = None
+        self.cache_key = None
         self.client_format = None
 
     def system_text(self):
         return "\n\n".join(p.text for p in self.system if p.kind == "text")
+
+    def conversation_key(self):
+        """A stable id for the conversation: the client's cache key, else a hash of its first turns (which do not
+        change as the conversation grows), so one conversation keeps one credential and its prompt cache."""
+        if self.cache_key:
+            return "k:" + str(self.cache_key)
+        h = hashlib.sha256(self.system_text().encode("utf-8", "replace"))
+        for m in self.messages[:2]:
+            h.update(b"\x00" + m.role.encode() + b"\x00")
+            for p in m.parts:
+                if p.kind == "text":
+                    h.update(p.text.encode("utf-8", "replace"))
+                elif p.kind == "tool_call":
+                    h.update(p.name.encode() + p.arguments.encode("utf-8", "replace"))
+        return "h:" + h.hexdigest()[:32]
 
 
 class Usage:
@@ -3031,36 +3130,66 @@ class ResponseCollector:
         return self.resp
 
 
-def data_url_split(url):
-    """('image/png', '<base64>') for a data: URL, else None."""
-    if not url.startswith("data:"):
+# -- reasoning state carried through clients ---------------------------------------------------------------------
+# An upstream's reasoning state (Anthropic signatures and redacted thinking, Gemini thoughtSignatures, Responses
+# encrypted_content and item ids) must come back on the next turn, byte-exact and only to the family that made
+# it (formats.md §6.3). A client of another family carries it as one opaque token that only these two helpers
+# make and read; codecs never parse each other's tokens.
+
+REASONING_TOKEN = "llmmux:v1:"
+_REASONING_FIELDS = (("s", "signature"), ("r", "redacted"), ("e", "encrypted"), ("i", "item_id"))
+
+
+def pack_reasoning(part):
+    """The opaque token for a Thinking part or ThinkingDelta: `llmmux:v1:` + base64url of its family (`f`) and
+    state. A part without state (OpenAI chat `reasoning_content`) still gets one, so every client that requires
+    a signature has one; it is recognised on replay and never forwarded."""
+    state = {"f": part.source or "anthropic"}
+    for short, name in _REASONING_FIELDS:
+        value = getattr(part, name, None)
+        if value:
+            state[short] = value
+    return REASONING_TOKEN + base64.urlsafe_b64encode(json_bytes(state)).decode("ascii").rstrip("=")
+
+
+def unpack_reasoning(token):
+    """Thinking fields (source, signature, redacted, encrypted, item_id) from a token pack_reasoning made, or from
+    the unversioned `llmmux:<family>:<value>` tokens of earlier releases; None for anything else (a family's own
+    native token)."""
+    if not isinstance(token, str) or not token.startswith("llmmux:"):
         return None
-    head, sep, data = url[5:].partition(",")
-    if not sep:
-        return None
-    mime = head.split(";")[0] or "application/octet-stream"
-    if ";base64" not in head:
-        data = base64.b64encode(urllib.parse.unquote_to_bytes(data)).decode("ascii")
-    return mime, data
+    fields = {"source": None, "signature": None, "redacted": None, "encrypted": None, "item_id": None}
+    if token.startswith(REASONING_TOKEN):
+        body = token[len(REASONING_TOKEN):]
+        try:
+            state = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            return None
+        if not isinstance(state, dict) or not isinstance(state.get("f"), str):
+            return None
+        fields["source"] = state["f"]
+        for short, name in _REASONING_FIELDS:
+            if isinstance(state.get(short), str):
+                fields[name] = state[short]
+        return fields
+    family, _, value = token[len("llmmux:"):].partition(":")
+    if family == "responses":
+        item_id, _, encrypted = value.partition("|")
+        fields.update(source=family, item_id=item_id or None, encrypted=encrypted or None)
+    elif family == "anthropic-redacted":
+        fields.update(source="anthropic", redacted=value)
+    else:
+        fields.update(source=family, signature=value or None)
+    return fields
 
 
-# -- helpers shared by the codecs ----------------------------------------------------------------------------------
-
-SIGNATURE_CARRIER = "llmmux:"
-
-
-def wrap_signature(source, value):
-    """Carry an opaque token through a client of another family: `llmmux:<source>:<value>`. Clients give it back
-    unchanged on the next turn, and `unwrap_signature` routes it to its own family only (formats.md §6.3)."""
-    return "%s%s:%s" % (SIGNATURE_CARRIER, source, value)
-
-
-def unwrap_signature(value):
-    """(source, token) for a carried token, else (None, value)."""
-    if isinstance(value, str) and value.startswith(SIGNATURE_CARRIER):
-        source, _, token = value[len(SIGNATURE_CARRIER):].partition(":")
-        return source, token
-    return None, value
+def thinking_from_token(text, token, family):
+    """A Thinking part from a client's reasoning token: carried state restored where the gateway made the token,
+    else the token is the client family's own signature."""
+    fields = unpack_reasoning(token)
+    if fields is None:
+        return Thinking(text, token or None, source=family)
+    return Thinking(text, **fields)
 
 
 _THINKING_SUFFIX = re.compile(r"^(.+)\(([A-Za-z]+|-?\d+)\)$")
@@ -3077,39 +3206,6 @@ def split_thinking_suffix(model):
     if value in EFFORT_BUDGETS:
         return base, ThinkingConfig(effort=value)
     return model, None
-
-
-_TOOL_ID_BAD = re.compile(r"[^a-zA-Z0-9_-]")
-
-
-def sanitize_tool_id(tool_id):
-    """Anthropic ids must match ^[a-zA-Z0-9_-]+$; the same function is applied to calls and results."""
-    return _TOOL_ID_BAD.sub("_", tool_id) if tool_id else new_id("toolu_")
-
-
-def b64_normalize(value):
-    """Standard-alphabet padded base64 (python-genai sends URL-safe; Gemini accepts both)."""
-    if not isinstance(value, str):
-        return value
-    v = value.replace("-", "+").replace("_", "/").strip()
-    return v + "=" * (-len(v) % 4)
-
-
-def sniff_image_mime(b64):
-    """The image type from its first bytes (Ollama sends bare base64 with no type)."""
-    try:
-        head = base64.b64decode(b64[:24] + "=" * (-len(b64[:24]) % 4))
-    except (binascii.Error, ValueError):
-        return "image/png"
-    if head.startswith(b"\x89PNG"):
-        return "image/png"
-    if head.startswith(b"\xff\xd8"):
-        return "image/jpeg"
-    if head.startswith((b"GIF87a", b"GIF89a")):
-        return "image/gif"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    return "image/png"
 
 
 def estimate_tokens(req):
@@ -3134,115 +3230,6 @@ def estimate_tokens(req):
     for t in req.tools:
         chars += len(t.name) + len(t.description or "") + len(json_dumps(t.parameters or {}))
     return max(1, chars // 4 + extra)
-
-
-_GEMINI_DROP_KEYS = frozenset((
-    "$schema", "$id", "$comment", "$defs", "definitions", "$ref", "additionalProperties", "propertyNames",
-    "patternProperties", "enumDescriptions", "enumTitles", "prefill", "deprecated", "encrypted", "nullable",
-    "title", "unevaluatedProperties", "unevaluatedItems", "dependentSchemas", "dependentRequired",
-    "dependencies", "contentEncoding", "contentMediaType", "if", "then", "else", "not", "strict",
-    "input_examples", "readOnly", "writeOnly", "examples", "default", "minContains", "maxContains", "contains",
-    "const"))
-_GEMINI_HINT_KEYS = ("minLength", "maxLength", "exclusiveMinimum", "exclusiveMaximum", "pattern", "minItems",
-                     "maxItems", "uniqueItems", "format", "default", "examples")
-
-
-def clean_schema_for_gemini(schema, _defs=None, _depth=0):
-    """JSON Schema -> the OpenAPI subset Gemini's `parameters` accepts (formats.md §6.5): local $refs inlined,
-    const -> enum, enums as strings, allOf merged, anyOf/oneOf flattened (a null branch = optional),
-    `type: [T, "null"]` -> T, unsupported constraints moved into the description. Applied to schemas only."""
-    if not isinstance(schema, dict) or _depth > 40:
-        return {"type": "object", "properties": {}} if _depth == 0 else {}
-    defs = _defs if _defs is not None else dict(schema.get("$defs") or {}, **(schema.get("definitions") or {}))
-    s = dict(schema)
-    ref = s.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/") and _depth < 20:
-        name = ref.rsplit("/", 1)[-1]
-        if name in defs:
-            merged = dict(defs[name])
-            merged.update({k: v for k, v in s.items() if k != "$ref"})
-            s = merged
-        else:
-            s = {"type": "object", "description": "(reference %s)" % ref}
-    if "allOf" in s and isinstance(s["allOf"], list):
-        merged = {}
-        for sub in s.pop("allOf"):
-            if isinstance(sub, dict):
-                for k, v in sub.items():
-                    if k == "properties" and isinstance(v, dict):
-                        merged.setdefault("properties", {}).update(v)
-                    elif k == "required" and isinstance(v, list):
-                        merged.setdefault("required", []).extend(v)
-                    else:
-                        merged.setdefault(k, v)
-        for k, v in merged.items():
-            if k == "properties":
-                s.setdefault("properties", {}).update(v)
-            elif k == "required":
-                s["required"] = list(s.get("required") or []) + v
-            else:
-                s.setdefault(k, v)
-    for key in ("anyOf", "oneOf"):
-        branches = s.pop(key, None)
-        if isinstance(branches, list):
-            real = [b for b in branches if isinstance(b, dict) and b.get("type") != "null"]
-            best = max(real, key=lambda b: (b.get("type") == "object", len(b)), default=None)
-            if best is not None:
-                for k, v in best.items():
-                    s.setdefault(k, v)
-    t = s.get("type")
-    if isinstance(t, list):
-        non_null = [x for x in t if x != "null"]
-        s["type"] = non_null[0] if non_null else "string"
-    if "const" in s:
-        s["enum"] = [s["const"]]
-    if "enum" in s and isinstance(s["enum"], list):
-        s["enum"] = [v if isinstance(v, str) else json_dumps(v) for v in s["enum"] if v is not None]
-        s["type"] = "string"
-    hints = []
-    for k in _GEMINI_HINT_KEYS:
-        if k in s and not (k == "format" and s[k] in ("enum", "date-time")):
-            hints.append("%s: %s" % (k, s[k] if isinstance(s[k], str) else json_dumps(s[k])))
-    out = {}
-    for k, v in s.items():
-        if k in _GEMINI_DROP_KEYS or k in _GEMINI_HINT_KEYS or k.startswith("x-"):
-            continue
-        if k == "properties" and isinstance(v, dict):
-            out[k] = {pk: clean_schema_for_gemini(pv, defs, _depth + 1) for pk, pv in v.items()
-                      if isinstance(pv, dict)}
-        elif k == "items":
-            out[k] = clean_schema_for_gemini(v if isinstance(v, dict) else {}, defs, _depth + 1)
-        else:
-            out[k] = v
-    if hints:
-        out["description"] = ((out.get("description") or "") + " (" + "; ".join(hints) + ")").strip()
-    if "properties" in out and "type" not in out:
-        out["type"] = "object"
-    if isinstance(out.get("required"), list):
-        props = out.get("properties") or {}
-        out["required"] = [r for r in dict.fromkeys(out["required"]) if r in props]
-        if not out["required"]:
-            del out["required"]
-    if out.get("type") == "array" and "items" not in out:
-        out["items"] = {"type": "string"}
-    if _depth == 0 and out.get("type") != "object":
-        out = {"type": "object", "properties": out.get("properties") or {}}
-    return out
-
-
-def custom_tool_schema():
-    """How a freeform (custom) tool is offered to upstreams that only know function tools."""
-    return {"type": "object", "properties": {"input": {"type": "string", "description": "The raw input."}},
-            "required": ["input"]}
-
-
-def json_object_or_wrap(text):
-    """A tool result for Gemini's functionResponse.response: JSON objects stay, anything else is wrapped."""
-    try:
-        value = json.loads(text)
-    except (ValueError, TypeError):
-        return {"output": text}
-    return value if isinstance(value, dict) else {"output": value}
 
 
 def repair_tool_turns(messages):
@@ -3304,6 +3291,35 @@ class BadRequest(GatewayError):
         super().__init__(400, message, "invalid_request", param)
 
 
+# -- wire helpers shared by the codecs ------------------------------------------------------------------------
+
+def data_url_split(url):
+    """('image/png', '<base64>') for a data: URL, else None."""
+    if not url.startswith("data:"):
+        return None
+    head, sep, data = url[5:].partition(",")
+    if not sep:
+        return None
+    mime = head.split(";")[0] or "application/octet-stream"
+    if ";base64" not in head:
+        data = base64.b64encode(urllib.parse.unquote_to_bytes(data)).decode("ascii")
+    return mime, data
+
+
+def b64_normalize(value):
+    """Standard-alphabet padded base64 (python-genai sends URL-safe; Gemini accepts both)."""
+    if not isinstance(value, str):
+        return value
+    v = value.replace("-", "+").replace("_", "/").strip()
+    return v + "=" * (-len(v) % 4)
+
+
+def custom_tool_schema():
+    """How a freeform (custom) tool is offered to upstreams that only know function tools."""
+    return {"type": "object", "properties": {"input": {"type": "string", "description": "The raw input."}},
+            "required": ["input"]}
+
+
 def _expect(value, types, field, what):
     if value is None:
         return None
@@ -3359,6 +3375,45 @@ class Codec:
     @staticmethod
     def error_body(err):
         raise NotImplementedError
+
+
+class EventEncoder:
+    """Base of every codec's StreamEncoder: IR stream events in, the client format's bytes out. The skeleton all
+    formats share is here: usage is kept for the closing frames, the finish is written once, an error event
+    becomes the format's in-band error and ends the stream. A subclass implements on_<kind>(ev) for the events
+    its format shows (start, text, thinking, tool_start, tool_delta, tool_end), finish(ev) (the closing frames)
+    and error_frame(err); close() gives what follows the last frame (b"" unless the format needs a tail)."""
+
+    HANDLERS = {"start": "on_start", "text": "on_text", "thinking": "on_thinking", "tool_start": "on_tool_start",
+                "tool_delta": "on_tool_delta", "tool_end": "on_tool_end"}
+
+    def __init__(self, req):
+        self.req = req
+        self.usage = None
+        self.finished = False
+
+    def encode(self, ev):
+        """The bytes for one IR event (b"" when it only changes the encoder's state)."""
+        k = ev.kind
+        if k == "usage":
+            self.usage = ev.usage
+            return b""
+        if k == "finish":
+            if self.finished:
+                return b""
+            self.finished = True
+            return self.finish(ev)
+        if k == "error":
+            return self.error(GatewayError(ev.status, ev.message, ev.type))
+        handler = getattr(self, self.HANDLERS.get(k, "on_other"), None)
+        return handler(ev) if handler is not None else b""
+
+    def error(self, err):
+        self.finished = True
+        return self.error_frame(err)
+
+    def close(self):
+        return b""
 
 
 class OpenAIChat(Codec):
@@ -3431,7 +3486,8 @@ class OpenAIChat(Codec):
         for key in ("logprobs", "top_logprobs", "logit_bias", "service_tier", "store", "prediction", "modalities",
                     "audio", "verbosity", "web_search_options", "prompt_cache_key", "safety_identifier"):
             if key in body:
-                req.extra[key] = body[key]
+                req.passthrough[key] = body[key]
+        req.cache_key = body.get("prompt_cache_key") if isinstance(body.get("prompt_cache_key"), str) else None
         return req
 
     @staticmethod
@@ -3442,7 +3498,7 @@ class OpenAIChat(Codec):
             c = t.get("custom") or {}
             if not isinstance(c.get("name"), str):
                 raise BadRequest("'tools[%d].custom.name' is required" % i, "tools")
-            return Tool(c["name"], c.get("description"), None, "custom", extra={"format": c.get("format")})
+            return Tool(c["name"], c.get("description"), None, "custom", format=c.get("format"))
         f = t.get("function")
         if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
             raise BadRequest("'tools[%d].function.name' is required" % i, "tools")
@@ -3658,7 +3714,7 @@ class OpenAIChat(Codec):
         if req.metadata and req.client_format == cls.name:
             body["metadata"] = req.metadata
         if req.client_format == cls.name:
-            for k, v in req.extra.items():
+            for k, v in req.passthrough.items():
                 body.setdefault(k, v)
         return body
 
@@ -3889,19 +3945,17 @@ class OpenAIChat(Codec):
                 return [ErrorEvent(502, "upstream stream ended before completion", "upstream")]
             return self._end()
 
-    class StreamEncoder:
+    class StreamEncoder(EventEncoder):
         """IR events -> OpenAI chat SSE bytes, following formats.md §2.4 (what OPY's accumulator needs)."""
 
         def __init__(self, req):
-            self.req = req
+            EventEncoder.__init__(self, req)
             self.id = new_id("chatcmpl-")
             self.created = now_s()
             self.prefix = ('data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,'
                            '"choices":[{"index":0,"delta":' % (self.id, self.created, json_dumps(req.model)))
-            self.usage = None
             self.role_sent = False
             self.tool_seen = False
-            self.finished = False
 
         def _chunk(self, delta_json, finish="null"):
             return (self.prefix + delta_json + ',"logprobs":null,"finish_reason":' + finish + '}]}\n\n').encode()
@@ -3912,50 +3966,48 @@ class OpenAIChat(Codec):
             self.role_sent = True
             return self._chunk('{"role":"assistant","content":""}')
 
-        def encode(self, ev):
-            k = ev.kind
-            if k == "text":
-                return self._role() + self._chunk('{"content":' + json_dumps(ev.text) + "}")
-            if k == "thinking":
-                if not ev.text:
-                    return b""
-                return self._role() + self._chunk('{"reasoning_content":' + json_dumps(ev.text) + "}")
-            if k == "tool_start":
-                self.tool_seen = True
-                call = {"index": ev.index, "id": ev.id, "type": "function",
-                        "function": {"name": ev.name, "arguments": ""}}
-                return self._role() + self._chunk(json_dumps({"tool_calls": [call]}))
-            if k == "tool_delta":
-                if not ev.arguments:
-                    return b""
-                return self._chunk(json_dumps({"tool_calls": [{"index": ev.index,
-                                                               "function": {"arguments": ev.arguments}}]}))
-            if k == "start":
-                return self._role()
-            if k == "usage":
-                self.usage = ev.usage
-                return b""
-            if k == "finish":
-                if self.finished:
-                    return b""
-                self.finished = True
-                reason = "tool_calls" if self.tool_seen else OPENAI_FINISH_OUT.get(ev.reason, "stop")
-                out = self._role() + self._chunk("{}", '"%s"' % reason)
-                if self.req.include_usage and self.usage is not None:
-                    out += ('data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,'
-                            '"choices":[],"usage":%s}\n\n' % (self.id, self.created, json_dumps(self.req.model),
-                                                             json_dumps(OpenAIChat.wire_usage(self.usage)))).encode()
-                return out + b"data: [DONE]\n\n"
-            if k == "error":
-                return self.error(GatewayError(ev.status, ev.message, ev.type))
-            return b""
+        def on_start(self, ev):
+            return self._role()
 
-        def error(self, err):
-            self.finished = True
+        def on_text(self, ev):
+            return self._role() + self._chunk('{"content":' + json_dumps(ev.text) + "}")
+
+        def on_thinking(self, ev):
+            if not ev.text:
+                return b""
+            return self._role() + self._chunk('{"reasoning_content":' + json_dumps(ev.text) + "}")
+
+        def on_tool_start(self, ev):
+            self.tool_seen = True
+            call = {"index": ev.index, "id": ev.id, "type": "function",
+                    "function": {"name": ev.name, "arguments": ""}}
+            return self._role() + self._chunk(json_dumps({"tool_calls": [call]}))
+
+        def on_tool_delta(self, ev):
+            if not ev.arguments:
+                return b""
+            return self._chunk(json_dumps({"tool_calls": [{"index": ev.index,
+                                                           "function": {"arguments": ev.arguments}}]}))
+
+        def finish(self, ev):
+            reason = "tool_calls" if self.tool_seen else OPENAI_FINISH_OUT.get(ev.reason, "stop")
+            out = self._role() + self._chunk("{}", '"%s"' % reason)
+            if self.req.include_usage and self.usage is not None:
+                out += ('data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,'
+                        '"choices":[],"usage":%s}\n\n' % (self.id, self.created, json_dumps(self.req.model),
+                                                         json_dumps(OpenAIChat.wire_usage(self.usage)))).encode()
+            return out + b"data: [DONE]\n\n"
+
+        def error_frame(self, err):
             return b"data: " + json_bytes(OpenAIChat.error_body(err)) + b"\n\n"
 
-        def close(self):
-            return b""
+
+_TOOL_ID_BAD = re.compile(r"[^a-zA-Z0-9_-]")
+
+
+def sanitize_tool_id(tool_id):
+    """Anthropic ids must match ^[a-zA-Z0-9_-]+$; the same function is applied to calls and results."""
+    return _TOOL_ID_BAD.sub("_", tool_id) if tool_id else new_id("toolu_")
 
 
 ANTHROPIC_STOP_IN = {"end_turn": "stop", "stop_sequence": "stop_sequence", "max_tokens": "length",
@@ -4025,13 +4077,13 @@ class Anthropic(Codec):
                 if not isinstance(t, dict) or not isinstance(t.get("name"), str):
                     raise BadRequest("tools.%d.name: Field required" % i, "tools")
                 if t.get("type") not in (None, "custom"):
-                    req.extra.setdefault("anthropic_server_tools", []).append(t)
+                    req.native_tools.append(t)  # server tools (web search, ...): Anthropic upstreams only
                     continue
                 schema = t.get("input_schema")
                 if schema is not None and not isinstance(schema, dict):
                     raise BadRequest("tools.%d.input_schema: must be an object" % i, "tools")
                 req.tools.append(Tool(t["name"], t.get("description"), schema, "function", t.get("strict"),
-                                      {"cache_control": t["cache_control"]} if t.get("cache_control") else None))
+                                      cache_control=t.get("cache_control")))
         tc = body.get("tool_choice")
         if tc is not None:
             if not isinstance(tc, dict):
@@ -4137,12 +4189,7 @@ class Anthropic(Codec):
                 tid = b.get("tool_use_id") or ""
                 results.append(ToolResult(tid, names.get(tid), rparts, bool(b.get("is_error"))))
             elif t == "thinking":
-                source, sig = unwrap_signature(b.get("signature") or "")
-                th = Thinking(b.get("thinking") or "", sig or None, source=source or "anthropic")
-                if source == "responses" and sig:
-                    th.item_id, _, th.encrypted = sig.partition("|")
-                    th.signature = None
-                parts.append(th)
+                parts.append(thinking_from_token(b.get("thinking") or "", b.get("signature") or "", "anthropic"))
             elif t == "redacted_thinking":
                 parts.append(Thinking("", redacted=b.get("data"), source="anthropic"))
             # server-tool blocks (web search results, ...) only make sense to Anthropic itself: skipped
@@ -4208,17 +4255,11 @@ class Anthropic(Codec):
     @staticmethod
     def _client_thinking_blocks(p):
         """Thinking for an Anthropic client: Anthropic's own tokens as they are, others carried."""
-        if p.source == "anthropic" or p.source is None:
+        if (p.source == "anthropic" or p.source is None) and (p.redacted or p.signature):
             if p.redacted:
                 return [{"type": "redacted_thinking", "data": p.redacted}]
-            return [{"type": "thinking", "thinking": p.text or "", "signature": p.signature or ""}]
-        if p.source == "responses" and (p.encrypted or p.item_id):
-            sig = wrap_signature("responses", "%s|%s" % (p.item_id or "", p.encrypted or ""))
-        elif p.signature:
-            sig = wrap_signature(p.source, p.signature)
-        else:
-            sig = ""
-        return [{"type": "thinking", "thinking": p.text or "", "signature": sig}]
+            return [{"type": "thinking", "thinking": p.text or "", "signature": p.signature}]
+        return [{"type": "thinking", "thinking": p.text or "", "signature": pack_reasoning(p)}]
 
     @classmethod
     def build_request(cls, req, model):
@@ -4312,11 +4353,11 @@ class Anthropic(Codec):
             tool = {"name": t.name, "input_schema": schema}
             if t.description:
                 tool["description"] = t.description
-            if t.extra and t.extra.get("cache_control"):
-                tool["cache_control"] = t.extra["cache_control"]
+            if t.cache_control:
+                tool["cache_control"] = t.cache_control
             tools.append(tool)
         if req.client_format == cls.name:
-            tools.extend(req.extra.get("anthropic_server_tools") or [])
+            tools.extend(req.native_tools)
         if tools and req.tool_choice != "none":
             body["tools"] = tools
             tc = req.tool_choice
@@ -4400,7 +4441,7 @@ class Anthropic(Codec):
         content = []
         for p in resp.parts:
             if p.kind == "tool_call" and p.signature and p.source and p.source != "anthropic":
-                content.extend(cls._client_thinking_blocks(Thinking("", p.signature, source=p.source)))
+                content.extend(cls._client_thinking_blocks(Thinking("", p.signature, source=p.source)))  # Gemini
             content.extend(cls._wire_parts([p], upstream=False))
         calls = any(b["type"] == "tool_use" for b in content)
         stop = "tool_use" if calls else ANTHROPIC_STOP_OUT.get(resp.finish, "end_turn")
@@ -4513,18 +4554,19 @@ class Anthropic(Codec):
                 return self._end()
             return [ErrorEvent(502, "upstream stream ended before message_stop", "upstream")]
 
-    class StreamEncoder:
+    class StreamEncoder(EventEncoder):
         """IR events -> Anthropic SSE with `event:` lines, one block open at a time (formats.md §3.4, §6.10)."""
 
         def __init__(self, req):
-            self.req = req
+            EventEncoder.__init__(self, req)
             self.index = -1
             self.open = None  # "text" | "thinking" | ("tool", ir index)
             self.started = False
-            self.usage = None
             self.tools_seen = False
-            self.finished = False
             self.pending = {}
+            self.thinking = None  # the open thinking block's family, until its signature is sent
+            self.thinking_item = None  # the upstream item id of the open thinking block (Responses)
+            self.deferred = []  # signature-only reasoning state met inside a text block: sent after that block
 
         @staticmethod
         def _event(name, obj):
@@ -4543,8 +4585,23 @@ class Anthropic(Codec):
         def _close(self):
             if self.open is None:
                 return b""
-            self.open = None
-            return self._event("content_block_stop", {"type": "content_block_stop", "index": self.index})
+            out = b""
+            if self.thinking is not None:  # every thinking block a client sees carries a signature
+                out = self._signature(ThinkingDelta("", source=self.thinking))
+            closed, self.open = self.open, None
+            out += self._event("content_block_stop", {"type": "content_block_stop", "index": self.index})
+            if closed == "text" and self.deferred:
+                deferred, self.deferred = self.deferred, []
+                for ev in deferred:
+                    out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                    out += self._signature(ev) + self._close()
+            return out
+
+        def _signature(self, ev):
+            self.thinking = None
+            native = ev.source in (None, "anthropic") and ev.signature
+            return self._delta({"type": "signature_delta", "signature": ev.signature if native else
+                                pack_reasoning(ev)})
 
         def _open(self, kind, block):
             out = self._close()
@@ -4557,83 +4614,184 @@ class Anthropic(Codec):
             return self._event("content_block_delta", {"type": "content_block_delta", "index": self.index,
                                                         "delta": delta})
 
-        def encode(self, ev):
-            k = ev.kind
+        def on_start(self, ev):
+            return self._start()
+
+        def on_text(self, ev):
             out = self._start()
-            if k == "text":
-                if self.open != "text":
-                    out += self._open("text", {"type": "text", "text": ""})
-                return out + self._delta({"type": "text_delta", "text": ev.text})
-            if k == "thinking":
-                if ev.redacted:
-                    out += self._open("redacted", {"type": "redacted_thinking", "data": ev.redacted})
-                    return out + self._close()
-                marker = not ev.text and ev.signature and ev.source not in (None, "anthropic")
-                if self.open != "thinking" or marker:
-                    out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
-                if ev.text:
-                    out += self._delta({"type": "thinking_delta", "thinking": ev.text})
-                sig = None
-                if ev.source in (None, "anthropic") and ev.signature:
-                    sig = ev.signature
-                elif ev.source == "responses" and (ev.encrypted or ev.item_id):
-                    sig = wrap_signature("responses", "%s|%s" % (ev.item_id or "", ev.encrypted or ""))
-                elif ev.signature:
-                    sig = wrap_signature(ev.source, ev.signature)
-                if sig:
-                    out += self._delta({"type": "signature_delta", "signature": sig}) + self._close()
+            if self.open != "text":
+                out += self._open("text", {"type": "text", "text": ""})
+            return out + self._delta({"type": "text_delta", "text": ev.text})
+
+        def on_thinking(self, ev):
+            out = self._start()
+            native = ev.source in (None, "anthropic")
+            if ev.redacted and native:
+                out += self._open("redacted", {"type": "redacted_thinking", "data": ev.redacted})
+                return out + self._close()
+            sealed = bool(ev.signature or ev.redacted or ev.encrypted)  # state that closes a block
+            if sealed and not ev.text and not native and self.open == "text":
+                self.deferred.append(ev)  # a signature for this text: never split the answer around it
                 return out
-            if k == "tool_start":
-                self.tools_seen = True
-                if ev.signature and ev.source and ev.source != "anthropic":
-                    out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
-                    out += self._delta({"type": "signature_delta",
-                                        "signature": wrap_signature(ev.source, ev.signature)}) + self._close()
-                out += self._open(("tool", ev.index), {"type": "tool_use", "id": sanitize_tool_id(ev.id),
-                                                       "name": ev.name, "input": {}})
-                pending = self.pending.pop(ev.index, "")
-                if pending:
-                    out += self._delta({"type": "input_json_delta", "partial_json": pending})
-                return out
-            if k == "tool_delta":
-                if self.open == ("tool", ev.index):
-                    return out + self._delta({"type": "input_json_delta", "partial_json": ev.arguments})
-                self.pending[ev.index] = self.pending.get(ev.index, "") + ev.arguments
-                return out
-            if k == "tool_end":
-                if self.open == ("tool", ev.index):
-                    out += self._close()
-                return out
-            if k == "usage":
-                self.usage = ev.usage
-                return out
-            if k == "finish":
-                if self.finished:
-                    return out
-                self.finished = True
-                out += self._close()
-                stop = "tool_use" if self.tools_seen else ANTHROPIC_STOP_OUT.get(ev.reason, "end_turn")
-                if stop == "tool_use" and not self.tools_seen:
-                    stop = "end_turn"
-                usage = Anthropic.wire_usage(self.usage)
-                out += self._event("message_delta", {"type": "message_delta", "delta": {
-                    "stop_reason": stop, "stop_sequence": ev.stop_sequence if stop == "stop_sequence" else None},
-                    "usage": usage})
-                return out + self._event("message_stop", {"type": "message_stop"})
-            if k == "error":
-                return out + self.error(GatewayError(ev.status, ev.message, ev.type))
+            same_item = ev.item_id is not None and ev.item_id == self.thinking_item
+            if self.open != "thinking" or (sealed and not ev.text and not native and not same_item):
+                out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                self.thinking, self.thinking_item = ev.source or "anthropic", ev.item_id
+            if ev.text:
+                out += self._delta({"type": "thinking_delta", "thinking": ev.text})
+            if sealed:
+                out += self._signature(ev) + self._close()
             return out
 
-        def error(self, err):
-            self.finished = True
-            return self._event("error", Anthropic.error_body(err))
+        def on_tool_start(self, ev):
+            out = self._start()
+            self.tools_seen = True
+            if ev.signature and ev.source and ev.source != "anthropic":
+                out += self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                out += self._signature(ev) + self._close()
+            out += self._open(("tool", ev.index), {"type": "tool_use", "id": sanitize_tool_id(ev.id),
+                                                   "name": ev.name, "input": {}})
+            pending = self.pending.pop(ev.index, "")
+            if pending:
+                out += self._delta({"type": "input_json_delta", "partial_json": pending})
+            return out
 
-        def close(self):
-            return b""
+        def on_tool_delta(self, ev):
+            out = self._start()
+            if self.open == ("tool", ev.index):
+                return out + self._delta({"type": "input_json_delta", "partial_json": ev.arguments})
+            self.pending[ev.index] = self.pending.get(ev.index, "") + ev.arguments
+            return out
+
+        def on_tool_end(self, ev):
+            out = self._start()
+            if self.open == ("tool", ev.index):
+                out += self._close()
+            return out
+
+        def finish(self, ev):
+            out = self._start()
+            out += self._close()
+            stop = "tool_use" if self.tools_seen else ANTHROPIC_STOP_OUT.get(ev.reason, "end_turn")
+            if stop == "tool_use" and not self.tools_seen:
+                stop = "end_turn"
+            usage = Anthropic.wire_usage(self.usage)
+            out += self._event("message_delta", {"type": "message_delta", "delta": {
+                "stop_reason": stop, "stop_sequence": ev.stop_sequence if stop == "stop_sequence" else None},
+                "usage": usage})
+            return out + self._event("message_stop", {"type": "message_stop"})
+
+        def error_frame(self, err):
+            return self._start() + self._event("error", Anthropic.error_body(err))
 
     @staticmethod
     def count_tokens_body(n):
         return {"input_tokens": n}
+
+
+_GEMINI_DROP_KEYS = frozenset((
+    "$schema", "$id", "$comment", "$defs", "definitions", "$ref", "additionalProperties", "propertyNames",
+    "patternProperties", "enumDescriptions", "enumTitles", "prefill", "deprecated", "encrypted", "nullable",
+    "title", "unevaluatedProperties", "unevaluatedItems", "dependentSchemas", "dependentRequired",
+    "dependencies", "contentEncoding", "contentMediaType", "if", "then", "else", "not", "strict",
+    "input_examples", "readOnly", "writeOnly", "examples", "default", "minContains", "maxContains", "contains",
+    "const"))
+
+
+_GEMINI_HINT_KEYS = ("minLength", "maxLength", "exclusiveMinimum", "exclusiveMaximum", "pattern", "minItems",
+                     "maxItems", "uniqueItems", "format", "default", "examples")
+
+
+def clean_schema_for_gemini(schema, _defs=None, _depth=0):
+    """JSON Schema -> the OpenAPI subset Gemini's `parameters` accepts (formats.md §6.5): local $refs inlined,
+    const -> enum, enums as strings, allOf merged, anyOf/oneOf flattened (a null branch = optional),
+    `type: [T, "null"]` -> T, unsupported constraints moved into the description. Applied to schemas only."""
+    if not isinstance(schema, dict) or _depth > 40:
+        return {"type": "object", "properties": {}} if _depth == 0 else {}
+    defs = _defs if _defs is not None else dict(schema.get("$defs") or {}, **(schema.get("definitions") or {}))
+    s = dict(schema)
+    ref = s.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/") and _depth < 20:
+        name = ref.rsplit("/", 1)[-1]
+        if name in defs:
+            merged = dict(defs[name])
+            merged.update({k: v for k, v in s.items() if k != "$ref"})
+            s = merged
+        else:
+            s = {"type": "object", "description": "(reference %s)" % ref}
+    if "allOf" in s and isinstance(s["allOf"], list):
+        merged = {}
+        for sub in s.pop("allOf"):
+            if isinstance(sub, dict):
+                for k, v in sub.items():
+                    if k == "properties" and isinstance(v, dict):
+                        merged.setdefault("properties", {}).update(v)
+                    elif k == "required" and isinstance(v, list):
+                        merged.setdefault("required", []).extend(v)
+                    else:
+                        merged.setdefault(k, v)
+        for k, v in merged.items():
+            if k == "properties":
+                s.setdefault("properties", {}).update(v)
+            elif k == "required":
+                s["required"] = list(s.get("required") or []) + v
+            else:
+                s.setdefault(k, v)
+    for key in ("anyOf", "oneOf"):
+        branches = s.pop(key, None)
+        if isinstance(branches, list):
+            real = [b for b in branches if isinstance(b, dict) and b.get("type") != "null"]
+            best = max(real, key=lambda b: (b.get("type") == "object", len(b)), default=None)
+            if best is not None:
+                for k, v in best.items():
+                    s.setdefault(k, v)
+    t = s.get("type")
+    if isinstance(t, list):
+        non_null = [x for x in t if x != "null"]
+        s["type"] = non_null[0] if non_null else "string"
+    if "const" in s:
+        s["enum"] = [s["const"]]
+    if "enum" in s and isinstance(s["enum"], list):
+        s["enum"] = [v if isinstance(v, str) else json_dumps(v) for v in s["enum"] if v is not None]
+        s["type"] = "string"
+    hints = []
+    for k in _GEMINI_HINT_KEYS:
+        if k in s and not (k == "format" and s[k] in ("enum", "date-time")):
+            hints.append("%s: %s" % (k, s[k] if isinstance(s[k], str) else json_dumps(s[k])))
+    out = {}
+    for k, v in s.items():
+        if k in _GEMINI_DROP_KEYS or k in _GEMINI_HINT_KEYS or k.startswith("x-"):
+            continue
+        if k == "properties" and isinstance(v, dict):
+            out[k] = {pk: clean_schema_for_gemini(pv, defs, _depth + 1) for pk, pv in v.items()
+                      if isinstance(pv, dict)}
+        elif k == "items":
+            out[k] = clean_schema_for_gemini(v if isinstance(v, dict) else {}, defs, _depth + 1)
+        else:
+            out[k] = v
+    if hints:
+        out["description"] = ((out.get("description") or "") + " (" + "; ".join(hints) + ")").strip()
+    if "properties" in out and "type" not in out:
+        out["type"] = "object"
+    if isinstance(out.get("required"), list):
+        props = out.get("properties") or {}
+        out["required"] = [r for r in dict.fromkeys(out["required"]) if r in props]
+        if not out["required"]:
+            del out["required"]
+    if out.get("type") == "array" and "items" not in out:
+        out["items"] = {"type": "string"}
+    if _depth == 0 and out.get("type") != "object":
+        out = {"type": "object", "properties": out.get("properties") or {}}
+    return out
+
+
+def json_object_or_wrap(text):
+    """A tool result for Gemini's functionResponse.response: JSON objects stay, anything else is wrapped."""
+    try:
+        value = json.loads(text)
+    except (ValueError, TypeError):
+        return {"output": text}
+    return value if isinstance(value, dict) else {"output": value}
 
 
 GEMINI_FINISH_IN = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_filter",
@@ -4673,24 +4831,23 @@ class Gemini(Codec):
 
     # -- signatures -----------------------------------------------------------------------------------------------
     @staticmethod
-    def client_signature(source, token):
-        """A signature for a Gemini client: Gemini's own as is; others carried, base64 so SDKs accept it."""
-        if source == "gemini":
-            return token
-        return base64.b64encode(wrap_signature(source, token).encode()).decode()
+    def client_signature(part):
+        """A thoughtSignature for a Gemini client: Gemini's own as is; other families' reasoning state carried in
+        the IR token, base64-encoded because the SDKs decode thoughtSignature as bytes."""
+        if part.source == "gemini" and part.signature:
+            return part.signature
+        return base64.b64encode(pack_reasoning(part).encode("ascii")).decode("ascii")
 
     @staticmethod
     def read_signature(value):
-        """(source, token) from a client's thoughtSignature (URL-safe base64 normalised first)."""
+        """The reasoning state in a client's thoughtSignature, as a Thinking part with no text."""
         value = b64_normalize(value)
         try:
-            raw = base64.b64decode(value)
-        except (binascii.Error, ValueError):
-            return "gemini", value
-        if raw.startswith(SIGNATURE_CARRIER.encode()):
-            source, token = unwrap_signature(raw.decode("utf-8", "replace"))
-            return source, token
-        return "gemini", value
+            raw = base64.b64decode(value).decode("ascii")
+        except (binascii.Error, ValueError, UnicodeDecodeError):
+            raw = None
+        fields = unpack_reasoning(raw)
+        return Thinking("", **fields) if fields else Thinking("", value, source="gemini")
 
     # -- request: wire -> IR --------------------------------------------------------------------------------------
     @classmethod
@@ -4729,7 +4886,7 @@ class Gemini(Codec):
                 req.tools.append(Tool(f["name"], f.get("description"), cls._lower_types(params)))
             others = {k: v for k, v in t.items() if k not in ("functionDeclarations", "function_declarations")}
             if others:
-                req.extra.setdefault("gemini_tools", []).append(others)
+                req.native_tools.append(others)  # googleSearch, codeExecution, ...: Gemini upstreams only
         tc = gget(body, "toolConfig")
         if isinstance(tc, dict):
             fcc = gget(tc, "functionCallingConfig") or {}
@@ -4769,7 +4926,7 @@ class Gemini(Codec):
                                           include_thoughts=gget(tcfg, "includeThoughts"))
         ss = gget(body, "safetySettings")
         if ss is not None:
-            req.extra["gemini_safety"] = ss
+            req.safety_settings = ss
         return req
 
     @classmethod
@@ -4813,17 +4970,15 @@ class Gemini(Codec):
             if not isinstance(p, dict):
                 raise BadRequest("contents[%d].parts[%d] must be an object" % (i, j), "contents")
             sig = gget(p, "thoughtSignature")
-            source, token = cls.read_signature(sig) if sig else (None, None)
+            state = cls.read_signature(sig) if sig else None
             if "text" in p:
                 if p.get("thought"):
-                    th = Thinking(p.get("text") or "", token, source=source or "gemini")
-                    if source == "responses" and token:
-                        th.item_id, _, th.encrypted = token.partition("|")
-                        th.signature = None
+                    th = state or Thinking("", source="gemini")
+                    th.text = p.get("text") or ""
                     parts.append(th)
                 else:
-                    if token:
-                        parts.append(Thinking("", token, source=source))
+                    if state is not None:
+                        parts.append(state)
                     if p.get("text"):
                         parts.append(Text(p["text"]))
             elif gget(p, "inlineData") is not None:
@@ -4837,8 +4992,10 @@ class Gemini(Codec):
                 pending.setdefault(name, []).append(cid)
                 args = fc.get("args")
                 call = ToolCall(cid, name, json_dumps(args if isinstance(args, dict) else {}))
-                if token:
-                    call.signature, call.source = token, source
+                if state is not None and state.signature:
+                    call.signature, call.source = state.signature, state.source
+                elif state is not None:
+                    parts.append(state)
                 parts.append(call)
             elif gget(p, "functionResponse") is not None:
                 fr = gget(p, "functionResponse")
@@ -4858,24 +5015,15 @@ class Gemini(Codec):
                 else:
                     text = json_dumps(resp if resp is not None else {})
                 results.append(ToolResult(rid, name, [Text(text)], is_error))
-            elif token:
+            elif state is not None:
                 prev = parts[-1] if parts else None
-                if source != "gemini" and prev is not None and prev.kind == "thinking" and not prev.signature \
-                        and not prev.encrypted:
+                if state.source != "gemini" and prev is not None and prev.kind == "thinking" and not prev.signature \
+                        and not prev.encrypted and not prev.redacted:
                     # A carried token streamed after its thought text closes that thought (Anthropic semantics).
-                    prev.source = source
-                    if source == "responses":
-                        prev.item_id, _, prev.encrypted = token.partition("|")
-                    elif source == "anthropic-redacted":
-                        prev.redacted, prev.source = token, "anthropic"
-                    else:
-                        prev.signature = token
+                    prev.source, prev.signature, prev.redacted = state.source, state.signature, state.redacted
+                    prev.encrypted, prev.item_id = state.encrypted, state.item_id or prev.item_id
                 else:
-                    th = Thinking("", token, source=source)
-                    if source == "responses":
-                        th.item_id, _, th.encrypted = token.partition("|")
-                        th.signature = None
-                    parts.append(th)
+                    parts.append(state)
         if results:
             req.messages.append(Message("tool", results))
         if parts or not results:
@@ -4933,11 +5081,8 @@ class Gemini(Codec):
                                 pending_sig = p.signature
                         elif client and (p.text or p.signature or p.encrypted or p.redacted):
                             part = {"text": p.text or "", "thought": True}
-                            token = p.signature or p.redacted or \
-                                ("%s|%s" % (p.item_id or "", p.encrypted or "") if p.encrypted else None)
-                            if token:
-                                part["thoughtSignature"] = cls.client_signature(
-                                    p.source or "anthropic", token)
+                            if p.signature or p.encrypted or p.redacted:
+                                part["thoughtSignature"] = cls.client_signature(p)
                             parts.append(part)
                         continue
                     if k == "text":
@@ -4963,7 +5108,7 @@ class Gemini(Codec):
                         elif pending_sig:
                             sig = pending_sig
                         elif client and p.signature:
-                            sig = cls.client_signature(p.source, p.signature)
+                            sig = cls.client_signature(p)
                         elif first_call and not client:
                             sig = GEMINI_SKIP_SIGNATURE  # history without Gemini's own signature (formats.md §4.4)
                         pending_sig = None
@@ -4972,7 +5117,12 @@ class Gemini(Codec):
                         first_call = False
                         parts.append(part)
                 if pending_sig and role == "model":
-                    parts.append({"thoughtSignature": pending_sig})
+                    last = parts[-1] if parts else None
+                    if last is not None and "text" in last and not last.get("thought") \
+                            and "thoughtSignature" not in last:
+                        last["thoughtSignature"] = pending_sig  # a signature carried after its answer's text
+                    else:
+                        parts.append({"thoughtSignature": pending_sig})
             if not parts:
                 continue
             if contents and contents[-1]["role"] == role:
@@ -5007,7 +5157,7 @@ class Gemini(Codec):
         if decls and req.tool_choice != "none":
             tools.append({"functionDeclarations": decls})
         if req.client_format == cls.name:
-            tools.extend(req.extra.get("gemini_tools") or [])
+            tools.extend(req.native_tools)
         if tools:
             body["tools"] = tools
         tc = req.tool_choice
@@ -5054,8 +5204,8 @@ class Gemini(Codec):
             gc["thinkingConfig"] = tcfg
         if gc:
             body["generationConfig"] = gc
-        body["safetySettings"] = req.extra.get("gemini_safety") if req.client_format == cls.name and \
-            req.extra.get("gemini_safety") is not None else GEMINI_DEFAULT_SAFETY
+        body["safetySettings"] = req.safety_settings if req.client_format == cls.name and \
+            req.safety_settings is not None else GEMINI_DEFAULT_SAFETY
         return body
 
     # -- response: wire -> IR -------------------------------------------------------------------------------------
@@ -5216,17 +5366,15 @@ class Gemini(Codec):
             reason = "tool_calls" if self.state["tools"] else (self.finish or "stop")
             return out + [Finish(reason)]
 
-    class StreamEncoder:
+    class StreamEncoder(EventEncoder):
         """IR events -> Gemini stream chunks: SSE `data:` lines (alt=sse) or one JSON array written progressively.
         Function calls go out whole; nothing but data lines (python-genai and js-genai parse nothing else)."""
 
         def __init__(self, req, sse=True):
-            self.req = req
+            EventEncoder.__init__(self, req)
             self.sse = sse
             self.first = True
             self.calls = {}
-            self.usage = None
-            self.finished = False
             self.rid = new_id("", 8)
             self.tools_seen = False
 
@@ -5246,58 +5394,49 @@ class Gemini(Codec):
             self.first = False
             return prefix + json_bytes(obj)
 
-        def encode(self, ev):
-            k = ev.kind
-            if k == "text":
-                return self._chunk([{"text": ev.text}])
-            if k == "thinking":
-                part = {"text": ev.text or "", "thought": True}
-                token = ev.signature or ev.redacted or \
-                    ("%s|%s" % (ev.item_id or "", ev.encrypted or "") if ev.encrypted else None)
-                if token:
-                    sig = Gemini.client_signature(ev.source or "gemini", token)
-                    if not ev.text:
-                        return self._chunk([{"thoughtSignature": sig}])
-                    part["thoughtSignature"] = sig
-                return self._chunk([part]) if ev.text else b""
-            if k == "tool_start":
-                self.tools_seen = True
-                self.calls[ev.index] = [ev, ""]
-                return b""
-            if k == "tool_delta":
-                if ev.index in self.calls:
-                    self.calls[ev.index][1] += ev.arguments
-                return b""
-            if k == "tool_end":
-                item = self.calls.pop(ev.index, None)
-                if item is None:
-                    return b""
-                start, args = item
-                call = ToolCall(start.id, start.name, args or "{}")
-                part = {"functionCall": {"name": start.name, "args": call.args_object(), "id": start.id}}
-                if start.signature:
-                    part["thoughtSignature"] = Gemini.client_signature(start.source or "gemini", start.signature)
-                return self._chunk([part])
-            if k == "usage":
-                self.usage = ev.usage
-                return b""
-            if k == "finish":
-                if self.finished:
-                    return b""
-                self.finished = True
-                out = b""
-                for index in sorted(self.calls):
-                    out += self.encode(ToolCallEnd(index))
-                reason = "STOP" if self.tools_seen else GEMINI_FINISH_OUT.get(ev.reason, "STOP")
-                return out + self._chunk([{"text": ""}], reason)
-            if k == "error":
-                return self.error(GatewayError(ev.status, ev.message, ev.type))
+        def on_text(self, ev):
+            return self._chunk([{"text": ev.text}])
+
+        def on_thinking(self, ev):
+            part = {"text": ev.text or "", "thought": True}
+            if ev.signature or ev.redacted or ev.encrypted:
+                sig = Gemini.client_signature(ev)
+                if not ev.text:
+                    return self._chunk([{"thoughtSignature": sig}])
+                part["thoughtSignature"] = sig
+            return self._chunk([part]) if ev.text else b""
+
+        def on_tool_start(self, ev):
+            self.tools_seen = True
+            self.calls[ev.index] = [ev, ""]
             return b""
 
-        def error(self, err):
+        def on_tool_delta(self, ev):
+            if ev.index in self.calls:
+                self.calls[ev.index][1] += ev.arguments
+            return b""
+
+        def on_tool_end(self, ev):
+            item = self.calls.pop(ev.index, None)
+            if item is None:
+                return b""
+            start, args = item
+            call = ToolCall(start.id, start.name, args or "{}")
+            part = {"functionCall": {"name": start.name, "args": call.args_object(), "id": start.id}}
+            if start.signature:
+                part["thoughtSignature"] = Gemini.client_signature(start)
+            return self._chunk([part])
+
+        def finish(self, ev):
+            out = b""
+            for index in sorted(self.calls):
+                out += self.encode(ToolCallEnd(index))
+            reason = "STOP" if self.tools_seen else GEMINI_FINISH_OUT.get(ev.reason, "STOP")
+            return out + self._chunk([{"text": ""}], reason)
+
+        def error_frame(self, err):
             """No in-band error form survives python-genai's SSE reader: the array form gets an error element,
             SSE gets a bare error object (js-genai raises on it); then the stream ends."""
-            self.finished = True
             return self._frame(Gemini.error_body(err))
 
         def close(self):
@@ -5369,9 +5508,9 @@ class Responses(Codec):
                                       t.get("strict")))
             elif tt == "custom":
                 req.tools.append(Tool(t.get("name") or "custom", t.get("description"), None, "custom",
-                                      extra={"format": t.get("format")}))
+                                      format=t.get("format")))
             else:
-                req.extra.setdefault("responses_hosted_tools", []).append(t)
+                req.native_tools.append(t)  # hosted tools (web_search, file_search, ...): Responses upstreams only
         tc = body.get("tool_choice")
         if isinstance(tc, str):
             req.tool_choice = tc if tc in ("auto", "none", "required") else None
@@ -5382,7 +5521,8 @@ class Responses(Codec):
                 req.tool_choice = "required" if tc.get("mode") == "required" else "auto"
         for key in ("include", "store", "prompt_cache_key", "service_tier", "truncation", "text"):
             if key in body:
-                req.extra["responses_" + key] = body[key]
+                req.passthrough[key] = body[key]
+        req.cache_key = body.get("prompt_cache_key") if isinstance(body.get("prompt_cache_key"), str) else None
         return req
 
     @classmethod
@@ -5475,14 +5615,10 @@ class Responses(Codec):
             elif t == "reasoning":
                 summary = "".join(s.get("text") or "" for s in it.get("summary") or [] if isinstance(s, dict))
                 enc = it.get("encrypted_content")
-                source, token = unwrap_signature(enc)
                 th = Thinking(summary, source="responses", item_id=it.get("id"), encrypted=enc)
-                if source is not None:
-                    th = Thinking(summary, source=source)
-                    if source == "anthropic-redacted":
-                        th.redacted, th.source = token, "anthropic"
-                    else:
-                        th.signature = token
+                fields = unpack_reasoning(enc)
+                if fields is not None:
+                    th = Thinking(summary, **fields)
                 assistant().parts.append(th)
             elif t == "item_reference":
                 raise BadRequest("item_reference needs server-side state, which this gateway does not keep",
@@ -5563,8 +5699,8 @@ class Responses(Codec):
                 tool = {"type": "custom", "name": t.name}
                 if t.description:
                     tool["description"] = t.description
-                if t.extra and t.extra.get("format"):
-                    tool["format"] = t.extra["format"]
+                if t.format:
+                    tool["format"] = t.format
             else:
                 tool = {"type": "function", "name": t.name,
                         "parameters": t.parameters or {"type": "object", "properties": {}}}
@@ -5574,7 +5710,7 @@ class Responses(Codec):
                     tool["strict"] = t.strict
             tools.append(tool)
         if req.client_format == cls.name:
-            tools.extend(req.extra.get("responses_hosted_tools") or [])
+            tools.extend(req.native_tools)
         if tools:
             body["tools"] = tools
             tc = req.tool_choice
@@ -5599,8 +5735,9 @@ class Responses(Codec):
             else:
                 fmt = {"type": "json_object"}
             body["text"] = {"format": fmt}
-        if req.client_format == cls.name and req.extra.get("responses_prompt_cache_key"):
-            body["prompt_cache_key"] = req.extra["responses_prompt_cache_key"]
+        if req.client_format == cls.name:
+            for k, v in req.passthrough.items():
+                body.setdefault(k, v)
         return body
 
     # -- response: IR <-> wire ------------------------------------------------------------------------------------
@@ -5796,19 +5933,17 @@ class Responses(Codec):
             self.done = True
             return [ErrorEvent(502, "stream closed before response.completed", "upstream")]
 
-    class StreamEncoder:
+    class StreamEncoder(EventEncoder):
         """IR events -> the full Responses event sequence: created, in_progress, per item added/deltas/done with
         unique increasing output_index, then completed (or incomplete/failed) carrying every item and usage."""
 
         def __init__(self, req):
-            self.req = req
+            EventEncoder.__init__(self, req)
             self.id = new_id("resp_")
             self.created = now_s()
             self.seq = 0
             self.output = []
             self.cur = None  # dict describing the open item
-            self.usage = None
-            self.finished = False
             self.started = False
             self.custom = {t.name for t in req.tools if t.tool_kind == "custom"}
             self.tool_items = {}
@@ -5877,6 +6012,8 @@ class Responses(Codec):
                 item = {"id": cur["id"], "type": "reasoning", "summary": summary}
                 if cur.get("encrypted"):
                     item["encrypted_content"] = cur["encrypted"]
+                elif cur.get("source") not in (None, "responses"):  # another family's reasoning without state
+                    item["encrypted_content"] = pack_reasoning(ThinkingDelta("", source=cur["source"]))
             elif kind == "custom_tool_call":
                 inp = ToolCall("", "", cur["args"]).args_object().get("input", cur["args"])
                 if not isinstance(inp, str):
@@ -5900,93 +6037,94 @@ class Responses(Codec):
             self.cur = dict(state, kind=kind, index=idx, id=item["id"])
             return out + self._ev({"type": "response.output_item.added", "output_index": idx, "item": item})
 
-        def encode(self, ev):
-            k = ev.kind
+        def on_start(self, ev):
+            return self._start()
+
+        def on_text(self, ev):
             out = self._start()
             cur = self.cur
-            if k == "text":
-                if cur is None or cur["kind"] != "message":
-                    mid = new_id("msg_")
-                    out += self._open("message", {"id": mid, "type": "message", "status": "in_progress",
-                                                  "role": "assistant", "content": []}, text="")
-                    out += self._ev({"type": "response.content_part.added", "item_id": mid,
-                                     "output_index": self.cur["index"], "content_index": 0,
-                                     "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}})
-                self.cur["text"] += ev.text
-                return out + self._ev({"type": "response.output_text.delta", "item_id": self.cur["id"],
-                                       "output_index": self.cur["index"], "content_index": 0, "delta": ev.text,
-                                       "logprobs": []})
-            if k == "thinking":
-                marker = not ev.text and ev.signature and ev.source == "gemini"
-                if cur is None or cur["kind"] != "reasoning" or (cur.get("sealed") and ev.text) or \
-                        (marker and (cur["text"] or cur.get("sealed"))):
-                    rid = ev.item_id if ev.source == "responses" and ev.item_id else new_id("rs_")
-                    out += self._open("reasoning", {"id": rid, "type": "reasoning", "summary": []}, text="",
-                                      encrypted=None, sealed=False)
-                cur = self.cur
-                if ev.text:
-                    if not cur["text"]:
-                        out += self._ev({"type": "response.reasoning_summary_part.added", "item_id": cur["id"],
-                                         "output_index": cur["index"], "summary_index": 0,
-                                         "part": {"type": "summary_text", "text": ""}})
-                    cur["text"] += ev.text
-                    out += self._ev({"type": "response.reasoning_summary_text.delta", "item_id": cur["id"],
-                                     "output_index": cur["index"], "summary_index": 0, "delta": ev.text})
-                if ev.source == "responses" and ev.encrypted:
-                    cur["encrypted"] = ev.encrypted
-                    cur["sealed"] = True
-                elif ev.redacted:
-                    cur["encrypted"] = wrap_signature("anthropic-redacted", ev.redacted)
-                    cur["sealed"] = True
-                elif ev.signature:
-                    cur["encrypted"] = wrap_signature(ev.source or "anthropic", ev.signature)
-                    cur["sealed"] = True
-                return out
-            if k == "tool_start":
-                if ev.signature and ev.source:
-                    # carry a per-call signature (Gemini) in a reasoning item just before the call
-                    out += self._open("reasoning", {"id": new_id("rs_"), "type": "reasoning", "summary": []},
-                                      text="", encrypted=wrap_signature(ev.source, ev.signature), sealed=True)
-                fid = new_id("fc_")
-                if ev.tool_kind == "custom" or ev.name in self.custom:
-                    out += self._open("custom_tool_call", {"id": fid, "type": "custom_tool_call",
-                                                           "status": "in_progress", "call_id": ev.id,
-                                                           "name": ev.name, "input": ""},
-                                      call_id=ev.id, name=ev.name, args="", tool=ev.index)
-                else:
-                    out += self._open("function_call", {"id": fid, "type": "function_call", "status": "in_progress",
-                                                        "call_id": ev.id, "name": ev.name, "arguments": ""},
-                                      call_id=ev.id, name=ev.name, args="", tool=ev.index)
-                return out
-            if k == "tool_delta":
-                if cur is not None and cur.get("tool") == ev.index:
-                    cur["args"] += ev.arguments
-                    if cur["kind"] == "function_call":
-                        out += self._ev({"type": "response.function_call_arguments.delta", "item_id": cur["id"],
-                                         "output_index": cur["index"], "delta": ev.arguments})
-                return out
-            if k == "tool_end":
-                if cur is not None and cur.get("tool") == ev.index:
-                    out += self.close_item()
-                return out
-            if k == "usage":
-                self.usage = ev.usage
-                return out
-            if k == "finish":
-                if self.finished:
-                    return out
-                self.finished = True
-                out += self.close_item()
-                status = Responses.status_for(ev.reason)
-                name = "response.incomplete" if status == "incomplete" else "response.completed"
-                return out + self._ev({"type": name, "response": self.response_object(status, self.usage,
-                                                                                        ev.reason)})
-            if k == "error":
-                return out + self.error(GatewayError(ev.status, ev.message, ev.type))
+            if cur is None or cur["kind"] != "message":
+                mid = new_id("msg_")
+                out += self._open("message", {"id": mid, "type": "message", "status": "in_progress",
+                                              "role": "assistant", "content": []}, text="")
+                out += self._ev({"type": "response.content_part.added", "item_id": mid,
+                                 "output_index": self.cur["index"], "content_index": 0,
+                                 "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}})
+            self.cur["text"] += ev.text
+            return out + self._ev({"type": "response.output_text.delta", "item_id": self.cur["id"],
+                                   "output_index": self.cur["index"], "content_index": 0, "delta": ev.text,
+                                   "logprobs": []})
+
+        def on_thinking(self, ev):
+            out = self._start()
+            cur = self.cur
+            marker = not ev.text and ev.signature and ev.source == "gemini"
+            if cur is None or cur["kind"] != "reasoning" or (cur.get("sealed") and ev.text) or \
+                    (marker and (cur["text"] or cur.get("sealed"))):
+                rid = ev.item_id if ev.source == "responses" and ev.item_id else new_id("rs_")
+                out += self._open("reasoning", {"id": rid, "type": "reasoning", "summary": []}, text="",
+                                  encrypted=None, sealed=False, source=ev.source)
+            cur = self.cur
+            if ev.text:
+                if not cur["text"]:
+                    out += self._ev({"type": "response.reasoning_summary_part.added", "item_id": cur["id"],
+                                     "output_index": cur["index"], "summary_index": 0,
+                                     "part": {"type": "summary_text", "text": ""}})
+                cur["text"] += ev.text
+                out += self._ev({"type": "response.reasoning_summary_text.delta", "item_id": cur["id"],
+                                 "output_index": cur["index"], "summary_index": 0, "delta": ev.text})
+            if ev.source == "responses" and ev.encrypted:
+                cur["encrypted"] = ev.encrypted
+                cur["sealed"] = True
+            elif ev.redacted or ev.signature:
+                cur["encrypted"] = pack_reasoning(ev)
+                cur["sealed"] = True
             return out
 
-        def error(self, err):
-            self.finished = True
+        def on_tool_start(self, ev):
+            out = self._start()
+            if ev.signature and ev.source:
+                # carry a per-call signature (Gemini) in a reasoning item just before the call
+                out += self._open("reasoning", {"id": new_id("rs_"), "type": "reasoning", "summary": []},
+                                  text="", encrypted=pack_reasoning(ev), sealed=True)
+            fid = new_id("fc_")
+            if ev.tool_kind == "custom" or ev.name in self.custom:
+                out += self._open("custom_tool_call", {"id": fid, "type": "custom_tool_call",
+                                                       "status": "in_progress", "call_id": ev.id,
+                                                       "name": ev.name, "input": ""},
+                                  call_id=ev.id, name=ev.name, args="", tool=ev.index)
+            else:
+                out += self._open("function_call", {"id": fid, "type": "function_call", "status": "in_progress",
+                                                    "call_id": ev.id, "name": ev.name, "arguments": ""},
+                                  call_id=ev.id, name=ev.name, args="", tool=ev.index)
+            return out
+
+        def on_tool_delta(self, ev):
+            out = self._start()
+            cur = self.cur
+            if cur is not None and cur.get("tool") == ev.index:
+                cur["args"] += ev.arguments
+                if cur["kind"] == "function_call":
+                    out += self._ev({"type": "response.function_call_arguments.delta", "item_id": cur["id"],
+                                     "output_index": cur["index"], "delta": ev.arguments})
+            return out
+
+        def on_tool_end(self, ev):
+            out = self._start()
+            cur = self.cur
+            if cur is not None and cur.get("tool") == ev.index:
+                out += self.close_item()
+            return out
+
+        def finish(self, ev):
+            out = self._start()
+            out += self.close_item()
+            status = Responses.status_for(ev.reason)
+            name = "response.incomplete" if status == "incomplete" else "response.completed"
+            return out + self._ev({"type": name, "response": self.response_object(status, self.usage,
+                                                                                    ev.reason)})
+
+        def error_frame(self, err):
             out = self._start()
             resp = self.response_object("failed")
             codes = {429: "rate_limit_exceeded", 400: "invalid_prompt"}
@@ -5994,16 +6132,8 @@ class Responses(Codec):
             resp["usage"] = None
             return out + self._ev({"type": "response.failed", "response": resp})
 
-        def close(self):
-            return b""
-
 
 OLLAMA_VERSION = "0.12.10"
-
-
-def rfc3339_now():
-    t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%06dZ" % int((t % 1) * 1e6)
 
 
 class Ollama(Codec):
@@ -6190,77 +6320,65 @@ class Ollama(Codec):
         out.update(cls.metrics(resp.usage, started or time.monotonic()))
         return out
 
-    class StreamEncoder:
+    class StreamEncoder(EventEncoder):
         """IR events -> NDJSON lines; tool calls are sent whole (arguments as objects) in a done:false line."""
 
         def __init__(self, req, generate=False):
-            self.req = req
+            EventEncoder.__init__(self, req)
             self.generate = generate
             self.started = time.monotonic()
             self.calls = {}
-            self.usage = None
-            self.finished = False
             self.prefix = '{"model":%s,"created_at":"' % json_dumps(req.model)
 
         def _line(self, payload_json, done=False):
             return (self.prefix + rfc3339_now() + '",' + payload_json + ',"done":false}\n').encode()
 
-        def encode(self, ev):
-            k = ev.kind
-            if k == "text":
-                if self.generate:
-                    return self._line('"response":' + json_dumps(ev.text))
-                return self._line('"message":{"role":"assistant","content":' + json_dumps(ev.text) + "}")
-            if k == "thinking":
-                if not ev.text:
-                    return b""
-                if self.generate:
-                    return self._line('"response":"","thinking":' + json_dumps(ev.text))
-                return self._line('"message":{"role":"assistant","content":"","thinking":' + json_dumps(ev.text) + "}")
-            if k == "tool_start":
-                self.calls[ev.index] = ToolCall(ev.id, ev.name, "")
+        def on_text(self, ev):
+            if self.generate:
+                return self._line('"response":' + json_dumps(ev.text))
+            return self._line('"message":{"role":"assistant","content":' + json_dumps(ev.text) + "}")
+
+        def on_thinking(self, ev):
+            if not ev.text:
                 return b""
-            if k == "tool_delta":
-                call = self.calls.get(ev.index)
-                if call is not None:
-                    call.arguments += ev.arguments
-                return b""
-            if k == "tool_end":
-                call = self.calls.pop(ev.index, None)
-                if call is None or self.generate:
-                    return b""
-                wire = Ollama.wire_calls([call])
-                wire[0]["function"]["index"] = ev.index
-                return self._line('"message":{"role":"assistant","content":"","tool_calls":' + json_dumps(wire) + "}")
-            if k == "usage":
-                self.usage = ev.usage
-                return b""
-            if k == "finish":
-                if self.finished:
-                    return b""
-                self.finished = True
-                out = b""
-                for index in sorted(self.calls):
-                    out += self.encode(ToolCallEnd(index))
-                final = {"model": self.req.model, "created_at": rfc3339_now()}
-                if self.generate:
-                    final["response"] = ""
-                else:
-                    final["message"] = {"role": "assistant", "content": ""}
-                final["done"] = True
-                final["done_reason"] = Ollama.done_reason(ev.reason)
-                final.update(Ollama.metrics(self.usage, self.started))
-                return out + json_bytes(final) + b"\n"
-            if k == "error":
-                return self.error(GatewayError(ev.status, ev.message, ev.type))
+            if self.generate:
+                return self._line('"response":"","thinking":' + json_dumps(ev.text))
+            return self._line('"message":{"role":"assistant","content":"","thinking":' + json_dumps(ev.text) + "}")
+
+        def on_tool_start(self, ev):
+            self.calls[ev.index] = ToolCall(ev.id, ev.name, "")
             return b""
 
-        def error(self, err):
-            self.finished = True
+        def on_tool_delta(self, ev):
+            call = self.calls.get(ev.index)
+            if call is not None:
+                call.arguments += ev.arguments
+            return b""
+
+        def on_tool_end(self, ev):
+            call = self.calls.pop(ev.index, None)
+            if call is None or self.generate:
+                return b""
+            wire = Ollama.wire_calls([call])
+            wire[0]["function"]["index"] = ev.index
+            return self._line('"message":{"role":"assistant","content":"","tool_calls":' + json_dumps(wire) + "}")
+
+        def finish(self, ev):
+            out = b""
+            for index in sorted(self.calls):
+                out += self.encode(ToolCallEnd(index))
+            final = {"model": self.req.model, "created_at": rfc3339_now()}
+            if self.generate:
+                final["response"] = ""
+            else:
+                final["message"] = {"role": "assistant", "content": ""}
+            final["done"] = True
+            final["done_reason"] = Ollama.done_reason(ev.reason)
+            final.update(Ollama.metrics(self.usage, self.started))
+            return out + json_bytes(final) + b"\n"
+
+        def error_frame(self, err):
             return json_bytes({"error": err.message}) + b"\n"
-
-        def close(self):
-            return b""
 
 
 class Completions(Codec):
@@ -6322,46 +6440,30 @@ class Completions(Codec):
         return {"prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens,
                 "total_tokens": u.input_tokens + u.output_tokens}
 
-    class StreamEncoder:
+    class StreamEncoder(EventEncoder):
         def __init__(self, req):
-            self.req = req
+            EventEncoder.__init__(self, req)
             self.id = new_id("cmpl-")
             self.created = now_s()
-            self.usage = None
-            self.finished = False
 
         def _chunk(self, text, finish=None):
             obj = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.req.model,
                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
             return b"data: " + json_bytes(obj) + b"\n\n"
 
-        def encode(self, ev):
-            k = ev.kind
-            if k == "text":
-                return self._chunk(ev.text)
-            if k == "usage":
-                self.usage = ev.usage
-                return b""
-            if k == "finish":
-                if self.finished:
-                    return b""
-                self.finished = True
-                out = self._chunk("", "length" if ev.reason == "length" else "stop")
-                if self.req.include_usage and self.usage is not None:
-                    obj = {"id": self.id, "object": "text_completion", "created": self.created,
-                           "model": self.req.model, "choices": [], "usage": Completions.wire_usage(self.usage)}
-                    out += b"data: " + json_bytes(obj) + b"\n\n"
-                return out + b"data: [DONE]\n\n"
-            if k == "error":
-                return self.error(GatewayError(ev.status, ev.message, ev.type))
-            return b""
+        def on_text(self, ev):
+            return self._chunk(ev.text)
 
-        def error(self, err):
-            self.finished = True
+        def finish(self, ev):
+            out = self._chunk("", "length" if ev.reason == "length" else "stop")
+            if self.req.include_usage and self.usage is not None:
+                obj = {"id": self.id, "object": "text_completion", "created": self.created,
+                       "model": self.req.model, "choices": [], "usage": Completions.wire_usage(self.usage)}
+                out += b"data: " + json_bytes(obj) + b"\n\n"
+            return out + b"data: [DONE]\n\n"
+
+        def error_frame(self, err):
             return b"data: " + json_bytes(OpenAIChat.error_body(err)) + b"\n\n"
-
-        def close(self):
-            return b""
 
 
 CODECS = {c.name: c for c in (OpenAIChat, Anthropic, Gemini, Responses, Ollama, Completions)}
@@ -6443,10 +6545,6 @@ def credential_expiry(meta):
     return None
 
 
-def rfc3339(epoch):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
-
-
 def read_credential_file(path):
     """(meta, stamp) for a credential file, or raises ValueError with a clear reason."""
     try:
@@ -6519,101 +6617,6 @@ def credentials_from_file(name, meta, stamp, auth_dir):
     return out
 
 
-# -- RS256 for Vertex service accounts (standard library only) ----------------------------------------------------
-
-class RsaKey:
-    """An RSA private key from PEM (PKCS#8 `PRIVATE KEY` or PKCS#1 `RSA PRIVATE KEY`), enough to sign."""
-
-    __slots__ = ("n", "e", "d", "p", "q", "dp", "dq", "qinv", "size")
-
-    def __init__(self, n, e, d, p, q, dp, dq, qinv):
-        self.n, self.e, self.d, self.p, self.q, self.dp, self.dq, self.qinv = n, e, d, p, q, dp, dq, qinv
-        self.size = (n.bit_length() + 7) // 8
-
-    @staticmethod
-    def _der(data, pos, expect=None):
-        """(tag, value, next position) of the DER element at `pos`."""
-        if pos + 2 > len(data):
-            raise ValueError("truncated DER")
-        tag, length = data[pos], data[pos + 1]
-        pos += 2
-        if length & 0x80:
-            count = length & 0x7F
-            if count == 0 or count > 4 or pos + count > len(data):
-                raise ValueError("bad DER length")
-            length = int.from_bytes(data[pos:pos + count], "big")
-            pos += count
-        if pos + length > len(data):
-            raise ValueError("truncated DER")
-        if expect is not None and tag != expect:
-            raise ValueError("unexpected DER tag 0x%02x (wanted 0x%02x)" % (tag, expect))
-        return tag, data[pos:pos + length], pos + length
-
-    @classmethod
-    def _pkcs1(cls, der):
-        _, seq, _ = cls._der(der, 0, 0x30)
-        ints = []
-        pos = 0
-        while pos < len(seq) and len(ints) < 9:
-            _, value, pos = cls._der(seq, pos, 0x02)
-            ints.append(int.from_bytes(value, "big"))
-        if len(ints) != 9 or ints[0] != 0:
-            raise ValueError("not a two-prime RSA private key")
-        return cls(*ints[1:])
-
-    @classmethod
-    def from_pem(cls, pem):
-        text = pem.replace("\\n", "\n") if "\\n" in pem else pem  # keys pasted with escaped newlines
-        m = re.search(r"-----BEGIN ([A-Z ]+)-----(.*?)-----END \1-----", text, re.S)
-        if not m:
-            raise ValueError("no PEM block found")
-        try:
-            der = base64.b64decode("".join(m.group(2).split()), validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("PEM body is not base64")
-        kind = m.group(1)
-        if kind == "RSA PRIVATE KEY":
-            return cls._pkcs1(der)
-        if kind == "PRIVATE KEY":  # PKCS#8: SEQUENCE { version, AlgorithmIdentifier, OCTET STRING { PKCS#1 } }
-            _, seq, _ = cls._der(der, 0, 0x30)
-            _, _, pos = cls._der(seq, 0, 0x02)
-            _, alg, pos = cls._der(seq, pos, 0x30)
-            if b"\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01" not in alg:  # OID 1.2.840.113549.1.1.1 rsaEncryption
-                raise ValueError("not an RSA key")
-            _, inner, _ = cls._der(seq, pos, 0x04)
-            return cls._pkcs1(inner)
-        raise ValueError("unsupported PEM block %r" % kind)
-
-    # DigestInfo for SHA-256 (RFC 8017 §9.2 note 1)
-    _SHA256_PREFIX = bytes.fromhex("3031300d060960864801650304020105000420")
-
-    def sign_sha256(self, message):
-        """RSASSA-PKCS1-v1_5 with SHA-256 (EMSA-PKCS1-v1_5 encoding, CRT exponentiation)."""
-        t = self._SHA256_PREFIX + hashlib.sha256(message).digest()
-        if self.size < len(t) + 11:
-            raise ValueError("RSA key too short")
-        em = b"\x00\x01" + b"\xff" * (self.size - len(t) - 3) + b"\x00" + t
-        m = int.from_bytes(em, "big")
-        m1, m2 = pow(m, self.dp, self.p), pow(m, self.dq, self.q)
-        h = (self.qinv * (m1 - m2)) % self.p
-        sig = m2 + h * self.q
-        if pow(sig, self.e, self.n) != m:  # guard against a faulty key or computation
-            raise ValueError("RSA signature self-check failed")
-        return sig.to_bytes(self.size, "big")
-
-
-def b64url(data):
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def jwt_rs256(claims, key, kid=None):
-    header = {"alg": "RS256", "typ": "JWT"}
-    if kid:
-        header["kid"] = kid
-    signing_input = (b64url(json_bytes(header)) + "." + b64url(json_bytes(claims))).encode("ascii")
-    return signing_input.decode("ascii") + "." + b64url(key.sign_sha256(signing_input))
-
-
 def credentials_for_entry(entry):
     seen = {}
     out = []
@@ -6669,48 +6672,6 @@ def _json_or_none(body):
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError, TypeError):
-        return None
-
-
-_GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|\u00b5s|ns|m|s)")
-_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "\u00b5s": 1e-6, "ns": 1e-9}
-
-
-def parse_duration(text):
-    """Seconds from a Go/protobuf duration such as `12s`, `1.5s`, `3h2m1s`; None if it is not one."""
-    if not isinstance(text, str) or not text.strip():
-        return None
-    text = text.strip()
-    parts = _GO_DURATION.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        return None
-    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
-
-
-def parse_instant(value):
-    """Epoch seconds from unix seconds/milliseconds, RFC 3339 or an HTTP date; None if unparsable."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, (int, float)) or (isinstance(value, str) and re.match(r"^\d+(\.\d+)?$", value.strip())):
-        v = float(value)
-        return v / 1000.0 if v > 1e12 else v
-    text = str(value).strip()
-    import datetime
-    try:
-        iso = text.replace("Z", "+00:00")
-        m = re.match(r"^(.*T\d\d:\d\d:\d\d)(\.\d+)?(.*)$", iso)
-        if m and m.group(2):  # fromisoformat on 3.9/3.10 takes at most 6 fractional digits
-            iso = m.group(1) + m.group(2)[:7] + m.group(3)
-        dt = datetime.datetime.fromisoformat(iso)
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=datetime.timezone.utc)
-        return dt.timestamp()
-    except ValueError:
-        pass
-    try:
-        import email.utils
-        return email.utils.parsedate_to_datetime(text).timestamp()
-    except (TypeError, ValueError, IndexError):
         return None
 
 
@@ -7023,7 +6984,7 @@ class AnthropicProvider(Provider):
             headers.append(("x-api-key", cred.api_key))
         else:
             headers.append(("Authorization", "Bearer " + cred.api_key))
-        beta = req.extra.get("anthropic_beta")
+        beta = req.betas
         if beta and req.client_format == "anthropic":
             headers.append(("anthropic-beta", beta))
         headers.extend(cred.headers)
@@ -7043,7 +7004,6 @@ class AnthropicProvider(Provider):
     @staticmethod
     def parse_count(data):
         return data.get("input_tokens") if isinstance(data, dict) else None
-
 
 
 class GeminiProvider(Provider):
@@ -7123,7 +7083,7 @@ class ClaudeOAuthProvider(AnthropicProvider):
 
     def _headers(self, req, cred, stream):
         beta = self.betas
-        client_beta = req.extra.get("anthropic_beta") if req.client_format == "anthropic" else None
+        client_beta = req.betas if req.client_format == "anthropic" else None
         if client_beta:
             extra = [b.strip() for b in client_beta.split(",") if b.strip() and b.strip() not in beta]
             beta = ",".join([beta] + extra)
@@ -7268,7 +7228,7 @@ class CodexOAuthProvider(CodexProvider):
         body["include"] = ["reasoning.encrypted_content"]
         if body.get("tools"):
             body["parallel_tool_calls"] = True
-        cache_key = body.get("prompt_cache_key") or Router.affinity_key(req)
+        cache_key = body.get("prompt_cache_key") or req.conversation_key()
         body["prompt_cache_key"] = cache_key
         headers = [("Content-Type", "application/json"), ("Accept", "text/event-stream"),
                    ("Authorization", "Bearer " + (cred.meta.get("access_token") or "")),
@@ -8539,6 +8499,98 @@ def codex_meta(data, old=None):
     return meta
 
 
+# -- RS256 for Vertex service accounts (standard library only) ----------------------------------------------------
+
+class RsaKey:
+    """An RSA private key from PEM (PKCS#8 `PRIVATE KEY` or PKCS#1 `RSA PRIVATE KEY`), enough to sign."""
+
+    __slots__ = ("n", "e", "d", "p", "q", "dp", "dq", "qinv", "size")
+
+    def __init__(self, n, e, d, p, q, dp, dq, qinv):
+        self.n, self.e, self.d, self.p, self.q, self.dp, self.dq, self.qinv = n, e, d, p, q, dp, dq, qinv
+        self.size = (n.bit_length() + 7) // 8
+
+    @staticmethod
+    def _der(data, pos, expect=None):
+        """(tag, value, next position) of the DER element at `pos`."""
+        if pos + 2 > len(data):
+            raise ValueError("truncated DER")
+        tag, length = data[pos], data[pos + 1]
+        pos += 2
+        if length & 0x80:
+            count = length & 0x7F
+            if count == 0 or count > 4 or pos + count > len(data):
+                raise ValueError("bad DER length")
+            length = int.from_bytes(data[pos:pos + count], "big")
+            pos += count
+        if pos + length > len(data):
+            raise ValueError("truncated DER")
+        if expect is not None and tag != expect:
+            raise ValueError("unexpected DER tag 0x%02x (wanted 0x%02x)" % (tag, expect))
+        return tag, data[pos:pos + length], pos + length
+
+    @classmethod
+    def _pkcs1(cls, der):
+        _, seq, _ = cls._der(der, 0, 0x30)
+        ints = []
+        pos = 0
+        while pos < len(seq) and len(ints) < 9:
+            _, value, pos = cls._der(seq, pos, 0x02)
+            ints.append(int.from_bytes(value, "big"))
+        if len(ints) != 9 or ints[0] != 0:
+            raise ValueError("not a two-prime RSA private key")
+        return cls(*ints[1:])
+
+    @classmethod
+    def from_pem(cls, pem):
+        text = pem.replace("\\n", "\n") if "\\n" in pem else pem  # keys pasted with escaped newlines
+        m = re.search(r"-----BEGIN ([A-Z ]+)-----(.*?)-----END \1-----", text, re.S)
+        if not m:
+            raise ValueError("no PEM block found")
+        try:
+            der = base64.b64decode("".join(m.group(2).split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("PEM body is not base64")
+        kind = m.group(1)
+        if kind == "RSA PRIVATE KEY":
+            return cls._pkcs1(der)
+        if kind == "PRIVATE KEY":  # PKCS#8: SEQUENCE { version, AlgorithmIdentifier, OCTET STRING { PKCS#1 } }
+            _, seq, _ = cls._der(der, 0, 0x30)
+            _, _, pos = cls._der(seq, 0, 0x02)
+            _, alg, pos = cls._der(seq, pos, 0x30)
+            if b"\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01" not in alg:  # OID 1.2.840.113549.1.1.1 rsaEncryption
+                raise ValueError("not an RSA key")
+            _, inner, _ = cls._der(seq, pos, 0x04)
+            return cls._pkcs1(inner)
+        raise ValueError("unsupported PEM block %r" % kind)
+
+    # DigestInfo for SHA-256 (RFC 8017 §9.2 note 1)
+    _SHA256_PREFIX = bytes.fromhex("3031300d060960864801650304020105000420")
+
+    def sign_sha256(self, message):
+        """RSASSA-PKCS1-v1_5 with SHA-256 (EMSA-PKCS1-v1_5 encoding, CRT exponentiation)."""
+        t = self._SHA256_PREFIX + hashlib.sha256(message).digest()
+        if self.size < len(t) + 11:
+            raise ValueError("RSA key too short")
+        em = b"\x00\x01" + b"\xff" * (self.size - len(t) - 3) + b"\x00" + t
+        m = int.from_bytes(em, "big")
+        m1, m2 = pow(m, self.dp, self.p), pow(m, self.dq, self.q)
+        h = (self.qinv * (m1 - m2)) % self.p
+        sig = m2 + h * self.q
+        if pow(sig, self.e, self.n) != m:  # guard against a faulty key or computation
+            raise ValueError("RSA signature self-check failed")
+        return sig.to_bytes(self.size, "big")
+
+
+
+def jwt_rs256(claims, key, kid=None):
+    header = {"alg": "RS256", "typ": "JWT"}
+    if kid:
+        header["kid"] = kid
+    signing_input = (b64url(json_bytes(header)) + "." + b64url(json_bytes(claims))).encode("ascii")
+    return signing_input.decode("ascii") + "." + b64url(key.sign_sha256(signing_input))
+
+
 class VertexProvider(GeminiProvider):
     """Vertex AI with a service-account credential file (`type: vertex`), providers.md §G: an RS256 JWT signed with
     the account's key is exchanged for an access token, renewed before it expires."""
@@ -8583,7 +8635,6 @@ class VertexProvider(GeminiProvider):
         meta["expired"] = rfc3339(now + float(data.get("expires_in") or 3600))
         meta["last_refresh"] = rfc3339(now)
         return meta
-
 
 
 # === 10. Routing ===
@@ -8784,23 +8835,6 @@ class Router:
         return b
 
     # -- selection ------------------------------------------------------------------------------------------------
-    @staticmethod
-    def affinity_key(req):
-        """A stable id for the conversation: an explicit cache key, else a hash of its first turns (which do not
-        change as the conversation grows), so one conversation keeps one credential and its prompt cache."""
-        explicit = req.extra.get("responses_prompt_cache_key") or req.extra.get("session_id")
-        if explicit:
-            return "k:" + str(explicit)
-        h = hashlib.sha256(req.system_text().encode("utf-8", "replace"))
-        for m in req.messages[:2]:
-            h.update(b"\x00" + m.role.encode() + b"\x00")
-            for p in m.parts:
-                if p.kind == "text":
-                    h.update(p.text.encode("utf-8", "replace"))
-                elif p.kind == "tool_call":
-                    h.update(p.name.encode() + p.arguments.encode("utf-8", "replace"))
-        return "h:" + h.hexdigest()[:32]
-
     def candidates(self, routes, now, skip=()):
         """Ready (route, credential) pairs, least busy and least recently used first; and the earliest time a
         cooling one recovers. Providers whose breaker is open are left out unless every provider's is."""
@@ -8822,7 +8856,7 @@ class Router:
         return [(t[5], t[6]) for t in ready], earliest
 
     def pick(self, req, pairs, now):
-        key = self.affinity_key(req)
+        key = req.conversation_key()
         bound = self.affinity.get(key)
         if bound is not None and bound[1] > now:
             best = pairs[0][0].priority
@@ -9033,13 +9067,13 @@ class Call:
     call) | client_gone (the client left before the end) | cancelled."""
 
     __slots__ = ("router", "req", "route", "cred", "kind", "key", "started", "first_byte", "ended", "status",
-                 "outcome", "failure", "usage", "response", "stream_error")
+                 "outcome", "failure", "usage", "response")
 
     def __init__(self, router, req, route, cred, kind="chat", key=None):
         self.router, self.req, self.route, self.cred, self.kind, self.key = router, req, route, cred, kind, key
         self.started = router.clock.now()
         self.first_byte = self.ended = self.status = self.outcome = self.failure = None
-        self.usage = self.response = self.stream_error = None
+        self.usage = self.response = None
         cred.in_flight += 1
         cred.note_use(self.started)
 
@@ -9119,8 +9153,9 @@ class Call:
         return answer
 
     async def events(self):
-        """IR events of the upstream stream; a network failure becomes one ErrorEvent at the end. Closing the
-        generator before the end (the client went away) finishes the call as client_gone."""
+        """IR events of the upstream stream, ending at the first error event (a network failure becomes one).
+        The call is finished before an error event is handed on, so routing has learnt of the failure before the
+        client can see it. Closing the generator early (the client went away) finishes it as client_gone."""
         decoder = self.provider.stream_decoder(self.req)
         parser = self.provider.frame_parser(self.response)
         outcome = "client_gone"
@@ -9128,21 +9163,20 @@ class Call:
             async for chunk in self.response.iter_bytes():
                 for ev in self._decode(decoder, parser.feed(chunk)):
                     yield ev
+                    if self.outcome is not None:
+                        return
             for ev in self._decode(decoder, parser.finish(), final=True):
                 yield ev
+                if self.outcome is not None:
+                    return
             outcome = "ok"
         except UpstreamError as e:
-            failure = self.network_failure(e)
-            self.stream_error = ErrorEvent(failure.status, failure.message, failure.type)
-            yield self.stream_error
+            failure = self.fail(self.network_failure(e))
+            yield ErrorEvent(failure.status, failure.message, failure.type)
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
         finally:
-            ev = self.stream_error
-            if ev is not None:
-                # A stream that dies mid-way is classified like the same error before the first byte.
-                self.fail(self.provider.classify_error(ev.status, EMPTY_HEADERS, {"error": {"message": ev.message}}))
             self.finish(outcome)
 
     def _decode(self, decoder, frames, final=False):
@@ -9160,8 +9194,8 @@ class Call:
     def _note(self, ev):
         if ev.kind == "usage":
             self.usage = ev.usage
-        else:
-            self.stream_error = ev
+        else:  # a stream that dies mid-way is classified like the same error before the first byte
+            self.fail(self.provider.classify_error(ev.status, EMPTY_HEADERS, {"error": {"message": ev.message}}))
 
 
 class Refresher:
@@ -9646,7 +9680,7 @@ class App:
         ir = Anthropic.parse_request(self.read_json(req))
         beta = req.headers.get("anthropic-beta")
         if beta:
-            ir.extra["anthropic_beta"] = beta
+            ir.betas = beta
         return await self.serve_chat(req, Anthropic, ir)
 
     async def messages_count_tokens(self, req):

@@ -231,10 +231,13 @@ def test_openai_stream_to_anthropic_events():
                            {"tool_calls": [{"index": 0, "function": {"arguments": ":1}"}}]}, finish="tool_calls")
     evs = sse_events(run_stream(M.OpenAIChat.StreamDecoder(), frames, M.Anthropic.StreamEncoder(req)))
     names = [n for n, _ in evs]
-    assert names == ["message_start", "content_block_start", "content_block_delta", "content_block_stop",
-                     "content_block_start", "content_block_delta", "content_block_stop",
+    assert names == ["message_start", "content_block_start", "content_block_delta", "content_block_delta",
+                     "content_block_stop", "content_block_start", "content_block_delta", "content_block_stop",
                      "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
                      "message_delta", "message_stop"]
+    # reasoning_content has no signature upstream: the thinking block gets a minted one (never forwarded later)
+    minted = evs[3][1]["delta"]
+    assert minted["type"] == "signature_delta" and M.unpack_reasoning(minted["signature"])["source"] == "openai"
     starts = [d for n, d in evs if n == "content_block_start"]
     assert [s["index"] for s in starts] == [0, 1, 2]
     assert starts[2]["content_block"] == {"type": "tool_use", "id": "call_1", "name": "f", "input": {}}
