@@ -82,6 +82,14 @@ def json_bytes(obj):
     return _json_encoder.encode(obj).encode("utf-8")
 
 
+def json_or_none(body):
+    """Parsed JSON, or None for anything that is not JSON (upstream bodies and stream frames)."""
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError, TypeError):
+        return None
+
+
 def mask_secret(value):
     """Keep only the ends of a secret so logs can tell keys apart without exposing them."""
     value = str(value)
@@ -1282,7 +1290,8 @@ class ProviderEntry:
             return None
         kind = PROVIDERS.entries.get(ptype)
         if kind is None:
-            warnings.append("%s: type %r is not one of %s; entry skipped" % (where, ptype, ", ".join(PROVIDERS.entries)))
+            warnings.append("%s: type %r is not one of %s; entry skipped"
+                            % (where, ptype, ", ".join(PROVIDERS.entries)))
             return None
         e = cls()
         e.index = index
@@ -2950,6 +2959,11 @@ class ChatResponse:
         self.parts = parts if parts is not None else []
         self.finish, self.stop_sequence, self.usage = finish, stop_sequence, usage
 
+    def settle_finish(self):
+        """A `tool_calls` finish without a tool call is a plain stop (some upstreams say it anyway)."""
+        if self.finish == "tool_calls" and not any(p.kind == "tool_call" for p in self.parts):
+            self.finish = "stop"
+
 
 # -- stream events ------------------------------------------------------------------------------------------------
 
@@ -3127,6 +3141,7 @@ class ResponseCollector:
                 call.arguments = "{}"
         if any(p.kind == "tool_call" for p in self.resp.parts) and self.resp.finish == "stop":
             self.resp.finish = "tool_calls"
+        self.resp.settle_finish()
         return self.resp
 
 
@@ -3799,8 +3814,7 @@ class OpenAIChat(Codec):
                 args = json_dumps(args)
             resp.parts.append(ToolCall(c.get("id") or new_id("call_"), f.get("name") or "", args or "{}"))
         resp.finish = OPENAI_FINISH_IN.get(choice.get("finish_reason") or "stop", "stop")
-        if resp.finish == "tool_calls" and not any(p.kind == "tool_call" for p in resp.parts):
-            resp.finish = "stop"
+        resp.settle_finish()
         resp.usage = cls.parse_usage(data.get("usage"))
         return resp
 
@@ -3853,10 +3867,7 @@ class OpenAIChat(Codec):
         def feed(self, event, data):
             if data == "[DONE]":
                 return self._end()
-            try:
-                obj = json.loads(data)
-            except ValueError:
-                return []
+            obj = json_or_none(data)
             if not isinstance(obj, dict):
                 return []
             out = []
@@ -4421,8 +4432,7 @@ class Anthropic(Codec):
                                            json_dumps(b.get("input") if isinstance(b.get("input"), dict) else {})))
         resp.finish = ANTHROPIC_STOP_IN.get(data.get("stop_reason") or "end_turn", "stop")
         resp.stop_sequence = data.get("stop_sequence")
-        if resp.finish == "tool_calls" and not any(p.kind == "tool_call" for p in resp.parts):
-            resp.finish = "stop"
+        resp.settle_finish()
         resp.usage = cls.parse_usage(data.get("usage"))
         return resp
 
@@ -4466,10 +4476,7 @@ class Anthropic(Codec):
             self.started = False
 
         def feed(self, event, data):
-            try:
-                obj = json.loads(data)
-            except ValueError:
-                return []
+            obj = json_or_none(data)
             if not isinstance(obj, dict):
                 return []
             t = obj.get("type") or event
@@ -5319,11 +5326,8 @@ class Gemini(Codec):
             self.any = False
 
         def feed(self, event, data):
-            try:
-                obj = json.loads(data)
-            except ValueError:
-                return []
-            return self.feed_obj(obj)
+            obj = json_or_none(data)
+            return self.feed_obj(obj) if obj is not None else []
 
         def feed_obj(self, obj):
             if isinstance(obj, list):
@@ -5449,9 +5453,7 @@ class Responses(Codec):
     """OpenAI Responses API (`/v1/responses`), formats.md §2.6–2.8. Stateless: history comes in `input`."""
     name = "responses"
 
-    @staticmethod
-    def error_body(err):
-        return OpenAIChat.error_body(err)
+    error_body = staticmethod(OpenAIChat.error_body)
 
     # -- request: wire -> IR --------------------------------------------------------------------------------------
     @classmethod
@@ -5830,10 +5832,7 @@ class Responses(Codec):
             self.started = False
 
         def feed(self, event, data):
-            try:
-                obj = json.loads(data)
-            except ValueError:
-                return []
+            obj = json_or_none(data)
             if not isinstance(obj, dict):
                 return []
             t = obj.get("type") or event
@@ -6385,9 +6384,7 @@ class Completions(Codec):
     """OpenAI legacy Completions (`/v1/completions`): a prompt in, text out, served through the chat IR."""
     name = "completions"
 
-    @staticmethod
-    def error_body(err):
-        return OpenAIChat.error_body(err)
+    error_body = staticmethod(OpenAIChat.error_body)
 
     @classmethod
     def parse_request(cls, body):
@@ -6651,7 +6648,7 @@ class UpstreamFailure:
 
 def upstream_error_message(body):
     """The human message inside an upstream error body (OpenAI, Anthropic and Google shapes), else the text."""
-    data = body if isinstance(body, (dict, list)) else _json_or_none(body)
+    data = body if isinstance(body, (dict, list)) else json_or_none(body)
     if isinstance(data, list) and data and isinstance(data[0], dict):
         data = data[0]
     if isinstance(data, dict):
@@ -6666,13 +6663,6 @@ def upstream_error_message(body):
             return data["detail"]
     text = body.decode("utf-8", "replace").strip() if isinstance(body, bytes) else str(body)
     return text[:500] or "upstream error"
-
-
-def _json_or_none(body):
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError, TypeError):
-        return None
 
 
 def parse_retry_after(headers):
@@ -6758,7 +6748,7 @@ _QUOTA = ("resource_exhausted", "quota", "rate limit", "rate_limit", "too many r
 
 def classify_failure(status, headers, body):
     """The generic policy (gateway.md §6.8, providers.md §1.3): category by message, then by status."""
-    data = _json_or_none(body) if isinstance(body, (bytes, str)) else body
+    data = json_or_none(body) if isinstance(body, (bytes, str)) else body
     message = upstream_error_message(body)
     low = message.lower() + " " + (body.decode("utf-8", "replace").lower()[:2000] if isinstance(body, bytes) else "")
     hint, scope = retry_hint(headers, data)
@@ -6871,8 +6861,9 @@ class Provider:
         return bool(cred.meta.get("access_token"))
 
     @staticmethod
-    async def post_token(client, url, body, cred, form=False):
-        """POST to an OAuth token endpoint; returns the JSON answer or raises RefreshError."""
+    async def post_token(client, url, body, cred, form=False, require=None):
+        """POST to an OAuth token endpoint; returns the JSON answer (holding the field `require` names, when it
+        names one) or raises RefreshError."""
         if form:
             payload = urllib.parse.urlencode(body).encode()
             ctype = "application/x-www-form-urlencoded"
@@ -6885,7 +6876,9 @@ class Provider:
             raw = await resp.read(1 << 20)
         except UpstreamError as e:
             raise RefreshError("token endpoint unreachable: %s" % e.message)
-        data = _json_or_none(raw)
+        data = json_or_none(raw)
+        if resp.status < 300 and isinstance(data, dict) and require and not data.get(require):
+            raise RefreshError("token endpoint answered without an %s" % require)
         if resp.status >= 300 or not isinstance(data, dict):
             message = upstream_error_message(raw)
             low = raw.decode("utf-8", "replace").lower()
@@ -7111,11 +7104,9 @@ class ClaudeOAuthProvider(AnthropicProvider):
         return method, url.replace("/count_tokens", "/count_tokens?beta=true"), headers, body
 
     async def refresh(self, cred, client):
-        data = await self.post_token(client, self.token_url, {"client_id": self.client_id,
-                                                              "grant_type": "refresh_token",
-                                                              "refresh_token": cred.meta.get("refresh_token")}, cred)
-        if not data.get("access_token"):
-            raise RefreshError("token endpoint answered without an access_token")
+        data = await self.post_token(client, self.token_url, {
+            "client_id": self.client_id, "grant_type": "refresh_token",
+            "refresh_token": cred.meta.get("refresh_token")}, cred, require="access_token")
         meta = dict(cred.meta)
         meta["access_token"] = data["access_token"]
         meta["refresh_token"] = data.get("refresh_token") or meta.get("refresh_token")  # rotated, or kept
@@ -7240,9 +7231,8 @@ class CodexOAuthProvider(CodexProvider):
     async def refresh(self, cred, client):
         data = await self.post_token(client, self.token_url, {
             "client_id": self.client_id, "grant_type": "refresh_token",
-            "refresh_token": cred.meta.get("refresh_token") or "", "scope": "openid profile email"}, cred, form=True)
-        if not data.get("access_token"):
-            raise RefreshError("token endpoint answered without an access_token")
+            "refresh_token": cred.meta.get("refresh_token") or "", "scope": "openid profile email"}, cred, form=True,
+            require="access_token")
         return codex_meta(data, cred.meta)
 
     @staticmethod
@@ -7331,7 +7321,7 @@ class CodexLogin(ClaudeLogin):
             return None
         if resp.status in (403, 404, 428):
             return None
-        data = _json_or_none(raw) or {}
+        data = json_or_none(raw) or {}
         if resp.status >= 300 or not data.get("authorization_code"):
             raise LoginError("device login failed: HTTP %d %s" % (resp.status, upstream_error_message(raw)[:200]))
         return data["authorization_code"], data.get("code_verifier") or ""
@@ -7390,9 +7380,8 @@ class GeminiCLIProvider(GeminiProvider):
         data = await self.post_token(client, token.get("token_uri") or self.token_url, {
             "grant_type": "refresh_token", "refresh_token": refresh_token or "",
             "client_id": token.get("client_id") or self.client_id,
-            "client_secret": token.get("client_secret") or self.client_secret}, cred, form=True)
-        if not data.get("access_token"):
-            raise RefreshError("token endpoint answered without an access_token")
+            "client_secret": token.get("client_secret") or self.client_secret}, cred, form=True,
+            require="access_token")
         return google_token_meta(cred.meta, data)
 
     @staticmethod
@@ -7462,7 +7451,7 @@ class GoogleLogin(ClaudeLogin):
             raise LoginError("%s failed: %s" % (url, e.message))
         if resp.status >= 300:
             raise LoginError("%s answered %d: %s" % (url.split("?")[0], resp.status, upstream_error_message(raw)[:200]))
-        return _json_or_none(raw) or {}
+        return json_or_none(raw) or {}
 
     @staticmethod
     def _project_id(value):
@@ -7604,9 +7593,7 @@ class AntigravityProvider(GeminiCLIProvider):
     async def refresh(self, cred, client):
         data = await self.post_token(client, self.token_url, {
             "client_id": self.client_id, "client_secret": self.client_secret, "grant_type": "refresh_token",
-            "refresh_token": cred.meta.get("refresh_token") or ""}, cred, form=True)
-        if not data.get("access_token"):
-            raise RefreshError("token endpoint answered without an access_token")
+            "refresh_token": cred.meta.get("refresh_token") or ""}, cred, form=True, require="access_token")
         return antigravity_meta(data, cred.meta)
 
 
@@ -7665,13 +7652,10 @@ class EnvelopeDecoder:
         self.inner = inner
 
     def feed(self, event, data):
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            return []
+        obj = json_or_none(data)
         if isinstance(obj, dict) and isinstance(obj.get("response"), dict):
             obj = obj["response"]
-        return self.inner.feed_obj(obj)
+        return self.inner.feed_obj(obj) if obj is not None else []
 
     def close(self):
         return self.inner.close()
@@ -7924,9 +7908,8 @@ class KiroStreamDecoder:
         return [Start()]
 
     def feed(self, event, data):
-        try:
-            obj = json.loads(data)
-        except ValueError:
+        obj = json_or_none(data)
+        if not isinstance(obj, dict):
             return []
         if event == "json":  # a plain JSON answer: reuse the event shapes
             msg = ((obj.get("conversationState") or {}).get("currentMessage") or {}).get("assistantResponseMessage") \
@@ -8103,7 +8086,7 @@ class IFlowProvider(OpenAICompatProvider):
             raw = await resp.read(1 << 20)
         except UpstreamError as e:
             raise RefreshError("iFlow token endpoint unreachable: %s" % e.message)
-        data = _json_or_none(raw) or {}
+        data = json_or_none(raw) or {}
         if resp.status >= 300 or not data.get("access_token"):
             low = raw.decode("utf-8", "replace").lower()
             raise RefreshError("iFlow token endpoint answered %d: %s" % (resp.status, upstream_error_message(raw)[:200]),
@@ -8116,7 +8099,7 @@ class IFlowProvider(OpenAICompatProvider):
             resp = await client.request("GET", cls.userinfo_url + "?accessToken=" + urllib.parse.quote(access_token),
                                         [("Accept", "application/json")], None, cred.proxy_url, timeout=15,
                                         stream_timeout=30)
-            data = _json_or_none(await resp.read(1 << 20)) or {}
+            data = json_or_none(await resp.read(1 << 20)) or {}
         except UpstreamError as e:
             raise RefreshError("iFlow user info unreachable: %s" % e.message)
         info = data.get("data") or {}
@@ -8138,7 +8121,7 @@ class IFlowProvider(OpenAICompatProvider):
             else:
                 resp = await client.request("GET", cls.apikey_url, headers, None, cred.proxy_url, timeout=15,
                                             stream_timeout=30)
-            data = _json_or_none(await resp.read(1 << 20)) or {}
+            data = json_or_none(await resp.read(1 << 20)) or {}
         except UpstreamError as e:
             raise RefreshError("iFlow platform unreachable: %s" % e.message)
         info = data.get("data") or {}
@@ -8249,7 +8232,7 @@ class CopilotProvider(OpenAICompatProvider):
             raw = await resp.read(1 << 20)
         except UpstreamError as e:
             raise RefreshError("Copilot token exchange unreachable: %s" % e.message)
-        data = _json_or_none(raw)
+        data = json_or_none(raw)
         if resp.status >= 300 or not isinstance(data, dict) or not data.get("token"):
             raise RefreshError("Copilot token exchange answered %d: %s" % (resp.status,
                                                                          upstream_error_message(raw)[:200]),
@@ -8282,7 +8265,7 @@ class DeviceLogin(LoginFlow):
         except UpstreamError as e:
             log.debug("device poll failed: %s", e.message)
             return None
-        data = _json_or_none(raw) or {}
+        data = json_or_none(raw) or {}
         err = data.get("error")
         if err in ("authorization_pending",):
             return None
@@ -8322,7 +8305,7 @@ class CopilotLogin(DeviceLogin):
             resp = await client.request("GET", self.user_url, [("Authorization", "Bearer " + token),
                                                                ("Accept", "application/json"), ("User-Agent", USER_AGENT)],
                                         timeout=15, stream_timeout=30)
-            user = _json_or_none(await resp.read(1 << 20)) or {}
+            user = json_or_none(await resp.read(1 << 20)) or {}
         except UpstreamError as e:
             raise LoginError("cannot read the GitHub user: %s" % e.message)
         login = user.get("login")
@@ -8376,9 +8359,7 @@ class QwenProvider(OpenAICompatProvider):
     async def refresh(self, cred, client):
         data = await self.post_token(client, self.token_url, {
             "grant_type": "refresh_token", "refresh_token": cred.meta.get("refresh_token") or "",
-            "client_id": self.client_id}, cred, form=True)
-        if not data.get("access_token"):
-            raise RefreshError("token endpoint answered without an access_token")
+            "client_id": self.client_id}, cred, form=True, require="access_token")
         return qwen_meta(data, cred.meta)
 
 
@@ -8582,7 +8563,6 @@ class RsaKey:
         return sig.to_bytes(self.size, "big")
 
 
-
 def jwt_rs256(claims, key, kid=None):
     header = {"alg": "RS256", "typ": "JWT"}
     if kid:
@@ -8626,10 +8606,9 @@ class VertexProvider(GeminiProvider):
         now = int(time.time())
         assertion = jwt_rs256({"iss": sa.get("client_email"), "scope": self.scope, "aud": token_uri, "iat": now,
                                "exp": now + 3600}, key, sa.get("private_key_id"))
-        data = await self.post_token(client, token_uri, {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
-                                                         "assertion": assertion}, cred, form=True)
-        if not data.get("access_token"):
-            raise RefreshError("token endpoint answered without an access_token")
+        data = await self.post_token(client, token_uri, {
+            "grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion}, cred, form=True,
+            require="access_token")
         meta = dict(cred.meta)
         meta["access_token"] = data["access_token"]
         meta["expired"] = rfc3339(now + float(data.get("expires_in") or 3600))
@@ -9829,18 +9808,44 @@ class App:
 RESTART_KEYS = ("host", "port", "tls")
 
 
-class ConfigWatcher:
+class Poller:
+    """A background task calling `check()` every `interval` seconds of its clock; a failing check is logged and
+    polling goes on. Subclasses debounce: act once what they watch looks the same on two polls in a row."""
+
+    def __init__(self, interval, clock=None):
+        self.interval = interval
+        self.clock = clock or Clock()
+        self.task = None
+        self.pending = None
+
+    def start(self):
+        self.task = asyncio.get_running_loop().create_task(self._run())
+        return self.task
+
+    def stop(self):
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _run(self):
+        while True:
+            await self.clock.sleep(self.interval)
+            try:
+                self.check()
+            except Exception:  # a watcher must outlive any surprise
+                log.exception("%s failed", type(self).__name__)
+
+
+class ConfigWatcher(Poller):
     """Polls the config file; applies a changed, valid config to the app. LLM_MUX_* overrides are re-applied on
     every reload (the original lost them after the first one)."""
 
-    def __init__(self, path, current, apply, interval=0.25, environ=None):
-        self.path, self.interval = path, interval
+    def __init__(self, path, current, apply, interval=0.25, environ=None, clock=None):
+        Poller.__init__(self, interval, clock)
+        self.path = path
         self.current, self.apply = current, apply  # () -> the running Config; Config -> None
         self.environ = environ
         self.stamp = self._stat()
-        self.pending = None
         self.digest = self._digest()
-        self.task = None
 
     def _stat(self):
         try:
@@ -9855,22 +9860,6 @@ class ConfigWatcher:
                 return hashlib.sha256(f.read()).hexdigest()
         except OSError:
             return None
-
-    def start(self):
-        self.task = asyncio.get_running_loop().create_task(self._run())
-        return self.task
-
-    def stop(self):
-        if self.task is not None:
-            self.task.cancel()
-
-    async def _run(self):
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                self.check()
-            except Exception:  # the watcher must outlive any surprise
-                log.exception("config watcher failed")
 
     def check(self):
         stamp = self._stat()
@@ -9907,17 +9896,15 @@ class ConfigWatcher:
         return True
 
 
-class AuthDirWatcher:
+class AuthDirWatcher(Poller):
     """Polls auth-dir: a credential file created, modified, deleted or renamed is picked up within a second.
     Unchanged files keep their live credential objects; the gateway's own refresh writes are adopted as edits."""
 
-    def __init__(self, auth_dir, files, apply, interval=0.25):
+    def __init__(self, auth_dir, files, apply, interval=0.25, clock=None):
+        Poller.__init__(self, interval, clock)
         # () -> the auth dir in use; () -> {id: live Credential}; {id: Credential} -> None
         self.auth_dir, self.files, self.apply = auth_dir, files, apply
-        self.interval = interval
         self.listing = self._listing()
-        self.pending = None
-        self.task = None
 
     def _listing(self):
         d = self.auth_dir()
@@ -9934,21 +9921,6 @@ class AuthDirWatcher:
                     continue
                 out[name] = (st.st_mtime_ns, st.st_size)
         return out
-
-    def start(self):
-        self.task = asyncio.get_running_loop().create_task(self._run())
-
-    def stop(self):
-        if self.task is not None:
-            self.task.cancel()
-
-    async def _run(self):
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                self.check()
-            except Exception:
-                log.exception("auth-dir watcher failed")
 
     def check(self):
         listing = self._listing()
@@ -10037,8 +10009,8 @@ async def serve_forever(cfg, ready=None, config_path=None):
     os.makedirs(cfg.auth_dir, mode=0o700, exist_ok=True)
     gw = Gateway(cfg)
     app = App(gw)
-    watcher = ConfigWatcher(config_path, lambda: gw.cfg, gw.apply_config) if config_path else None
-    auth_watcher = AuthDirWatcher(lambda: gw.cfg.auth_dir, lambda: gw.files, gw.apply_files)
+    watcher = ConfigWatcher(config_path, lambda: gw.cfg, gw.apply_config, clock=gw.clock) if config_path else None
+    auth_watcher = AuthDirWatcher(lambda: gw.cfg.auth_dir, lambda: gw.files, gw.apply_files, clock=gw.clock)
     server = HttpServer(app, lambda: gw.limits, error_page=http_error_page)
     ctx = server_ssl_context(cfg)
     try:
