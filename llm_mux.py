@@ -693,6 +693,12 @@ class YamlReader:
         self.i = j
         if not lines:
             return "\n" * trailing if chomp == "+" else ""
+        return self._fold_block(lines, style, chomp, trailing)
+
+    @staticmethod
+    def _fold_block(lines, style, chomp, trailing):
+        """A block scalar's text from its content lines (None for an empty line): literal keeps the breaks,
+        folded joins adjacent non-indented lines with a space; then chomping."""
         chunks = []
         breaks = []
         line_break = ""
@@ -1282,6 +1288,23 @@ class ProviderEntry:
     __slots__ = ("type", "name", "provider_id", "base_url", "keys", "proxy_url", "headers", "models", "excluded",
                  "index")
 
+    @staticmethod
+    def _pairs(items, where, first, second, warnings):
+        """[(a, b)] from a list of strings or {first: a, second: b} mappings (`first` lists the spellings of the
+        first field); other items are warned about and skipped."""
+        out = []
+        for j, item in enumerate(items or []):
+            if isinstance(item, str):
+                a, b = item, ""
+            elif isinstance(item, dict):
+                a, b = next((item[k] for k in first if item.get(k)), ""), item.get(second) or ""
+            else:
+                warnings.append("%s[%d]: expected {%s, %s}; skipped" % (where, j, first[0], second))
+                continue
+            if str(a).strip():
+                out.append((str(a).strip(), str(b).strip()))
+        return out
+
     @classmethod
     def from_config(cls, raw, index, warnings):
         where = "providers[%d]" % index
@@ -1302,32 +1325,10 @@ class ProviderEntry:
         e.proxy_url = (raw.get("proxy-url") or "").strip()
         e.headers = [(str(k).strip(), str(v).strip()) for k, v in raw.get("headers", {}).items()
                      if str(k).strip() and str(v).strip()]
-        e.keys = []
-        for j, item in enumerate(raw.get("api-keys") or []):
-            if isinstance(item, str):
-                key, proxy = item, ""
-            elif isinstance(item, dict):
-                key, proxy = item.get("key") or item.get("api-key") or "", item.get("proxy-url") or ""
-            else:
-                warnings.append("%s.api-keys[%d]: expected {key, proxy-url}; skipped" % (where, j))
-                continue
-            key = str(key).strip()
-            if key:
-                e.keys.append((key, str(proxy).strip()))
+        e.keys = cls._pairs(raw.get("api-keys"), where + ".api-keys", ("key", "api-key"), "proxy-url", warnings)
         if not e.keys and (raw.get("api-key") or "").strip():
             e.keys.append((raw["api-key"].strip(), ""))
-        e.models = []
-        for j, item in enumerate(raw.get("models") or []):
-            if isinstance(item, str):
-                name, alias = item, ""
-            elif isinstance(item, dict):
-                name, alias = item.get("name") or "", item.get("alias") or ""
-            else:
-                warnings.append("%s.models[%d]: expected {name, alias}; skipped" % (where, j))
-                continue
-            name = str(name).strip()
-            if name:
-                e.models.append((name, str(alias).strip()))
+        e.models = cls._pairs(raw.get("models"), where + ".models", ("name",), "alias", warnings)
         e.excluded = [p.strip().lower() for p in raw.get("excluded-models") or [] if p.strip()]
         if kind.needs_base_url and not e.base_url:
             warnings.append("%s (%s): base-url is required for type %s; entry skipped" % (where, e.name, ptype))
@@ -2888,7 +2889,7 @@ class ChatRequest:
                  "native_tools", "safety_settings", "betas", "cache_key",
                  "client_format")
 
-    def __init__(self, model, messages=None, system=None, stream=False):
+    def __init__(self, model, messages=None, system=None, stream=False, client_format=None):
         self.model = model
         self.system = system if system is not None else []
         self.messages = messages if messages is not None else []
@@ -2915,7 +2916,7 @@ class ChatRequest:
         self.safety_settings = None
         self.betas = None
         self.cache_key = None
-        self.client_format = None
+        self.client_format = client_format
 
     def system_text(self):
         return "\n\n".join(p.text for p in self.system if p.kind == "text")
@@ -2959,10 +2960,14 @@ class ChatResponse:
         self.parts = parts if parts is not None else []
         self.finish, self.stop_sequence, self.usage = finish, stop_sequence, usage
 
-    def settle_finish(self):
-        """A `tool_calls` finish without a tool call is a plain stop (some upstreams say it anyway)."""
+    def settle_finish(self, usage=None):
+        """The answer once parsed: `usage` set when given; a `tool_calls` finish without a tool call is a plain
+        stop (some upstreams say it anyway)."""
+        if usage is not None:
+            self.usage = usage
         if self.finish == "tool_calls" and not any(p.kind == "tool_call" for p in self.parts):
             self.finish = "stop"
+        return self
 
 
 # -- stream events ------------------------------------------------------------------------------------------------
@@ -3355,6 +3360,36 @@ def request_model(body, message="'model' is required and must be a non-empty str
     return model.strip()
 
 
+def openai_family_usage(u, inp, out):
+    """Usage from the usage object of OpenAI's formats: `<inp>_tokens` (cache reads included), `<out>_tokens`
+    (reasoning included) and their `_details` (chat says prompt/completion, Responses input/output)."""
+    if not isinstance(u, dict):
+        return None
+    ind = u.get(inp + "_tokens_details") or {}
+    outd = u.get(out + "_tokens_details") or {}
+    return Usage(u.get(inp + "_tokens") or 0, u.get(out + "_tokens") or 0, ind.get("cached_tokens") or 0,
+                 ind.get("cache_write_tokens") or 0, outd.get("reasoning_tokens") or 0)
+
+
+def _array(body, field):
+    """body[field] as a list ([] when absent); anything else is a 400 naming the field."""
+    value = body.get(field)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadRequest("%s must be an array" % field, field)
+    return value
+
+
+def _objects(items, field):
+    """(index, where, item) for each element of a list that must hold JSON objects; a 400 names any other."""
+    for i, item in enumerate(items):
+        where = "%s[%d]" % (field, i)
+        if not isinstance(item, dict):
+            raise BadRequest("%s must be an object" % where, field)
+        yield i, where, item
+
+
 def _number(body, field):
     return _expect(body.get(field), (int, float), field, "a number")
 
@@ -3384,12 +3419,53 @@ OPENAI_ERROR_TYPES = {"invalid_request": "invalid_request_error", "authenticatio
 
 
 class Codec:
-    """The interface every API format implements. `name` is the format's id."""
+    """One API format, translated to and from the IR in both directions. A codec reads and writes only its own
+    format's fields and tokens (reasoning state of other families goes through pack_reasoning). Each implements:
+      parse_request(body) -> ChatRequest      a client's request body (Gemini also takes the model from the path)
+      build_request(req, model) -> dict       the body for an upstream that speaks this format
+      parse_response(data) -> ChatResponse    an upstream's whole answer
+      build_response(resp, req) -> dict       the whole answer for a client
+      error_body(err) -> dict                 a GatewayError in the format's error shape (default: OpenAI's)
+      StreamDecoder(req)                      upstream frames -> IR events, an EventDecoder
+      StreamEncoder(req)                      IR events -> client bytes, an EventEncoder
+    `name` is the format's id (ChatRequest.client_format). Completions is a client format only."""
+
     name = "?"
 
     @staticmethod
     def error_body(err):
+        return {"error": {"message": err.message, "type": OPENAI_ERROR_TYPES.get(err.type, err.type),
+                          "param": err.param, "code": err.code}}
+
+    @classmethod
+    def parse_request(cls, body):
         raise NotImplementedError
+
+    @classmethod
+    def build_request(cls, req, model):
+        raise NotImplementedError
+
+    @classmethod
+    def parse_response(cls, data):
+        raise NotImplementedError
+
+    @classmethod
+    def build_response(cls, resp, req):
+        raise NotImplementedError
+
+
+class EventDecoder:
+    """Base of every codec's StreamDecoder: upstream frames in, IR events out.
+      feed(event, data) -> [events]   one frame (SSE event name and data); formats whose frames are JSON objects
+                                      implement on_object(obj, type) instead and get malformed frames skipped
+      close() -> [events]             the end of the body: what a cut-off stream still owes (Finish, Error)"""
+
+    def feed(self, event, data):
+        obj = json_or_none(data)
+        return self.on_object(obj, obj.get("type") or event) if isinstance(obj, dict) else []
+
+    def close(self):
+        return []
 
 
 class EventEncoder:
@@ -3435,12 +3511,6 @@ class OpenAIChat(Codec):
     """OpenAI Chat Completions (`/v1/chat/completions`), formats.md §2.2–2.4."""
     name = "openai"
 
-    # -- errors ---------------------------------------------------------------------------------------------------
-    @staticmethod
-    def error_body(err):
-        return {"error": {"message": err.message, "type": OPENAI_ERROR_TYPES.get(err.type, err.type),
-                          "param": err.param, "code": err.code}}
-
     # -- request: wire -> IR --------------------------------------------------------------------------------------
     @classmethod
     def parse_request(cls, body):
@@ -3448,8 +3518,7 @@ class OpenAIChat(Codec):
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise BadRequest("'messages' must be a non-empty array", "messages")
-        req = ChatRequest(model)
-        req.client_format = cls.name
+        req = ChatRequest(model, client_format=cls.name)
         cls._parse_messages(req, msgs)
         stream = _expect(body.get("stream"), bool, "stream", "a boolean")
         req.stream = bool(stream)
@@ -3593,10 +3662,7 @@ class OpenAIChat(Codec):
     def _parse_messages(cls, req, msgs):
         call_names = {}
         seen_turn = False
-        for i, m in enumerate(msgs):
-            where = "messages[%d]" % i
-            if not isinstance(m, dict):
-                raise BadRequest("'%s' must be an object" % where, "messages")
+        for i, where, m in _objects(msgs, "messages"):
             role = m.get("role")
             if role in ("system", "developer"):
                 parts = cls._content_parts(m.get("content"), where)
@@ -3783,12 +3849,7 @@ class OpenAIChat(Codec):
     # -- response: wire -> IR -------------------------------------------------------------------------------------
     @staticmethod
     def parse_usage(u):
-        if not isinstance(u, dict):
-            return None
-        ptd = u.get("prompt_tokens_details") or {}
-        ctd = u.get("completion_tokens_details") or {}
-        return Usage(u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0, ptd.get("cached_tokens") or 0,
-                     ptd.get("cache_write_tokens") or 0, ctd.get("reasoning_tokens") or 0)
+        return openai_family_usage(u, "prompt", "completion")
 
     @classmethod
     def parse_response(cls, data):
@@ -3814,9 +3875,7 @@ class OpenAIChat(Codec):
                 args = json_dumps(args)
             resp.parts.append(ToolCall(c.get("id") or new_id("call_"), f.get("name") or "", args or "{}"))
         resp.finish = OPENAI_FINISH_IN.get(choice.get("finish_reason") or "stop", "stop")
-        resp.settle_finish()
-        resp.usage = cls.parse_usage(data.get("usage"))
-        return resp
+        return resp.settle_finish(cls.parse_usage(data.get("usage")))
 
     # -- response: IR -> wire -------------------------------------------------------------------------------------
     @staticmethod
@@ -3852,7 +3911,7 @@ class OpenAIChat(Codec):
         return out
 
     # -- streams --------------------------------------------------------------------------------------------------
-    class StreamDecoder:
+    class StreamDecoder(EventDecoder):
         """OpenAI chat SSE payloads -> IR events. Feed each `data:` payload (already split by SSEParser)."""
 
         def __init__(self, req=None):
@@ -4051,8 +4110,7 @@ class Anthropic(Codec):
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise BadRequest("messages: must be a non-empty array", "messages")
-        req = ChatRequest(model)
-        req.client_format = cls.name
+        req = ChatRequest(model, client_format=cls.name)
         if not count_only:
             if "max_tokens" not in body:
                 raise BadRequest("max_tokens: Field required", "max_tokens")
@@ -4276,6 +4334,30 @@ class Anthropic(Codec):
     def build_request(cls, req, model):
         system = [{"type": "text", "text": p.text, **({"cache_control": p.cache_control} if p.cache_control else {})}
                   for p in req.system if p.kind == "text" and p.text.strip()]
+        msgs = cls._wire_messages(req)
+        body = {"model": model, "messages": msgs,
+                "max_tokens": req.max_tokens or cls.default_max_tokens(model)}
+        if system:
+            body["system"] = system
+        if req.stream:
+            body["stream"] = True
+        thinking_on = cls._wire_thinking(req, body)
+        if req.stop:
+            body["stop_sequences"] = req.stop
+        if req.user:
+            body["metadata"] = {"user_id": req.user}
+        cls._wire_tools(req, body, thinking_on)
+        rf = req.response_format
+        if rf and rf["type"] == "json_schema":
+            body["output_config"] = {"format": {"type": "json_schema", "schema": rf.get("schema") or {}}}
+        elif rf:  # JSON mode has no Messages API field: ask for it in the system prompt
+            body.setdefault("system", []).append({"type": "text",
+                                                  "text": "Respond with a single JSON object and nothing else."})
+        return body
+
+    @classmethod
+    def _wire_messages(cls, req):
+        """Strictly alternating turns: tool results first in a user turn, tool uses last in an assistant turn."""
         msgs = []
         for m in repair_tool_turns(req.messages):
             if m.role == "tool":
@@ -4319,14 +4401,12 @@ class Anthropic(Codec):
             msgs.append({"role": role, "content": blocks})
         if msgs and msgs[0]["role"] == "assistant":
             msgs.insert(0, {"role": "user", "content": [{"type": "text", "text": "(continue)"}]})
-        if not msgs:
-            msgs = [{"role": "user", "content": [{"type": "text", "text": "(empty)"}]}]
-        body = {"model": model, "messages": msgs,
-                "max_tokens": req.max_tokens or cls.default_max_tokens(model)}
-        if system:
-            body["system"] = system
-        if req.stream:
-            body["stream"] = True
+        return msgs or [{"role": "user", "content": [{"type": "text", "text": "(empty)"}]}]
+
+    @staticmethod
+    def _wire_thinking(req, body):
+        """Extended thinking and the sampling it allows; whether thinking is on."""
+        msgs = body["messages"]
         effort = thinking_effort(req.thinking)
         thinking_on = effort not in (None, "none")
         if thinking_on:
@@ -4350,10 +4430,10 @@ class Anthropic(Codec):
                 body["top_k"] = req.top_k
         if req.top_p is not None and not thinking_on:
             body["top_p"] = req.top_p
-        if req.stop:
-            body["stop_sequences"] = req.stop
-        if req.user:
-            body["metadata"] = {"user_id": req.user}
+        return thinking_on
+
+    @classmethod
+    def _wire_tools(cls, req, body, thinking_on):
         tools = []
         for t in req.tools:
             schema = custom_tool_schema() if t.tool_kind == "custom" else (t.parameters or {})
@@ -4385,13 +4465,6 @@ class Anthropic(Codec):
                 if thinking_on and choice["type"] in ("any", "tool"):
                     choice = {"type": "auto"}  # forced tool use is not allowed with thinking
                 body["tool_choice"] = choice
-        rf = req.response_format
-        if rf and rf["type"] == "json_schema":
-            body["output_config"] = {"format": {"type": "json_schema", "schema": rf.get("schema") or {}}}
-        elif rf:  # JSON mode has no Messages API field: ask for it in the system prompt
-            body.setdefault("system", []).append({"type": "text",
-                                                  "text": "Respond with a single JSON object and nothing else."})
-        return body
 
     # -- response: wire -> IR -------------------------------------------------------------------------------------
     @staticmethod
@@ -4432,9 +4505,7 @@ class Anthropic(Codec):
                                            json_dumps(b.get("input") if isinstance(b.get("input"), dict) else {})))
         resp.finish = ANTHROPIC_STOP_IN.get(data.get("stop_reason") or "end_turn", "stop")
         resp.stop_sequence = data.get("stop_sequence")
-        resp.settle_finish()
-        resp.usage = cls.parse_usage(data.get("usage"))
-        return resp
+        return resp.settle_finish(cls.parse_usage(data.get("usage")))
 
     # -- response: IR -> wire -------------------------------------------------------------------------------------
     @staticmethod
@@ -4463,7 +4534,7 @@ class Anthropic(Codec):
                 "usage": cls.wire_usage(resp.usage)}
 
     # -- streams --------------------------------------------------------------------------------------------------
-    class StreamDecoder:
+    class StreamDecoder(EventDecoder):
         """Anthropic SSE -> IR events."""
 
         def __init__(self, req=None):
@@ -4475,11 +4546,7 @@ class Anthropic(Codec):
             self.done = False
             self.started = False
 
-        def feed(self, event, data):
-            obj = json_or_none(data)
-            if not isinstance(obj, dict):
-                return []
-            t = obj.get("type") or event
+        def on_object(self, obj, t):
             if t == "content_block_delta":
                 d = obj.get("delta") or {}
                 dt = d.get("type")
@@ -4709,6 +4776,27 @@ _GEMINI_HINT_KEYS = ("minLength", "maxLength", "exclusiveMinimum", "exclusiveMax
                      "maxItems", "uniqueItems", "format", "default", "examples")
 
 
+def _merge_all_of(s, branches):
+    """Fold allOf branches into schema `s`: properties and required lists united, other keys kept where unset."""
+    merged = {}
+    for sub in branches:
+        if isinstance(sub, dict):
+            for k, v in sub.items():
+                if k == "properties" and isinstance(v, dict):
+                    merged.setdefault("properties", {}).update(v)
+                elif k == "required" and isinstance(v, list):
+                    merged.setdefault("required", []).extend(v)
+                else:
+                    merged.setdefault(k, v)
+    for k, v in merged.items():
+        if k == "properties":
+            s.setdefault("properties", {}).update(v)
+        elif k == "required":
+            s["required"] = list(s.get("required") or []) + v
+        else:
+            s.setdefault(k, v)
+
+
 def clean_schema_for_gemini(schema, _defs=None, _depth=0):
     """JSON Schema -> the OpenAPI subset Gemini's `parameters` accepts (formats.md §6.5): local $refs inlined,
     const -> enum, enums as strings, allOf merged, anyOf/oneOf flattened (a null branch = optional),
@@ -4727,23 +4815,7 @@ def clean_schema_for_gemini(schema, _defs=None, _depth=0):
         else:
             s = {"type": "object", "description": "(reference %s)" % ref}
     if "allOf" in s and isinstance(s["allOf"], list):
-        merged = {}
-        for sub in s.pop("allOf"):
-            if isinstance(sub, dict):
-                for k, v in sub.items():
-                    if k == "properties" and isinstance(v, dict):
-                        merged.setdefault("properties", {}).update(v)
-                    elif k == "required" and isinstance(v, list):
-                        merged.setdefault("required", []).extend(v)
-                    else:
-                        merged.setdefault(k, v)
-        for k, v in merged.items():
-            if k == "properties":
-                s.setdefault("properties", {}).update(v)
-            elif k == "required":
-                s["required"] = list(s.get("required") or []) + v
-            else:
-                s.setdefault(k, v)
+        _merge_all_of(s, s.pop("allOf"))
     for key in ("anyOf", "oneOf"):
         branches = s.pop(key, None)
         if isinstance(branches, list):
@@ -4864,13 +4936,8 @@ class Gemini(Codec):
         inner = gget(body, "generateContentRequest")
         if isinstance(inner, dict):  # countTokens may wrap a whole request
             body = inner
-        contents = body.get("contents")
-        if contents is None:
-            contents = []
-        if not isinstance(contents, list):
-            raise BadRequest("contents must be an array", "contents")
-        req = ChatRequest(model)
-        req.client_format = cls.name
+        contents = _array(body, "contents")
+        req = ChatRequest(model, client_format=cls.name)
         si = gget(body, "systemInstruction")
         if isinstance(si, str):
             req.system.append(Text(si))
@@ -4879,7 +4946,7 @@ class Gemini(Codec):
                 if isinstance(p, dict) and isinstance(p.get("text"), str):
                     req.system.append(Text(p["text"]))
         pending = {}  # function name -> [call ids] awaiting responses (FIFO when ids are absent)
-        for i, c in enumerate(contents):
+        for i, _, c in _objects(contents, "contents"):
             cls._parse_content(req, c, i, pending)
         if not req.messages and not count_only:
             raise BadRequest("contents must not be empty", "contents")
@@ -4966,8 +5033,6 @@ class Gemini(Codec):
 
     @classmethod
     def _parse_content(cls, req, c, i, pending):
-        if not isinstance(c, dict):
-            raise BadRequest("contents[%d] must be an object" % i, "contents")
         role = c.get("role") or ("user" if i % 2 == 0 else "model")
         parts_in = c.get("parts") or []
         if not isinstance(parts_in, list):
@@ -5076,60 +5141,7 @@ class Gemini(Codec):
                 if m.text().strip():
                     parts.append({"text": m.text()})
             else:
-                pending_sig = None
-                first_call = True
-                for p in m.parts:
-                    k = p.kind
-                    if k == "thinking":
-                        if p.source == "gemini" and p.signature:
-                            if p.text:
-                                parts.append({"text": p.text, "thought": True, "thoughtSignature": p.signature})
-                            else:
-                                pending_sig = p.signature
-                        elif client and (p.text or p.signature or p.encrypted or p.redacted):
-                            part = {"text": p.text or "", "thought": True}
-                            if p.signature or p.encrypted or p.redacted:
-                                part["thoughtSignature"] = cls.client_signature(p)
-                            parts.append(part)
-                        continue
-                    if k == "text":
-                        if not p.text:
-                            continue
-                        part = {"text": p.text}
-                        if pending_sig and role == "model":
-                            part["thoughtSignature"] = pending_sig
-                            pending_sig = None
-                        parts.append(part)
-                    elif k in ("image", "file"):
-                        wm = cls._wire_media(p)
-                        if wm:
-                            parts.append(wm)
-                    elif k == "tool_call":
-                        fc = {"name": p.name, "args": p.args_object()}
-                        if p.id and (client or not p.id.startswith("call_")):
-                            fc["id"] = p.id
-                        part = {"functionCall": fc}
-                        sig = None
-                        if p.source == "gemini" and p.signature:
-                            sig = p.signature
-                        elif pending_sig:
-                            sig = pending_sig
-                        elif client and p.signature:
-                            sig = cls.client_signature(p)
-                        elif first_call and not client:
-                            sig = GEMINI_SKIP_SIGNATURE  # history without Gemini's own signature (formats.md §4.4)
-                        pending_sig = None
-                        if sig:
-                            part["thoughtSignature"] = sig
-                        first_call = False
-                        parts.append(part)
-                if pending_sig and role == "model":
-                    last = parts[-1] if parts else None
-                    if last is not None and "text" in last and not last.get("thought") \
-                            and "thoughtSignature" not in last:
-                        last["thoughtSignature"] = pending_sig  # a signature carried after its answer's text
-                    else:
-                        parts.append({"thoughtSignature": pending_sig})
+                parts = cls._wire_turn(m, role, client)
             if not parts:
                 continue
             if contents and contents[-1]["role"] == role:
@@ -5137,6 +5149,66 @@ class Gemini(Codec):
             else:
                 contents.append({"role": role, "parts": parts})
         return contents
+
+    @classmethod
+    def _wire_turn(cls, m, role, client):
+        """The parts of a user or model turn. A signature-only Thinking part gives its thoughtSignature to the
+        part after it (or, at the end of a turn, to the answer's text): Gemini signatures are positional."""
+        parts = []
+        pending_sig = None
+        first_call = True
+        for p in m.parts:
+            k = p.kind
+            if k == "thinking":
+                if p.source == "gemini" and p.signature:
+                    if p.text:
+                        parts.append({"text": p.text, "thought": True, "thoughtSignature": p.signature})
+                    else:
+                        pending_sig = p.signature
+                elif client and (p.text or p.signature or p.encrypted or p.redacted):
+                    part = {"text": p.text or "", "thought": True}
+                    if p.signature or p.encrypted or p.redacted:
+                        part["thoughtSignature"] = cls.client_signature(p)
+                    parts.append(part)
+                continue
+            if k == "text":
+                if not p.text:
+                    continue
+                part = {"text": p.text}
+                if pending_sig and role == "model":
+                    part["thoughtSignature"] = pending_sig
+                    pending_sig = None
+                parts.append(part)
+            elif k in ("image", "file"):
+                wm = cls._wire_media(p)
+                if wm:
+                    parts.append(wm)
+            elif k == "tool_call":
+                fc = {"name": p.name, "args": p.args_object()}
+                if p.id and (client or not p.id.startswith("call_")):
+                    fc["id"] = p.id
+                part = {"functionCall": fc}
+                sig = None
+                if p.source == "gemini" and p.signature:
+                    sig = p.signature
+                elif pending_sig:
+                    sig = pending_sig
+                elif client and p.signature:
+                    sig = cls.client_signature(p)
+                elif first_call and not client:
+                    sig = GEMINI_SKIP_SIGNATURE  # history without Gemini's own signature (formats.md §4.4)
+                pending_sig = None
+                if sig:
+                    part["thoughtSignature"] = sig
+                first_call = False
+                parts.append(part)
+        if pending_sig and role == "model":
+            last = parts[-1] if parts else None
+            if last is not None and "text" in last and not last.get("thought") and "thoughtSignature" not in last:
+                last["thoughtSignature"] = pending_sig  # a signature carried after its answer's text
+            else:
+                parts.append({"thoughtSignature": pending_sig})
+        return parts
 
     @classmethod
     def build_request(cls, req, model):
@@ -5314,7 +5386,7 @@ class Gemini(Codec):
                 "supportedGenerationMethods": ["generateContent", "countTokens"]}
 
     # -- streams --------------------------------------------------------------------------------------------------
-    class StreamDecoder:
+    class StreamDecoder(EventDecoder):
         """Gemini SSE (`alt=sse`) -> IR events."""
 
         def __init__(self, req=None):
@@ -5453,7 +5525,6 @@ class Responses(Codec):
     """OpenAI Responses API (`/v1/responses`), formats.md §2.6–2.8. Stateless: history comes in `input`."""
     name = "responses"
 
-    error_body = staticmethod(OpenAIChat.error_body)
 
     # -- request: wire -> IR --------------------------------------------------------------------------------------
     @classmethod
@@ -5462,8 +5533,7 @@ class Responses(Codec):
         if body.get("previous_response_id") or body.get("conversation"):
             raise BadRequest("previous_response_id and conversation need server-side state, which this gateway "
                              "does not keep; send the whole history in 'input'", "previous_response_id")
-        req = ChatRequest(model)
-        req.client_format = cls.name
+        req = ChatRequest(model, client_format=cls.name)
         instr = body.get("instructions")
         if isinstance(instr, str) and instr:
             req.system.append(Text(instr))
@@ -5652,6 +5722,36 @@ class Responses(Codec):
 
     @classmethod
     def build_request(cls, req, model):
+        body = {"model": model, "instructions": req.system_text(), "input": cls._wire_items(req), "stream": True,
+                "store": False}
+        cls._wire_tools(req, body)
+        effort = thinking_effort(req.thinking)
+        if effort and effort != "auto":
+            body["reasoning"] = {"effort": effort, "summary": (req.thinking.summary or "auto")}
+            body["include"] = ["reasoning.encrypted_content"]
+        if req.max_tokens is not None:
+            body["max_output_tokens"] = max(16, req.max_tokens)
+        if req.temperature is not None and not effort:
+            body["temperature"] = req.temperature
+        if req.top_p is not None and not effort:
+            body["top_p"] = req.top_p
+        rf = req.response_format
+        if rf:
+            if rf["type"] == "json_schema":
+                fmt = {"type": "json_schema", "name": rf.get("name") or "response", "schema": rf.get("schema") or {}}
+                if rf.get("strict") is not None:
+                    fmt["strict"] = rf["strict"]
+            else:
+                fmt = {"type": "json_object"}
+            body["text"] = {"format": fmt}
+        if req.client_format == cls.name:
+            for k, v in req.passthrough.items():
+                body.setdefault(k, v)
+        return body
+
+    @classmethod
+    def _wire_items(cls, req):
+        """The conversation as input items: messages, calls and their outputs, our own reasoning items."""
         items = []
         custom = {t.name for t in req.tools if t.tool_kind == "custom"}
         for m in req.messages:
@@ -5694,7 +5794,10 @@ class Responses(Codec):
             content = cls._wire_content(m.parts, role)
             if content:
                 items.append({"type": "message", "role": role, "content": content})
-        body = {"model": model, "instructions": req.system_text(), "input": items, "stream": True, "store": False}
+        return items
+
+    @classmethod
+    def _wire_tools(cls, req, body):
         tools = []
         for t in req.tools:
             if t.tool_kind == "custom":
@@ -5718,39 +5821,11 @@ class Responses(Codec):
             tc = req.tool_choice
             body["tool_choice"] = {"type": "function", "name": tc["name"]} if isinstance(tc, dict) else (tc or "auto")
             body["parallel_tool_calls"] = req.parallel_tool_calls if req.parallel_tool_calls is not None else True
-        effort = thinking_effort(req.thinking)
-        if effort and effort != "auto":
-            body["reasoning"] = {"effort": effort, "summary": (req.thinking.summary or "auto")}
-            body["include"] = ["reasoning.encrypted_content"]
-        if req.max_tokens is not None:
-            body["max_output_tokens"] = max(16, req.max_tokens)
-        if req.temperature is not None and not effort:
-            body["temperature"] = req.temperature
-        if req.top_p is not None and not effort:
-            body["top_p"] = req.top_p
-        rf = req.response_format
-        if rf:
-            if rf["type"] == "json_schema":
-                fmt = {"type": "json_schema", "name": rf.get("name") or "response", "schema": rf.get("schema") or {}}
-                if rf.get("strict") is not None:
-                    fmt["strict"] = rf["strict"]
-            else:
-                fmt = {"type": "json_object"}
-            body["text"] = {"format": fmt}
-        if req.client_format == cls.name:
-            for k, v in req.passthrough.items():
-                body.setdefault(k, v)
-        return body
 
     # -- response: IR <-> wire ------------------------------------------------------------------------------------
     @staticmethod
     def parse_usage(u):
-        if not isinstance(u, dict):
-            return None
-        itd = u.get("input_tokens_details") or {}
-        otd = u.get("output_tokens_details") or {}
-        return Usage(u.get("input_tokens") or 0, u.get("output_tokens") or 0, itd.get("cached_tokens") or 0,
-                     itd.get("cache_write_tokens") or 0, otd.get("reasoning_tokens") or 0)
+        return openai_family_usage(u, "input", "output")
 
     @staticmethod
     def wire_usage(u):
@@ -5822,7 +5897,7 @@ class Responses(Codec):
         return "incomplete" if finish in ("length", "content_filter") else "completed"
 
     # -- streams --------------------------------------------------------------------------------------------------
-    class StreamDecoder:
+    class StreamDecoder(EventDecoder):
         """Responses SSE (type inside each data object) -> IR events."""
 
         def __init__(self, req=None):
@@ -5831,11 +5906,7 @@ class Responses(Codec):
             self.done = False
             self.started = False
 
-        def feed(self, event, data):
-            obj = json_or_none(data)
-            if not isinstance(obj, dict):
-                return []
-            t = obj.get("type") or event
+        def on_object(self, obj, t):
             oi = obj.get("output_index")
             if t == "response.output_text.delta":
                 return [TextDelta(obj.get("delta") or "")] if obj.get("delta") else []
@@ -5866,36 +5937,7 @@ class Responses(Codec):
                     return [ThinkingDelta("", source="responses", item_id=item.get("id"))]
                 return []
             if t == "response.output_item.done":
-                item = obj.get("item") or {}
-                slot = self.items.get(oi) or [item.get("type"), None, False]
-                it = item.get("type")
-                out = []
-                if it == "function_call":
-                    if slot[1] is None:
-                        slot[1] = self.tools
-                        self.tools += 1
-                        out.append(ToolCallStart(slot[1], item.get("call_id") or new_id("call_"),
-                                                 item.get("name") or ""))
-                    if not slot[2] and item.get("arguments"):
-                        out.append(ToolCallDelta(slot[1], item["arguments"]))
-                    out.append(ToolCallEnd(slot[1]))
-                elif it == "custom_tool_call":
-                    if slot[1] is None:
-                        slot[1] = self.tools
-                        self.tools += 1
-                        out.append(ToolCallStart(slot[1], item.get("call_id") or new_id("call_"),
-                                                 item.get("name") or "", "custom"))
-                    out.append(ToolCallDelta(slot[1], json_dumps({"input": item.get("input") or ""})))
-                    out.append(ToolCallEnd(slot[1]))
-                elif it == "reasoning":
-                    text = ""
-                    if not slot[2]:
-                        text = "".join(s.get("text") or "" for s in item.get("summary") or [])
-                    out.append(ThinkingDelta(text, encrypted=item.get("encrypted_content") or None,
-                                             source="responses", item_id=item.get("id")))
-                elif it == "message" and not slot[2]:
-                    pass
-                return out
+                return self._item_done(obj.get("item") or {}, oi)
             if t in ("response.created", "response.in_progress"):
                 if self.started:
                     return []
@@ -5925,6 +5967,29 @@ class Responses(Codec):
                 return [ErrorEvent(status, err.get("message") or "upstream response failed",
                                    error_type_for_status(status))]
             return []
+
+        def _item_done(self, item, oi):
+            """The end of an output item: a call's start (when its `added` was missed), arguments and end; a
+            reasoning item's summary (unless it was streamed) and its state."""
+            it = item.get("type")
+            slot = self.items.get(oi) or [it, None, False]
+            if it == "reasoning":
+                text = "" if slot[2] else "".join(s.get("text") or "" for s in item.get("summary") or [])
+                return [ThinkingDelta(text, encrypted=item.get("encrypted_content") or None, source="responses",
+                                      item_id=item.get("id"))]
+            if it not in ("function_call", "custom_tool_call"):
+                return []
+            out = []
+            if slot[1] is None:
+                slot[1] = self.tools
+                self.tools += 1
+                out.append(ToolCallStart(slot[1], item.get("call_id") or new_id("call_"), item.get("name") or "",
+                                         "custom" if it == "custom_tool_call" else "function"))
+            if it == "custom_tool_call":
+                out.append(ToolCallDelta(slot[1], json_dumps({"input": item.get("input") or ""})))
+            elif not slot[2] and item.get("arguments"):
+                out.append(ToolCallDelta(slot[1], item["arguments"]))
+            return out + [ToolCallEnd(slot[1])]
 
         def close(self):
             if self.done:
@@ -6194,19 +6259,11 @@ class Ollama(Codec):
     @classmethod
     def parse_request(cls, body):
         model = request_model(body, "model is required")
-        msgs = body.get("messages")
-        if msgs is None:
-            msgs = []
-        if not isinstance(msgs, list):
-            raise BadRequest("messages must be an array", "messages")
-        req = ChatRequest(model)
-        req.client_format = cls.name
+        msgs = _array(body, "messages")
+        req = ChatRequest(model, client_format=cls.name)
         names = {}
         seen_turn = False
-        for i, m in enumerate(msgs):
-            where = "messages[%d]" % i
-            if not isinstance(m, dict):
-                raise BadRequest("%s must be an object" % where, "messages")
+        for i, where, m in _objects(msgs, "messages"):
             role = (m.get("role") or "").lower()
             content = m.get("content") or ""
             if not isinstance(content, str):
@@ -6384,7 +6441,6 @@ class Completions(Codec):
     """OpenAI legacy Completions (`/v1/completions`): a prompt in, text out, served through the chat IR."""
     name = "completions"
 
-    error_body = staticmethod(OpenAIChat.error_body)
 
     @classmethod
     def parse_request(cls, body):
@@ -6900,6 +6956,16 @@ class Provider:
     def base_url(self, cred):
         return (cred.base_url or self.default_base_url).rstrip("/")
 
+    @staticmethod
+    def json_headers(token, stream, *extra):
+        """Content-Type and Accept (an event stream when streaming) for a JSON request, a bearer token when there
+        is one, then the `extra` pairs."""
+        headers = [("Content-Type", "application/json"),
+                   ("Accept", "text/event-stream" if stream else "application/json")]
+        if token:
+            headers.append(("Authorization", "Bearer " + token))
+        return headers + list(extra)
+
     def build(self, req, cred, model):
         """(method, url, header pairs, body bytes) for one attempt."""
         raise NotImplementedError
@@ -7056,8 +7122,7 @@ class CodexProvider(Provider):
 
     def build(self, req, cred, model):
         body = json_bytes(self.codec.build_request(req, model))
-        headers = [("Content-Type", "application/json"), ("Accept", "text/event-stream"), ("User-Agent", USER_AGENT),
-                   ("Authorization", "Bearer " + cred.api_key)] + cred.headers
+        headers = self.json_headers(cred.api_key, True, ("User-Agent", USER_AGENT), *cred.headers)
         return "POST", self.base_url(cred) + "/responses", headers, body
 
 
@@ -7080,14 +7145,13 @@ class ClaudeOAuthProvider(AnthropicProvider):
         if client_beta:
             extra = [b.strip() for b in client_beta.split(",") if b.strip() and b.strip() not in beta]
             beta = ",".join([beta] + extra)
-        return [("Content-Type", "application/json"), ("Accept", "text/event-stream" if stream else "application/json"),
-                ("Authorization", "Bearer " + (cred.meta.get("access_token") or "")),
+        return self.json_headers(cred.meta.get("access_token"), stream,
                 ("anthropic-version", "2023-06-01"), ("anthropic-beta", beta),
                 ("anthropic-dangerous-direct-browser-access", "true"), ("x-app", "cli"),
                 ("User-Agent", "claude-cli/2.1.220 (external, cli)"), ("X-Stainless-Lang", "js"),
                 ("X-Stainless-Runtime", "node"), ("X-Stainless-Retry-Count", "0"),
                 ("X-Stainless-Package-Version", "0.94.0"), ("X-Stainless-Runtime-Version", "v26.3.0"),
-                ("X-Stainless-OS", "MacOS"), ("X-Stainless-Arch", "arm64")]
+                ("X-Stainless-OS", "MacOS"), ("X-Stainless-Arch", "arm64"))
 
     def build(self, req, cred, model):
         body = self.codec.build_request(req, model)
@@ -7221,9 +7285,8 @@ class CodexOAuthProvider(CodexProvider):
             body["parallel_tool_calls"] = True
         cache_key = body.get("prompt_cache_key") or req.conversation_key()
         body["prompt_cache_key"] = cache_key
-        headers = [("Content-Type", "application/json"), ("Accept", "text/event-stream"),
-                   ("Authorization", "Bearer " + (cred.meta.get("access_token") or "")),
-                   ("User-Agent", self.user_agent), ("Originator", "codex-tui"), ("Session-Id", cache_key)]
+        headers = self.json_headers(cred.meta.get("access_token"), True, ("User-Agent", self.user_agent),
+                                    ("Originator", "codex-tui"), ("Session-Id", cache_key))
         if cred.meta.get("account_id"):
             headers.append(("Chatgpt-Account-Id", cred.meta["account_id"]))
         return "POST", self.base_url(cred) + "/responses", headers, json_bytes(body)
@@ -7342,6 +7405,7 @@ class GeminiCLIProvider(GeminiProvider):
     token_url = "https://oauth2.googleapis.com/token"
     client_id = "681255809395-oo8ft2oprdrnp9e3aqf6av3hmdib135j.apps.googleusercontent.com"
     client_secret = "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"
+    client_metadata = "ideType=IDE_UNSPECIFIED,platform=PLATFORM_UNSPECIFIED,pluginType=GEMINI"
     refresh_lead = 600  # providers.md §1.2 (llm-mux's lead)
     default_models = ("gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.5-flash-lite", "gemini-3-pro-preview",
                       "gemini-3.1-pro-preview", "gemini-3-flash-preview")
@@ -7351,11 +7415,9 @@ class GeminiCLIProvider(GeminiProvider):
         return cred.project or str(cred.meta.get("project_id") or "").split(",")[0].strip()
 
     def _headers(self, cred, stream=False):
-        return [("Content-Type", "application/json"), ("Accept", "text/event-stream" if stream else "application/json"),
-                ("Authorization", "Bearer " + (cred.meta.get("access_token") or
-                                               (cred.meta.get("token") or {}).get("access_token") or "")),
-                ("User-Agent", "google-api-nodejs-client/9.15.1"), ("X-Goog-Api-Client", "gl-node/22.17.0"),
-                ("Client-Metadata", "ideType=IDE_UNSPECIFIED,platform=PLATFORM_UNSPECIFIED,pluginType=GEMINI")]
+        token = cred.meta.get("access_token") or (cred.meta.get("token") or {}).get("access_token")
+        return self.json_headers(token, stream, ("User-Agent", "google-api-nodejs-client/9.15.1"),
+                                 ("X-Goog-Api-Client", "gl-node/22.17.0"), ("Client-Metadata", self.client_metadata))
 
     def build(self, req, cred, model):
         body = {"model": model, "project": self.project_of(cred), "request": self.codec.build_request(req, model)}
@@ -7572,9 +7634,8 @@ class AntigravityProvider(GeminiCLIProvider):
         return self.bases[(self._turn - 1) % 2]  # daily, then prod, in turn (as llm-mux does)
 
     def _headers(self, cred, stream=False):
-        return [("Content-Type", "application/json"), ("Accept", "text/event-stream" if stream else "application/json"),
-                ("Authorization", "Bearer " + (cred.meta.get("access_token") or "")),
-                ("User-Agent", cred.meta.get("user_agent") or self.user_agent)]
+        return self.json_headers(cred.meta.get("access_token"), stream,
+                                 ("User-Agent", cred.meta.get("user_agent") or self.user_agent))
 
     def build(self, req, cred, model):
         request = self.codec.build_request(req, model)
@@ -7773,10 +7834,9 @@ class KiroProvider(Provider):
         body = kiro_request(req, KIRO_MODELS.get(model, model))
         if cred.meta.get("profile_arn"):
             body["profileArn"] = cred.meta["profile_arn"]
-        headers = [("Content-Type", "application/json"), ("Accept", "application/json"),
-                   ("Authorization", "Bearer " + (cred.meta.get("access_token") or "")),
-                   ("x-amzn-kiro-agent-mode", "vibe"), ("x-amz-user-agent", "aws-sdk-js/1.0.7 KiroIDE-0.1.25 llm-mux"),
-                   ("amz-sdk-request", "attempt=1; max=1")]
+        headers = self.json_headers(cred.meta.get("access_token"), False, ("x-amzn-kiro-agent-mode", "vibe"),
+                                    ("x-amz-user-agent", "aws-sdk-js/1.0.7 KiroIDE-0.1.25 llm-mux"),
+                                    ("amz-sdk-request", "attempt=1; max=1"))
         return "POST", self.base_url(cred) + "/generateAssistantResponse", headers, json_bytes(body)
 
     @staticmethod
@@ -7890,7 +7950,7 @@ def kiro_request(req, model_id):
                                   "currentMessage": {"userInputMessage": current}, "history": history}}
 
 
-class KiroStreamDecoder:
+class KiroStreamDecoder(EventDecoder):
     """Kiro event payloads -> IR events (assistantResponseEvent, toolUseEvent, reasoningContentEvent, usage ...)."""
 
     def __init__(self):
@@ -8066,10 +8126,8 @@ class IFlowProvider(OpenAICompatProvider):
         session = "session-" + new_id("", 16)
         stamp = str(int(time.time() * 1000))
         signature = hmac.new(key.encode(), ("iFlow-Cli:%s:%s" % (session, stamp)).encode(), hashlib.sha256).hexdigest()
-        headers = [("Content-Type", "application/json"), ("Accept", "text/event-stream" if req.stream else
-                                                          "application/json"),
-                   ("Authorization", "Bearer " + key), ("User-Agent", "iFlow-Cli"), ("session-id", session),
-                   ("x-iflow-timestamp", stamp), ("x-iflow-signature", signature)]
+        headers = self.json_headers(key, req.stream, ("User-Agent", "iFlow-Cli"), ("session-id", session),
+                                    ("x-iflow-timestamp", stamp), ("x-iflow-signature", signature))
         return "POST", self.base_url(cred) + "/chat/completions", headers, json_bytes(body)
 
     @classmethod
@@ -8214,12 +8272,10 @@ class CopilotProvider(OpenAICompatProvider):
     def build(self, req, cred, model):
         body = self.codec.build_request(req, model)
         body["stream"] = bool(req.stream)
-        headers = [("Content-Type", "application/json"), ("Accept", "text/event-stream" if req.stream else
-                                                          "application/json"),
-                   ("Authorization", "Bearer " + (cred.meta.get("copilot_token") or "")),
-                   ("User-Agent", "GithubCopilot/1.0"), ("Editor-Version", "vscode/1.104.1"),
-                   ("Editor-Plugin-Version", "copilot/1.300.0"), ("Openai-Intent", "conversation-panel"),
-                   ("Copilot-Integration-Id", "vscode-chat"), ("X-Request-Id", new_id("", 16))]
+        headers = self.json_headers(cred.meta.get("copilot_token"), req.stream, ("User-Agent", "GithubCopilot/1.0"),
+                                    ("Editor-Version", "vscode/1.104.1"), ("Editor-Plugin-Version", "copilot/1.300.0"),
+                                    ("Openai-Intent", "conversation-panel"), ("Copilot-Integration-Id", "vscode-chat"),
+                                    ("X-Request-Id", new_id("", 16)))
         return "POST", self.base_url(cred) + "/chat/completions", headers, json_bytes(body)
 
     @classmethod
@@ -8593,8 +8649,7 @@ class VertexProvider(GeminiProvider):
             self.base_url(cred), project, loc, model, action)
 
     def _headers(self, cred):
-        return [("Content-Type", "application/json"), ("User-Agent", USER_AGENT),
-                ("Authorization", "Bearer " + (cred.meta.get("access_token") or ""))]
+        return self.json_headers(cred.meta.get("access_token"), False, ("User-Agent", USER_AGENT))
 
     async def refresh(self, cred, client):
         sa = cred.meta.get("service_account") or {}
