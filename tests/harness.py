@@ -1,12 +1,24 @@
-"""Shared test helpers: a controllable clock, an in-process gateway on a background loop, config snippets and a
-bounded wait-until loop."""
+"""Shared test helpers: real gateway processes and in-process gateways (on a controllable clock), config
+snippets for fake upstreams, the browser's part of a login, and one bounded wait-until loop."""
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import openai
 
-import llm_mux
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import llm_mux  # noqa: E402
+from fakes import FakeUpstream, free_port  # noqa: E402,F401
 
 
 class FakeClock(llm_mux.Clock):
@@ -80,13 +92,123 @@ def openai_provider(url, keys, models=("m",), name="p", extra=""):
     return "\n".join(lines) + "\n" + extra
 
 
-def wait_until(predicate, timeout=15.0, what="the condition"):
-    """Poll `predicate` until it is true; fails (never passes) when the deadline is reached."""
+def wait_until(predicate, timeout=15.0, what="the condition", ignore=()):
+    """Poll `predicate` until it returns something true, and return that. Exceptions of the types in `ignore`
+    count as not yet. Fails (never passes) at the deadline, a guard against hangs, not a speed requirement."""
     deadline = time.monotonic() + timeout
     while True:
-        value = predicate()
+        try:
+            value = predicate()
+        except ignore:
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting for " + what)
-        time.sleep(0.01)
+        time.sleep(0.02)
+
+
+class Gateway:
+    """A real `llm_mux` process on 127.0.0.1 with a config written by the test."""
+
+    def __init__(self, tmp_path, config, env=None, args=(), scheme="http", wait=True):
+        self.port = free_port()
+        self.dir = tmp_path
+        self.config_path = os.path.join(str(tmp_path), "config.yaml")
+        text = textwrap.dedent(config).replace("{port}", str(self.port))
+        if "port:" not in text:
+            text = "port: %d\n" % self.port + text
+        if "auth-dir:" not in text:
+            text += "\nauth-dir: %s\n" % os.path.join(str(tmp_path), "auth")
+        with open(self.config_path, "w") as f:
+            f.write(text)
+        self.env = dict(os.environ)
+        self.env["XDG_CONFIG_HOME"] = os.path.join(str(tmp_path), "xdg")
+        self.env.pop("LLM_MUX_CONFIG", None)
+        self.env.update(env or {})
+        self.log_path = os.path.join(str(tmp_path), "gateway.log")
+        self.log = open(self.log_path, "wb")
+        self.scheme = scheme
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "llm_mux.py"), "serve", "--config",
+                                      self.config_path] + list(args), stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=self.env)
+        if wait:
+            self.wait_ready()
+
+    @property
+    def url(self):
+        return "%s://127.0.0.1:%d" % (self.scheme, self.port)
+
+    def wait_ready(self, timeout=15):
+        deadline = time.time() + timeout
+        import socket
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("gateway exited with %s:\n%s" % (self.proc.returncode, self.output()))
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("gateway did not start:\n" + self.output())
+
+    def output(self):
+        if not self.log.closed:
+            self.log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def openai_provider_config(upstream_url, keys=("sk-up-1",), models=(("gpt-test", ""),), name="fake", extra=""):
+    lines = ["providers:", "  - type: openai", "    name: %s" % name, "    base-url: %s/v1" % upstream_url,
+             "    api-keys:"]
+    for k in keys:
+        lines.append("      - key: %s" % k)
+    lines.append("    models:")
+    for n, a in models:
+        lines.append("      - name: %s" % n)
+        if a:
+            lines.append("        alias: %s" % a)
+    if extra:
+        lines.append(textwrap.indent(textwrap.dedent(extra).strip("\n"), "    "))
+    return "\n".join(lines) + "\n"
+
+
+def read_login_url(proc, marker):
+    """Read a login subprocess's output until the authorization URL (containing `marker`) appears."""
+    while True:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        if marker in line:
+            return line.strip()
+
+
+def play_browser(port, path, state, code="the-code", timeout=10):
+    """What the browser does after the user approves: GET the local callback with a code and the state."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:%d%s?code=%s&state=%s" % (port, path, code, state),
+                                        timeout=5) as r:
+                return r.read()
+        except urllib.error.HTTPError:
+            raise
+        except OSError:
+            assert time.time() < deadline, "the login's callback listener never came up"
+            time.sleep(0.05)
+
+
+def overrides_config(url, hosts, auth=None, extra=""):
+    """Config lines sending each of `hosts` to the fake upstream at `url` (and the auth dir, when given)."""
+    text = ("auth-dir: %s\n" % auth if auth else "") + "upstream-overrides:\n"
+    return text + "".join('  "%s": "%s"\n' % (h, url) for h in hosts) + extra

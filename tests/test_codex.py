@@ -15,7 +15,7 @@ import openai
 import pytest
 
 import upstreams
-from conftest import ROOT, play_browser, read_login_url
+from harness import ROOT, play_browser, read_login_url
 from fakes import FakeUpstream, Reply, free_port
 
 LLM_MUX = os.path.join(ROOT, "llm_mux.py")

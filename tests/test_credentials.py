@@ -12,7 +12,7 @@ import anthropic
 import openai
 import pytest
 
-from conftest import Gateway
+from harness import Gateway, wait_until
 from fakes import FakeUpstream, Reply
 
 MODEL = "claude-sonnet-4-5-20250929"
@@ -91,10 +91,7 @@ def test_a_dropped_in_file_is_used_within_2s_and_a_deleted_one_is_not(gateway, c
     ids = lambda: [m.id for m in openai.OpenAI(base_url=gw.url + "/v1", api_key="k").models.list()]
     assert MODEL not in ids()
     write_cred(auth)
-    t0 = time.monotonic()
-    while MODEL not in ids():
-        assert time.monotonic() - t0 < 2, gw.output()
-        time.sleep(0.05)
+    wait_until(lambda: MODEL in ids(), what="the dropped-in file to be used")
     r = ask(gw, system="Answer in French.")
     assert r.content[0].text == "hi via at-good"
     sent = [q for q in claude.up.requests if q.path.startswith("/v1/messages")][-1]
@@ -104,13 +101,10 @@ def test_a_dropped_in_file_is_used_within_2s_and_a_deleted_one_is_not(gateway, c
     system = sent.json["system"]
     assert system[0]["text"].startswith("You are Claude Code") and system[1]["text"] == "Answer in French."
     os.rename(os.path.join(auth, "claude-me@example.com.json"), os.path.join(auth, "claude-other.json"))
-    time.sleep(1.0)
+    wait_until(lambda: "added claude-other.json" in gw.output(), what="the rename to be noticed")
     assert ask(gw).content[0].text == "hi via at-good"  # renamed: still there under its new name
     os.unlink(os.path.join(auth, "claude-other.json"))
-    t0 = time.monotonic()
-    while MODEL in ids():
-        assert time.monotonic() - t0 < 2
-        time.sleep(0.05)
+    wait_until(lambda: MODEL not in ids(), what="the deleted file to be dropped")
     with pytest.raises(anthropic.NotFoundError):
         ask(gw)
 
@@ -206,12 +200,10 @@ def test_background_refresh_before_expiry(gateway, claude, tmp_path, monkeypatch
     auth = str(tmp_path / "auth")
     path = write_cred(auth, access="at-good", refresh="rt-0", expires_in=3600)  # within the 4 h lead
     gw = gateway(claude.config() + "auth-dir: %s\n" % auth)
-    t0 = time.monotonic()
-    while not claude.refreshes:
-        assert time.monotonic() - t0 < 5, gw.output()
-        time.sleep(0.05)
-    time.sleep(0.5)
-    assert json.load(open(path))["access_token"] == "at-1"
+    wait_until(lambda: claude.refreshes, what="the background refresh")
+    # the new token is written before it is used: once it is in the file, the refresh is complete
+    wait_until(lambda: json.load(open(path))["access_token"] == "at-1", what="the refreshed token on disk")
+    assert len(claude.refreshes) == 1
 
 
 def test_broken_credential_files_are_reported_not_fatal(gateway, claude, tmp_path):
@@ -226,7 +218,7 @@ def test_broken_credential_files_are_reported_not_fatal(gateway, claude, tmp_pat
 
 
 def test_an_auth_file_drop_takes_effect_while_a_stream_is_in_flight(gateway, claude, upstream, tmp_path):
-    from conftest import openai_provider_config
+    from harness import openai_provider_config
     from fakes import openai_stream_events
     paced = []
     for e in openai_stream_events(tuple("abcdefgh"), usage=False):
@@ -248,15 +240,13 @@ def test_an_auth_file_drop_takes_effect_while_a_stream_is_in_flight(gateway, cla
     t.start()
     assert started.wait(10)
     write_cred(auth)
-    t0 = time.monotonic()
-    while True:
+
+    def served():
         try:
-            if ask(gw).content[0].text == "hi via at-good":
-                break
+            return ask(gw).content[0].text == "hi via at-good"
         except anthropic.NotFoundError:
-            pass
-        assert time.monotonic() - t0 < 2
-        time.sleep(0.05)
+            return False
+    wait_until(served, what="the dropped-in file to serve while the stream runs")
     t.join(20)
     assert "".join(got) == "abcdefgh"
 
@@ -276,10 +266,7 @@ def test_oauth_excluded_models_hide_models_of_file_credentials_and_reload(gatewa
     text = open(gw.config_path).read().replace('[\"claude-3-*\", \"*opus-4-1*\"]', '[\"*sonnet*\"]')
     with open(gw.config_path, "w") as f:
         f.write(text)
-    t0 = time.monotonic()
-    while MODEL in ids():
-        assert time.monotonic() - t0 < 2
-        time.sleep(0.05)
+    wait_until(lambda: MODEL not in ids(), what="the reloaded exclusions")
     assert "claude-3-7-sonnet-20250219" not in ids() and "claude-3-5-haiku-20241022" in ids()
 
 

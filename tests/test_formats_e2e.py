@@ -13,7 +13,7 @@ from google import genai
 from google.genai import types as gtypes
 
 import upstreams
-from conftest import Gateway
+from harness import Gateway
 from fakes import FakeUpstream
 
 UPS = upstreams.UPSTREAMS

@@ -17,7 +17,7 @@ import pytest
 import llm_mux
 import proxies
 from certs import make_certs
-from conftest import ROOT, openai_provider_config
+from harness import ROOT, openai_provider_config
 from fakes import FakeUpstream, Reply, free_port, openai_completion, openai_stream_events
 
 
@@ -213,7 +213,6 @@ def test_sigterm_lets_an_in_flight_stream_finish(gateway, upstream):
     t = threading.Thread(target=consume)
     t.start()
     assert started.wait(10)
-    t0 = time.monotonic()
     gw.proc.send_signal(signal.SIGTERM)
     refused = False
     deadline = time.monotonic() + 5
@@ -229,4 +228,3 @@ def test_sigterm_lets_an_in_flight_stream_finish(gateway, upstream):
     assert "".join(got) == "abcdefghij"  # the stream ran to its end
     gw.proc.wait(20)
     assert gw.proc.returncode == 0
-    assert time.monotonic() - t0 < 10

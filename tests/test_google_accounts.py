@@ -12,7 +12,7 @@ import urllib.request
 import openai
 import pytest
 
-from conftest import ROOT, play_browser, read_login_url
+from harness import ROOT, play_browser, read_login_url
 from fakes import FakeUpstream, Reply, free_port
 
 LLM_MUX = os.path.join(ROOT, "llm_mux.py")

@@ -13,7 +13,7 @@ import urllib.request
 import openai
 import pytest
 
-from conftest import ROOT, play_browser, read_login_url
+from harness import ROOT, play_browser, read_login_url, wait_until
 from fakes import FakeUpstream, Reply, free_port, openai_completion
 
 LLM_MUX = os.path.join(ROOT, "llm_mux.py")
@@ -87,8 +87,9 @@ def test_oauth_login_then_signed_requests_and_refresh(tmp_path, ifl, gateway):
     body = [c for c in ifl.calls if c.path == "/v1/chat/completions"][-1].json
     assert body["chat_template_kwargs"] == {"enable_thinking": True, "clear_thinking": False}
     saved["expired"] = "2020-01-01T00:00:00Z"
+    seen = gw.output().count("auth dir changed")
     path.write_text(json.dumps(saved))
-    time.sleep(1.0)
+    wait_until(lambda: gw.output().count("auth dir changed") > seen, what="the edited file to be read")
     assert chat(gw) == "served with sk-if-if-at-2"  # refreshed, then user info again for the new key
 
 

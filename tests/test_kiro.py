@@ -13,7 +13,7 @@ import openai
 import pytest
 
 import llm_mux
-from conftest import ROOT
+from harness import ROOT
 from fakes import FakeUpstream, Reply
 
 LLM_MUX = os.path.join(ROOT, "llm_mux.py")

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT
+from harness import ROOT
 from fakes import FakeUpstream, Reply, free_port
 
 LLM_MUX = os.path.join(ROOT, "llm_mux.py")

@@ -1,11 +1,10 @@
 """End to end: the official `openai` SDK against a real llm_mux process, with a fake OpenAI-compatible upstream."""
 import json
-import time
 
 import openai
 import pytest
 
-from conftest import openai_provider_config
+from harness import openai_provider_config, wait_until
 from fakes import Reply, openai_completion, openai_stream_events
 
 
@@ -215,10 +214,7 @@ def test_client_disconnect_cancels_upstream_stream(gateway, upstream):
     c = client_for(gw)
     stream = c.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "x"}], stream=True)
     next(iter(stream))
-    t0 = time.monotonic()
     stream.close()
     c.close()  # the client goes away: its socket closes
-    while not up.closed_streams and time.monotonic() - t0 < 5:
-        time.sleep(0.05)
-    assert up.closed_streams, "upstream stream was not cancelled:\n" + gw.output()
-    assert up.closed_streams[0] - t0 < 1.5
+    # the upstream would stream for 20 s more; its socket breaks only if the gateway hung up on it
+    wait_until(lambda: up.closed_streams, what="the upstream stream to be cancelled:\n" + gw.output())

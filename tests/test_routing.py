@@ -1,7 +1,6 @@
 """Routing with scripted upstreams and a controllable clock: cooldown classes and exact durations, retry hints,
 attempt counts, waiting, fallbacks, circuit breaker, session affinity, spreading load, and no lost requests."""
 import asyncio
-import threading
 import time
 
 import openai

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 import llm_mux
-from conftest import ROOT
+from harness import ROOT
 from fakes import FakeUpstream, Reply
 
 

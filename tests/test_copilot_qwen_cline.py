@@ -12,7 +12,7 @@ import urllib.parse
 import openai
 import pytest
 
-from conftest import ROOT
+from harness import ROOT, wait_until
 from fakes import FakeUpstream, Reply, openai_completion
 
 LLM_MUX = os.path.join(ROOT, "llm_mux.py")
@@ -156,8 +156,9 @@ def test_qwen_device_login_with_pkce_resource_url_and_refresh(tmp_path, fake, ga
     # expire it: the refresh rotates the token and the resource_url
     meta = json.loads(path.read_text())
     meta["expired"] = "2020-01-01T00:00:00Z"
+    seen = gw.output().count("auth dir changed")
     path.write_text(json.dumps(meta))
-    time.sleep(1.0)
+    wait_until(lambda: gw.output().count("auth dir changed") > seen, what="the edited file to be read")
     assert chat(gw, "qwen3-coder-plus") == "qwen-res2 via Bearer q-at-2"
     assert json.loads(path.read_text())["resource_url"].endswith("/qwen-res2")
 
