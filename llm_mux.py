@@ -259,6 +259,13 @@ def release_startup_memory():
         pass  # not glibc: nothing to trim, nothing lost
 
 
+def read_json_file(*parts):
+    """(path, parsed JSON) of the file at os.path.join(*parts); OSError and ValueError pass through."""
+    path = os.path.join(*parts)
+    with open(path, "r", encoding="utf-8") as f:
+        return path, json.load(f)
+
+
 def write_file_atomic(path, data, mode=0o600):
     """Write, fsync, rename: a crash leaves either the old file or the new one, never half of either."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -385,22 +392,15 @@ class YamlReader:
     @staticmethod
     def _strip_comment(s):
         """Drop a trailing ` # comment` that is outside quotes."""
-        quote = None
         k = 0
         while k < len(s):
             c = s[k]
-            if quote:
-                if quote == '"' and c == "\\":
-                    k += 2
-                    continue
-                if c == quote:
-                    if quote == "'" and k + 1 < len(s) and s[k + 1] == "'":
-                        k += 2
-                        continue
-                    quote = None
-            elif c in "'\"" and (k == 0 or s[k - 1] in " \t[{,:"):
-                quote = c
-            elif c == "#" and (k == 0 or s[k - 1] in " \t"):
+            if c in "'\"" and (k == 0 or s[k - 1] in " \t[{,:"):
+                k = YamlReader._quoted_end(s, k)
+                if k < 0:  # an unterminated quote runs to the end of the line
+                    break
+                continue
+            if c == "#" and (k == 0 or s[k - 1] in " \t"):
                 return s[:k].rstrip(" \t")
             k += 1
         return s.rstrip(" \t")
@@ -448,15 +448,10 @@ class YamlReader:
     # -- block structure ----------------------------------------------------------------------------------------
     def _block_node(self, parent_indent, path):
         """The node that starts on the next non-blank line and is indented deeper than parent_indent."""
-        self._skip_blank()
-        if self.i >= len(self.lines):
+        found = self._next_line(parent_indent + 1)
+        if found is None:
             return None
-        self._check_tabs(self.i)
-        line = self.lines[self.i]
-        ind = self._indent(line)
-        if ind <= parent_indent:
-            return None
-        content = self._strip_comment(line[ind:])
+        _, ind, content = found
         if content.startswith("? ") or content == "?":
             self._fail("complex mapping keys ('? ') are not supported", self.i, ind)
         if content == "-" or content.startswith("- "):
@@ -863,15 +858,21 @@ class _FlowParser:
             return self._map(path)
         return self._scalar()
 
+    def _closed(self, opener, closer):
+        """Skip white space; at `closer`, consume it and say so; at the end of the text, fail."""
+        self._ws()
+        if self.k >= len(self.s):
+            self._fail("unterminated '%s'" % opener)
+        if self.s[self.k] == closer:
+            self.k += 1
+            return True
+        return False
+
     def _seq(self, path):
         self.k += 1
         items = []
         while True:
-            self._ws()
-            if self.k >= len(self.s):
-                self._fail("unterminated '['")
-            if self.s[self.k] == "]":
-                self.k += 1
+            if self._closed("[", "]"):
                 return items
             line, col = self._where(self.k)
             self.r.positions[path + (len(items),)] = (line + 1, col + 1)
@@ -888,11 +889,7 @@ class _FlowParser:
         self.k += 1
         result = {}
         while True:
-            self._ws()
-            if self.k >= len(self.s):
-                self._fail("unterminated '{'")
-            if self.s[self.k] == "}":
-                self.k += 1
+            if self._closed("{", "}"):
                 return result
             if self.s[self.k] in "[{":
                 self._fail("complex mapping keys are not supported")
@@ -1016,14 +1013,6 @@ CONFIG_SCHEMA = {
 }
 
 _TYPE_NAMES = {"str": "a string", "int": "an integer", "bool": "true or false", "num": "a number"}
-
-
-def _spec_name(spec):
-    if isinstance(spec, str):
-        return _TYPE_NAMES.get(spec, spec)
-    if isinstance(spec, tuple):
-        return "a list" if spec[0] == "list" else "a mapping"
-    return "a mapping"
 
 
 def _defaults(schema):
@@ -2921,6 +2910,15 @@ class ChatRequest:
     def system_text(self):
         return "\n\n".join(p.text for p in self.system if p.kind == "text")
 
+    def turn(self, role):
+        """The last message when it has `role`, else a new empty one appended: consecutive parts of one role make
+        one turn (tool results answering one assistant turn, an assistant's text and calls)."""
+        last = self.messages[-1] if self.messages else None
+        if last is None or last.role != role:
+            last = Message(role, [])
+            self.messages.append(last)
+        return last
+
     def conversation_key(self):
         """A stable id for the conversation: the client's cache key, else a hash of its first turns (which do not
         change as the conversation grows), so one conversation keeps one credential and its prompt cache."""
@@ -2988,14 +2986,9 @@ class TextDelta:
         self.text = text
 
 
-class ThinkingDelta:
-    """Reasoning text, and/or the opaque token that closes a thinking block."""
-    __slots__ = ("text", "signature", "redacted", "encrypted", "source", "item_id")
-    kind = "thinking"
-
-    def __init__(self, text="", signature=None, redacted=None, encrypted=None, source=None, item_id=None):
-        self.text, self.signature, self.redacted = text, signature, redacted
-        self.encrypted, self.source, self.item_id = encrypted, source, item_id
+class ThinkingDelta(Thinking):
+    """A stream event: reasoning text, and/or the opaque state that closes a thinking block (Thinking's fields)."""
+    __slots__ = ()
 
 
 class ToolCallStart:
@@ -3437,28 +3430,17 @@ class Codec:
         return {"error": {"message": err.message, "type": OPENAI_ERROR_TYPES.get(err.type, err.type),
                           "param": err.param, "code": err.code}}
 
-    @classmethod
-    def parse_request(cls, body):
-        raise NotImplementedError
-
-    @classmethod
-    def build_request(cls, req, model):
-        raise NotImplementedError
-
-    @classmethod
-    def parse_response(cls, data):
-        raise NotImplementedError
-
-    @classmethod
-    def build_response(cls, resp, req):
-        raise NotImplementedError
-
 
 class EventDecoder:
     """Base of every codec's StreamDecoder: upstream frames in, IR events out.
       feed(event, data) -> [events]   one frame (SSE event name and data); formats whose frames are JSON objects
                                       implement on_object(obj, type) instead and get malformed frames skipped
       close() -> [events]             the end of the body: what a cut-off stream still owes (Finish, Error)"""
+
+    def __init__(self, req=None):
+        self.req = req
+        self.started = self.done = False  # Start sent; the upstream said it was finished
+        self.finish = self.usage = None
 
     def feed(self, event, data):
         obj = json_or_none(data)
@@ -3721,11 +3703,7 @@ class OpenAIChat(Codec):
                 else:
                     tid = name = m.get("name") or ""
                 result = ToolResult(tid, name, cls._content_parts(m.get("content"), where))
-                last = req.messages[-1] if req.messages else None
-                if last is not None and last.role == "tool":
-                    last.parts.append(result)
-                else:
-                    req.messages.append(Message("tool", [result]))
+                req.turn("tool").parts.append(result)
             else:
                 raise BadRequest("'%s.role' must be system, developer, user, assistant or tool" % where,
                                  "messages")
@@ -3915,12 +3893,9 @@ class OpenAIChat(Codec):
         """OpenAI chat SSE payloads -> IR events. Feed each `data:` payload (already split by SSEParser)."""
 
         def __init__(self, req=None):
-            self.started = False
+            EventDecoder.__init__(self, req)
             self.calls = {}  # upstream index -> [id, name, buffered args, started, our index]
             self.next_index = 0
-            self.finish = None
-            self.done = False
-            self.usage = None
             self.emitted_tool = False
 
         def feed(self, event, data):
@@ -4538,13 +4513,11 @@ class Anthropic(Codec):
         """Anthropic SSE -> IR events."""
 
         def __init__(self, req=None):
+            EventDecoder.__init__(self, req)
             self.blocks = {}  # upstream index -> ("text"|"thinking"|"tool", our tool index)
             self.tools = 0
             self.usage = Usage()
-            self.finish = None
             self.stop_sequence = None
-            self.done = False
-            self.started = False
 
         def on_object(self, obj, t):
             if t == "content_block_delta":
@@ -4757,10 +4730,6 @@ class Anthropic(Codec):
 
         def error_frame(self, err):
             return self._start() + self._event("error", Anthropic.error_body(err))
-
-    @staticmethod
-    def count_tokens_body(n):
-        return {"input_tokens": n}
 
 
 _GEMINI_DROP_KEYS = frozenset((
@@ -5390,11 +5359,8 @@ class Gemini(Codec):
         """Gemini SSE (`alt=sse`) -> IR events."""
 
         def __init__(self, req=None):
+            EventDecoder.__init__(self, req)
             self.state = {"tools": 0}
-            self.started = False
-            self.finish = None
-            self.usage = None
-            self.done = False
             self.any = False
 
         def feed(self, event, data):
@@ -5633,20 +5599,6 @@ class Responses(Codec):
     def _parse_items(cls, req, items):
         names = {}
 
-        def assistant():
-            last = req.messages[-1] if req.messages else None
-            if last is None or last.role != "assistant":
-                last = Message("assistant", [])
-                req.messages.append(last)
-            return last
-
-        def tool_msg():
-            last = req.messages[-1] if req.messages else None
-            if last is None or last.role != "tool":
-                last = Message("tool", [])
-                req.messages.append(last)
-            return last
-
         for i, it in enumerate(items):
             where = "input[%d]" % i
             if isinstance(it, str):
@@ -5664,7 +5616,7 @@ class Responses(Codec):
                     else:
                         req.system.extend(parts)
                 elif role == "assistant":
-                    assistant().parts.extend(parts)
+                    req.turn("assistant").parts.extend(parts)
                 elif role == "user":
                     req.messages.append(Message("user", parts))
                 else:
@@ -5673,17 +5625,17 @@ class Responses(Codec):
                 call = ToolCall(it.get("call_id") or it.get("id") or new_id("call_"), it.get("name") or "",
                                 it.get("arguments") or "{}")
                 names[call.id] = call.name
-                assistant().parts.append(call)
+                req.turn("assistant").parts.append(call)
             elif t == "custom_tool_call":
                 call = ToolCall(it.get("call_id") or new_id("call_"), it.get("name") or "",
                                 json_dumps({"input": it.get("input") or ""}), "custom")
                 names[call.id] = call.name
-                assistant().parts.append(call)
+                req.turn("assistant").parts.append(call)
             elif t in ("function_call_output", "custom_tool_call_output"):
                 out = it.get("output")
                 parts = [Text(out)] if isinstance(out, str) else cls._parts(out or [], where)
                 cid = it.get("call_id") or ""
-                tool_msg().parts.append(ToolResult(cid, names.get(cid), parts))
+                req.turn("tool").parts.append(ToolResult(cid, names.get(cid), parts))
             elif t == "reasoning":
                 summary = "".join(s.get("text") or "" for s in it.get("summary") or [] if isinstance(s, dict))
                 enc = it.get("encrypted_content")
@@ -5691,7 +5643,7 @@ class Responses(Codec):
                 fields = unpack_reasoning(enc)
                 if fields is not None:
                     th = Thinking(summary, **fields)
-                assistant().parts.append(th)
+                req.turn("assistant").parts.append(th)
             elif t == "item_reference":
                 raise BadRequest("item_reference needs server-side state, which this gateway does not keep",
                                  "input")
@@ -5901,10 +5853,9 @@ class Responses(Codec):
         """Responses SSE (type inside each data object) -> IR events."""
 
         def __init__(self, req=None):
+            EventDecoder.__init__(self, req)
             self.items = {}  # output_index -> [kind, ir index, saw deltas]
             self.tools = 0
-            self.done = False
-            self.started = False
 
         def on_object(self, obj, t):
             oi = obj.get("output_index")
@@ -6306,11 +6257,7 @@ class Ollama(Codec):
                 elif not tid and queue:
                     tid = queue.pop(0)
                 result = ToolResult(tid or new_id("call_", 4), name, [Text(content)])
-                last = req.messages[-1] if req.messages else None
-                if last is not None and last.role == "tool":
-                    last.parts.append(result)
-                else:
-                    req.messages.append(Message("tool", [result]))
+                req.turn("tool").parts.append(result)
             else:
                 raise BadRequest("%s.role must be system, user, assistant or tool" % where, "messages")
         for i, t in enumerate(body.get("tools") or []):
@@ -6884,6 +6831,9 @@ class Provider:
     needs_key = True
     login_name = None  # `llm-mux login <name>`
     login = None  # its LoginFlow class (set when the flow class is defined)
+    token_field = "access_token"  # the credential-file field holding the token requests use
+    base_url_field = None  # the credential-file field that overrides the default base URL
+    expiry_field = None  # the field holding that token's expiry, when not one of the usual ones (EXPIRY_FIELDS)
     official_tool = None  # the official tool whose stored credentials `import_official` reads
     codec = None
     default_base_url = ""
@@ -6907,14 +6857,14 @@ class Provider:
         """New credential-file content with fresh tokens (providers with `refresh_lead` implement it)."""
         raise NotImplementedError
 
-    @staticmethod
-    def token_expiry(cred):
+    def token_expiry(self, cred):
         """When the token requests use expires (epoch seconds), or None if unknown."""
+        if self.expiry_field:
+            return parse_instant(cred.meta.get(self.expiry_field))
         return credential_expiry(cred.meta)
 
-    @staticmethod
-    def has_token(cred):
-        return bool(cred.meta.get("access_token"))
+    def has_token(self, cred):
+        return bool(cred.meta.get(self.token_field))
 
     @staticmethod
     async def post_token(client, url, body, cred, form=False, require=None):
@@ -6954,7 +6904,8 @@ class Provider:
         return out
 
     def base_url(self, cred):
-        return (cred.base_url or self.default_base_url).rstrip("/")
+        return ((self.base_url_field and cred.meta.get(self.base_url_field)) or cred.base_url or
+                self.default_base_url).rstrip("/")
 
     @staticmethod
     def json_headers(token, stream, *extra):
@@ -7185,10 +7136,8 @@ class ClaudeOAuthProvider(AnthropicProvider):
     @staticmethod
     def import_official(home, auth_dir=None, cfg=None):
         """Claude Code's own store: $CLAUDE_CONFIG_DIR/.credentials.json or ~/.claude/.credentials.json."""
-        base = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join(home, ".claude")
-        path = os.path.join(base, ".credentials.json")
-        with open(path, "r", encoding="utf-8") as f:
-            data = json.load(f)
+        path, data = read_json_file(os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join(home, ".claude"),
+                                    ".credentials.json")
         oauth = data.get("claudeAiOauth") or data.get("claude_ai_oauth") or {}
         if not oauth.get("accessToken") or not oauth.get("refreshToken"):
             raise ValueError("no claudeAiOauth tokens in %s" % path)
@@ -7301,10 +7250,7 @@ class CodexOAuthProvider(CodexProvider):
     @staticmethod
     def import_official(home, auth_dir=None, cfg=None):
         """Codex CLI's own store: $CODEX_HOME/auth.json or ~/.codex/auth.json (`tokens.{id,access,refresh}_token`)."""
-        base = os.environ.get("CODEX_HOME") or os.path.join(home, ".codex")
-        path = os.path.join(base, "auth.json")
-        with open(path, "r", encoding="utf-8") as f:
-            data = json.load(f)
+        path, data = read_json_file(os.environ.get("CODEX_HOME") or os.path.join(home, ".codex"), "auth.json")
         tokens = data.get("tokens") or {}
         if not tokens.get("access_token") or not tokens.get("refresh_token"):
             raise ValueError("no ChatGPT tokens in %s (an API-key login is not imported)" % path)
@@ -7450,9 +7396,7 @@ class GeminiCLIProvider(GeminiProvider):
     def import_official(home, auth_dir=None, cfg=None):
         """Gemini CLI's own store: ~/.gemini/oauth_creds.json (`expiry_date` in ms). The project comes from
         GOOGLE_CLOUD_PROJECT, else Code Assist discovery."""
-        path = os.path.join(home, ".gemini", "oauth_creds.json")
-        with open(path, "r", encoding="utf-8") as f:
-            data = json.load(f)
+        path, data = read_json_file(home, ".gemini", "oauth_creds.json")
         if not data.get("refresh_token"):
             raise ValueError("no refresh_token in %s" % path)
         email = jwt_claims(data.get("id_token") or "").get("email") or ""
@@ -8091,6 +8035,7 @@ class IFlowProvider(OpenAICompatProvider):
     token_url = "https://iflow.cn/oauth/token"
     userinfo_url = "https://iflow.cn/api/oauth/getUserInfo"
     apikey_url = "https://platform.iflow.cn/api/openapi/apikey"
+    token_field, base_url_field = "api_key", "base_url"
     refresh_lead = 86400  # providers.md §1.2 (llm-mux's lead)
     default_models = ("qwen3-coder-plus", "qwen3-max", "qwen3-vl-plus", "qwen3-max-preview", "glm-4.6", "kimi-k2",
                       "deepseek-v3.2", "deepseek-v3.1", "deepseek-r1", "deepseek-v3", "qwen3-32b",
@@ -8103,12 +8048,6 @@ class IFlowProvider(OpenAICompatProvider):
             return exp - 86400  # cookie-issued keys are renewed 48 h ahead (the lead is 24 h)
         return exp
 
-    @staticmethod
-    def has_token(cred):
-        return bool(cred.meta.get("api_key"))
-
-    def base_url(self, cred):
-        return (cred.meta.get("base_url") or self.default_base_url).rstrip("/")
 
     def build(self, req, cred, model):
         body = self.codec.build_request(req, model)
@@ -8253,21 +8192,13 @@ class CopilotProvider(OpenAICompatProvider):
     login_name = "copilot"
     default_base_url = "https://api.githubcopilot.com"
     token_exchange_url = "https://api.github.com/copilot_internal/v2/token"
+    token_field, base_url_field, expiry_field = "copilot_token", "copilot_api", "copilot_expires_at"
     refresh_lead = 300  # providers.md §1.2 (llm-mux's lead)
     default_models = ("gpt-4.1", "gpt-4o", "gpt-5", "gpt-5-mini", "gpt-5.1", "gpt-5.2", "claude-sonnet-4",
                       "claude-sonnet-4.5", "claude-haiku-4.5", "claude-opus-4.5", "gemini-2.5-pro", "gemini-3-flash",
                       "gemini-3-pro-preview", "grok-code-fast-1")
 
-    @staticmethod
-    def token_expiry(cred):
-        return cred.meta.get("copilot_expires_at")
 
-    @staticmethod
-    def has_token(cred):
-        return bool(cred.meta.get("copilot_token"))
-
-    def base_url(self, cred):
-        return (cred.meta.get("copilot_api") or self.default_base_url).rstrip("/")
 
     def build(self, req, cred, model):
         body = self.codec.build_request(req, model)
