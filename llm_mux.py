@@ -3391,6 +3391,22 @@ def _integer(body, field):
     return _expect(body.get(field), int, field, "an integer")
 
 
+_INTEGER_SETTINGS = frozenset(("top_k", "n", "seed", "max_tokens"))
+
+
+def _read_settings(req, body, spec, where=""):
+    """Generation settings from `body` into the IR. `spec` lists IR names, each optionally `=wire_name`; integers
+    where the IR keeps integers, numbers elsewhere; a wrong type is a 400 naming the field."""
+    for item in spec.split():
+        name, _, wire = item.partition("=")
+        wire = wire or name
+        if name in _INTEGER_SETTINGS:
+            value = _expect(body.get(wire), int, where + wire, "an integer")
+        else:
+            value = _expect(body.get(wire), (int, float), where + wire, "a number")
+        setattr(req, name, value)
+
+
 def _stop_list(value, field="stop"):
     if value is None:
         return None
@@ -3511,13 +3527,7 @@ class OpenAIChat(Codec):
         mt = body.get("max_completion_tokens")
         req.max_tokens = _expect(mt, int, "max_completion_tokens", "an integer") if mt is not None else \
             _integer(body, "max_tokens")
-        req.temperature = _number(body, "temperature")
-        req.top_p = _number(body, "top_p")
-        req.top_k = _integer(body, "top_k")
-        req.n = _integer(body, "n")
-        req.presence_penalty = _number(body, "presence_penalty")
-        req.frequency_penalty = _number(body, "frequency_penalty")
-        req.seed = _integer(body, "seed")
+        _read_settings(req, body, "temperature top_p top_k n presence_penalty frequency_penalty seed")
         req.stop = _stop_list(body.get("stop"))
         req.user = _expect(body.get("user"), str, "user", "a string")
         req.metadata = _expect(body.get("metadata"), dict, "metadata", "an object")
@@ -4105,9 +4115,7 @@ class Anthropic(Codec):
         for i, m in enumerate(msgs):
             cls._parse_message(req, m, i, names)
         req.stream = bool(_expect(body.get("stream"), bool, "stream", "a boolean"))
-        req.temperature = _number(body, "temperature")
-        req.top_p = _number(body, "top_p")
-        req.top_k = _integer(body, "top_k")
+        _read_settings(req, body, "temperature top_p top_k")
         ss = body.get("stop_sequences")
         if ss is not None:
             req.stop = _stop_list(ss, "stop_sequences")
@@ -5516,9 +5524,7 @@ class Responses(Codec):
             raise BadRequest("'input' is required", "input")
         req.stream = bool(_expect(body.get("stream"), bool, "stream", "a boolean"))
         req.include_usage = True
-        req.max_tokens = _integer(body, "max_output_tokens")
-        req.temperature = _number(body, "temperature")
-        req.top_p = _number(body, "top_p")
+        _read_settings(req, body, "max_tokens=max_output_tokens temperature top_p")
         req.user = body.get("safety_identifier") or body.get("user")
         req.metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else None
         req.parallel_tool_calls = _expect(body.get("parallel_tool_calls"), bool, "parallel_tool_calls", "a boolean")
@@ -6168,16 +6174,11 @@ class Ollama(Codec):
             opts = {}
         if not isinstance(opts, dict):
             raise BadRequest("options must be an object", "options")
-        req.temperature = _number(opts, "temperature")
-        req.top_p = _number(opts, "top_p")
-        req.top_k = _integer(opts, "top_k")
-        req.max_tokens = _integer(opts, "num_predict")
+        _read_settings(req, opts, "temperature top_p top_k max_tokens=num_predict seed presence_penalty "
+                       "frequency_penalty", "options.")
         if req.max_tokens is not None and req.max_tokens < 0:
             req.max_tokens = None
         req.stop = _stop_list(opts.get("stop"), "options.stop")
-        req.seed = _integer(opts, "seed")
-        req.presence_penalty = _number(opts, "presence_penalty")
-        req.frequency_penalty = _number(opts, "frequency_penalty")
         fmt = body.get("format")
         if fmt == "json":
             req.response_format = {"type": "json_object"}
@@ -6405,16 +6406,10 @@ class Completions(Codec):
         req.stream = bool(_expect(body.get("stream"), bool, "stream", "a boolean"))
         so = body.get("stream_options")
         req.include_usage = bool(isinstance(so, dict) and so.get("include_usage"))
-        req.max_tokens = _integer(body, "max_tokens")
+        _read_settings(req, body, "max_tokens temperature top_p n presence_penalty frequency_penalty seed")
         if req.max_tokens is None:
             req.max_tokens = 16
-        req.temperature = _number(body, "temperature")
-        req.top_p = _number(body, "top_p")
-        req.n = _integer(body, "n")
         req.stop = _stop_list(body.get("stop"))
-        req.presence_penalty = _number(body, "presence_penalty")
-        req.frequency_penalty = _number(body, "frequency_penalty")
-        req.seed = _integer(body, "seed")
         req.user = body.get("user")
         if isinstance(body.get("suffix"), str) and body["suffix"]:
             req.system.append(Text("Continue the text so that it ends right before: " + body["suffix"]))
@@ -8178,6 +8173,19 @@ class IFlowLogin(ClaudeLogin):
                 "scope": data.get("scope") or "", "cookie": "", "last_refresh": rfc3339(now),
                 "expired": rfc3339(now + float(data.get("expires_in") or 86400 * 2))}
         return "iflow-%s.json" % account, meta
+
+    async def cookie_login(self, client, cookie):
+        """The cookie path (providers.md §I.1b): a platform.iflow.cn browser cookie yields the API key."""
+        cookie = " ".join(cookie.split())
+        if "BXAuth=" not in cookie:
+            raise LoginError("the cookie must contain BXAuth= (copy it from platform.iflow.cn while logged in)")
+        if not cookie.endswith(";"):
+            cookie += ";"
+        info, key = await IFlowProvider.cookie_key(client, cookie, "", Credential("login", "iflow", "login"))
+        name = info.get("name") or "iflow"
+        meta = {"type": "iflow", "api_key": key, "email": name, "expired": info.get("expireTime") or "",
+                "cookie": cookie, "last_refresh": rfc3339(time.time())}
+        return "iflow-%s.json" % re.sub(r"[^A-Za-z0-9@._-]", "_", name), meta
 
 
 class CopilotProvider(OpenAICompatProvider):
@@ -10095,49 +10103,32 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
 
 
-async def iflow_cookie_login(cfg, cookie, out=None):
-    out = out or sys.stdout
-    cookie = " ".join(cookie.split())
-    if "BXAuth=" not in cookie:
-        raise CliError("the cookie must contain BXAuth= (copy it from platform.iflow.cn while logged in)")
-    if not cookie.endswith(";"):
-        cookie += ";"
+async def run_flow(cfg, steps, out=None):
+    """Drive a login flow: `steps(client)` runs it and returns (file name, credential-file content). An upstream
+    that cannot be reached or refuses is a one-line LoginError; the credential file is written atomically (0600)
+    only at the very end, so an interrupted login leaves nothing half-written; then one line says who it is."""
     client = HttpClient(lambda: cfg)
     try:
-        info, key = await IFlowProvider.cookie_key(client, cookie, "", Credential("login", "iflow", "login"))
-    except RefreshError as e:
-        raise CliError(e.message)
-    name = info.get("name") or "iflow"
-    meta = {"type": "iflow", "api_key": key, "email": name, "expired": info.get("expireTime") or "", "cookie": cookie,
-            "last_refresh": rfc3339(time.time())}
-    client.close_idle()
-    return save_login(cfg, "iflow-%s.json" % re.sub(r"[^A-Za-z0-9@._-]", "_", name), meta, out)
+        filename, meta = await steps(client)
+    except (RefreshError, UpstreamError) as e:
+        raise LoginError(e.message)
+    finally:
+        client.close_idle()
+    path = os.path.join(cfg.auth_dir, filename)
+    write_file_atomic(path, json.dumps(meta, indent=2) + "\n", 0o600)
+    print("Logged in as %s; credentials saved to %s" % (meta.get("email") or meta.get("username"), path),
+          file=out or sys.stdout, flush=True)
+    return path
 
 
 async def run_token_login(cfg, name, out=None, read=None):
     """Logins that start from a pasted token (Cline)."""
-    out = out or sys.stdout
     flow = PROVIDERS.logins()[name].login()
-    print(flow.prompt, file=out, flush=True)
+    print(flow.prompt, file=out or sys.stdout, flush=True)
     pasted = await asyncio.get_running_loop().run_in_executor(None, read or sys.stdin.readline)
     if not pasted.strip():
         raise CliError("nothing was pasted")
-    client = HttpClient(lambda: cfg)
-    try:
-        filename, meta = await flow.finish(client, pasted)
-    except RefreshError as e:
-        raise CliError(e.message)
-    client.close_idle()
-    return save_login(cfg, filename, meta, out)
-
-
-def save_login(cfg, filename, meta, out):
-    """The end of every login: the credential file written atomically (0600), then one line saying who it is."""
-    path = os.path.join(cfg.auth_dir, filename)
-    write_file_atomic(path, json.dumps(meta, indent=2) + "\n", 0o600)
-    print("Logged in as %s; credentials saved to %s" % (meta.get("email") or meta.get("username"), path),
-          file=out, flush=True)
-    return path
+    return await run_flow(cfg, lambda client: flow.finish(client, pasted), out)
 
 
 async def run_device_login(cfg, name, timeout=900, out=None, sleep=asyncio.sleep):
@@ -10146,7 +10137,10 @@ async def run_device_login(cfg, name, timeout=900, out=None, sleep=asyncio.sleep
     device_finish(result) -> (file name, credential-file content)."""
     out = out or sys.stdout
     flow = PROVIDERS.logins()[name].login()
-    client = HttpClient(lambda: cfg)
+    return await run_flow(cfg, lambda client: device_steps(flow, client, timeout, out, sleep), out)
+
+
+async def device_steps(flow, client, timeout, out, sleep):
     started = await flow.device_start(client)
     print("Open %s and enter the code:\n\n    %s\n" % (started["url"], started["code"]), file=out, flush=True)
     limit = min(timeout, started.get("expires_in") or timeout)
@@ -10167,9 +10161,7 @@ async def run_device_login(cfg, name, timeout=900, out=None, sleep=asyncio.sleep
         elif got is not None:
             break
         await sleep(interval)
-    filename, meta = await flow.device_finish(client, got)
-    client.close_idle()
-    return save_login(cfg, filename, meta, out)
+    return await flow.device_finish(client, got)
 
 
 async def wait_for_callback(flow, port, timeout):
@@ -10212,7 +10204,6 @@ async def run_login(cfg, name, no_browser=False, port=None, timeout=300, out=Non
     out = out or sys.stdout
     flow_class = PROVIDERS.logins()[name].login
     flow = flow_class(project) if project else flow_class()
-    client = HttpClient(lambda: cfg)
     url = flow.url()
     print("Open this URL to log in to %s:\n\n  %s\n" % (name, url), file=out, flush=True)
     if not no_browser:
@@ -10244,9 +10235,7 @@ async def run_login(cfg, name, no_browser=False, port=None, timeout=300, out=Non
     code = flow.code_from_paste(result) if first is not waiters[0] else result
     if not code:
         raise CliError("no authorization code received")
-    filename, meta = await flow.exchange(client, code)
-    client.close_idle()
-    return save_login(cfg, filename, meta, out)
+    return await run_flow(cfg, lambda client: flow.exchange(client, code), out)
 
 
 def cmd_login(args):
@@ -10259,7 +10248,7 @@ def cmd_login(args):
     flow = provider_class.login
     try:
         if args.provider == "iflow" and args.cookie:
-            asyncio.run(iflow_cookie_login(cfg, args.cookie))
+            asyncio.run(run_flow(cfg, lambda client: flow().cookie_login(client, args.cookie)))
         elif getattr(flow, "kind", "browser") == "token":
             asyncio.run(run_token_login(cfg, args.provider))
         elif getattr(args, "device", False) or getattr(flow, "kind", "browser") == "device":
