@@ -3033,24 +3033,42 @@ class Finish:
 
 
 class ErrorEvent:
-    """A failure inside a stream (or before it started): HTTP-like status, message and IR error type."""
-    __slots__ = ("status", "message", "type")
+    """A failure inside a stream (or before it started): HTTP-like status, message, IR error type and code."""
+    __slots__ = ("status", "message", "type", "code")
     kind = "error"
 
-    def __init__(self, status, message, type="server_error"):
-        self.status, self.message, self.type = status, message, type
+    def __init__(self, status, message, type="server_error", code=None):
+        self.status, self.message, self.type, self.code = status, message, type, error_code(status, message, code)
+
+    def error(self):
+        return GatewayError(self.status, self.message, self.type, code=self.code)
+
+
+CONTEXT_OVERFLOW = "context_length_exceeded"
+_OVERFLOW_WORDING = ("context_length_exceeded", "prompt is too long", "maximum context length", "context window",
+                     "exceeds the maximum number of tokens", "input token count", "context length")
+
+
+def error_code(status, message, code=None):
+    """The IR error code: `context_length_exceeded` when a 400 says the prompt does not fit the model's context,
+    in any family's wording (OpenAI's code, Anthropic's "prompt is too long", Gemini's token-count message);
+    else the upstream's own code. The one place overflow is recognised; codecs render it as their clients expect."""
+    if code == CONTEXT_OVERFLOW or (status in (400, 413, 422) and isinstance(message, str) and
+                                    any(w in message.lower() for w in _OVERFLOW_WORDING)):
+        return CONTEXT_OVERFLOW
+    return code if isinstance(code, str) else None
 
 
 class GatewayError(Exception):
     """A request that fails with an HTTP status, rendered in the client's own error format.
     IR error types: invalid_request, authentication, permission, not_found, rate_limit, overloaded,
-    server_error, timeout, upstream."""
+    server_error, timeout, upstream. `code` is the IR error code (see error_code)."""
 
     def __init__(self, status, message, type="invalid_request", param=None, headers=None, code=None):
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type, param
         self.headers = headers or []
-        self.code = code
+        self.code = error_code(status, message, code)
 
 
 def error_type_for_status(status):
@@ -3493,7 +3511,7 @@ class EventEncoder:
             self.finished = True
             return self.finish(ev)
         if k == "error":
-            return self.error(GatewayError(ev.status, ev.message, ev.type))
+            return self.error(ev.error())
         handler = getattr(self, self.HANDLERS.get(k, "on_other"), None)
         return handler(ev) if handler is not None else b""
 
@@ -3918,7 +3936,9 @@ class OpenAIChat(Codec):
             err = obj.get("error")
             if err:
                 msg = err.get("message") if isinstance(err, dict) else str(err)
-                out.append(ErrorEvent(502, msg or "upstream error", "upstream"))
+                code = err.get("code") if isinstance(err, dict) else None
+                status = 400 if error_code(400, msg, code) == CONTEXT_OVERFLOW else 502
+                out.append(ErrorEvent(status, msg or "upstream error", "upstream", code))
                 return out
             if not self.started:
                 self.started = True
@@ -4086,7 +4106,10 @@ class Anthropic(Codec):
     @staticmethod
     def error_body(err):
         t = ANTHROPIC_STATUS_TYPES.get(err.status) or ANTHROPIC_ERROR_TYPES.get(err.type, "api_error")
-        return {"type": "error", "error": {"type": t, "message": err.message}}
+        message = err.message
+        if err.code == CONTEXT_OVERFLOW and not message.lower().startswith("prompt is too long"):
+            message = "prompt is too long: " + message  # what Claude Code looks for before compacting
+        return {"type": "error", "error": {"type": t, "message": message}}
 
     # -- request: wire -> IR --------------------------------------------------------------------------------------
     @classmethod
@@ -4882,8 +4905,10 @@ class Gemini(Codec):
 
     @staticmethod
     def error_body(err):
-        return {"error": {"code": err.status, "message": err.message,
-                          "status": GEMINI_STATUS.get(err.status, "UNKNOWN")}}
+        message = err.message
+        if err.code == CONTEXT_OVERFLOW and "exceeds the maximum number of tokens" not in message:
+            message = "The input token count exceeds the maximum number of tokens allowed: " + message
+        return {"error": {"code": err.status, "message": message, "status": GEMINI_STATUS.get(err.status, "UNKNOWN")}}
 
     # -- signatures -----------------------------------------------------------------------------------------------
     @staticmethod
@@ -5922,7 +5947,7 @@ class Responses(Codec):
                 status = {"rate_limit_exceeded": 429, "insufficient_quota": 429, "usage_limit_reached": 429,
                           "context_length_exceeded": 400, "invalid_prompt": 400, "server_error": 502}.get(code, 502)
                 return [ErrorEvent(status, err.get("message") or "upstream response failed",
-                                   error_type_for_status(status))]
+                                   error_type_for_status(status), code)]
             return []
 
         def _item_done(self, item, oi):
@@ -6149,7 +6174,7 @@ class Responses(Codec):
             out = self._start()
             resp = self.response_object("failed")
             codes = {429: "rate_limit_exceeded", 400: "invalid_prompt"}
-            resp["error"] = {"code": codes.get(err.status, "server_error"), "message": err.message}
+            resp["error"] = {"code": err.code or codes.get(err.status, "server_error"), "message": err.message}
             resp["usage"] = None
             return out + self._ev({"type": "response.failed", "response": resp})
 
@@ -6510,6 +6535,14 @@ class Credential:
         self.disabled = None  # None, or the reason the credential was taken out (revoked token, ...)
         self.last_error = None
 
+    def mask(self, text):
+        """`text` with this credential's secrets (key, tokens) masked: upstream errors sometimes echo them."""
+        secrets = [self.api_key] + [self.meta.get(k) for k in ("access_token", "refresh_token", "api_key")]
+        for secret in secrets:
+            if isinstance(secret, str) and len(secret) >= 8 and secret in text:
+                text = text.replace(secret, mask_secret(secret))
+        return text
+
     def cooling_until(self, model):
         st = self.states.get(model)
         return max(st.until if st is not None else 0.0, self.until_all)
@@ -6633,15 +6666,16 @@ def credentials_for_entry(entry):
 
 class UpstreamFailure:
     """A classified upstream error: what the client sees, and how routing treats the credential.
-    category: user_error | auth_revoked | auth_error | quota | not_found | transient | unknown
-    (gateway.md §6.8); scope: "model" or "credential" (every model of the credential cools down)."""
+    category: user_error | auth_revoked | auth_error | quota | permission | not_found | transient | midstream |
+    unknown (gateway.md §6.8); scope: "model" or "credential" (every model of the credential cools down)."""
 
-    __slots__ = ("status", "message", "type", "category", "retry_after", "scope", "disable", "retryable")
+    __slots__ = ("status", "message", "type", "category", "retry_after", "scope", "disable", "retryable", "code")
 
     def __init__(self, status, message, type, category="unknown", retry_after=None, scope="model", disable=False,
-                 retryable=True):
+                 retryable=True, code=None):
         self.status, self.message, self.type, self.category = status, message, type, category
         self.retry_after, self.scope, self.disable, self.retryable = retry_after, scope, disable, retryable
+        self.code = error_code(status, message, code)
 
 
 def upstream_error_message(body):
@@ -6750,6 +6784,10 @@ def classify_failure(status, headers, body):
     message = upstream_error_message(body)
     low = message.lower() + " " + (body.decode("utf-8", "replace").lower()[:2000] if isinstance(body, bytes) else "")
     hint, scope = retry_hint(headers, data)
+    err = data.get("error") if isinstance(data, dict) else None
+    code = err.get("code") if isinstance(err, dict) and isinstance(err.get("code"), str) else None
+    if error_code(status, message, code) == CONTEXT_OVERFLOW:  # the request's fault: no credential would take it
+        return UpstreamFailure(400, message, "invalid_request", "user_error", retryable=False, code=CONTEXT_OVERFLOW)
     if any(s in low for s in _REVOKED):
         return UpstreamFailure(status or 401, message, "authentication", "auth_revoked", scope="credential",
                                disable=True)
@@ -6759,15 +6797,18 @@ def classify_failure(status, headers, body):
         return UpstreamFailure(status if status >= 400 else 429, message, etype, "quota", hint, scope)
     if status == 401:
         return UpstreamFailure(status, message, "authentication", "auth_error", hint)
-    if status in (402, 403):
+    if status == 402:
         return UpstreamFailure(status, message, "permission", "quota", hint)
+    if status == 403:
+        return UpstreamFailure(status, message, "permission", "permission", hint)
     if status == 404:
         return UpstreamFailure(status, message, "not_found", "not_found", hint)
     if status in (408, 500, 502, 503, 504, 529) or status >= 500:
         return UpstreamFailure(status, message, error_type_for_status(status), "transient", hint)
     if 400 <= status < 500 or any(s in low for s in _USER_ERROR):
         # The request itself is at fault: another credential would fail the same way.
-        return UpstreamFailure(status, message, error_type_for_status(status), "user_error", retryable=False)
+        return UpstreamFailure(status, message, error_type_for_status(status), "user_error", retryable=False,
+                               code=code)
     return UpstreamFailure(status or 502, message, "upstream", "unknown", hint)
 
 
@@ -8656,6 +8697,8 @@ class Registry:
             # and requests already running keep decrementing the object they hold.
             for i, cred in enumerate(provider.credentials):
                 old = live.get(cred.id)
+                if old is not None and old.disabled and old.disabled.startswith("rejected:"):
+                    old.disabled = None  # the config or a credential file changed: worth asking again
                 if old is not None and old is not cred:
                     old.label, old.headers, old.proxy_url = cred.label, cred.headers, cred.proxy_url
                     if cred.path is not None and cred.stamp != old.stamp:
@@ -8868,18 +8911,20 @@ class Router:
         """Cooldown per credential x model (gateway.md §6.9), or for the whole credential when the quota is
         credential-scoped. Revoked tokens disable the credential and say so."""
         cred.last_error = failure.message
-        if failure.disable:
-            cred.disabled = "revoked: " + failure.message[:200]
-            log.error("credential %s disabled (%s): %s", cred.label, failure.category, failure.message[:300])
+        cat = failure.category
+        if failure.disable or cat == "auth_error":
+            # A revoked token, or a key (or freshly refreshed token) the upstream rejects: out of rotation until
+            # its config entry or credential file changes, not a cooldown that reads as a rate limit.
+            cred.disabled = "%s: %s" % ("revoked" if failure.disable else "rejected", failure.message[:300])
+            log.error("credential %s disabled (%s): %s", cred.label, cat, failure.message[:300])
             failure.retryable = True  # the next credential may well work
             return
-        cat = failure.category
-        if cat == "user_error":
+        if cat in ("user_error", "midstream"):
             return
         st = cred.states.get(model)
         if st is None:
             st = cred.states[model] = ModelState()
-        if failure.status == 429 or (cat == "quota" and failure.status not in (401, 402, 403)):
+        if failure.status == 429 or (cat == "quota" and failure.status != 402):
             if self.settings().disable_cooling:
                 return
             if failure.retry_after is not None:
@@ -8887,11 +8932,11 @@ class Router:
             else:
                 seconds = min(1800.0, float(2 ** st.level))
                 st.level += 1
-        elif failure.status in (401, 402, 403):
+        elif failure.status == 402:
             seconds = 1800.0
         elif failure.status == 404:
             seconds = 12 * 3600.0
-        elif cat == "transient":
+        elif cat in ("transient", "permission"):
             seconds = failure.retry_after if failure.retry_after is not None else 60.0
         else:
             seconds = failure.retry_after if failure.retry_after is not None else 30.0
@@ -8947,6 +8992,11 @@ class Router:
             raise GatewayError(429, "all credentials for model '%s' are cooling down; retry in %ds%s"
                                % (req.model, wait, " (last error: %s)" % errors[-1][:300] if errors else ""),
                                "rate_limit", headers=[("Retry-After", str(wait))])
+        rejected = [c for routes in chain for r in routes for c in r.provider.credentials
+                    if c.disabled and c.disabled.startswith(("rejected:", "revoked:"))]
+        if rejected:
+            raise GatewayError(401, "no usable credential for model '%s': %s" % (
+                req.model, "; ".join("%s is %s" % (c.label, c.disabled) for c in rejected[:3])), "authentication")
         raise GatewayError(503, "no credential can serve model '%s'" % req.model, "overloaded")
 
     async def _send_on(self, req, routes, cfg, state):
@@ -8995,6 +9045,8 @@ class Router:
                     tried.discard((cred.id, route.model))
                     attempts_left += 1
                     continue
+                if not cred.disabled:  # the refresh failed for now (it backs off); not proof the account is gone
+                    failure.category = "transient"
             call.fail(failure)
             state["last"] = failure
             if not failure.retryable:
@@ -9028,7 +9080,7 @@ class Router:
         headers = []
         if failure.retry_after is not None and failure.status in (429, 503, 529):
             headers.append(("Retry-After", str(max(1, math.ceil(failure.retry_after)))))
-        return GatewayError(failure.status, failure.message, failure.type, headers=headers)
+        return GatewayError(failure.status, failure.message, failure.type, headers=headers, code=failure.code)
 
 
 class Call:
@@ -9099,6 +9151,10 @@ class Call:
             self.finish("cancelled")
             raise
         failure = self.provider.classify_error(resp.status, resp.headers, err_body)
+        failure.message = self.cred.mask(failure.message)
+        if failure.category in ("auth_error", "auth_revoked"):
+            failure.message = "upstream %s rejected credential %s (HTTP %d): %s" % (
+                self.provider.name, self.cred.label, resp.status, failure.message)
         log.warning("upstream %s answered %d for %s via %s: %s", self.provider.name, resp.status, self.route.model,
                     self.cred.label, failure.message[:200])
         return None, failure
@@ -9110,8 +9166,7 @@ class Call:
             async for ev in self.events():
                 collector.add(ev)
             if collector.error is not None:
-                e = collector.error
-                raise GatewayError(e.status, e.message, e.type)
+                raise collector.error.error()
             return collector.result()
         try:
             answer = self.provider.parse_response(await self.response.json())
@@ -9167,8 +9222,14 @@ class Call:
     def _note(self, ev):
         if ev.kind == "usage":
             self.usage = ev.usage
-        else:  # a stream that dies mid-way is classified like the same error before the first byte
-            self.fail(self.provider.classify_error(ev.status, EMPTY_HEADERS, {"error": {"message": ev.message}}))
+        else:  # a stream that dies mid-way is classified like the same error before the first byte ...
+            failure = self.provider.classify_error(ev.status, EMPTY_HEADERS, {"error": {"message": ev.message,
+                                                                                       "code": ev.code}})
+            if failure.category != "quota":
+                # The upstream accepted this credential and request: the breaker counts the death (repeated
+                # ones open it), but one broken stream does not cool the model. A quota keeps its own reset.
+                failure.category, failure.disable = "midstream", False
+            self.fail(failure)
 
 
 class Refresher:
@@ -9763,7 +9824,7 @@ class App:
         if first and first[-1].kind == "error" and len(first) <= 2:
             await events.aclose()
             ev = first[-1]
-            raise GatewayError(ev.status, ev.message, ev.type)
+            raise ev.error()
         enc = encoder(ir) if encoder else codec.StreamEncoder(ir)
         resp = StreamResponse(self._encode_stream(first, events, enc), 200,
                               content_type=content_type or getattr(codec, "stream_content_type", "text/event-stream"))

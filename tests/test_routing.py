@@ -46,9 +46,8 @@ def cooling_for(gw, key, model="m"):
 
 
 @pytest.mark.parametrize("status, body, headers, seconds", [
-    (401, {"error": {"message": "bad key"}}, {}, 1800),
     (402, {"error": {"message": "payment required"}}, {}, 1800),
-    (403, {"error": {"message": "forbidden"}}, {}, 1800),
+    (403, {"error": {"message": "forbidden"}}, {}, 60),
     (404, {"error": {"message": "no such model"}}, {}, 12 * 3600),
     (500, {"error": {"message": "boom"}}, {}, 60),
     (503, {"error": {"message": "unavailable"}}, {}, 60),
@@ -70,6 +69,13 @@ def test_cooldown_classes_and_exact_durations(make, status, body, headers, secon
         gw.chat()
     assert e.value.status_code == status
     assert cooling_for(gw, "k1") == pytest.approx(seconds, abs=1)
+
+
+def test_a_rejected_key_is_taken_out_of_rotation_not_cooled(make):
+    gw, up = make(by_key({"k1": Reply(status=401, body={"error": {"message": "bad key"}})}))
+    with pytest.raises(openai.AuthenticationError):
+        gw.chat()
+    assert gw.cred("k1").disabled.startswith("rejected:") and cooling_for(gw, "k1") <= 0
 
 
 def test_hintless_429s_back_off_exponentially_and_success_resets(make):

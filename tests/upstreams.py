@@ -1,6 +1,7 @@
 """One fake upstream that speaks every API-key provider's wire format (the path tells which), built from
 ../shared/reference. The scenario is picked by the last `SCENARIO:<name>` marker in the request body:
-text, tools, thinking, image, error429, midfail. Every request is recorded for assertions."""
+text, tools, thinking, image, error429, midfail, overflow, overflowstream, autherr, midstreamerr. Every request
+is recorded for assertions."""
 import json
 import re
 
@@ -29,10 +30,89 @@ def scenario(body):
     return found[-1].decode() if found else "text"
 
 
+OVERFLOW = {  # each family's own words for a prompt that does not fit
+    "openai": (400, {"error": {"message": "This model's maximum context length is 8192 tokens. However, your "
+                               "messages resulted in 9001 tokens.", "type": "invalid_request_error",
+                               "param": "messages", "code": "context_length_exceeded"}}),
+    "anthropic": (400, {"type": "error", "error": {"type": "invalid_request_error",
+                                                   "message": "prompt is too long: 210000 tokens > 200000 maximum"}}),
+    "gemini": (400, {"error": {"code": 400, "message": "The input token count (1234567) exceeds the maximum number "
+                               "of tokens allowed (1048576).", "status": "INVALID_ARGUMENT"}}),
+    "codex": (400, {"error": {"message": "Your input exceeds the context window of this model. Please adjust your "
+                              "input and try again.", "type": "invalid_request_error", "param": "input",
+                              "code": "context_length_exceeded"}}),
+}
+OVERFLOW["vertex"] = OVERFLOW["gemini"]
+AUTH = {
+    "openai": (401, {"error": {"message": "Incorrect API key provided: k-openai. You can find your API key at "
+                               "https://platform.openai.com/account/api-keys.", "type": "invalid_request_error",
+                               "code": "invalid_api_key"}}),
+    "anthropic": (401, {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}),
+    "gemini": (400, {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.",
+                               "status": "INVALID_ARGUMENT"}}),
+    "codex": (401, {"error": {"message": "Incorrect API key provided: k-codex.", "type": "invalid_request_error",
+                              "code": "invalid_api_key"}}),
+}
+AUTH["gemini"] = (401, {"error": {"code": 401, "message": "Request had invalid authentication credentials.",
+                                  "status": "UNAUTHENTICATED"}})
+AUTH["vertex"] = AUTH["gemini"]
+
+
+def stream_error(fmt, overflow):
+    """A stream that starts, then fails with the family's own error event: overloaded, or a context overflow."""
+    if fmt == "openai":
+        err = OVERFLOW["openai"][1]["error"] if overflow else {"message": "The server is overloaded", "type":
+                                                               "server_error", "code": "server_error"}
+        head = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": "" if overflow else "Hel"},
+                             "finish_reason": None}]}
+        return [json.dumps(head), json.dumps({"error": err})]
+    if fmt == "anthropic":
+        start = {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                                                      "model": "m", "content": [], "usage": {"input_tokens": 1}}}
+        err = OVERFLOW["anthropic"][1] if overflow else {"type": "error", "error": {"type": "overloaded_error",
+                                                                                   "message": "Overloaded"}}
+        events = [("message_start", json.dumps(start))]
+        if not overflow:
+            events += [("content_block_start", json.dumps({"type": "content_block_start", "index": 0,
+                                                           "content_block": {"type": "text", "text": ""}})),
+                       ("content_block_delta", json.dumps({"type": "content_block_delta", "index": 0,
+                                                           "delta": {"type": "text_delta", "text": "Hel"}}))]
+        return events + [("error", json.dumps(err))]
+    if fmt in ("gemini", "vertex"):
+        err = OVERFLOW["gemini"][1] if overflow else {"error": {"code": 503, "message": "The model is overloaded.",
+                                                                "status": "UNAVAILABLE"}}
+        first = [] if overflow else [json.dumps({"candidates": [{"content": {"role": "model",
+                                                                             "parts": [{"text": "Hel"}]}}]})]
+        return first + [json.dumps(err)]
+    resp = {"id": "resp_1", "object": "response", "created_at": 1, "status": "in_progress", "model": "m",
+            "output": []}
+    code, message = ("context_length_exceeded", OVERFLOW["codex"][1]["error"]["message"]) if overflow else \
+        ("server_error", "The server had an error while processing your request")
+    failed = dict(resp, status="failed", error={"code": code, "message": message})
+    return [("response.created", json.dumps({"type": "response.created", "response": resp})),
+            ("response.failed", json.dumps({"type": "response.failed", "response": failed}))]
+
+
+def errors(fmt, sc, stream):
+    """The error scenarios every family shares: overflow and auth failures as HTTP errors; a context overflow or
+    an overload reported inside a stream."""
+    if sc in ("overflowstream", "midstreamerr") and (stream or fmt == "codex"):
+        return Reply("sse", events=stream_error(fmt, sc == "overflowstream"))
+    table = {"overflow": OVERFLOW, "autherr": AUTH}.get(sc)
+    if table is None or fmt not in table:
+        return None
+    status, body = table[fmt]
+    return Reply(status=status, body=body)
+
+
 def handler(rec):
     fmt = detect(rec.path)
     sc = scenario(rec.body)
     body = json.loads(rec.body) if rec.body else {}
+    failing = errors(fmt, sc, bool(body.get("stream")) or ":streamGenerateContent" in rec.path)
+    if failing is not None:
+        return failing
     if fmt in ("gemini", "vertex"):
         if rec.path.endswith(":countTokens"):
             return Reply(body={"totalTokens": 42})
