@@ -2859,6 +2859,20 @@ def thinking_effort(cfg):
     return cfg.effort or budget_to_effort(cfg.budget)
 
 
+def fit_thinking_budget(req, default):
+    """The thinking budget to send for `req`: what was asked (`default` when dynamic or unspecified), kept under
+    the client's own output limit, which counts reasoning too: the budget never enlarges the answer the client
+    allowed. None when thinking is off."""
+    budget = thinking_budget(req.thinking)
+    if budget == 0 or thinking_effort(req.thinking) in (None, "none"):
+        return None
+    if budget is None or budget < 0:
+        budget = default
+    if req.max_tokens is not None and budget >= req.max_tokens * 3 // 4:
+        budget = req.max_tokens * 3 // 4  # a quarter of the client's limit stays for the answer
+    return budget
+
+
 def thinking_budget(cfg):
     if cfg is None:
         return None
@@ -4422,14 +4436,16 @@ class Anthropic(Codec):
                 # Anthropic demands a signed thinking block before the last tool use; without one, no thinking.
                 thinking_on = False
         if thinking_on:
-            budget = thinking_budget(req.thinking)
-            if budget is None or budget < 0:
-                budget = 8192
-            budget = max(1024, budget)
-            if body["max_tokens"] <= budget:
-                body["max_tokens"] = budget + 4096
-            body["thinking"] = {"type": "enabled", "budget_tokens": budget}
-        else:
+            budget = fit_thinking_budget(req, 8192)
+            if budget is not None and budget < 1024 and (req.max_tokens is None or req.max_tokens * 3 // 4 >= 1024):
+                budget = 1024  # Anthropic's minimum
+            if budget is None or budget < 1024:  # the client's output limit leaves no room to think
+                thinking_on = False
+            else:
+                if body["max_tokens"] <= budget:  # only our own default limit: the client set none
+                    body["max_tokens"] = budget + 4096
+                body["thinking"] = {"type": "enabled", "budget_tokens": budget}
+        if not thinking_on:
             if req.temperature is not None:
                 body["temperature"] = min(1.0, req.temperature)
             if req.top_k is not None:
@@ -5000,6 +5016,7 @@ class Gemini(Codec):
             req.thinking = ThinkingConfig(effort=level.lower() if isinstance(level, str) else None,
                                           budget=budget if isinstance(budget, int) else None,
                                           include_thoughts=gget(tcfg, "includeThoughts"))
+            req.passthrough["thinkingConfig"] = tcfg
         ss = gget(body, "safetySettings")
         if ss is not None:
             req.safety_settings = ss
@@ -5271,13 +5288,18 @@ class Gemini(Codec):
             gc["responseMimeType"] = "application/json"
             if rf["type"] == "json_schema":
                 gc["responseSchema"] = clean_schema_for_gemini(rf.get("schema") or {})
-        if req.thinking is not None:
+        native = req.passthrough.get("thinkingConfig") if req.client_format == cls.name else None
+        if native is not None:
+            gc["thinkingConfig"] = native  # a Gemini client's own settings, untouched on a Gemini route
+        elif req.thinking is not None:
             tcfg = {}
             effort = thinking_effort(req.thinking)
             if cls.is_gemini3(model) and req.thinking.budget is None and effort not in (None, "auto", "none"):
                 tcfg["thinkingLevel"] = {"minimal": "low", "xhigh": "high", "max": "high"}.get(effort, effort)
             else:
                 budget = thinking_budget(req.thinking)
+                if budget is not None and budget > 0:
+                    budget = fit_thinking_budget(req, budget)
                 if budget is not None:
                     tcfg["thinkingBudget"] = min(budget, 32768) if budget >= 0 else -1
             include = req.thinking.include_thoughts
