@@ -4369,7 +4369,8 @@ class Anthropic(Codec):
         cls._wire_tools(req, body, thinking_on)
         rf = req.response_format
         if rf and rf["type"] == "json_schema":
-            body["output_config"] = {"format": {"type": "json_schema", "schema": rf.get("schema") or {}}}
+            body["output_config"] = {"format": {"type": "json_schema",
+                                                "schema": cls.wire_schema(rf.get("schema") or {}, strict=True)}}
         elif rf:  # JSON mode has no Messages API field: ask for it in the system prompt
             body.setdefault("system", []).append({"type": "text",
                                                   "text": "Respond with a single JSON object and nothing else."})
@@ -4454,6 +4455,33 @@ class Anthropic(Codec):
             body["top_p"] = req.top_p
         return thinking_on
 
+    _SCHEMA_CHILDREN = ("items", "anyOf", "oneOf", "allOf", "not", "additionalProperties", "prefixItems")
+
+    @classmethod
+    def wire_schema(cls, schema, strict=False):
+        """A JSON Schema as Anthropic takes it, for tools and structured output alike: keys of Gemini's schema
+        dialect dropped (propertyOrdering; `nullable` becomes a null type); with `strict` (structured output)
+        every object closed with additionalProperties: false and titles dropped, as Anthropic requires."""
+        if isinstance(schema, list):
+            return [cls.wire_schema(x, strict) for x in schema]
+        if not isinstance(schema, dict):
+            return schema
+        out = {}
+        for k, v in schema.items():
+            if k in ("propertyOrdering", "property_ordering", "nullable") or (strict and k == "title"):
+                continue
+            if k in ("properties", "$defs", "definitions") and isinstance(v, dict):
+                out[k] = {name: cls.wire_schema(sub, strict) for name, sub in v.items()}
+            elif k in cls._SCHEMA_CHILDREN:
+                out[k] = cls.wire_schema(v, strict)
+            else:
+                out[k] = v
+        if schema.get("nullable") is True and isinstance(out.get("type"), str):
+            out["type"] = [out["type"], "null"]
+        if strict and out.get("type") == "object":
+            out.setdefault("additionalProperties", False)
+        return out
+
     @classmethod
     def _wire_tools(cls, req, body, thinking_on):
         tools = []
@@ -4463,7 +4491,7 @@ class Anthropic(Codec):
             if schema.get("type") != "object":
                 schema = {"type": "object", "properties": schema.get("properties") or {}}
             schema.pop("$schema", None)
-            tool = {"name": t.name, "input_schema": schema}
+            tool = {"name": t.name, "input_schema": cls.wire_schema(schema)}
             if t.description:
                 tool["description"] = t.description
             if t.cache_control:
@@ -4781,7 +4809,7 @@ class Anthropic(Codec):
 
 _GEMINI_DROP_KEYS = frozenset((
     "$schema", "$id", "$comment", "$defs", "definitions", "$ref", "additionalProperties", "propertyNames",
-    "patternProperties", "enumDescriptions", "enumTitles", "prefill", "deprecated", "encrypted", "nullable",
+    "patternProperties", "enumDescriptions", "enumTitles", "prefill", "deprecated", "encrypted",
     "title", "unevaluatedProperties", "unevaluatedItems", "dependentSchemas", "dependentRequired",
     "dependencies", "contentEncoding", "contentMediaType", "if", "then", "else", "not", "strict",
     "input_examples", "readOnly", "writeOnly", "examples", "default", "minContains", "maxContains", "contains",
@@ -4836,6 +4864,8 @@ def clean_schema_for_gemini(schema, _defs=None, _depth=0):
         branches = s.pop(key, None)
         if isinstance(branches, list):
             real = [b for b in branches if isinstance(b, dict) and b.get("type") != "null"]
+            if len(real) < len(branches):
+                s["nullable"] = True  # a union with null: the value may be absent
             best = max(real, key=lambda b: (b.get("type") == "object", len(b)), default=None)
             if best is not None:
                 for k, v in best.items():
@@ -4844,6 +4874,8 @@ def clean_schema_for_gemini(schema, _defs=None, _depth=0):
     if isinstance(t, list):
         non_null = [x for x in t if x != "null"]
         s["type"] = non_null[0] if non_null else "string"
+        if "null" in t and non_null:
+            s["nullable"] = True
     if "const" in s:
         s["enum"] = [s["const"]]
     if "enum" in s and isinstance(s["enum"], list):

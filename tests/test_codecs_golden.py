@@ -80,7 +80,7 @@ def test_openai_to_gemini_contents():
     gc = g["generationConfig"]
     assert gc["stopSequences"] == ["X"] and gc["temperature"] == 0.3 and gc["maxOutputTokens"] == 9
     assert gc["responseMimeType"] == "application/json"
-    assert gc["responseSchema"] == {"type": "object", "properties": {"a": {"type": "string"}}}
+    assert gc["responseSchema"] == {"type": "object", "properties": {"a": {"type": "string", "nullable": True}}}
 
 
 def test_gemini_schema_cleaning():
@@ -312,8 +312,9 @@ def test_response_format_mapping():
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     req = oa([{"role": "user", "content": "x"}],
              response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema, "strict": True}})
-    assert M.Anthropic.build_request(req, "c")["output_config"] == {"format": {"type": "json_schema",
-                                                                              "schema": schema}}
+    # Anthropic's structured output takes closed objects only
+    assert M.Anthropic.build_request(req, "c")["output_config"] == {"format": {"type": "json_schema", "schema": dict(
+        schema, additionalProperties=False)}}
     assert M.Responses.build_request(req, "g")["text"] == {"format": {"type": "json_schema", "name": "r",
                                                                        "schema": schema, "strict": True}}
     assert M.OpenAIChat.build_request(req, "g")["response_format"]["json_schema"]["schema"] == schema
