@@ -2753,12 +2753,14 @@ class Image:
 
 
 class File:
-    """A document, audio or video attachment (base64 `data` or a `url`)."""
-    __slots__ = ("mime", "data", "url", "filename", "file_id")
+    """A document, audio or video attachment: base64 `data`, a `url`, or a `file_id` uploaded to the file store of
+    the family `store` names (openai, anthropic, gemini), which only that family's upstreams can read."""
+    __slots__ = ("mime", "data", "url", "filename", "file_id", "store")
     kind = "file"
 
-    def __init__(self, mime=None, data=None, url=None, filename=None, file_id=None):
+    def __init__(self, mime=None, data=None, url=None, filename=None, file_id=None, store=None):
         self.mime, self.data, self.url, self.filename, self.file_id = mime, data, url, filename, file_id
+        self.store = store
 
 
 class ToolCall:
@@ -3472,6 +3474,17 @@ class Codec:
     `name` is the format's id (ChatRequest.client_format). Completions is a client format only."""
 
     name = "?"
+    file_store = None  # the family whose uploaded files this format's upstreams can read by id
+
+    @classmethod
+    def file_ref(cls, part):
+        """The id of an uploaded file for this format's upstream; a 400 when it lives in another family's store
+        (never dropped silently)."""
+        if part.store != cls.file_store:
+            raise BadRequest("%s is a file uploaded to %s's file store, which this model's upstream cannot read; "
+                             "send the file's content inline (base64) instead" % (part.file_id, part.store),
+                             "messages")
+        return part.file_id
 
     @staticmethod
     def error_body(err):
@@ -3540,6 +3553,7 @@ class EventEncoder:
 class OpenAIChat(Codec):
     """OpenAI Chat Completions (`/v1/chat/completions`), formats.md §2.2–2.4."""
     name = "openai"
+    file_store = "openai"
 
     # -- request: wire -> IR --------------------------------------------------------------------------------------
     @classmethod
@@ -3677,7 +3691,9 @@ class OpenAIChat(Codec):
                 if split:
                     parts.append(File(split[0], split[1], filename=f.get("filename")))
                 else:
-                    parts.append(File("application/pdf", fd, filename=f.get("filename"), file_id=f.get("file_id")))
+                    fid = f.get("file_id") if isinstance(f.get("file_id"), str) else None
+                    parts.append(File("application/pdf", fd, filename=f.get("filename"), file_id=fid,
+                                      store="openai" if fid else None))
             else:
                 raise BadRequest("unsupported content part type %r in %s" % (t, where), "messages")
         return parts
@@ -3839,8 +3855,8 @@ class OpenAIChat(Codec):
     def _wire_call(c):
         return {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments or "{}"}}
 
-    @staticmethod
-    def _wire_content(parts):
+    @classmethod
+    def _wire_content(cls, parts):
         if all(p.kind == "text" for p in parts):
             return "".join(p.text for p in parts)
         out = []
@@ -3862,7 +3878,7 @@ class OpenAIChat(Codec):
                     if p.data:
                         f["file_data"] = "data:%s;base64,%s" % (p.mime or "application/pdf", p.data)
                     if p.file_id:
-                        f["file_id"] = p.file_id
+                        f["file_id"] = cls.file_ref(p)
                     out.append({"type": "file", "file": f})
         return out
 
@@ -4116,6 +4132,7 @@ ANTHROPIC_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_err
 class Anthropic(Codec):
     """Anthropic Messages (`/v1/messages`), formats.md §3."""
     name = "anthropic"
+    file_store = "anthropic"
 
     @staticmethod
     def error_body(err):
@@ -4213,6 +4230,9 @@ class Anthropic(Codec):
     def _media_part(cls, b):
         src = b.get("source") or {}
         st = src.get("type")
+        if st == "file" and isinstance(src.get("file_id"), str):  # the Files API (beta): a reference, kept
+            return File("image/*" if b.get("type") == "image" else "application/pdf", file_id=src["file_id"],
+                        store="anthropic", filename=b.get("title"))
         if b.get("type") == "image":
             if st == "base64":
                 return Image(src.get("media_type"), src.get("data"))
@@ -4313,6 +4333,9 @@ class Anthropic(Codec):
                     src = {"type": "base64", "media_type": split[0], "data": split[1]} if split else \
                         {"type": "url", "url": p.url}
                     out.append({"type": "image", "source": src})
+            elif k == "file" and p.file_id:
+                out.append({"type": "image" if (p.mime or "").startswith("image/") else "document",
+                            "source": {"type": "file", "file_id": cls.file_ref(p)}})
             elif k == "file":
                 if p.data and (p.mime or "").startswith("text/"):
                     try:
@@ -4931,6 +4954,7 @@ GEMINI_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSI
                  409: "ABORTED", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL", 501: "UNIMPLEMENTED",
                  502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 GEMINI_SKIP_SIGNATURE = "skip_thought_signature_validator"
+GEMINI_STORES = ("generativelanguage.googleapis.com", "www.youtube.com", "youtube.com", "youtu.be")
 GEMINI_DEFAULT_SAFETY = [{"category": c, "threshold": "OFF"} for c in (
     "HARM_CATEGORY_HARASSMENT", "HARM_CATEGORY_HATE_SPEECH", "HARM_CATEGORY_SEXUALLY_EXPLICIT",
     "HARM_CATEGORY_DANGEROUS_CONTENT")] + [{"category": "HARM_CATEGORY_CIVIC_INTEGRITY", "threshold": "BLOCK_NONE"}]
@@ -4950,6 +4974,7 @@ def gget(obj, camel, default=None):
 class Gemini(Codec):
     """Gemini Generative Language API (`/v1beta/models/{m}:generateContent` ...), formats.md §4."""
     name = "gemini"
+    file_store = "gemini"
 
     @staticmethod
     def error_body(err):
@@ -5077,7 +5102,9 @@ class Gemini(Codec):
     def _media(cls, data, url=False):
         mime = gget(data, "mimeType") or ("application/octet-stream" if url else "image/png")
         if url:
-            uri = gget(data, "fileUri")
+            uri = gget(data, "fileUri") or ""
+            if not uri.startswith(("http://", "https://")) or urllib.parse.urlsplit(uri).hostname in GEMINI_STORES:
+                return File(mime, file_id=uri, store="gemini")  # Files API, gs://, a video: only Gemini reads it
             return Image(mime, url=uri) if mime.startswith("image/") else File(mime, url=uri)
         b64 = b64_normalize(data.get("data") or "")
         return Image(mime, b64) if mime.startswith("image/") else File(mime, b64)
@@ -5159,6 +5186,8 @@ class Gemini(Codec):
 
     @classmethod
     def _wire_media(cls, p):
+        if getattr(p, "file_id", None):
+            return {"fileData": {"mimeType": p.mime or "application/octet-stream", "fileUri": cls.file_ref(p)}}
         if p.data:
             return {"inlineData": {"mimeType": p.mime or "application/octet-stream", "data": p.data}}
         if p.url:
@@ -5577,6 +5606,7 @@ class Gemini(Codec):
 class Responses(Codec):
     """OpenAI Responses API (`/v1/responses`), formats.md §2.6–2.8. Stateless: history comes in `input`."""
     name = "responses"
+    file_store = "openai"
 
 
     # -- request: wire -> IR --------------------------------------------------------------------------------------
@@ -5678,6 +5708,9 @@ class Responses(Codec):
                     parts.append(File("application/pdf", fd, filename=p.get("filename")))
                 elif p.get("file_url"):
                     parts.append(File(url=p["file_url"], filename=p.get("filename")))
+                elif isinstance(p.get("file_id"), str):
+                    parts.append(File("application/pdf", file_id=p["file_id"], store="openai",
+                                      filename=p.get("filename")))
         return parts
 
     @classmethod
@@ -5750,7 +5783,9 @@ class Responses(Codec):
                     item["detail"] = p.detail
                 out.append(item)
             elif p.kind == "file":
-                if p.data:
+                if p.file_id:
+                    out.append({"type": "input_file", "file_id": cls.file_ref(p)})
+                elif p.data:
                     out.append({"type": "input_file", "filename": p.filename or "file",
                                 "file_data": "data:%s;base64,%s" % (p.mime or "application/pdf", p.data)})
                 elif p.url:
