@@ -9459,6 +9459,9 @@ def random_uniform(a, b):
 # and clock, and the hooks that observe every finished Call (usage records, metrics, limits hang here). It hands
 # each piece what it needs; nothing reaches back through it. It speaks no client API (that is the Client API).
 
+REJECTED_FILE = ".llm-mux-rejected"
+
+
 class Gateway:
     """Everything a running gateway holds. `apply_config` swaps in a new Config snapshot; requests already running
     keep the objects they hold."""
@@ -9475,11 +9478,32 @@ class Gateway:
         self.files = files if files is not None else load_credential_files(cfg.auth_dir)
         self.apply_config(cfg)
         self.started = time.time()
+        self.router.observers.append(self._note_rejection)
 
     def apply_files(self, files):
         """A new set of credential files (added, changed or removed ones); the registry is rebuilt around it."""
         self.registry = Registry(self.cfg, self.registry, files)
         self._adopt_live_files(files)
+        self.save_rejections()
+
+    def _note_rejection(self, call):
+        if call.outcome == "failed" and (call.cred.disabled or "").startswith("rejected:"):
+            self.save_rejections()
+
+    def save_rejections(self):
+        """Credentials the upstream rejected, in `<auth-dir>/.llm-mux-rejected` (0600) for `llm-mux env` to show;
+        removed once none is left (a config or file change puts them back in rotation)."""
+        rejected = {c.id: {"label": c.label, "provider": p.name, "reason": c.disabled}
+                    for p in self.registry.providers for c in p.credentials
+                    if c.disabled and c.disabled.startswith("rejected:")}
+        path = os.path.join(self.cfg.auth_dir, REJECTED_FILE)
+        try:
+            if rejected:
+                write_file_atomic(path, json.dumps(rejected, indent=2) + "\n", 0o600)
+            elif os.path.exists(path):
+                os.unlink(path)
+        except OSError as e:
+            log.warning("cannot record rejected credentials in %s: %s", path, e.strerror or e)
 
     def _adopt_live_files(self, files):
         """Keep `files` pointing at the live credential objects the registry kept, so stamps stay current."""
@@ -9495,6 +9519,8 @@ class Gateway:
         self.registry = Registry(cfg, self.registry, self.files)
         self._adopt_live_files(self.files)
         log.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
+        if self.registry is not None and getattr(self, "started", None):
+            self.save_rejections()
 
     def start(self):
         self.refresher.start()
@@ -10241,6 +10267,14 @@ def cmd_env(args):
     print("Credentials: %d file(s) in auth dir" % len(files))
     for f in files:
         print("  - %s" % f)
+    try:
+        with open(os.path.join(cfg.auth_dir, REJECTED_FILE), encoding="utf-8") as f:
+            rejected = json.load(f)
+    except (OSError, ValueError):
+        rejected = {}
+    for entry in rejected.values() if isinstance(rejected, dict) else ():
+        print("Rejected:    %s (%s) is out of rotation: %s" % (entry.get("label"), entry.get("provider"),
+                                                               entry.get("reason")))
     for w in cfg.warnings:
         print("Warning:     %s" % w)
     return 0

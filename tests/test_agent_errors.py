@@ -146,3 +146,23 @@ def test_a_403_is_a_short_permission_cooldown_not_a_lockout():
     finally:
         gw.stop()
         up.stop()
+
+
+def test_env_shows_a_rejected_key_until_the_config_changes(gateway, upstream):
+    import subprocess
+    import sys
+    from harness import ROOT, openai_provider_config, wait_until
+    up = upstream(lambda r: Reply(status=401, body={"error": {"message": "bad key %s" % SECRET}}))
+    gw = gateway(openai_provider_config(up.url, keys=(SECRET,)) + "request-retry: 0\n")
+    c = openai.OpenAI(base_url=gw.url + "/v1", api_key="k", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        c.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "x"}])
+
+    def env_output():
+        return subprocess.run([sys.executable, ROOT + "/llm_mux.py", "env", "--config", gw.config_path],
+                              capture_output=True, text=True, env=gw.env, timeout=30).stdout
+    out = env_output()
+    assert "Rejected:" in out and "out of rotation" in out and SECRET not in out
+    with open(gw.config_path, "a") as f:
+        f.write("max-retry-interval: 7\n")
+    wait_until(lambda: "Rejected:" not in env_output(), what="the config change to put the key back")
