@@ -10514,18 +10514,28 @@ def cmd_import(args):
     raise CliError("unknown import source %r (supported: vertex)" % args.source)
 
 
+def global_options(top):
+    """--config, --debug and serve's --host / --port. They work before or after the command's name: the copies on
+    the subcommands default to SUPPRESS, so they only set what is written after the name."""
+    p = argparse.ArgumentParser(add_help=False)
+    default = (lambda value: value) if top else (lambda value: argparse.SUPPRESS)
+    p.add_argument("--config", metavar="PATH", default=default(None),
+                   help="config file (default: $LLM_MUX_CONFIG or $XDG_CONFIG_HOME/llm-mux/config.yaml)")
+    p.add_argument("--debug", action="store_true", default=default(False), help="debug logging")
+    return p
+
+
 def build_parser():
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH", help="config file (default: $LLM_MUX_CONFIG or "
-                                                          "$XDG_CONFIG_HOME/llm-mux/config.yaml)")
-    common.add_argument("--debug", action="store_true", help="debug logging")
-    parser = _Parser(prog="llm-mux", parents=[common],
-                                     description="llm-mux %s: one gateway, every LLM API." % __version__)
+    common = global_options(False)
+    parser = _Parser(prog="llm-mux", parents=[global_options(True)],
+                     description="llm-mux %s: one gateway, every LLM API." % __version__)
     parser.add_argument("--version", action="version", version="llm-mux %s" % __version__)
+    parser.add_argument("--host", help="bind address for serve, the default command")
+    parser.add_argument("--port", "-p", type=int, help="port for serve, the default command")
     sub = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
     p = sub.add_parser("serve", parents=[common], help="run the gateway (the default command)")
-    p.add_argument("--host", help="bind address (overrides host in the config)")
-    p.add_argument("--port", "-p", type=int, help="port (overrides port in the config)")
+    p.add_argument("--host", default=argparse.SUPPRESS, help="bind address (overrides host in the config)")
+    p.add_argument("--port", "-p", type=int, default=argparse.SUPPRESS, help="port (overrides port in the config)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("version", parents=[common], help="print the version")
     p.set_defaults(func=cmd_version)
@@ -10549,7 +10559,7 @@ def build_parser():
     p.add_argument("file", nargs="?", help="the file to import (vertex: a service-account JSON key)")
     p.add_argument("--location", default="us-central1", help="Vertex region (default us-central1; 'global' allowed)")
     p.set_defaults(func=cmd_import)
-    parser.set_defaults(func=cmd_serve, host=None, port=None)
+    parser.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -10561,11 +10571,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, CliError, LoginError, UpstreamError) as e:
+    except (ConfigError, CliError, LoginError, UpstreamError, RefreshError) as e:
         print("llm-mux: %s" % e, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # a bug or an unforeseen failure: still one line, unless asked for the details
+        if getattr(args, "debug", False):
+            raise
+        print("llm-mux: unexpected %s: %s (run with --debug for the details)" % (type(e).__name__, e),
+              file=sys.stderr)
+        return 1
 
 
 def main_as_script():

@@ -138,3 +138,43 @@ def test_systemd_unit_is_hardened():
     for line in ("NoNewPrivileges=true", "ProtectSystem=strict", "ReadWritePaths=/etc/llm-mux",
                  "Restart=on-failure", "ExecStart=", "[Install]"):
         assert line in text
+
+
+def provider_config(tmp_path, port=None):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(("port: %d\n" % port if port else "") + "auth-dir: %s\nproviders:\n  - type: openai\n"
+                   "    name: local\n    base-url: http://127.0.0.1:1/v1\n    models: [m1]\n" % (tmp_path / "auth"))
+    return str(cfg)
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_global_options_work_before_or_after_the_command(tmp_path, order):
+    cfg = provider_config(tmp_path)
+    out = run(*(["--config", cfg, "env"] if order == "before" else ["env", "--config", cfg]))
+    assert out.returncode == 0 and "Providers:   1" in out.stdout and cfg in out.stdout
+
+
+@pytest.mark.parametrize("args", [["--config", "{cfg}", "serve"], ["serve", "--config", "{cfg}"],
+                                  ["--config", "{cfg}", "--port", "{port}"], ["--port", "{port}", "--config", "{cfg}"]])
+def test_serve_takes_global_options_anywhere(tmp_path, args):
+    port = free_port()
+    cfg = provider_config(tmp_path, port=free_port())  # the config's own port is overridden where --port is given
+    listen = port if "--port" in args else int(open(cfg).read().split()[1])
+    argv = [a.format(cfg=cfg, port=port) for a in args]
+    proc = subprocess.Popen([sys.executable, LLM_MUX] + argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        body = _wait_http("http://127.0.0.1:%d/v1/models" % listen, proc)
+        assert b'"m1"' in body  # the config given on the command line was used
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_an_unreachable_device_login_is_one_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text('auth-dir: %s\nupstream-overrides:\n  "https://github.com": "http://127.0.0.1:%d"\n'
+                   % (tmp_path / "auth", free_port()))
+    out = run("login", "copilot", "--config", str(cfg), timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "unreachable" in out.stderr
