@@ -1311,6 +1311,10 @@ class ProviderEntry:
         e.name = (raw.get("name") or "").strip() or ptype
         e.provider_id = kind.provider_id or e.name.lower()
         e.base_url = (raw.get("base-url") or "").strip().rstrip("/")
+        for suffix in kind.version_suffixes:  # written with or without the version the provider adds itself
+            if e.base_url.endswith(suffix):
+                e.base_url = e.base_url[:-len(suffix)]
+                break
         e.proxy_url = (raw.get("proxy-url") or "").strip()
         e.headers = [(str(k).strip(), str(v).strip()) for k, v in raw.get("headers", {}).items()
                      if str(k).strip() and str(v).strip()]
@@ -6954,6 +6958,7 @@ class Provider:
     display_name = None  # its name in model lists with show-provider-prefixes; None: the entry's name
     needs_base_url = needs_models = False  # what a `providers:` entry must give
     needs_key = True
+    version_suffixes = ()  # version segments a `base-url` may end with that the provider adds itself (dropped)
     login_name = None  # `llm-mux login <name>`
     login = None  # its LoginFlow class (set when the flow class is defined)
     token_field = "access_token"  # the credential-file field holding the token requests use
@@ -7102,6 +7107,7 @@ class AnthropicProvider(Provider):
     """`type: anthropic`: the Messages API with an API key (providers.md §A.3, §A.7)."""
 
     config_type = "anthropic"
+    version_suffixes = ("/v1",)
     provider_id = "claude"
     display_name = "Claude"
     codec = Anthropic
@@ -7145,6 +7151,7 @@ class GeminiProvider(Provider):
     """`type: gemini`: the Generative Language API with an API key (providers.md §D.3)."""
 
     config_type = "gemini"
+    version_suffixes = ("/v1beta", "/v1")
     provider_id = "gemini"
     codec = Gemini
     inline_media = True
@@ -7179,6 +7186,7 @@ class VertexCompatProvider(GeminiProvider):
     """`type: vertex-compat`: Vertex-style paths with an API key (providers.md §G.3)."""
 
     config_type = "vertex-compat"
+    version_suffixes = ("/v1",)
     provider_id = "vertex"
     display_name = "Vertex AI"
     default_base_url = "https://aiplatform.googleapis.com"
@@ -8932,6 +8940,7 @@ class Router:
         self.breakers = {}
         self.affinity = {}  # conversation key -> (credential id, expires)
         self.observers = []  # callables told of every finished Call (usage records, metrics)
+        self.warned = set()  # upstream URLs already reported as wrong
 
     def breaker(self, provider_id):
         b = self.breakers.get(provider_id)
@@ -8999,7 +9008,7 @@ class Router:
     def cool(self, cred, model, failure, now, provider=None):
         """Cooldown per credential x model (gateway.md §6.9), or for the whole credential when the quota is
         credential-scoped. Revoked tokens disable the credential and say so."""
-        cred.last_error = failure.message
+        cred.last_error = "HTTP %d: %s" % (failure.status, failure.message)
         cat = failure.category
         if failure.disable or cat == "auth_error":
             # A revoked token, or a key (or freshly refreshed token) the upstream rejects: out of rotation until
@@ -9008,7 +9017,7 @@ class Router:
             log.error("credential %s disabled (%s): %s", cred.label, cat, failure.message[:300])
             failure.retryable = True  # the next credential may well work
             return
-        if cat in ("user_error", "midstream"):
+        if cat in ("user_error", "midstream", "config"):
             return
         st = cred.states.get(model)
         if st is None:
@@ -9165,6 +9174,18 @@ class Router:
                 return n
         return None
 
+    def path_not_found(self, provider, url, failure):
+        """A 404 that does not name the model: the upstream has no such route, so every model would fail the same
+        way. A configuration error (502 naming the URL and the answer, a warning the first time), not a cooldown."""
+        where = redact_url(url.split("?")[0])
+        if where not in self.warned:
+            self.warned.add(where)
+            log.warning("upstream %s has no route %s (HTTP 404: %s): check base-url for this provider (type %s)",
+                        provider.name, where, failure.message[:200], provider.entry.type)
+        return UpstreamFailure(502, "upstream %s answered 404 for %s (%s): the URL is wrong; check the provider's "
+                               "base-url" % (provider.name, where, failure.message[:300]), "upstream", "config",
+                               retryable=False)
+
     def _error(self, failure):
         headers = []
         if failure.retry_after is not None and failure.status in (429, 503, 529):
@@ -9241,6 +9262,8 @@ class Call:
             raise
         failure = self.provider.classify_error(resp.status, resp.headers, err_body)
         failure.message = self.cred.mask(failure.message)
+        if resp.status == 404 and self.route.model.lower() not in failure.message.lower():
+            failure = self.router.path_not_found(self.provider, url, failure)
         if failure.category in ("auth_error", "auth_revoked"):
             failure.message = "upstream %s rejected credential %s (HTTP %d): %s" % (
                 self.provider.name, self.cred.label, resp.status, failure.message)

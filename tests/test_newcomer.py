@@ -1,0 +1,46 @@
+"""What a newcomer types works, and what goes wrong says how to fix it: base URLs with or without the version
+segment; a wrong base URL is reported as the configuration error it is (naming the URL), without cooling."""
+import anthropic
+import openai
+import pytest
+
+from fakes import FakeUpstream, Reply
+from harness import GatewayThread
+
+ANSWER = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5-20250929",
+          "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+          "usage": {"input_tokens": 1, "output_tokens": 1}}
+
+
+@pytest.mark.parametrize("suffix", ["", "/v1", "/v1/"])
+def test_an_anthropic_base_url_works_with_or_without_v1(suffix):
+    up = FakeUpstream(lambda r: Reply(body=ANSWER) if r.path == "/v1/messages" else
+                      Reply(status=404, body={"type": "error", "error": {"type": "not_found_error",
+                                                                         "message": "Not Found"}})).start()
+    gw = GatewayThread("providers:\n  - type: anthropic\n    base-url: %s%s\n    api-key: sk-ant\n" % (up.url, suffix))
+    try:
+        c = anthropic.Anthropic(base_url=gw.url, api_key="k", max_retries=0)
+        r = c.messages.create(model="claude-sonnet-4-5-20250929", max_tokens=5,
+                              messages=[{"role": "user", "content": "x"}])
+        assert r.content[0].text == "hi" and up.requests[-1].path == "/v1/messages"
+    finally:
+        gw.stop()
+        up.stop()
+
+
+def test_a_wrong_base_url_is_a_configuration_error_not_a_cooldown(caplog):
+    up = FakeUpstream(lambda r: Reply("raw", status=404, body="404 page not found",
+                                      headers={"Content-Type": "text/plain"})).start()
+    gw = GatewayThread("request-retry: 0\nproviders:\n  - type: openai\n    name: local\n    base-url: %s/wrong\n"
+                       "    api-key: k\n    models: [m1]\n" % up.url)
+    try:
+        for _ in range(2):  # the second request reaches the upstream too: nothing was cooled
+            with pytest.raises(openai.APIStatusError) as e:
+                gw.chat(model="m1")
+            assert e.value.status_code == 502
+            assert "/wrong/chat/completions" in e.value.message and "base-url" in e.value.message
+        assert len(up.requests) == 2
+        assert gw.cred("k").cooling_until("m1") <= gw.clock.now()
+    finally:
+        gw.stop()
+        up.stop()
