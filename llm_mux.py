@@ -135,13 +135,33 @@ def redact_url(url):
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(pairs)))
 
 
+LOG_FORMAT = logging.Formatter("[%(asctime)s] [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+
+
 def setup_logging(debug=False, stream=None):
     """One line per event: `[YYYY-MM-DD HH:MM:SS] [level] message`."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(LOG_FORMAT)
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def log_to_file(path):
+    """Also write the log to `path` (rotated at 10 MB, five kept; 0600), or stop doing so when `path` is None."""
+    import logging.handlers
+    for h in [h for h in log.handlers if isinstance(h, logging.handlers.RotatingFileHandler)]:
+        if path is not None and h.baseFilename == os.path.abspath(path):
+            return
+        log.removeHandler(h)
+        h.close()
+    if path is None:
+        return
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=10 << 20, backupCount=5, encoding="utf-8")
+    os.chmod(path, 0o600)
+    handler.setFormatter(LOG_FORMAT)
+    log.addHandler(handler)
 
 
 def is_loopback_host(host):
@@ -9202,13 +9222,13 @@ class Call:
     call) | client_gone (the client left before the end) | cancelled."""
 
     __slots__ = ("router", "req", "route", "cred", "kind", "key", "started", "first_byte", "ended", "status",
-                 "outcome", "failure", "usage", "response")
+                 "outcome", "failure", "usage", "response", "method", "url")
 
     def __init__(self, router, req, route, cred, kind="chat", key=None):
         self.router, self.req, self.route, self.cred, self.kind, self.key = router, req, route, cred, kind, key
         self.started = router.clock.now()
         self.first_byte = self.ended = self.status = self.outcome = self.failure = None
-        self.usage = self.response = None
+        self.usage = self.response = self.method = self.url = None
         cred.in_flight += 1
         cred.note_use(self.started)
 
@@ -9246,6 +9266,7 @@ class Call:
         """Send (method, url, headers, body). Returns (response, None) for a 2xx answer, else (None, failure). A
         network failure finishes the call; an HTTP error answer leaves the verdict (refresh or fail) to routing."""
         method, url, headers, body = spec
+        self.method, self.url = method, redact_url(url)
         try:
             resp = await self.router.client.request(method, url, headers, body, self.cred.proxy_url)
             self.status, self.first_byte = resp.status, self.router.clock.now()
@@ -9491,7 +9512,8 @@ class Gateway:
 
     MAX_INLINE_MEDIA = 20 * 1024 * 1024
 
-    def __init__(self, cfg, files=None, clock=None):
+    def __init__(self, cfg, files=None, clock=None, debug=False):
+        self.debug = debug  # --debug on the command line: wins over the config's `debug` across reloads
         self.clock = clock or Clock()
         self.cfg = cfg
         self.client = HttpClient(lambda: self.cfg)
@@ -9501,7 +9523,7 @@ class Gateway:
         self.files = files if files is not None else load_credential_files(cfg.auth_dir)
         self.apply_config(cfg)
         self.started = time.time()
-        self.router.observers.append(self._note_rejection)
+        self.router.observers.extend((self._note_rejection, self._debug_call))
 
     def apply_files(self, files):
         """A new set of credential files (added, changed or removed ones); the registry is rebuilt around it."""
@@ -9541,9 +9563,20 @@ class Gateway:
         self.limits = ServerLimits(cfg)
         self.registry = Registry(cfg, self.registry, self.files)
         self._adopt_live_files(self.files)
-        log.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
+        log.setLevel(logging.DEBUG if cfg.debug or self.debug else logging.INFO)
+        log_to_file(os.path.join(self.logs_dir(cfg), "llm-mux.log") if cfg.logging_to_file else None)
         if self.registry is not None and getattr(self, "started", None):
             self.save_rejections()
+
+    @staticmethod
+    def logs_dir(cfg):
+        """Where log files go: `logs/` beside the auth dir."""
+        return os.path.join(os.path.dirname(cfg.auth_dir.rstrip("/")) or ".", "logs")
+
+    def _debug_call(self, call):
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("upstream call %s %s -> %s in %.0f ms via %s (%s)", call.method, call.url, call.status or "-",
+                      (call.ended - call.started) * 1000, call.cred.label, call.outcome)
 
     def start(self):
         self.refresher.start()
@@ -10197,10 +10230,10 @@ def listen_url(cfg):
     return "%s://%s:%d" % ("https" if cfg.tls["enable"] else "http", host, cfg.port)
 
 
-async def serve_forever(cfg, ready=None, config_path=None):
+async def serve_forever(cfg, ready=None, config_path=None, debug=False):
     """Run the gateway until SIGTERM/SIGINT, then drain in-flight responses for up to shutdown-timeout."""
     os.makedirs(cfg.auth_dir, mode=0o700, exist_ok=True)
-    gw = Gateway(cfg)
+    gw = Gateway(cfg, debug=debug)
     app = App(gw)
     watcher = ConfigWatcher(config_path, lambda: gw.cfg, gw.apply_config, clock=gw.clock) if config_path else None
     auth_watcher = AuthDirWatcher(lambda: gw.cfg.auth_dir, lambda: gw.files, gw.apply_files, clock=gw.clock)
@@ -10215,6 +10248,7 @@ async def serve_forever(cfg, ready=None, config_path=None):
     log.info("llm-mux %s listening on %s (%d providers, %d credentials, %d models)", __version__,
              listen_url(cfg).rsplit(":", 1)[0] + ":%d" % port, len(gw.registry.providers), n_creds,
              len(gw.registry.routes))
+    log_next_steps(cfg, gw, port)
     if ready is not None:
         ready(port)
     release_startup_memory()
@@ -10241,6 +10275,34 @@ async def serve_forever(cfg, ready=None, config_path=None):
     log.info("stopped")
 
 
+def program_name():
+    """How the user ran us, for hints they can paste: `python3 llm_mux.pyz`, `python3 llm_mux.py` or `llm-mux`."""
+    prog = os.environ.get("LLM_MUX_PROG") or sys.argv[0]
+    base = os.path.basename(prog)
+    return "python3 " + base if base.endswith((".py", ".pyz")) else "llm-mux"
+
+
+NOT_YET_SUPPORTED = (("ws-auth", lambda cfg: cfg.ws_auth), ("request-log", lambda cfg: cfg.request_log),
+                     ("usage.dsn (LLM_MUX_USAGE_DSN)", lambda cfg: cfg.usage["dsn"]),
+                     ("remote-management", lambda cfg: any(cfg.data["remote-management"].values())))
+
+
+def log_next_steps(cfg, gw, port):
+    """What a first run needs to hear: settings that do nothing yet, how to get models, where to point tools."""
+    for name, is_set in NOT_YET_SUPPORTED:
+        if is_set(cfg):
+            log.warning("config: %s is set but not supported yet; it has no effect", name)
+    prog = program_name()
+    if not gw.registry.routes:
+        log.warning("no models to serve yet. Log in to a subscription with `%s login <provider>` (%s), or add a "
+                    "provider (API key) to %s; `%s env` shows what is configured",
+                    prog, ", ".join(sorted(PROVIDERS.logins())), cfg.path or "the config file", prog)
+    host = cfg.host if cfg.host and cfg.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    base = "%s://%s:%d" % ("https" if cfg.tls["enable"] else "http", "[%s]" % host if ":" in host else host, port)
+    log.info("point tools at: OpenAI-compatible %s/v1 · Anthropic %s · Gemini %s · Ollama %s", base, base, base,
+             base)
+
+
 def cmd_serve(args):
     cfg, path, created = load_config_for_cli(args.config)
     if created:
@@ -10255,7 +10317,7 @@ def cmd_serve(args):
     check_bind_safety(cfg)
     if uvloop is not None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.run(serve_forever(cfg, config_path=path if os.path.exists(path) else None))
+    asyncio.run(serve_forever(cfg, config_path=path if os.path.exists(path) else None, debug=args.debug))
     return 0
 
 
@@ -10614,6 +10676,7 @@ def main_as_script():
     if sys.executable and hasattr(os, "execv") and not os.environ.get("LLM_MUX_NO_REEXEC"):
         here = os.path.dirname(os.path.abspath(__file__))
         boot = "import sys; sys.path.insert(0, %r); import llm_mux; sys.exit(llm_mux.main())" % here
+        os.environ.setdefault("LLM_MUX_PROG", sys.argv[0])
         try:
             os.execv(sys.executable, [sys.executable, "-c", boot] + sys.argv[1:])
         except OSError:

@@ -44,3 +44,37 @@ def test_a_wrong_base_url_is_a_configuration_error_not_a_cooldown(caplog):
     finally:
         gw.stop()
         up.stop()
+
+
+def test_a_first_run_says_what_to_do_next(gateway, tmp_path):
+    gw = gateway("ws-auth: true\n")
+    out = gw.output()
+    assert "no models to serve yet" in out and "login <provider>" in out and "claude" in out
+    assert "point tools at: OpenAI-compatible http://127.0.0.1:%d/v1" % gw.port in out
+    assert "ws-auth is set but not supported yet" in out
+
+
+def test_logging_to_file_writes_a_private_rotated_log(gateway, upstream, tmp_path):
+    import os
+    from harness import openai_provider_config
+    up = upstream()
+    gw = gateway(openai_provider_config(up.url) + "logging-to-file: true\n")
+    openai.OpenAI(base_url=gw.url + "/v1", api_key="k", max_retries=0).chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "x"}])
+    path = tmp_path / "logs" / "llm-mux.log"  # `logs/` beside the auth dir
+    from harness import wait_until
+    wait_until(lambda: path.exists() and "POST /v1/chat/completions" in path.read_text(), what="the log file")
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+
+
+def test_debug_logs_one_line_per_upstream_call_without_secrets(gateway, upstream):
+    from harness import openai_provider_config
+    up = upstream()
+    gw = gateway(openai_provider_config(up.url, keys=("sk-upstream-secret-42",)), args=("--debug",))
+    openai.OpenAI(base_url=gw.url + "/v1", api_key="k", max_retries=0).chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "x"}])
+    from harness import wait_until
+    line = wait_until(lambda: [ln for ln in gw.output().splitlines() if "upstream call POST" in ln],
+                      what="the debug line")[0]
+    assert "%s/v1/chat/completions -> 200 in" % up.url in line and "(ok)" in line
+    assert "sk-upstream-secret-42" not in gw.output()
