@@ -9715,6 +9715,7 @@ class App:
 
     def __init__(self, gateway):
         self.gw = gateway
+        self.hinted_ollama = False
         self.routes = {
             ("GET", "/"): self.root,
             ("GET", "/v1/models"): self.list_models,
@@ -9793,6 +9794,11 @@ class App:
                 if q.get(name):
                     presented.append(q[name])
         if not presented:
+            if req.path.startswith(("/api/", "/ollama/")) and not self.hinted_ollama:
+                self.hinted_ollama = True  # Open WebUI's Ollama connection sends no key unless given one
+                log.warning("an Ollama client called %s without an API key and was refused: give it the gateway's "
+                            "key (in Open WebUI: the connection's Bearer key), see README 'Pointing tools at it'",
+                            req.path)
             raise GatewayError(401, "API key required (send Authorization: Bearer <key>)", "authentication")
         matched = False
         for p in presented:

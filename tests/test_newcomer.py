@@ -78,3 +78,14 @@ def test_debug_logs_one_line_per_upstream_call_without_secrets(gateway, upstream
                       what="the debug line")[0]
     assert "%s/v1/chat/completions -> 200 in" % up.url in line and "(ok)" in line
     assert "sk-upstream-secret-42" not in gw.output()
+
+
+def test_an_ollama_client_without_a_key_gets_a_hint_in_the_log(gateway):
+    import urllib.error
+    import urllib.request
+    gw = gateway("api-keys: [sk-gw]\n")
+    for _ in range(2):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(gw.url + "/api/tags", timeout=10)
+        assert e.value.code == 401
+    assert gw.output().count("an Ollama client called /api/tags without an API key") == 1  # once, not per request
