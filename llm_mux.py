@@ -1018,7 +1018,7 @@ CONFIG_SCHEMA = {
     "vertex-api-key": (("list", "any"), []),
     "oauth-excluded-models": (("map", ("list", "str")), {}),
     "routing": ({"provider-priority": (("map", "int"), {}), "aliases": (("map", "str"), {}),
-                 "fallbacks": (("map", ("list", "str")), {})}, None),
+                 "fallbacks": (("map", ("list", "str")), {}), "family-fallback": ("bool", True)}, None),
     "payload": ({"default": (("list", "any"), []), "override": (("list", "any"), [])}, None),
     "ampcode": ({"upstream-url": ("str", ""), "upstream-api-key": ("str", ""),
                  "restrict-management-to-localhost": ("bool", True), "model-mappings": (("list", "any"), [])},
@@ -7043,14 +7043,13 @@ class Provider:
                                retry_after=parse_retry_after(resp.headers))
         return data
 
-    def model_list(self):
-        """[(client-visible id, upstream model name)] after exclusions."""
+    def model_list(self, excluded=False):
+        """[(client-visible id, upstream model name)] after exclusions (with `excluded`, the ones excluded)."""
         out = []
         for name, alias in self.entry.models or [(m, "") for m in self.default_models]:
             visible = alias or name
-            if any(glob_match(p, visible) or glob_match(p, name) for p in self.entry.excluded):
-                continue
-            out.append((visible, name))
+            if any(glob_match(p, visible) or glob_match(p, name) for p in self.entry.excluded) == excluded:
+                out.append((visible, name))
         return out
 
     def base_url(self, cred):
@@ -8790,6 +8789,7 @@ class Registry:
         self.providers = []
         self.routes = {}
         self.lower = {}
+        self.excluded = set()  # models the exclusion rules took out (lower case)
         live = {c.id: c for p in previous.providers for c in p.credentials} if previous is not None else {}
         providers = []
         for entry in cfg.providers:
@@ -8824,6 +8824,7 @@ class Registry:
                             old.disabled = cred.disabled
                     provider.credentials[i] = old
             self.providers.append(provider)
+            self.excluded.update(visible.lower() for visible, _ in provider.model_list(excluded=True))
             priority = cfg.routing["provider-priority"].get(provider.id) or \
                 cfg.routing["provider-priority"].get(provider.name) or 1
             for visible, upstream in provider.model_list():
@@ -8874,6 +8875,19 @@ class Registry:
                         out.append(("[%s] %s" % (name, visible), r.provider.name))
             return out
         return [(visible, routes[0].provider.name) for visible, routes in self.routes.items()]
+
+    TIERS = ("haiku", "sonnet", "opus", "nano", "mini", "flash-lite", "flash", "pro", "codex")
+
+    def family_stand_in(self, model):
+        """A served model of the same family for an unknown one (the helper models tools ask for on their own,
+        such as Claude Code's small fast model): same family and tier first, else the family's first model."""
+        family = model.lower().split("-", 1)[0]
+        if not family or family == model.lower() or model.lower() in self.excluded:
+            return None  # an excluded model stays unserved
+        same = [v for v in self.routes if v.lower().split("-", 1)[0] == family]
+        tier = next((t for t in self.TIERS if t in model.lower()), None)
+        matching = [v for v in same if tier and tier in v.lower()]
+        return (matching or same or [None])[0]
 
     def preview_variants(self, model):
         """Models named `<model>-preview...`: where quota-exceeded.switch-preview-model sends a failing request."""
@@ -9524,6 +9538,7 @@ class Gateway:
         self.apply_config(cfg)
         self.started = time.time()
         self.router.observers.extend((self._note_rejection, self._debug_call))
+        self.stand_ins_logged = set()
 
     def apply_files(self, files):
         """A new set of credential files (added, changed or removed ones); the registry is rebuilt around it."""
@@ -9614,6 +9629,14 @@ class Gateway:
             fb_routes = self.registry.resolve(fb)
             if fb_routes and fb_routes not in chain:
                 chain.append(fb_routes)
+        if not chain and self.cfg.routing["family-fallback"]:
+            stand_in = self.registry.family_stand_in(name)
+            if stand_in is not None:
+                if (name, stand_in) not in self.stand_ins_logged:
+                    self.stand_ins_logged.add((name, stand_in))
+                    log.info("model %s is not served; %s of the same family answers for it (routing.family-fallback)",
+                             name, stand_in)
+                chain.append(self.registry.resolve(stand_in))
         if not chain:
             raise GatewayError(404, "The model '%s' does not exist or is not served by this gateway" % ir.model,
                                "not_found", "model", code="model_not_found")

@@ -80,7 +80,7 @@ def test_success_stream_keeps_usage(setup):
 @pytest.mark.parametrize("status, category", [(400, "user_error"), (404, "not_found"), (429, "quota"),
                                               (500, "transient"), (503, "transient")])
 def test_upstream_error_statuses(setup, status, category):
-    gw, _, seen = setup(Reply(status=status, body={"error": {"message": "nope %d" % status}}))
+    gw, _, seen = setup(Reply(status=status, body={"error": {"message": "model m: nope %d" % status}}))
     with pytest.raises(llm_mux.GatewayError) as e:
         gw.run(collect(gw.gateway, False))
     assert e.value.status == status

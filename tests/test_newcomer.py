@@ -89,3 +89,34 @@ def test_an_ollama_client_without_a_key_gets_a_hint_in_the_log(gateway):
             urllib.request.urlopen(gw.url + "/api/tags", timeout=10)
         assert e.value.code == 401
     assert gw.output().count("an Ollama client called /api/tags without an API key") == 1  # once, not per request
+
+
+HAIKU = dict(ANSWER, model="claude-haiku-4-5-20251001")
+
+
+@pytest.mark.parametrize("served, expected", [(["claude-sonnet-4-5-20250929", "claude-haiku-4-5"], "claude-haiku-4-5"),
+                                              (["claude-sonnet-4-5-20250929"], "claude-sonnet-4-5-20250929")])
+def test_a_tools_helper_model_falls_back_to_its_family(served, expected):
+    up = FakeUpstream(lambda r: Reply(body=dict(ANSWER, model=r.json["model"]))).start()
+    gw = GatewayThread("providers:\n  - type: anthropic\n    base-url: %s\n    api-key: sk-ant\n    models: [%s]\n"
+                       % (up.url, ", ".join(served)))
+    try:
+        c = anthropic.Anthropic(base_url=gw.url, api_key="k", max_retries=0)
+        c.messages.create(model="claude-haiku-4-5-20251001", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+        assert up.requests[-1].json["model"] == expected
+    finally:
+        gw.stop()
+        up.stop()
+
+
+def test_family_fallback_can_be_turned_off():
+    up = FakeUpstream(lambda r: Reply(body=ANSWER)).start()
+    gw = GatewayThread("routing: {family-fallback: false}\nproviders:\n  - type: anthropic\n    base-url: %s\n"
+                       "    api-key: sk-ant\n    models: [claude-sonnet-4-5-20250929]\n" % up.url)
+    try:
+        with pytest.raises(anthropic.NotFoundError):
+            anthropic.Anthropic(base_url=gw.url, api_key="k", max_retries=0).messages.create(
+                model="claude-haiku-4-5-20251001", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    finally:
+        gw.stop()
+        up.stop()
