@@ -10575,8 +10575,8 @@ def import_cli_credentials(auth_dir, home=None, out=None, cfg=None, only=None):
             continue
         try:
             source, name, meta = provider_class.import_official(home, auth_dir, cfg)
-        except FileNotFoundError:
-            skipped.append((label, "not found"))
+        except FileNotFoundError as e:
+            skipped.append((label, "not found (looked for %s)" % e.filename if e.filename else "not found"))
             continue
         except (OSError, ValueError, KeyError, AttributeError) as e:
             skipped.append((label, str(e)))

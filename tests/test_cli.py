@@ -178,3 +178,26 @@ def test_an_unreachable_device_login_is_one_line(tmp_path):
     out = run("login", "copilot", "--config", str(cfg), timeout=60)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "unreachable" in out.stderr
+
+
+def test_an_old_python_is_told_what_it_needs(tmp_path):
+    """The zipapp's entry point is plain ASCII with old syntax, so Python 3.6-3.8 run it far enough to say what
+    they lack (no old interpreter is installed here: the version is set to one before the entry point runs)."""
+    import zipfile
+    out_path = tmp_path / "llm_mux.pyz"
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "build_zipapp.py"), "-o", str(out_path)],
+                   check=True, capture_output=True)
+    main = zipfile.ZipFile(out_path).read("__main__.py")
+    main.decode("ascii")  # no non-ASCII byte for an old parser to trip on
+    code = "import sys; sys.version_info = (3, 7, 17); sys.path.insert(0, %r); exec(%r)" % (str(out_path), main)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "needs Python 3.9 or newer; this is Python 3.7" in out.stderr
+
+
+def test_import_with_nothing_found_says_where_it_looked(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("auth-dir: %s\n" % (tmp_path / "auth"))
+    out = run("import", "--config", str(cfg), env={"HOME": str(tmp_path), "CLAUDE_CONFIG_DIR": "", "CODEX_HOME": ""})
+    assert out.returncode == 1
+    assert str(tmp_path / ".claude" / ".credentials.json") in out.stdout
+    assert str(tmp_path / ".codex" / "auth.json") in out.stdout

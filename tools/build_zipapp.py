@@ -14,8 +14,12 @@ import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)
-MAIN = """# llm-mux zipapp entry point
+MAIN = """# llm-mux zipapp entry point: plain ASCII and old syntax, so any Python can at least say what it needs
 import sys
+if sys.version_info < (3, 9):
+    sys.stderr.write("llm-mux needs Python 3.9 or newer; this is Python %d.%d (%s)\\n"
+                     % (sys.version_info[0], sys.version_info[1], sys.executable))
+    sys.exit(1)
 import llm_mux
 sys.exit(llm_mux.main())
 """
