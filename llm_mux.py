@@ -194,6 +194,15 @@ _GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|\u00b5s|ns|m|s)")
 _DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "\u00b5s": 1e-6, "ns": 1e-9}
 
 
+def format_seconds(seconds):
+    """`90s`, `30m`, `4h`, `5d`: the largest unit that divides it."""
+    seconds = int(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return "%d%s" % (seconds // size, unit)
+    return "%ds" % seconds
+
+
 def parse_duration(text):
     """Seconds from a Go/protobuf duration such as `12s`, `1.5s`, `3h2m1s`; None if it is not one."""
     if not isinstance(text, str) or not text.strip():
@@ -1019,6 +1028,7 @@ CONFIG_SCHEMA = {
     "oauth-excluded-models": (("map", ("list", "str")), {}),
     "routing": ({"provider-priority": (("map", "int"), {}), "aliases": (("map", "str"), {}),
                  "fallbacks": (("map", ("list", "str")), {}), "family-fallback": ("bool", True)}, None),
+    "refresh-lead": (("map", "any"), {}),
     "payload": ({"default": (("list", "any"), []), "override": (("list", "any"), [])}, None),
     "ampcode": ({"upstream-url": ("str", ""), "upstream-api-key": ("str", ""),
                  "restrict-management-to-localhost": ("bool", True), "model-mappings": (("list", "any"), [])},
@@ -1068,6 +1078,21 @@ class _Validator:
 
     def error(self, path, message):
         raise ConfigError("%s: '%s' %s" % (self.where(path), self.dotted(path), message))
+
+    def lead(self, path, value):
+        """A refresh lead for one provider type: seconds, or a duration such as `90s`, `30m`, `4h`, `5d`."""
+        kind = PROVIDERS.files.get(path[-1])
+        if kind is None or not kind.refresh_lead:
+            self.error(path, "names no provider whose tokens are refreshed (one of %s)"
+                       % ", ".join(sorted(t for t, c in PROVIDERS.files.items() if c.refresh_lead)))
+        seconds = value if isinstance(value, int) and not isinstance(value, bool) else None
+        if isinstance(value, str):
+            text = value.strip()
+            days = re.match(r"(\d+)d\Z", text)
+            seconds = int(days.group(1)) * 86400 if days else parse_duration(text)
+        if seconds is None or seconds <= 0:
+            self.error(path, "must be a positive number of seconds or a duration such as 30m, 4h or 5d")
+        return float(seconds)
 
     def value(self, spec, value, path, default=None):
         if value is None:
@@ -1406,6 +1431,8 @@ class Config:
             raise ConfigError("%s: the top level must be a mapping of keys" % filename)
         validator = _Validator(positions, filename)
         data = validator.value(CONFIG_SCHEMA, raw, ())
+        data["refresh-lead"] = {name: validator.lead(("refresh-lead", name), value)
+                                for name, value in data["refresh-lead"].items()}
         _fold_legacy_auth(data)
         applied = apply_env_overrides(data, environ)
         return cls(data, filename, validator.warnings, applied)
@@ -8808,7 +8835,12 @@ class Registry:
                 log.warning("credential files of type %r are not supported yet: %s", ptype,
                             ", ".join(c.id for c in creds))
                 continue
-            providers.append(cls(synthetic_entry(ptype, excluded.get(ptype) or ()), creds))
+            provider = cls(synthetic_entry(ptype, excluded.get(ptype) or ()), creds)
+            lead = cfg.refresh_lead.get(ptype) or next((v for k, v in cfg.refresh_lead.items()
+                                                        if PROVIDERS.files.get(k) is cls), None)
+            if lead is not None and cls.refresh_lead:
+                provider.refresh_lead = lead
+            providers.append(provider)
         for provider in providers:
             # A reload keeps each unchanged credential's live object: cooldowns and in-flight counts carry over,
             # and requests already running keep decrementing the object they hold.
@@ -10389,6 +10421,11 @@ def cmd_env(args):
     for entry in rejected.values() if isinstance(rejected, dict) else ():
         print("Rejected:    %s (%s) is out of rotation: %s" % (entry.get("label"), entry.get("provider"),
                                                                entry.get("reason")))
+    leads = {t: c.refresh_lead for t, c in sorted(PROVIDERS.files.items()) if c.refresh_lead and t == c.file_type}
+    leads.update((PROVIDERS.files[k].file_type, v) for k, v in cfg.refresh_lead.items())
+    print("Refresh:     %s" % ", ".join("%s %s%s" % (t, format_seconds(v), "*" if t in {
+        PROVIDERS.files[k].file_type for k in cfg.refresh_lead} else "") for t, v in leads.items()) +
+        " before expiry (* = refresh-lead)")
     for w in cfg.warnings:
         print("Warning:     %s" % w)
     return 0

@@ -120,3 +120,45 @@ def test_family_fallback_can_be_turned_off():
     finally:
         gw.stop()
         up.stop()
+
+
+def test_refresh_lead_is_configurable_validated_and_reloaded(tmp_path):
+    import json
+    import os
+    import llm_mux
+    auth = tmp_path / "auth"
+    auth.mkdir()
+    (auth / "claude-a.json").write_text(json.dumps({"type": "claude", "email": "a@x", "access_token": "at"}))
+    os.chmod(auth / "claude-a.json", 0o600)
+    gw = GatewayThread("auth-dir: %s\nrefresh-lead: {claude: 2h, gemini: 45m}\n" % auth)
+    try:
+        (claude,) = [p for p in gw.gateway.registry.providers if p.id == "claude"]
+        assert claude.refresh_lead == 7200
+        cfg = llm_mux.Config.from_text("auth-dir: %s\nrefresh-lead: {claude: 90s}\n" % auth, "t.yaml", environ={})
+        gw.loop.call_soon_threadsafe(gw.gateway.apply_config, cfg)
+        gw.run(llm_mux.asyncio.sleep(0))
+        (claude,) = [p for p in gw.gateway.registry.providers if p.id == "claude"]
+        assert claude.refresh_lead == 90
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize("text, message", [("refresh-lead: {claude: -5}\n", "t.yaml:1:16: 'refresh-lead.claude' must be"),
+                                           ("refresh-lead: {nope: 1h}\n", "names no provider"),
+                                           ("refresh-lead: {codex: soon}\n", "duration such as 30m")])
+def test_a_bad_refresh_lead_is_a_config_error_with_its_line(text, message):
+    import llm_mux
+    with pytest.raises(llm_mux.ConfigError) as e:
+        llm_mux.Config.from_text(text, "t.yaml", environ={})
+    assert message in str(e.value)
+
+
+def test_env_shows_the_refresh_leads(tmp_path):
+    import subprocess
+    import sys
+    from harness import ROOT
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("auth-dir: %s\nrefresh-lead: {claude: 2h}\n" % (tmp_path / "auth"))
+    out = subprocess.run([sys.executable, ROOT + "/llm_mux.py", "env", "--config", str(cfg)], capture_output=True,
+                         text=True, timeout=30).stdout
+    assert "claude 2h*" in out and "codex 5d" in out
