@@ -6964,6 +6964,7 @@ class LoginFlow:
 
     kind = "browser"
     provider_class = None
+    cli_options = ("no-browser", "callback-port", "timeout")  # the `llm-mux login <name>` options it takes
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -7447,6 +7448,8 @@ class CodexLogin(ClaudeLogin):
     """ChatGPT (Codex): authorization code + PKCE, local callback on 1455 (providers.md §B.1); or the device-code
     flow, where the user types a code at auth.openai.com/codex/device."""
 
+    cli_options = ("no-browser", "callback-port", "timeout", "device")
+
     provider_class = CodexOAuthProvider
     authorize_url = "https://auth.openai.com/oauth/authorize"
     redirect_uri = "http://localhost:1455/auth/callback"
@@ -7682,6 +7685,8 @@ class GoogleLogin(ClaudeLogin):
 class GeminiCLILogin(GoogleLogin):
     """Gemini CLI (Code Assist): port 8085; `--project ID`, `--project A,B` or `--project ALL` chooses projects
     (several projects make one virtual credential each); without it the account's own project is discovered."""
+
+    cli_options = ("no-browser", "callback-port", "timeout", "project")
 
     provider_class = GeminiCLIProvider
     authorize_url = "https://accounts.google.com/o/oauth2/auth"
@@ -8331,6 +8336,8 @@ class IFlowLogin(ClaudeLogin):
     """iFlow: authorization code (no PKCE) on port 11451, then the user-info exchange that yields the API key
     (providers.md §I.1a). `llm-mux login iflow --cookie '<platform.iflow.cn cookie>'` is the cookie path (§I.1b)."""
 
+    cli_options = ("no-browser", "callback-port", "timeout", "cookie")
+
     provider_class = IFlowProvider
     authorize_url = "https://iflow.cn/oauth"
     redirect_uri = "http://localhost:11451/oauth2callback"
@@ -8431,6 +8438,8 @@ class CopilotProvider(OpenAICompatProvider):
 
 class DeviceLogin(LoginFlow):
     """Shared polling rules of RFC 8628 device flows (GitHub, Qwen): pending, slow_down, or a final error."""
+
+    cli_options = ("timeout",)
 
     kind = "device"
 
@@ -8556,6 +8565,8 @@ def qwen_meta(data, old=None):
 class QwenLogin(DeviceLogin):
     """Qwen Code: device flow with PKCE (providers.md §H.1). Qwen returns no e-mail: `--alias` names the account."""
 
+    cli_options = ("timeout", "alias")
+
     provider_class = QwenProvider
     code_url = "https://chat.qwen.ai/api/v1/oauth2/device/code"
     alias = None
@@ -8628,6 +8639,8 @@ async def cline_exchange(client, refresh_token, cred, old=None):
 
 class ClineLogin(LoginFlow):
     """Cline: paste the refresh token from "Cline: Export Auth Token"; it is exchanged at once (providers.md §K.1)."""
+
+    cli_options = ()
 
     kind = "token"
     provider_class = ClineProvider
@@ -10591,9 +10604,9 @@ def cmd_login(args):
                 raise CliError("%s has no device-code login" % args.provider)
             if args.alias:
                 flow.alias = args.alias
-            asyncio.run(run_device_login(cfg, args.provider, args.timeout if args.timeout != 300 else 900))
+            asyncio.run(run_device_login(cfg, args.provider, args.timeout or 900))
         else:
-            asyncio.run(run_login(cfg, args.provider, args.no_browser, args.callback_port, args.timeout,
+            asyncio.run(run_login(cfg, args.provider, args.no_browser, args.callback_port, args.timeout or 300,
                                   project=args.project))
     except KeyboardInterrupt:
         print("\nlogin cancelled; nothing was written", file=sys.stderr)
@@ -10676,6 +10689,18 @@ def global_options(top):
     return p
 
 
+LOGIN_OPTIONS = {  # how the options LoginFlow.cli_options names look on the command line
+    "no-browser": (("--no-browser",), {"action": "store_true",
+                                       "help": "print the URL and take the pasted redirect URL"}),
+    "callback-port": (("--callback-port",), {"type": int, "help": "port for the local callback listener"}),
+    "timeout": (("--timeout",), {"type": int, "help": "seconds to wait for the login (default 300; device codes 900)"}),
+    "device": (("--device",), {"action": "store_true", "help": "device-code login: type a code on any device"}),
+    "project": (("--project",), {"help": "the Google Cloud project(s) to use: ID, ID1,ID2 or ALL"}),
+    "alias": (("--alias",), {"help": "a name for the account (the provider does not say which account it is)"}),
+    "cookie": (("--cookie",), {"help": "log in with a platform.iflow.cn browser cookie (must contain BXAuth=)"}),
+}
+
+
 def build_parser():
     common = global_options(False)
     parser = _Parser(prog="llm-mux", parents=[global_options(True)],
@@ -10692,18 +10717,19 @@ def build_parser():
     p.set_defaults(func=cmd_version)
     p = sub.add_parser("env", parents=[common], help="show the config, auth dir and listen address it would use")
     p.set_defaults(func=cmd_env)
-    p = sub.add_parser("login", parents=[common],
-                       help="log in to a subscription provider (claude, codex, gemini, antigravity, copilot, qwen, "
-                            "iflow, kiro, cline)")
-    p.add_argument("provider", choices=sorted(PROVIDERS.logins()), help="which provider")
-    p.add_argument("--no-browser", action="store_true", help="print the URL and accept the pasted redirect URL")
-    p.add_argument("--callback-port", type=int, help="port for the local callback listener")
-    p.add_argument("--timeout", type=int, default=300, help="seconds to wait for the browser (default 300)")
-    p.add_argument("--device", action="store_true", help="device-code login (codex): type a code on any device")
-    p.add_argument("--project", help="gemini: the Google Cloud project(s) to use: ID, ID1,ID2 or ALL")
-    p.add_argument("--alias", help="qwen: a name for the account (Qwen does not say which account it is)")
-    p.add_argument("--cookie", help="iflow: log in with a platform.iflow.cn browser cookie (must contain BXAuth=)")
-    p.set_defaults(func=cmd_login)
+    p = sub.add_parser("login", parents=[common], help="log in to a subscription provider (%s)"
+                       % ", ".join(sorted(PROVIDERS.logins())))
+    logins = p.add_subparsers(dest="provider", metavar="provider", parser_class=_Parser, required=True)
+    for name, provider_class in sorted(PROVIDERS.logins().items()):
+        flow = provider_class.login
+        how = {"browser": "browser sign-in", "device": "device code", "token": "paste a token"}.get(
+            flow.kind, "") if flow is not None else "import the %s's stored tokens" % provider_class.official_tool
+        lp = logins.add_parser(name, parents=[common], help="%s (%s)" % (provider_class.display_name or name, how))
+        for option in flow.cli_options if flow is not None else ():
+            flags, kw = LOGIN_OPTIONS[option]
+            lp.add_argument(*flags, **kw)
+        lp.set_defaults(func=cmd_login, no_browser=False, callback_port=None, timeout=None, device=False,
+                        project=None, alias=None, cookie=None)
     p = sub.add_parser("import", parents=[common],
                        help="import credentials into auth-dir: 'cli' (what official CLIs stored) or 'vertex <key.json>'")
     p.add_argument("source", nargs="?", default="cli", choices=["cli", "vertex"], help="what to import (default cli)")

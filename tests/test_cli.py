@@ -201,3 +201,17 @@ def test_import_with_nothing_found_says_where_it_looked(tmp_path):
     assert out.returncode == 1
     assert str(tmp_path / ".claude" / ".credentials.json") in out.stdout
     assert str(tmp_path / ".codex" / "auth.json") in out.stdout
+
+
+@pytest.mark.parametrize("provider, own, foreign", [("claude", "--no-browser", "--alias"),
+                                                    ("qwen", "--alias", "--cookie"),
+                                                    ("iflow", "--cookie", "--device"),
+                                                    ("cline", None, "--timeout")])
+def test_login_help_is_per_provider_and_refuses_other_providers_flags(provider, own, foreign):
+    out = run("login", provider, "--help")
+    assert out.returncode == 0 and "llm-mux login %s" % provider in out.stdout
+    if own:
+        assert own in out.stdout
+    assert foreign not in out.stdout
+    refused = run("login", provider, foreign, "x")
+    assert refused.returncode == 2 and "unrecognized arguments" in refused.stderr
