@@ -1340,16 +1340,18 @@ class ProviderEntry:
         return out
 
     @classmethod
-    def from_config(cls, raw, index, warnings):
+    def from_config(cls, raw, index, warnings, locate=None):
+        """The entry, or None when it is switched off. Without what its type requires, a ConfigError saying where
+        and how to fix it: an entry that would silently serve nothing is worse than a start that fails."""
         where = "providers[%d]" % index
+        here = "%s: %s" % (locate(("providers", index)), where) if locate else where
         ptype = (raw.get("type") or "").strip().lower()
         if not raw.get("enabled", True):
             return None
         kind = PROVIDERS.entries.get(ptype)
         if kind is None:
-            warnings.append("%s: type %r is not one of %s; entry skipped"
-                            % (where, ptype, ", ".join(PROVIDERS.entries)))
-            return None
+            raise ConfigError("%s: type %r is not one of %s (see the provider types in the README or the generated "
+                              "config)" % (here, ptype, ", ".join(PROVIDERS.entries)))
         e = cls()
         e.index = index
         e.type = ptype
@@ -1369,14 +1371,14 @@ class ProviderEntry:
         e.models = cls._pairs(raw.get("models"), where + ".models", ("name",), "alias", warnings)
         e.excluded = [p.strip().lower() for p in raw.get("excluded-models") or [] if p.strip()]
         if kind.needs_base_url and not e.base_url:
-            warnings.append("%s (%s): base-url is required for type %s; entry skipped" % (where, e.name, ptype))
-            return None
+            raise ConfigError("%s (%s): base-url is required for type %s: the endpoint up to its version, e.g. "
+                              "base-url: https://openrouter.ai/api/v1" % (here, e.name, ptype))
         if kind.needs_models and not e.models:
-            warnings.append("%s (%s): models is required for type %s; entry skipped" % (where, e.name, ptype))
-            return None
+            raise ConfigError("%s (%s): models is required for type %s: list what the endpoint serves, e.g. "
+                              "models: [gpt-4o] or models: [{name: org/model, alias: short}]" % (here, e.name, ptype))
         if not e.keys and kind.needs_key:
-            warnings.append("%s (%s): no api-key; entry skipped" % (where, e.name))
-            return None
+            raise ConfigError("%s (%s): no api-key: add api-key: <key> (or api-keys: [...]) for type %s"
+                              % (here, e.name, ptype))
         if not e.keys:
             e.keys.append(("", ""))  # an OpenAI-compatible endpoint that needs no key (local servers)
         return e
@@ -1394,7 +1396,7 @@ def synthetic_entry(ptype, excluded=()):
 class Config:
     """An immutable snapshot of the configuration. Readers hold it for one request at most; reload swaps it."""
 
-    def __init__(self, data, path=None, warnings=(), env_applied=()):
+    def __init__(self, data, path=None, warnings=(), env_applied=(), locate=None):
         self.data = data
         self.path = path
         self.warnings = list(warnings)
@@ -1402,7 +1404,8 @@ class Config:
         for key, value in data.items():
             setattr(self, key.replace("-", "_"), value)
         self.auth_dir = expand_path(data["auth-dir"])
-        self.providers = [ProviderEntry.from_config(p, i, self.warnings) for i, p in enumerate(data["providers"])]
+        self.providers = [ProviderEntry.from_config(p, i, self.warnings, locate)
+                          for i, p in enumerate(data["providers"])]
         self.providers = [p for p in self.providers if p is not None]
         self._dedupe_providers()
         self.overrides = {}
@@ -1435,7 +1438,7 @@ class Config:
                                 for name, value in data["refresh-lead"].items()}
         _fold_legacy_auth(data)
         applied = apply_env_overrides(data, environ)
-        return cls(data, filename, validator.warnings, applied)
+        return cls(data, filename, validator.warnings, applied, validator.where)
 
     @classmethod
     def load(cls, path, environ=None):

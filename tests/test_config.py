@@ -243,12 +243,16 @@ providers:
     assert cfg.routing["fallbacks"] == {"claude-opus-4-5": ["claude-sonnet-4-5", "gpt-4o"]}
 
 
-def test_incomplete_provider_entries_are_reported():
-    cfg = Config.from_text("providers:\n  - type: openai\n    name: nourl\n    models: [m]\n  - type: bogus\n",
-                           "c.yaml", environ={})
-    assert cfg.providers == []
-    assert any("base-url is required" in w for w in cfg.warnings)
-    assert any("bogus" in w for w in cfg.warnings)
+@pytest.mark.parametrize("entry, says", [
+    ("  - type: openai\n    name: nourl\n    models: [m]\n", "c.yaml:2:3: providers[0] (nourl): base-url is required"),
+    ("  - type: openai\n    base-url: http://x/v1\n", "models is required for type openai: list what"),
+    ("  - type: anthropic\n", "no api-key: add api-key"),
+    ("  - type: bogus\n", "type 'bogus' is not one of openai, anthropic"),
+])
+def test_an_incomplete_provider_entry_stops_start_up_with_the_fix(entry, says):
+    with pytest.raises(ConfigError) as e:
+        Config.from_text("providers:\n" + entry, "c.yaml", environ={})
+    assert says in str(e.value)
 
 
 def test_config_lookup_order(tmp_path):
