@@ -1236,7 +1236,12 @@ def find_config_path(cli_path=None, environ=None):
 
 DEFAULT_CONFIG_TEXT = """\
 # llm-mux configuration. Every key is optional; the values below are the defaults.
-# Reference: README.md. Environment variables LLM_MUX_* override these values.
+# Environment variables LLM_MUX_* override these values; edits apply without a restart.
+#
+# Two ways to get models:
+#   - a subscription account: run `python3 llm_mux.pyz login <provider>` (claude, codex, gemini, antigravity,
+#     copilot, qwen, iflow, kiro, cline); the credential file lands in auth-dir below;
+#   - an API key: an entry under `providers:` (one commented example per type at the end of this file).
 
 # Where to listen. Without api-keys the gateway only serves on a loopback address.
 host: 127.0.0.1
@@ -1265,9 +1270,18 @@ tls:
   cert: ""
   key: ""
 
-# API-key upstreams. Example:
+# API-key upstreams: uncomment and edit one entry per endpoint. `type` is one of openai, anthropic, gemini,
+# vertex-compat, codex. base-url may be left out for the official endpoints.
 # providers:
-#   - type: openai
+#   - type: anthropic                    # the Anthropic Messages API; base-url with or without /v1
+#     api-key: sk-ant-...
+#   - type: gemini                       # Google AI Studio keys (generativelanguage.googleapis.com)
+#     api-keys: [AIza-one, AIza-two]     # several keys share the load
+#   - type: vertex-compat                # Vertex AI's Gemini models with an API key
+#     api-key: ...
+#   - type: codex                        # the OpenAI Responses API (GPT-5 / Codex models)
+#     api-key: sk-proj-...
+#   - type: openai                       # any OpenAI-compatible endpoint: base-url and models are required
 #     name: my-endpoint
 #     base-url: https://api.example.com/v1
 #     api-keys:

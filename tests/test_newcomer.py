@@ -162,3 +162,15 @@ def test_env_shows_the_refresh_leads(tmp_path):
     out = subprocess.run([sys.executable, ROOT + "/llm_mux.py", "env", "--config", str(cfg)], capture_output=True,
                          text=True, timeout=30).stdout
     assert "claude 2h*" in out and "codex 5d" in out
+
+
+def test_the_generated_config_has_a_working_example_of_every_provider_type():
+    import llm_mux
+    text = llm_mux.DEFAULT_CONFIG_TEXT
+    examples = text[text.index("# providers:"):text.index("providers: []")]
+    uncommented = "\n".join(line[2:] for line in examples.splitlines())
+    cfg = llm_mux.Config.from_text(text.replace(examples, "").replace("providers: []", uncommented), "c.yaml",
+                                   environ={})
+    assert sorted(p.type for p in cfg.providers) == sorted(llm_mux.PROVIDERS.entries) or \
+        set(p.type for p in cfg.providers) >= {"openai", "anthropic", "gemini", "vertex-compat", "codex"}
+    assert "README" not in text  # zipapp users have no README
