@@ -43,6 +43,7 @@ import re
 import signal
 import socket
 import ssl
+import struct
 import sys
 import time
 import urllib.parse
@@ -2962,6 +2963,8 @@ class ChatRequest:
                  "native_tools", "safety_settings", "betas", "cache_key",
                  "client_format")
 
+    kind = "chat"
+
     def __init__(self, model, messages=None, system=None, stream=False, client_format=None):
         self.model = model
         self.system = system if system is not None else []
@@ -3031,6 +3034,30 @@ class Usage:
     @property
     def total_tokens(self):
         return self.input_tokens + self.output_tokens
+
+
+class EmbeddingRequest:
+    """Texts to embed, in order. `dimensions` asks for shorter vectors where the model allows; `task` is a
+    Gemini taskType. Routed like a chat request (same models, credentials and failover)."""
+    __slots__ = ("model", "inputs", "dimensions", "task", "client_format", "thinking", "encoding")
+    kind = "embed"
+    stream = False
+
+    def __init__(self, model, inputs, dimensions=None, task=None, client_format=None):
+        self.model, self.inputs, self.dimensions, self.task = model, inputs, dimensions, task
+        self.client_format, self.thinking = client_format, None
+        self.encoding = "float"  # how an OpenAI client wants the vectors back (float, or base64 of float32)
+
+    def conversation_key(self):
+        return None  # no conversation: any credential will do
+
+
+class Embeddings:
+    """One vector per input, in input order, and the tokens the upstream counted."""
+    __slots__ = ("vectors", "usage")
+
+    def __init__(self, vectors, usage=None):
+        self.vectors, self.usage = vectors, usage or Usage()
 
 
 class ChatResponse:
@@ -3622,6 +3649,34 @@ class OpenAIChat(Codec):
     """OpenAI Chat Completions (`/v1/chat/completions`), formats.md §2.2–2.4."""
     name = "openai"
     file_store = "openai"
+
+    # -- embeddings -----------------------------------------------------------------------------------------------
+    @classmethod
+    def parse_embeddings(cls, body):
+        model = request_model(body)
+        inputs = body.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
+            raise BadRequest("'input' must be a string or a non-empty array of strings (token arrays are not "
+                             "supported)", "input")
+        fmt = body.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise BadRequest("'encoding_format' must be float or base64", "encoding_format")
+        req = EmbeddingRequest(model, inputs, _expect(body.get("dimensions"), int, "dimensions", "an integer"),
+                               client_format=cls.name)
+        req.encoding = fmt  # OpenAI's SDK asks for base64
+        return req
+
+    @staticmethod
+    def build_embeddings(emb, req):
+        def encode(vec):
+            if req.encoding != "base64":
+                return vec
+            return base64.b64encode(struct.pack("<%df" % len(vec), *vec)).decode("ascii")
+        n = emb.usage.input_tokens
+        return {"object": "list", "model": req.model, "usage": {"prompt_tokens": n, "total_tokens": n},
+                "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(emb.vectors)]}
 
     # -- request: wire -> IR --------------------------------------------------------------------------------------
     @classmethod
@@ -5532,6 +5587,27 @@ class Gemini(Codec):
             out["usageMetadata"] = usage
         return out
 
+    @classmethod
+    def parse_embeddings(cls, body, model, batch):
+        """`:embedContent` ({content, taskType, outputDimensionality}) or `:batchEmbedContents` ({requests})."""
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        items = body.get("requests") if batch else [body]
+        if not isinstance(items, list) or not items:
+            raise BadRequest("requests must be a non-empty array", "requests")
+        texts = []
+        for i, _, item in _objects(items, "requests"):
+            content = item.get("content") if isinstance(item.get("content"), dict) else {}
+            texts.append("".join(p.get("text") or "" for p in content.get("parts") or [] if isinstance(p, dict)))
+        first = items[0]
+        return EmbeddingRequest(model, texts, gget(first, "outputDimensionality"), gget(first, "taskType"), cls.name)
+
+    @staticmethod
+    def build_embeddings(emb, req, batch):
+        if batch:
+            return {"embeddings": [{"values": v} for v in emb.vectors]}
+        return {"embedding": {"values": emb.vectors[0] if emb.vectors else []}}
+
     @staticmethod
     def model_entry(mid, display=None):
         return {"name": "models/" + mid, "version": "001", "displayName": display or mid, "description": mid,
@@ -6349,6 +6425,24 @@ class Ollama(Codec):
     def error_body(err):
         return {"error": err.message}
 
+    @classmethod
+    def parse_embeddings(cls, body, legacy):
+        """`/api/embed` ({model, input: text or texts}) or the older `/api/embeddings` ({model, prompt})."""
+        model = request_model(body, "model is required")
+        texts = body.get("prompt") if legacy else body.get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise BadRequest("%s must be a string%s" % ("prompt" if legacy else "input",
+                                                         "" if legacy else " or an array of strings"), "input")
+        return EmbeddingRequest(model, texts, client_format=cls.name)
+
+    @staticmethod
+    def build_embeddings(emb, req, legacy):
+        if legacy:
+            return {"embedding": emb.vectors[0] if emb.vectors else []}
+        return {"model": req.model, "embeddings": emb.vectors, "total_duration": 0, "load_duration": 0,
+                "prompt_eval_count": emb.usage.input_tokens}
+
     @staticmethod
     def _options(req, body):
         opts = body.get("options")
@@ -7127,6 +7221,16 @@ class Provider:
         """(method, url, headers, body) for the upstream's token counter, or None when it has none."""
         return None
 
+    embeddings = False  # has an embeddings API: build_embeddings / parse_embeddings
+
+    def build_embeddings(self, req, cred, model):
+        """(method, url, headers, body) for embedding `req.inputs` with `model`."""
+        raise NotImplementedError
+
+    def parse_embeddings(self, data):
+        """An Embeddings from the upstream's answer."""
+        raise NotImplementedError
+
     @staticmethod
     def parse_count(data):
         return None
@@ -7165,6 +7269,24 @@ class OpenAICompatProvider(Provider):
             headers.append(("Accept", "application/json"))
         headers.extend(cred.headers)
         return "POST", self.base_url(cred) + "/chat/completions", headers, body
+
+    embeddings = True
+
+    def build_embeddings(self, req, cred, model):
+        body = {"model": model, "input": req.inputs, "encoding_format": "float"}
+        if req.dimensions:
+            body["dimensions"] = req.dimensions
+        headers = self.json_headers(cred.api_key, False, ("User-Agent", USER_AGENT), *cred.headers)
+        return "POST", self.base_url(cred) + "/embeddings", headers, json_bytes(body)
+
+    @staticmethod
+    def parse_embeddings(data):
+        items = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise UpstreamError("protocol", "upstream embeddings answer has no data")
+        items = sorted((i for i in items if isinstance(i, dict)), key=lambda i: i.get("index") or 0)
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        return Embeddings([i.get("embedding") or [] for i in items], Usage(usage.get("prompt_tokens") or 0))
 
 
 class AnthropicProvider(Provider):
@@ -7245,11 +7367,38 @@ class GeminiProvider(Provider):
     def parse_count(data):
         return gget(data, "totalTokens") if isinstance(data, dict) else None
 
+    embeddings = True
+    embed_predict = False  # Vertex embeds through :predict; the Gemini API through :batchEmbedContents
+
+    def build_embeddings(self, req, cred, model):
+        if self.embed_predict:
+            body = {"instances": [dict({"content": t}, **({"task_type": req.task} if req.task else {}))
+                                  for t in req.inputs]}
+            if req.dimensions:
+                body["parameters"] = {"outputDimensionality": req.dimensions}
+            return "POST", self._url(cred, model, "predict"), self._headers(cred), json_bytes(body)
+        extra = {"taskType": req.task} if req.task else {}
+        if req.dimensions:
+            extra["outputDimensionality"] = req.dimensions
+        body = {"requests": [dict({"model": "models/" + model, "content": {"parts": [{"text": t}]}}, **extra)
+                             for t in req.inputs]}
+        return "POST", self._url(cred, model, "batchEmbedContents"), self._headers(cred), json_bytes(body)
+
+    def parse_embeddings(self, data):
+        if not isinstance(data, dict):
+            raise UpstreamError("protocol", "upstream embeddings answer is not an object")
+        if self.embed_predict:
+            preds = [p.get("embeddings") or {} for p in data.get("predictions") or [] if isinstance(p, dict)]
+            tokens = sum(int((p.get("statistics") or {}).get("token_count") or 0) for p in preds)
+            return Embeddings([p.get("values") or [] for p in preds], Usage(tokens))
+        return Embeddings([e.get("values") or [] for e in data.get("embeddings") or [] if isinstance(e, dict)])
+
 
 class VertexCompatProvider(GeminiProvider):
     """`type: vertex-compat`: Vertex-style paths with an API key (providers.md §G.3)."""
 
     config_type = "vertex-compat"
+    embed_predict = True
     version_suffixes = ("/v1",)
     provider_id = "vertex"
     display_name = "Vertex AI"
@@ -7542,6 +7691,7 @@ class GeminiCLIProvider(GeminiProvider):
     `quota-exceeded.switch-project`."""
 
     official_tool = "Gemini CLI"
+    embeddings = False  # Cloud Code has no embeddings API
     file_type = "gemini-cli"
     file_aliases = ("gemini",)
     display_name = "Gemini CLI"
@@ -8786,6 +8936,7 @@ class VertexProvider(GeminiProvider):
 
     file_type = "vertex"
     display_name = "Vertex AI"
+    embed_predict = True
     scope = "https://www.googleapis.com/auth/cloud-platform"
     default_token_uri = "https://oauth2.googleapis.com/token"
     refresh_lead = 300  # providers.md §1.2 (llm-mux's lead)
@@ -9076,6 +9227,8 @@ class Router:
         return pairs[0][0], pairs[0][1], key
 
     def bind(self, key, cred, now):
+        if key is None:
+            return
         if len(self.affinity) >= self.AFFINITY_MAX:
             for k in [k for k, (_, exp) in self.affinity.items() if exp <= now][:1000] or \
                     list(self.affinity)[:self.AFFINITY_MAX // 10]:
@@ -9086,7 +9239,7 @@ class Router:
     def settle(self, call):
         """What a finished Call teaches routing: the breaker's count, a cooldown for a failure, affinity and a
         clean slate for a success. Auxiliary calls (token counting) leave credential health alone."""
-        if call.kind != "chat":
+        if call.kind not in ("chat", "embed"):
             return
         now = self.clock.now()
         route, cred = call.route, call.cred
@@ -9225,8 +9378,11 @@ class Router:
                 await self.clock.sleep(random_uniform(0, min(self.BACKOFF_CAP, self.BACKOFF_BASE * 2 ** (attempt - 1))))
             attempt += 1
             attempts_left -= 1
-            spec = route.provider.build(req, cred, route.model)
-            call = Call(self, req, route, cred, "chat", key)
+            if req.kind == "embed":
+                spec = route.provider.build_embeddings(req, cred, route.model)
+            else:
+                spec = route.provider.build(req, cred, route.model)
+            call = Call(self, req, route, cred, req.kind, key)
             resp, failure = await call.send(spec)
             if resp is not None:
                 return call
@@ -9378,7 +9534,8 @@ class Call:
                 raise collector.error.error()
             return collector.result()
         try:
-            answer = self.provider.parse_response(await self.response.json())
+            data = await self.response.json()
+            answer = (self.provider.parse_embeddings if self.kind == "embed" else self.provider.parse_response)(data)
         except UpstreamError as e:
             failure = self.fail(self.network_failure(e))
             raise GatewayError(failure.status, failure.message, failure.type)
@@ -9711,6 +9868,16 @@ class Gateway:
         await self.inline_remote_media(ir, [r for routes in chain for r in routes])
         return await self.router.send(ir, chain)
 
+    async def embed(self, ir):
+        """Embeddings for an EmbeddingRequest, from the model's providers that have an embeddings API."""
+        chain = [[r for r in routes if r.provider.embeddings] for routes in self.resolve_model(ir)]
+        chain = [routes for routes in chain if routes]
+        if not chain:
+            raise GatewayError(400, "model '%s' is not served by a provider with an embeddings API (openai, gemini, "
+                               "vertex-compat or a Vertex AI account)" % ir.model, "invalid_request", "model")
+        call = await self.router.send(ir, chain)
+        return await call.answer()
+
     async def count_tokens(self, ir):
         """Ask the upstream's counter where it has one; otherwise estimate (logged as an estimate)."""
         n = await self.router.count(ir, self.resolve_model(ir)[0])
@@ -9809,6 +9976,7 @@ class App:
             ("POST", "/v1/responses"): self.responses,
             ("POST", "/v1/messages"): self.messages,
             ("POST", "/v1/messages/count_tokens"): self.messages_count_tokens,
+            ("POST", "/v1/embeddings"): self.embeddings,
             ("GET", "/v1beta/models"): self.gemini_list_models,
         }
         for prefix in ("/api", "/ollama/api"):
@@ -9818,6 +9986,8 @@ class App:
             self.routes[("POST", prefix + "/show")] = self.ollama_show
             self.routes[("POST", prefix + "/chat")] = self.ollama_chat
             self.routes[("POST", prefix + "/generate")] = self.ollama_generate
+            self.routes[("POST", prefix + "/embed")] = self.ollama_embed
+            self.routes[("POST", prefix + "/embeddings")] = self.ollama_embed
         self.public = {"/", "/api/version", "/ollama/api/version"}
 
     async def __call__(self, req):
@@ -9994,6 +10164,10 @@ class App:
         if action == "countTokens":
             ir = Gemini.parse_request(body, model, count_only=True)
             return json_response({"totalTokens": await self.gw.count_tokens(ir)})
+        if action in ("embedContent", "batchEmbedContents"):
+            ir = Gemini.parse_embeddings(body, model, action == "batchEmbedContents")
+            emb = await self.gw.embed(ir)
+            return json_response(Gemini.build_embeddings(emb, ir, action == "batchEmbedContents"))
         if action not in ("generateContent", "streamGenerateContent"):
             raise GatewayError(404, "unsupported method %r" % action, "not_found")
         ir = Gemini.parse_request(body, model)
@@ -10002,6 +10176,16 @@ class App:
         sse = req.query.get("alt") == "sse" or req.query.get("$alt") == "sse"
         return await self.serve_chat(req, Gemini, ir, encoder=lambda r: Gemini.StreamEncoder(r, sse),
                                      content_type="text/event-stream" if sse else "application/json")
+
+    async def embeddings(self, req):
+        ir = OpenAIChat.parse_embeddings(self.read_json(req))
+        return json_response(OpenAIChat.build_embeddings(await self.gw.embed(ir), ir))
+
+    async def ollama_embed(self, req):
+        legacy = req.path.endswith("/embeddings")
+        ir = Ollama.parse_embeddings(self.read_json(req), legacy)
+        ir.model = self.ollama_model(ir.model)
+        return json_response(Ollama.build_embeddings(await self.gw.embed(ir), ir, legacy))
 
     # -- Ollama ---------------------------------------------------------------------------------------------------
     def ollama_name(self, mid):
