@@ -58,7 +58,7 @@ def test_logging_to_file_writes_a_private_rotated_log(gateway, upstream, tmp_pat
     import os
     from harness import openai_provider_config
     up = upstream()
-    gw = gateway(openai_provider_config(up.url) + "logging-to-file: true\n")
+    gw = gateway(openai_provider_config(up.url), env={"LLM_MUX_LOGGING_TO_FILE": "true"})
     openai.OpenAI(base_url=gw.url + "/v1", api_key="k", max_retries=0).chat.completions.create(
         model="gpt-test", messages=[{"role": "user", "content": "x"}])
     path = tmp_path / "logs" / "llm-mux.log"  # `logs/` beside the auth dir
@@ -174,3 +174,19 @@ def test_the_generated_config_has_a_working_example_of_every_provider_type():
     assert sorted(p.type for p in cfg.providers) == sorted(llm_mux.PROVIDERS.entries) or \
         set(p.type for p in cfg.providers) >= {"openai", "anthropic", "gemini", "vertex-compat", "codex"}
     assert "README" not in text  # zipapp users have no README
+
+
+def test_a_cooling_answer_names_the_upstreams_status_and_message():
+    up = FakeUpstream(lambda r: Reply(status=429, body={"error": {"message": "Rate limit reached for m1"}},
+                                      headers={"Retry-After": "120"})).start()
+    gw = GatewayThread("request-retry: 0\nmax-retry-interval: 0\nproviders:\n  - type: openai\n    name: p\n"
+                       "    base-url: %s/v1\n    api-key: k\n    models: [m1]\n" % up.url)
+    try:
+        for _ in range(2):
+            with pytest.raises(openai.RateLimitError) as e:
+                gw.chat(model="m1")
+        assert "cooling down; retry in 120s" in e.value.message
+        assert "HTTP 429: Rate limit reached for m1" in e.value.message
+    finally:
+        gw.stop()
+        up.stop()
