@@ -5750,8 +5750,7 @@ class Gemini(Codec):
 class Responses(Codec):
     """OpenAI Responses API (`/v1/responses`), formats.md §2.6–2.8. Stateless: history comes in `input`."""
     name = "responses"
-    file_store = "openai"
-
+    file_store = OpenAIChat.file_store  # uploads to the same OpenAI account serve both APIs
 
     # -- request: wire -> IR --------------------------------------------------------------------------------------
     @classmethod
