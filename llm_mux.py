@@ -34,6 +34,7 @@ import binascii
 import fnmatch
 import hashlib
 import hmac
+from html import escape as html_escape
 import ipaddress
 import json
 import logging
@@ -261,6 +262,13 @@ def sniff_image_mime(b64):
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "image/webp"
     return "image/png"
+
+
+def program_name():
+    """How the user ran us, for hints they can paste: `python3 llm_mux.pyz`, `python3 llm_mux.py` or `llm-mux`."""
+    prog = os.environ.get("LLM_MUX_PROG") or sys.argv[0]
+    base = os.path.basename(prog)
+    return "python3 " + base if base.endswith((".py", ".pyz")) else "llm-mux"
 
 
 class Clock:
@@ -8564,7 +8572,6 @@ class CopilotProvider(OpenAICompatProvider):
                       "gemini-3-pro-preview", "grok-code-fast-1")
 
 
-
     def build(self, req, cred, model):
         body = self.codec.build_request(req, model)
         body["stream"] = bool(req.stream)
@@ -10076,9 +10083,20 @@ class App:
 
     # -- model lists ----------------------------------------------------------------------------------------------
     async def root(self, req):
-        # Ollama clients probe `HEAD /` and expect this text; others get a pointer to the real endpoints.
-        return Response(200, b"Ollama is running", [("X-Served-By", "llm-mux/" + __version__)],
-                        "text/plain; charset=utf-8")
+        """Ollama clients probe `/` and expect "Ollama is running"; a browser gets what a person needs instead."""
+        if "text/html" not in (req.headers.get("accept") or ""):
+            return Response(200, b"Ollama is running", [("X-Served-By", "llm-mux/" + __version__)],
+                            "text/plain; charset=utf-8")
+        n = len(self.gw.registry.routes)
+        base = "%s://%s" % ("https" if req.secure else "http", req.headers.get("host") or "127.0.0.1")
+        steps = "" if n else ("<p>No models yet: run <code>%s login &lt;provider&gt;</code> or add a provider to "
+                              "the config (<code>%s env</code> shows where it is).</p>" % (program_name(),
+                                                                                           program_name()))
+        page = ("<!doctype html><meta charset=utf-8><title>llm-mux</title><h1>llm-mux %s</h1><p>%d models.</p>%s"
+                "<p>Point tools at: OpenAI-compatible <code>%s/v1</code>, Anthropic, Gemini and Ollama "
+                "<code>%s</code>.</p>" % (__version__, n, steps, html_escape(base), html_escape(base)))
+        return Response(200, page.encode("utf-8"), [("X-Served-By", "llm-mux/" + __version__)],
+                        "text/html; charset=utf-8")
 
     def _anthropic_model(self, mid):
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.gw.started))
@@ -10547,13 +10565,6 @@ async def serve_forever(cfg, ready=None, config_path=None, debug=False):
     await server.shutdown(float(cfg.server["shutdown-timeout"]))
     gw.client.close_idle()
     log.info("stopped")
-
-
-def program_name():
-    """How the user ran us, for hints they can paste: `python3 llm_mux.pyz`, `python3 llm_mux.py` or `llm-mux`."""
-    prog = os.environ.get("LLM_MUX_PROG") or sys.argv[0]
-    base = os.path.basename(prog)
-    return "python3 " + base if base.endswith((".py", ".pyz")) else "llm-mux"
 
 
 NOT_YET_SUPPORTED = (("ws-auth", lambda cfg: cfg.ws_auth), ("request-log", lambda cfg: cfg.request_log),

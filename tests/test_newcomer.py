@@ -190,3 +190,12 @@ def test_a_cooling_answer_names_the_upstreams_status_and_message():
     finally:
         gw.stop()
         up.stop()
+
+
+def test_a_browser_at_the_root_gets_next_steps_and_ollama_still_gets_its_answer(gateway):
+    import urllib.request
+    gw = gateway("")
+    page = urllib.request.urlopen(urllib.request.Request(gw.url + "/", headers={"Accept": "text/html"}),
+                                  timeout=10).read().decode()
+    assert "No models yet" in page and "login &lt;provider&gt;" in page and "%s/v1" % gw.url in page
+    assert urllib.request.urlopen(gw.url + "/", timeout=10).read() == b"Ollama is running"

@@ -84,10 +84,10 @@ def test_it_is_served_from_a_credential_file(tmp_path):
 
 
 def test_unknown_types_name_the_registered_ones():
-    cfg = llm_mux.Config.from_text("providers:\n  - type: nope\n    api-key: k\n", environ={})
-    assert cfg.providers == []
-    (warning,) = cfg.warnings
-    assert "'nope' is not one of" in warning and "echo-test" in warning and "anthropic" in warning
+    import pytest
+    with pytest.raises(llm_mux.ConfigError) as e:
+        llm_mux.Config.from_text("providers:\n  - type: nope\n    api-key: k\n", environ={})
+    assert "'nope' is not one of" in str(e.value) and "echo-test" in str(e.value) and "anthropic" in str(e.value)
 
 
 def test_every_subscription_provider_brings_its_login_and_refresh_lead():
