@@ -16,11 +16,12 @@ Table of contents
    8. Credentials
    9. Providers
   10. Routing
-  11. Gateway
-  12. Client API
-  13. Watcher
-  14. CLI
-  15. main
+  11. Usage
+  12. Gateway
+  13. Client API
+  14. Watcher
+  15. CLI
+  16. main
 """
 
 # === 1. Header, version, table of contents ===
@@ -1027,8 +1028,8 @@ CONFIG_SCHEMA = {
     "quota-exceeded": ({"switch-project": ("bool", True), "switch-preview-model": ("bool", True)}, None),
     "max-request-size": ("int", 52428800),
     "max-response-size": ("int", 104857600),
-    "usage": ({"dsn": ("str", ""), "batch-size": ("int", 100), "flush-interval": ("str", "5s"),
-               "retention-days": ("int", 30)}, None),
+    "usage": ({"enabled": ("bool", True), "database-path": ("str", ""), "dsn": ("str", ""),
+               "batch-size": ("int", 100), "flush-interval": ("str", "1s"), "retention-days": ("int", 30)}, None),
     "show-provider-prefixes": ("bool", False),
     "use-canonical-translator": ("bool", True),
     "remote-management": ({"allow-remote": ("bool", False)}, None),
@@ -9460,11 +9461,11 @@ class Call:
     call) | client_gone (the client left before the end) | cancelled."""
 
     __slots__ = ("router", "req", "route", "cred", "kind", "key", "started", "first_byte", "ended", "status",
-                 "outcome", "failure", "usage", "response", "method", "url")
+                 "outcome", "failure", "usage", "response", "method", "url", "wall_started")
 
     def __init__(self, router, req, route, cred, kind="chat", key=None):
         self.router, self.req, self.route, self.cred, self.kind, self.key = router, req, route, cred, kind, key
-        self.started = router.clock.now()
+        self.started, self.wall_started = router.clock.now(), router.clock.wall()
         self.first_byte = self.ended = self.status = self.outcome = self.failure = None
         self.usage = self.response = self.method = self.url = None
         cred.in_flight += 1
@@ -9737,7 +9738,206 @@ def random_uniform(a, b):
     return a + (b - a) * (int.from_bytes(os.urandom(4), "big") / 4294967296.0)
 
 
-# === 11. Gateway ===
+# === 11. Usage ===
+# Owns: turning each finished Call into one usage record and keeping it: the SQLite store (versioned schema with
+# migrations, llm-mux's table read as is), the writer thread fed by a bounded queue, retention. The event loop
+# only enqueues; nothing here decides routing.
+
+USAGE_COLUMNS = (  # llm-mux's usage_records columns first (gateway.md §7.2), then ours
+    ("provider", "TEXT NOT NULL DEFAULT ''"), ("model", "TEXT NOT NULL DEFAULT ''"),
+    ("api_key", "TEXT NOT NULL DEFAULT ''"), ("auth_id", "TEXT NOT NULL DEFAULT ''"),
+    ("auth_index", "INTEGER NOT NULL DEFAULT 0"), ("source", "TEXT NOT NULL DEFAULT ''"),
+    ("requested_at", "TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP"), ("failed", "BOOLEAN NOT NULL DEFAULT 0"),
+    ("input_tokens", "INTEGER NOT NULL DEFAULT 0"), ("output_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("reasoning_tokens", "INTEGER NOT NULL DEFAULT 0"), ("cached_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("total_tokens", "INTEGER NOT NULL DEFAULT 0"), ("audio_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("cache_creation_input_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("cache_read_input_tokens", "INTEGER NOT NULL DEFAULT 0"), ("tool_use_prompt_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("request_id", "TEXT NOT NULL DEFAULT ''"), ("client_format", "TEXT NOT NULL DEFAULT ''"),
+    ("model_requested", "TEXT NOT NULL DEFAULT ''"), ("kind", "TEXT NOT NULL DEFAULT 'chat'"),
+    ("outcome", "TEXT NOT NULL DEFAULT 'ok'"), ("error_class", "TEXT NOT NULL DEFAULT ''"),
+    ("status", "INTEGER NOT NULL DEFAULT 0"), ("stream", "BOOLEAN NOT NULL DEFAULT 0"),
+    ("latency_ms", "REAL NOT NULL DEFAULT 0"), ("ttft_ms", "REAL"), ("uncached_input_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("cost_usd", "REAL"),
+)
+USAGE_SCHEMA_VERSION = 1
+
+
+def usage_record(call, wall_started):
+    """One usage record (a dict of USAGE_COLUMNS) for a finished Call. Tokens are normalised whatever the formats:
+    input counts cache reads and writes (IR convention), `uncached_input_tokens` leaves them out."""
+    u = call.usage or Usage()
+    failure = call.failure
+    return {
+        "provider": call.provider.id, "model": call.route.model or "unknown", "api_key": "",
+        "auth_id": call.cred.id, "source": call.cred.label,
+        "requested_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(wall_started)),
+        "failed": call.outcome != "ok", "input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
+        "reasoning_tokens": u.reasoning_tokens, "cached_tokens": u.cached_tokens, "total_tokens": u.total_tokens,
+        "cache_creation_input_tokens": u.cache_write_tokens, "cache_read_input_tokens": u.cached_tokens,
+        "uncached_input_tokens": max(0, u.input_tokens - u.cached_tokens - u.cache_write_tokens),
+        "request_id": getattr(call.req, "request_id", "") or "", "client_format": call.req.client_format or "",
+        "model_requested": call.req.model, "kind": call.kind, "outcome": call.outcome,
+        "error_class": failure.category if failure is not None else "", "status": call.status or 0,
+        "stream": bool(call.req.stream or call.provider.stream_only),
+        "latency_ms": round((call.ended - call.started) * 1000, 3),
+        "ttft_ms": round((call.first_byte - call.started) * 1000, 3) if call.first_byte is not None else None,
+    }
+
+
+class UsageStore:
+    """The SQLite usage database (WAL). Opening creates or migrates the schema; a database written by a newer
+    llm-mux is opened read-only for this process (never written), and says so."""
+
+    def __init__(self, path):
+        import sqlite3
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        self.db = sqlite3.connect(path, timeout=30, check_same_thread=False)
+        if os.stat(path).st_size == 0:
+            os.chmod(path, 0o600)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.writable = self._migrate()
+
+    def _migrate(self):
+        db = self.db
+        db.execute("CREATE TABLE IF NOT EXISTS llm_mux_schema (version INTEGER NOT NULL)")
+        row = db.execute("SELECT version FROM llm_mux_schema").fetchone()
+        if row is not None and row[0] > USAGE_SCHEMA_VERSION:
+            log.error("usage database %s has schema version %d, newer than this llm-mux (%d): not writing to it",
+                      self.path, row[0], USAGE_SCHEMA_VERSION)
+            return False
+        db.execute("CREATE TABLE IF NOT EXISTS usage_records (id INTEGER PRIMARY KEY AUTOINCREMENT, %s)"
+                   % ", ".join("%s %s" % c for c in USAGE_COLUMNS[:17]))
+        have = {r[1] for r in db.execute("PRAGMA table_info(usage_records)")}
+        for name, decl in USAGE_COLUMNS:  # llm-mux's own migrations and ours: add what is missing
+            if name not in have:
+                db.execute("ALTER TABLE usage_records ADD COLUMN %s %s" % (name, decl))
+        for index, cols in (("idx_usage_requested_at", "requested_at"), ("idx_usage_api_key", "api_key"),
+                            ("idx_usage_provider_model", "provider, model")):
+            db.execute("CREATE INDEX IF NOT EXISTS %s ON usage_records(%s)" % (index, cols))
+        db.execute("DELETE FROM llm_mux_schema")
+        db.execute("INSERT INTO llm_mux_schema (version) VALUES (?)", (USAGE_SCHEMA_VERSION,))
+        db.commit()
+        return True
+
+    def write(self, records):
+        names = [c for c, _ in USAGE_COLUMNS]
+        sql = "INSERT INTO usage_records (%s) VALUES (%s)" % (", ".join(names), ", ".join("?" * len(names)))
+        with self.db:
+            self.db.executemany(sql, [tuple(r.get(n, None if n in ("ttft_ms", "cost_usd") else 0) for n in names)
+                                      for r in records])
+
+    def prune(self, days):
+        with self.db:
+            self.db.execute("DELETE FROM usage_records WHERE requested_at < datetime('now', ?)", ("-%d days" % days,))
+
+    def count(self):
+        return self.db.execute("SELECT COUNT(*) FROM usage_records").fetchone()[0]
+
+    def close(self):
+        self.db.close()
+
+
+class UsageWriter:
+    """One writer thread fed by a bounded queue: records are written in batched transactions at least every
+    `flush_interval` seconds (a kill -9 loses at most that much), drained completely by `close()` (SIGTERM and
+    Ctrl-C lose nothing). A full queue or a failing disk costs records, never requests; each is logged once and
+    counted (`dropped`, `errors`)."""
+
+    def __init__(self, store, flush_interval=1.0, batch_size=100, retention_days=30, queue_size=10000):
+        import queue
+        import threading
+        self.store, self.flush_interval, self.batch_size = store, flush_interval, batch_size
+        self.retention_days = retention_days
+        self.queue = queue.Queue(queue_size)
+        self.dropped = self.errors = self.written = 0
+        self.warned = set()
+        self.thread = threading.Thread(target=self._run, name="llm-mux-usage", daemon=True)
+        self.thread.start()
+
+    def record(self, call):
+        """A Call observer: enqueue its record (the event loop never touches the disk)."""
+        if not self.store.writable:
+            return
+        try:
+            self.queue.put_nowait(usage_record(call, call.wall_started))
+        except Exception:  # queue.Full: the writer cannot keep up
+            self.dropped += 1
+            self._warn("full", "usage queue full: dropping records until the writer catches up")
+
+    def _warn(self, key, message, *args):
+        if key not in self.warned:
+            self.warned.add(key)
+            log.warning(message, *args)
+
+    def _run(self):
+        import queue
+        stop = False
+        next_prune = time.monotonic() + 60
+        while not stop:
+            batch = []
+            deadline = time.monotonic() + self.flush_interval
+            while len(batch) < self.batch_size:
+                try:
+                    item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            if stop:  # drain what is left before leaving
+                while True:
+                    try:
+                        item = self.queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not None:
+                        batch.append(item)
+            self._write(batch)
+            if self.retention_days > 0 and time.monotonic() > next_prune:
+                next_prune = time.monotonic() + 24 * 3600
+                self._guarded(self.store.prune, self.retention_days)
+
+    def _write(self, batch):
+        if batch and self._guarded(self.store.write, batch):
+            self.written += len(batch)
+
+    def _guarded(self, fn, *args):
+        try:
+            fn(*args)
+            return True
+        except Exception as e:  # a full or read-only disk: logged once, counted, requests keep flowing
+            self.errors += 1
+            self._warn(type(e).__name__, "usage database %s: %s (records are being lost)", self.store.path, e)
+            return False
+
+    def close(self, timeout=30):
+        """Write everything queued, then stop."""
+        self.queue.put(None)
+        self.thread.join(timeout)
+        self.store.close()
+
+
+def usage_database_path(cfg):
+    """Where usage goes: `usage.dsn: sqlite://PATH` (or LLM_MUX_USAGE_DSN), else `usage.database-path`, else
+    `usage.db` beside the auth dir. None when usage is off or the DSN names another backend."""
+    usage = cfg.usage
+    if not usage["enabled"]:
+        return None
+    dsn = usage["dsn"].strip()
+    if dsn:
+        if not dsn.startswith("sqlite://"):
+            log.warning("usage.dsn %s: only sqlite:// is supported so far; usage is not recorded", redact_url(dsn))
+            return None
+        return expand_path(dsn[len("sqlite://"):])
+    if usage["database-path"]:
+        return expand_path(usage["database-path"])
+    return os.path.join(os.path.dirname(cfg.auth_dir.rstrip("/")) or ".", "usage.db")
+
+
+# === 12. Gateway ===
 # Owns: the assembled runtime: the config snapshot, credential files, registry, HTTP client, router, refresher
 # and clock, and the hooks that observe every finished Call (usage records, metrics, limits hang here). It hands
 # each piece what it needs; nothing reaches back through it. It speaks no client API (that is the Client API).
@@ -9763,6 +9963,7 @@ class Gateway:
         self.apply_config(cfg)
         self.started = time.time()
         self.router.observers.extend((self._note_rejection, self._debug_call))
+        self.usage = None
         self.stand_ins_logged = set()
 
     def apply_files(self, files):
@@ -9820,9 +10021,28 @@ class Gateway:
 
     def start(self):
         self.refresher.start()
+        path = usage_database_path(self.cfg)
+        if path is not None:
+            try:
+                interval = parse_duration(self.cfg.usage["flush-interval"]) or 1.0
+                self.usage = UsageWriter(UsageStore(path), min(interval, 1.0), max(1, self.cfg.usage["batch-size"]),
+                                         self.cfg.usage["retention-days"])
+            except Exception as e:  # an unusable database costs the records, never the gateway
+                log.error("usage database %s cannot be opened: %s; usage is not recorded", path, e)
+            else:
+                self.router.observers.append(self.usage.record)
+                log.info("usage records go to %s", path)
+
+    def stop_usage(self):
+        """Write every queued usage record (SIGTERM and Ctrl-C lose none)."""
+        if self.usage is not None:
+            self.router.observers.remove(self.usage.record)
+            self.usage.close()
+            self.usage = None
 
     def stop(self):
         self.refresher.stop()
+        self.stop_usage()
         self.client.close_idle()
 
     # -- models ---------------------------------------------------------------------------------------------------
@@ -9920,7 +10140,7 @@ class Gateway:
             p.url = None
 
 
-# === 12. Client API ===
+# === 13. Client API ===
 # Owns: the client-facing endpoints: authentication, request parsing into the IR via the client's codec, the
 # hand-off to routing, and writing the answer (JSON or stream) in the client's format. Errors are rendered in the
 # format of the endpoint that was called.
@@ -10319,7 +10539,7 @@ class App:
             await events.aclose()
 
 
-# === 13. Watcher ===
+# === 14. Watcher ===
 # Owns: noticing edits to the config file and to the credential files in auth-dir (polling, debounced) and
 # applying them without a restart. A broken config edit keeps the running config and logs the error with its line.
 
@@ -10481,7 +10701,7 @@ class AuthDirWatcher(Poller):
         return True
 
 
-# === 14. CLI ===
+# === 15. CLI ===
 # Owns: the command line (serve, version, env) and the process around the server: logging, signals, TLS
 # context, the safe-binding check. It builds on everything above and adds no gateway behaviour of its own.
 
@@ -10563,12 +10783,12 @@ async def serve_forever(cfg, ready=None, config_path=None, debug=False):
     log.info("shutting down: no new connections; waiting up to %ss for %d in-flight requests",
              cfg.server["shutdown-timeout"], len(server.busy))
     await server.shutdown(float(cfg.server["shutdown-timeout"]))
+    gw.stop_usage()
     gw.client.close_idle()
     log.info("stopped")
 
 
 NOT_YET_SUPPORTED = (("ws-auth", lambda cfg: cfg.ws_auth), ("request-log", lambda cfg: cfg.request_log),
-                     ("usage.dsn (LLM_MUX_USAGE_DSN)", lambda cfg: cfg.usage["dsn"]),
                      ("remote-management", lambda cfg: any(cfg.data["remote-management"].values())))
 
 
@@ -10951,7 +11171,7 @@ def build_parser():
     return parser
 
 
-# === 15. main ===
+# === 16. main ===
 # Owns: the entry point shared by `python llm_mux.py`, the zipapp and `python -m llm_mux`.
 
 def main(argv=None):

@@ -1,0 +1,121 @@
+"""Usage records in SQLite: one per upstream attempt, tokens normalised the same whatever the formats, nothing
+lost on SIGTERM, llm-mux's own database opened as is, a newer schema never written."""
+import os
+import signal
+import sqlite3
+
+import anthropic
+import openai
+import pytest
+
+import llm_mux
+from fakes import Reply, openai_completion
+from harness import openai_provider_config, wait_until
+
+ANTHROPIC_ANSWER = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+                    "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+                    "usage": {"input_tokens": 8, "output_tokens": 5, "cache_read_input_tokens": 3,
+                              "cache_creation_input_tokens": 0}}
+
+
+def rows(path):
+    with sqlite3.connect(path) as db:
+        db.row_factory = sqlite3.Row
+        return [dict(r) for r in db.execute("SELECT * FROM usage_records ORDER BY id")]
+
+
+def stop(gw):
+    gw.proc.send_signal(signal.SIGTERM)
+    assert gw.proc.wait(20) == 0
+
+
+def test_sigterm_loses_no_record(gateway, upstream, tmp_path):
+    up = upstream()
+    gw = gateway(openai_provider_config(up.url))
+    c = openai.OpenAI(base_url=gw.url + "/v1", api_key="k", max_retries=0)
+    for _ in range(25):
+        c.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "x"}])
+    stop(gw)  # straight after the last answer: the queue is drained before exit
+    got = rows(tmp_path / "usage.db")  # the default place: usage.db beside the auth dir
+    assert len(got) == 25 and all(r["outcome"] == "ok" and not r["failed"] for r in got)
+    r = got[0]
+    assert (r["provider"], r["model"], r["model_requested"], r["client_format"]) == ("fake", "gpt-test", "gpt-test",
+                                                                                      "openai")
+    assert r["auth_id"].startswith("fake:apikey:") and "sk-up-1" not in str(r)
+    assert r["latency_ms"] > 0 and r["ttft_ms"] is not None
+
+
+def test_tokens_mean_the_same_whatever_the_formats(gateway, upstream, tmp_path):
+    # OpenAI's prompt_tokens includes cached tokens; Anthropic's input_tokens leaves cache reads out
+    oa = upstream(lambda r: Reply(body=openai_completion(usage={
+        "prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16, "prompt_tokens_details": {"cached_tokens": 3},
+        "completion_tokens_details": {"reasoning_tokens": 2}})))
+    an = upstream(lambda r: Reply(body=ANTHROPIC_ANSWER))
+    gw = gateway(openai_provider_config(oa.url) + "  - type: anthropic\n    base-url: %s\n    api-key: sk-ant\n"
+                 "    models: [claude-x]\n" % an.url)
+    openai.OpenAI(base_url=gw.url + "/v1", api_key="k", max_retries=0).chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "x"}])
+    anthropic.Anthropic(base_url=gw.url, api_key="k", max_retries=0).messages.create(
+        model="claude-x", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    stop(gw)
+    a, b = rows(tmp_path / "usage.db")
+    for r in (a, b):
+        assert (r["uncached_input_tokens"], r["cache_read_input_tokens"], r["input_tokens"]) == (8, 3, 11)
+        assert r["output_tokens"] == 5
+    assert (a["client_format"], b["client_format"]) == ("openai", "anthropic")
+
+
+def test_one_record_per_attempt_across_a_failover(gateway, upstream, tmp_path):
+    up = upstream(lambda r: Reply(status=500, body={"error": {"message": "boom"}})
+                  if r.headers["authorization"] != "Bearer k3" else Reply(body=openai_completion()))
+    gw = gateway(openai_provider_config(up.url, keys=("k1", "k2", "k3")) + "request-retry: 2\n")
+    openai.OpenAI(base_url=gw.url + "/v1", api_key="k", max_retries=0).chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "x"}])
+    stop(gw)
+    got = rows(tmp_path / "usage.db")
+    assert [r["outcome"] for r in got] == ["failed", "failed", "ok"]
+    assert [r["status"] for r in got] == [500, 500, 200] and len({r["auth_id"] for r in got}) == 3
+    assert got[0]["error_class"] == "transient"
+
+
+LLM_MUX_SCHEMA = """CREATE TABLE usage_records (id INTEGER PRIMARY KEY AUTOINCREMENT, provider TEXT NOT NULL,
+model TEXT NOT NULL, api_key TEXT NOT NULL DEFAULT '', auth_id TEXT NOT NULL DEFAULT '',
+auth_index INTEGER NOT NULL DEFAULT 0, source TEXT NOT NULL DEFAULT '', requested_at TIMESTAMP NOT NULL,
+failed BOOLEAN NOT NULL DEFAULT 0, input_tokens INTEGER NOT NULL DEFAULT 0, output_tokens INTEGER NOT NULL DEFAULT 0,
+reasoning_tokens INTEGER NOT NULL DEFAULT 0, cached_tokens INTEGER NOT NULL DEFAULT 0,
+total_tokens INTEGER NOT NULL DEFAULT 0, created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP)"""
+
+
+def test_a_database_in_llm_mux_schema_opens_and_its_rows_count(gateway, upstream, tmp_path):
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute(LLM_MUX_SCHEMA)
+        db.execute("INSERT INTO usage_records (provider, model, requested_at, total_tokens) "
+                   "VALUES ('claude', 'claude-x', '2026-11-01 10:00:00', 42)")
+    up = upstream()
+    gw = gateway(openai_provider_config(up.url) + "usage: {dsn: 'sqlite://%s'}\n" % path)
+    openai.OpenAI(base_url=gw.url + "/v1", api_key="k", max_retries=0).chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "x"}])
+    stop(gw)
+    got = rows(path)
+    assert len(got) == 2 and got[0]["total_tokens"] == 42 and got[1]["provider"] == "fake"
+
+
+def test_a_newer_schema_is_never_written(tmp_path):
+    path = str(tmp_path / "new.db")
+    store = llm_mux.UsageStore(path)
+    store.db.execute("UPDATE llm_mux_schema SET version = 99")
+    store.db.commit()
+    store.close()
+    again = llm_mux.UsageStore(path)
+    assert again.writable is False
+    again.close()
+
+
+def test_usage_can_be_turned_off(gateway, upstream, tmp_path):
+    up = upstream()
+    gw = gateway(openai_provider_config(up.url) + "usage: {enabled: false}\n")
+    openai.OpenAI(base_url=gw.url + "/v1", api_key="k", max_retries=0).chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "x"}])
+    stop(gw)
+    assert not os.path.exists(tmp_path / "usage.db")
