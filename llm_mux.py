@@ -16,7 +16,7 @@ Table of contents
    8. Credentials
    9. Providers
   10. Routing
-  11. Usage
+  11. Usage and metrics
   12. Gateway
   13. Client API
   14. Watcher
@@ -1791,11 +1791,12 @@ class Request:
     """One parsed client request. The body is fully read (bounded by max-request-size) before the app runs."""
 
     __slots__ = ("method", "target", "path", "query_string", "version", "headers", "body", "peer", "keep_alive",
-                 "_query", "_json", "received_at", "secure")
+                 "_query", "_json", "received_at", "secure", "principal")
 
     def __init__(self, method, target, version, headers, peer):
         self.method = method
         self.target = target
+        self.principal = ""  # who the app authenticated the request as (a client key's name)
         path, _, qs = target.partition("?")
         self.path = urllib.parse.unquote(path) if "%" in path else path
         self.query_string = qs
@@ -2969,7 +2970,7 @@ class ChatRequest:
     __slots__ = ("model", "system", "messages", "tools", "tool_choice", "parallel_tool_calls", "max_tokens",
                  "temperature", "top_p", "top_k", "stop", "n", "presence_penalty", "frequency_penalty", "seed",
                  "response_format", "thinking", "stream", "include_usage", "user", "metadata", "passthrough",
-                 "native_tools", "safety_settings", "betas", "cache_key",
+                 "native_tools", "safety_settings", "betas", "cache_key", "client_key",
                  "client_format")
 
     kind = "chat"
@@ -3001,6 +3002,7 @@ class ChatRequest:
         self.safety_settings = None
         self.betas = None
         self.cache_key = None
+        self.client_key = ""  # the name of the client key the request came with
         self.client_format = client_format
 
     def system_text(self):
@@ -3048,7 +3050,7 @@ class Usage:
 class EmbeddingRequest:
     """Texts to embed, in order. `dimensions` asks for shorter vectors where the model allows; `task` is a
     Gemini taskType. Routed like a chat request (same models, credentials and failover)."""
-    __slots__ = ("model", "inputs", "dimensions", "task", "client_format", "thinking", "encoding")
+    __slots__ = ("model", "inputs", "dimensions", "task", "client_format", "thinking", "encoding", "client_key")
     kind = "embed"
     stream = False
 
@@ -3056,6 +3058,7 @@ class EmbeddingRequest:
         self.model, self.inputs, self.dimensions, self.task = model, inputs, dimensions, task
         self.client_format, self.thinking = client_format, None
         self.encoding = "float"  # how an OpenAI client wants the vectors back (float, or base64 of float32)
+        self.client_key = ""
 
     def conversation_key(self):
         return None  # no conversation: any credential will do
@@ -9621,7 +9624,7 @@ class Refresher:
         self.providers = providers  # () -> the providers to keep fresh
         self.clock = clock or Clock()
         self.task = None
-        self.refresh_calls = 0
+        self.refresh_calls = self.refresh_failures = 0
 
     def due(self, cred, margin, provider, now=None):
         exp = provider.token_expiry(cred)
@@ -9697,6 +9700,7 @@ class Refresher:
             return True
         except RefreshError as e:
             cred.refresh_error = e.message
+            self.refresh_failures += 1
             if e.revoked:
                 cred.disabled = "revoked: " + e.message[:200]
                 log.error("credential %s disabled: refresh token revoked (%s)", cred.label, e.message[:300])
@@ -9738,10 +9742,10 @@ def random_uniform(a, b):
     return a + (b - a) * (int.from_bytes(os.urandom(4), "big") / 4294967296.0)
 
 
-# === 11. Usage ===
-# Owns: turning each finished Call into one usage record and keeping it: the SQLite store (versioned schema with
-# migrations, llm-mux's table read as is), the writer thread fed by a bounded queue, retention. The event loop
-# only enqueues; nothing here decides routing.
+# === 11. Usage and metrics ===
+# Owns: turning each finished Call into one usage record and keeping it (the SQLite store with its versioned
+# schema, the writer thread fed by a bounded queue, retention) and into Prometheus metrics. The event loop only
+# enqueues and counts; nothing here decides routing.
 
 USAGE_COLUMNS = (  # llm-mux's usage_records columns first (gateway.md §7.2), then ours
     ("provider", "TEXT NOT NULL DEFAULT ''"), ("model", "TEXT NOT NULL DEFAULT ''"),
@@ -9757,7 +9761,8 @@ USAGE_COLUMNS = (  # llm-mux's usage_records columns first (gateway.md §7.2), t
     ("model_requested", "TEXT NOT NULL DEFAULT ''"), ("kind", "TEXT NOT NULL DEFAULT 'chat'"),
     ("outcome", "TEXT NOT NULL DEFAULT 'ok'"), ("error_class", "TEXT NOT NULL DEFAULT ''"),
     ("status", "INTEGER NOT NULL DEFAULT 0"), ("stream", "BOOLEAN NOT NULL DEFAULT 0"),
-    ("latency_ms", "REAL NOT NULL DEFAULT 0"), ("ttft_ms", "REAL"), ("uncached_input_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("latency_ms", "REAL NOT NULL DEFAULT 0"), ("ttft_ms", "REAL"),
+    ("uncached_input_tokens", "INTEGER NOT NULL DEFAULT 0"),
     ("cost_usd", "REAL"),
 )
 USAGE_SCHEMA_VERSION = 1
@@ -9769,7 +9774,7 @@ def usage_record(call, wall_started):
     u = call.usage or Usage()
     failure = call.failure
     return {
-        "provider": call.provider.id, "model": call.route.model or "unknown", "api_key": "",
+        "provider": call.provider.id, "model": call.route.model or "unknown", "api_key": call.req.client_key,
         "auth_id": call.cred.id, "source": call.cred.label,
         "requested_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(wall_started)),
         "failed": call.outcome != "ok", "input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
@@ -9920,6 +9925,134 @@ class UsageWriter:
         self.store.close()
 
 
+class Metrics:
+    """Prometheus metrics. Counters and histograms are fed by finished Calls (`observe`, a Call observer); gauges
+    (in flight, credential health, breakers, the process) are read from the Gateway at scrape time. Label values
+    are bounded: provider ids, served model names, client formats, outcomes, error classes, client-key names and
+    credential ids; never a secret or a request id."""
+
+    BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+    TOKEN_KINDS = (("input_uncached", "uncached_input_tokens"), ("cache_read", "cache_read_input_tokens"),
+                   ("cache_write", "cache_creation_input_tokens"), ("output", "output_tokens"),
+                   ("reasoning", "reasoning_tokens"))
+
+    def __init__(self):
+        self.requests = {}  # (provider, model, format, outcome, key) -> count
+        self.errors = {}  # (provider, error class) -> count
+        self.tokens = {}  # (provider, model, kind) -> count
+        self.durations = {}  # (provider, model) -> [bucket counts..., sum, count]
+        self.ttfb = {}
+
+    def observe(self, call):
+        r = usage_record(call, call.wall_started)
+        labels = (r["provider"], r["model"], r["client_format"], r["outcome"], r["api_key"])
+        self.requests[labels] = self.requests.get(labels, 0) + 1
+        if r["error_class"]:
+            key = (r["provider"], r["error_class"])
+            self.errors[key] = self.errors.get(key, 0) + 1
+        for kind, column in self.TOKEN_KINDS:
+            if r[column]:
+                key = (r["provider"], r["model"], kind)
+                self.tokens[key] = self.tokens.get(key, 0) + r[column]
+        self._histogram(self.durations, (r["provider"], r["model"]), r["latency_ms"] / 1000.0)
+        if r["ttft_ms"] is not None:
+            self._histogram(self.ttfb, (r["provider"], r["model"]), r["ttft_ms"] / 1000.0)
+
+    def _histogram(self, table, labels, value):
+        h = table.get(labels)
+        if h is None:
+            h = table[labels] = [0] * (len(self.BUCKETS) + 2)
+        for i, bound in enumerate(self.BUCKETS):
+            if value <= bound:
+                h[i] += 1
+        h[-2] += value
+        h[-1] += 1
+
+    @staticmethod
+    def _labels(names, values):
+        def esc(v):
+            return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return "{%s}" % ",".join('%s="%s"' % (n, esc(v)) for n, v in zip(names, values))
+
+    def _family(self, out, name, kind, help, names, table):
+        out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, help, name, kind))
+        for values, value in sorted(table.items()):
+            out.append("%s%s %s\n" % (name, self._labels(names, values), value))
+
+    def _histograms(self, out, name, help, table):
+        out.append("# HELP %s %s\n# TYPE %s histogram\n" % (name, help, name))
+        for labels, h in sorted(table.items()):
+            for i, bound in enumerate(self.BUCKETS):
+                le = self._labels(("provider", "model", "le"), labels + (bound,))
+                out.append("%s_bucket%s %d\n" % (name, le, h[i]))
+            inf = self._labels(("provider", "model", "le"), labels + ("+Inf",))
+            out.append("%s_bucket%s %d\n" % (name, inf, h[-1]))
+            out.append("%s_sum%s %.6f\n%s_count%s %d\n" % (name, self._labels(("provider", "model"), labels), h[-2],
+                                                             name, self._labels(("provider", "model"), labels), h[-1]))
+
+    def render(self, gw):
+        """The text exposition format (version 0.0.4)."""
+        out = []
+        self._family(out, "llm_mux_requests_total", "counter", "Upstream attempts by how they ended.",
+                     ("provider", "model", "format", "outcome", "key"), self.requests)
+        self._family(out, "llm_mux_upstream_errors_total", "counter", "Failed upstream attempts by error class.",
+                     ("provider", "class"), self.errors)
+        self._family(out, "llm_mux_tokens_total", "counter", "Tokens by kind (input without cache, cache read, "
+                     "cache write, output, reasoning).", ("provider", "model", "kind"), self.tokens)
+        self._histograms(out, "llm_mux_request_duration_seconds", "Upstream attempt duration.", self.durations)
+        self._histograms(out, "llm_mux_time_to_first_byte_seconds", "Time to the upstream's first byte.", self.ttfb)
+        now = gw.clock.now()
+        in_flight, usable, cooling, disabled = {}, {}, {}, {}
+        for p in gw.registry.providers:
+            in_flight[(p.id,)] = in_flight.get((p.id,), 0) + sum(c.in_flight for c in p.credentials)
+            for c in p.credentials:
+                left = max([0.0] + [c.cooling_until(m) - now for _, m in p.model_list()])
+                usable[(p.id, c.id)] = int(not c.disabled and left <= 0)
+                cooling[(p.id, c.id)] = round(left, 3)
+                disabled[(p.id, c.id)] = int(bool(c.disabled))
+        self._family(out, "llm_mux_in_flight_requests", "gauge", "Upstream attempts under way.", ("provider",),
+                     in_flight)
+        creds = ("provider", "credential")
+        self._family(out, "llm_mux_credential_usable", "gauge", "1 when the credential can take requests.", creds,
+                     usable)
+        self._family(out, "llm_mux_credential_cooling_seconds", "gauge", "Seconds until the credential's longest "
+                     "cooldown ends.", creds, cooling)
+        self._family(out, "llm_mux_credential_disabled", "gauge", "1 when revoked or rejected upstream.", creds,
+                     disabled)
+        self._family(out, "llm_mux_circuit_breaker_open", "gauge", "1 while the provider's breaker is open or "
+                     "half-open.", ("provider",), {(k,): int(b.state != "closed")
+                                                   for k, b in gw.router.breakers.items()})
+        self._family(out, "llm_mux_refreshes_total", "counter", "Token refreshes attempted.", (),
+                     {(): gw.refresher.refresh_calls})
+        self._family(out, "llm_mux_refresh_failures_total", "counter", "Token refreshes that failed.", (),
+                     {(): gw.refresher.refresh_failures})
+        writer = gw.usage
+        self._family(out, "llm_mux_usage_records_lost_total", "counter", "Usage records dropped (queue full or "
+                     "disk error).", (), {(): (writer.dropped + writer.errors) if writer else 0})
+        self._family(out, "llm_mux_process_resident_memory_bytes", "gauge", "Resident memory.", (),
+                     {(): process_rss()})
+        self._family(out, "llm_mux_process_cpu_seconds_total", "counter", "CPU time used.", (),
+                     {(): round(sum(os.times()[:2]), 3)})
+        self._family(out, "llm_mux_process_open_fds", "gauge", "Open file descriptors.", (), {(): open_fds()})
+        return "".join(out).replace("{}", "")
+
+
+def process_rss():
+    """Resident memory in bytes (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def open_fds():
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+
+
 def usage_database_path(cfg):
     """Where usage goes: `usage.dsn: sqlite://PATH` (or LLM_MUX_USAGE_DSN), else `usage.database-path`, else
     `usage.db` beside the auth dir. None when usage is off or the DSN names another backend."""
@@ -9962,7 +10095,8 @@ class Gateway:
         self.files = files if files is not None else load_credential_files(cfg.auth_dir)
         self.apply_config(cfg)
         self.started = time.time()
-        self.router.observers.extend((self._note_rejection, self._debug_call))
+        self.metrics = Metrics()
+        self.router.observers.extend((self._note_rejection, self._debug_call, self.metrics.observe))
         self.usage = None
         self.stand_ins_logged = set()
 
@@ -10203,6 +10337,7 @@ class App:
             ("POST", "/v1/messages"): self.messages,
             ("POST", "/v1/messages/count_tokens"): self.messages_count_tokens,
             ("POST", "/v1/embeddings"): self.embeddings,
+            ("GET", "/metrics"): self.metrics,
             ("GET", "/v1beta/models"): self.gemini_list_models,
         }
         for prefix in ("/api", "/ollama/api"):
@@ -10215,6 +10350,7 @@ class App:
             self.routes[("POST", prefix + "/embed")] = self.ollama_embed
             self.routes[("POST", prefix + "/embeddings")] = self.ollama_embed
         self.public = {"/", "/api/version", "/ollama/api/version"}
+        self.loopback_public = {"/metrics"}  # free on this machine; a client key from elsewhere
 
     async def __call__(self, req):
         fmt = format_for_path(req.path)
@@ -10226,7 +10362,7 @@ class App:
                 if any(p == req.path for _, p in self.routes):
                     raise GatewayError(405, "method %s not allowed on %s" % (req.method, req.path))
                 raise GatewayError(404, "no route for %s %s" % (req.method, req.path), "not_found")
-            if req.path not in self.public:
+            if req.path not in self.public and not (req.path in self.loopback_public and is_loopback_host(req.peer)):
                 self.authenticate(req)
             return await handler(req)
         except GatewayError as e:
@@ -10281,14 +10417,15 @@ class App:
                             "key (in Open WebUI: the connection's Bearer key), see README 'Pointing tools at it'",
                             req.path)
             raise GatewayError(401, "API key required (send Authorization: Bearer <key>)", "authentication")
-        matched = False
+        matched = None
         for p in presented:
             pb = p.encode("utf-8", "replace")
-            for k in keys:
+            for i, k in enumerate(keys):
                 if hmac.compare_digest(pb, k.encode("utf-8", "replace")):
-                    matched = True
-        if not matched:
+                    matched = i
+        if matched is None:
             raise GatewayError(401, "Invalid API key", "authentication")
+        req.principal = "key-%d" % (matched + 1)  # a name for usage and metrics, never the key itself
 
     @staticmethod
     def read_json(req):
@@ -10414,8 +10551,13 @@ class App:
         return await self.serve_chat(req, Gemini, ir, encoder=lambda r: Gemini.StreamEncoder(r, sse),
                                      content_type="text/event-stream" if sse else "application/json")
 
+    async def metrics(self, req):
+        return Response(200, self.gw.metrics.render(self.gw).encode("utf-8"), None,
+                        "text/plain; version=0.0.4; charset=utf-8")
+
     async def embeddings(self, req):
         ir = OpenAIChat.parse_embeddings(self.read_json(req))
+        ir.client_key = req.principal
         return json_response(OpenAIChat.build_embeddings(await self.gw.embed(ir), ir))
 
     async def ollama_embed(self, req):
@@ -10489,6 +10631,7 @@ class App:
                                      content_type="application/x-ndjson")
 
     async def serve_chat(self, http_req, codec, ir, encoder=None, render=None, content_type=None):
+        ir.client_key = http_req.principal
         call = await self.gw.call(ir)
         if not ir.stream:
             answer = await call.answer()
