@@ -1039,6 +1039,7 @@ CONFIG_SCHEMA = {
     "routing": ({"provider-priority": (("map", "int"), {}), "aliases": (("map", "str"), {}),
                  "fallbacks": (("map", ("list", "str")), {}), "family-fallback": ("bool", True)}, None),
     "refresh-lead": (("map", "any"), {}),
+    "pricing": (("map", "any"), {}),
     "payload": ({"default": (("list", "any"), []), "override": (("list", "any"), [])}, None),
     "ampcode": ({"upstream-url": ("str", ""), "upstream-api-key": ("str", ""),
                  "restrict-management-to-localhost": ("bool", True), "model-mappings": (("list", "any"), [])},
@@ -1307,6 +1308,37 @@ providers: []
 """
 
 
+# Built-in list prices, USD per million tokens: (input, output, cache read, cache write), first matching pattern
+# wins. An approximation of the providers' published prices (late 2025) for the API-equivalent cost of a request;
+# `pricing:` in the config overrides or extends it (README: Usage records).
+PRICES = (
+    ("claude-*opus-4-5*", (5, 25, 0.5, 6.25)), ("claude-opus-4.5", (5, 25, 0.5, 6.25)),
+    ("claude-opus-4-6*", (5, 25, 0.5, 6.25)), ("*claude*opus*", (15, 75, 1.5, 18.75)),
+    ("*claude*haiku-4*", (1, 5, 0.1, 1.25)), ("*claude*haiku*", (0.8, 4, 0.08, 1)),
+    ("*claude*", (3, 15, 0.3, 3.75)),
+    ("gemini-*flash-lite*", (0.1, 0.4, 0.025, 0)), ("gemini-2*flash*", (0.3, 2.5, 0.075, 0)),
+    ("gemini-*flash*", (0.5, 3, 0.125, 0)), ("gemini-2*pro*", (1.25, 10, 0.3125, 0)),
+    ("gemini-*pro*", (2, 12, 0.5, 0)), ("gemini-embedding*", (0.15, 0, 0, 0)), ("text-embedding-00*", (0.025, 0, 0, 0)),
+    ("text-embedding-3-small", (0.02, 0, 0, 0)), ("text-embedding-3-large", (0.13, 0, 0, 0)),
+    ("gpt-5*mini*", (0.25, 2, 0.025, 0)), ("gpt-5*", (1.25, 10, 0.125, 0)), ("gpt-4.1*", (2, 8, 0.5, 0)),
+    ("gpt-4o*", (2.5, 10, 1.25, 0)), ("gpt-oss*", (0.15, 0.6, 0, 0)), ("*grok-code-fast*", (0.2, 1.5, 0.02, 0)),
+    ("deepseek-r1*", (0.55, 2.19, 0.14, 0)), ("deepseek*", (0.28, 0.42, 0.028, 0)),
+    ("qwen3-coder*", (1, 5, 0.1, 0)), ("coder-model", (1, 5, 0.1, 0)), ("qwen3-max*", (1.2, 6, 0.24, 0)),
+    ("qwen*", (0.4, 1.2, 0, 0)), ("vision-model", (0.4, 1.2, 0, 0)), ("glm-4*", (0.6, 2.2, 0.11, 0)),
+    ("kimi*", (0.6, 2.5, 0.15, 0)), ("*minimax*", (0.3, 1.2, 0, 0)),
+)
+PRICE_FIELDS = ("input", "output", "cache-read", "cache-write")
+
+
+def price_of(model, overrides=()):
+    """(input, output, cache read, cache write) in USD per million tokens for `model`: the config's `pricing:`
+    first, then the built-in table; None when neither knows it."""
+    for pattern, price in tuple(overrides) + PRICES:
+        if glob_match(pattern, model):
+            return price
+    return None
+
+
 class ProviderRegistry:
     """The one catalogue of provider classes, filled as each Provider subclass is defined (Providers section):
     by the `type` of a `providers:` entry (`config_type`) and by the `type` of a credential file (`file_type`).
@@ -1432,9 +1464,30 @@ class Config:
                           for i, p in enumerate(data["providers"])]
         self.providers = [p for p in self.providers if p is not None]
         self._dedupe_providers()
+        self.pricing = self._prices(data["pricing"], locate)
         self.overrides = {}
         for src, dst in data["upstream-overrides"].items():
             self.overrides[normalize_origin(src)] = dst.rstrip("/")
+
+    def _prices(self, pricing, locate):
+        """`pricing:` as ((pattern, (input, output, cache read, cache write)), ...), each checked: four
+        non-negative numbers (USD per million tokens), for a model some provider serves or lists."""
+        known = {m for c in set(PROVIDERS.entries.values()) | set(PROVIDERS.files.values()) for m in c.default_models}
+        known.update(n for p in self.providers for pair in p.models for n in pair if n)
+        known.update(pattern for pattern, _ in PRICES)
+        out = []
+        for name, spec in pricing.items():
+            where = "%s: pricing.%s" % (locate(("pricing", name)), name) if locate else "pricing.%s" % name
+            if not isinstance(spec, dict) or set(spec) - set(PRICE_FIELDS) or not all(
+                    isinstance(spec.get(f, 0), (int, float)) and not isinstance(spec.get(f, 0), bool) and
+                    spec.get(f, 0) >= 0 for f in PRICE_FIELDS):
+                raise ConfigError("%s: expected {input, output, cache-read, cache-write}: non-negative USD per "
+                                  "million tokens" % where)
+            if not any(glob_match(name, m) or m == name for m in known):
+                raise ConfigError("%s: no provider serves or lists a model %r (check the name, or list the model "
+                                  "under a provider first)" % (where, name))
+            out.append((name, tuple(float(spec.get(f, 0)) for f in PRICE_FIELDS)))
+        return tuple(out)
 
     def _dedupe_providers(self):
         seen = set()
@@ -9763,17 +9816,25 @@ USAGE_COLUMNS = (  # llm-mux's usage_records columns first (gateway.md §7.2), t
     ("status", "INTEGER NOT NULL DEFAULT 0"), ("stream", "BOOLEAN NOT NULL DEFAULT 0"),
     ("latency_ms", "REAL NOT NULL DEFAULT 0"), ("ttft_ms", "REAL"),
     ("uncached_input_tokens", "INTEGER NOT NULL DEFAULT 0"),
-    ("cost_usd", "REAL"),
+    ("cost_usd", "REAL"), ("subscription_value_usd", "REAL"),
 )
 USAGE_SCHEMA_VERSION = 1
 
 
-def usage_record(call, wall_started):
+def usage_cost(record, prices):
+    """USD for a record's tokens at `prices` (per million: input, output, cache read, cache write)."""
+    p_in, p_out, p_read, p_write = prices
+    return round((record["uncached_input_tokens"] * p_in + record["output_tokens"] * p_out +
+                  record["cache_read_input_tokens"] * p_read + record["cache_creation_input_tokens"] * p_write)
+                 / 1e6, 8)
+
+
+def usage_record(call, wall_started, pricing=()):
     """One usage record (a dict of USAGE_COLUMNS) for a finished Call. Tokens are normalised whatever the formats:
     input counts cache reads and writes (IR convention), `uncached_input_tokens` leaves them out."""
     u = call.usage or Usage()
     failure = call.failure
-    return {
+    record = {
         "provider": call.provider.id, "model": call.route.model or "unknown", "api_key": call.req.client_key,
         "auth_id": call.cred.id, "source": call.cred.label,
         "requested_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(wall_started)),
@@ -9788,6 +9849,12 @@ def usage_record(call, wall_started):
         "latency_ms": round((call.ended - call.started) * 1000, 3),
         "ttft_ms": round((call.first_byte - call.started) * 1000, 3) if call.first_byte is not None else None,
     }
+    prices = price_of(record["model"], pricing)
+    if prices is not None:  # an OAuth account (a subscription) spends nothing per token: record what it saved
+        cost = usage_cost(record, prices)
+        subscription = call.cred.path is not None
+        record["cost_usd"], record["subscription_value_usd"] = (0.0, cost) if subscription else (cost, 0.0)
+    return record
 
 
 class UsageStore:
@@ -9861,12 +9928,12 @@ class UsageWriter:
         self.thread = threading.Thread(target=self._run, name="llm-mux-usage", daemon=True)
         self.thread.start()
 
-    def record(self, call):
-        """A Call observer: enqueue its record (the event loop never touches the disk)."""
+    def record(self, record):
+        """Enqueue one usage record (the event loop never touches the disk)."""
         if not self.store.writable:
             return
         try:
-            self.queue.put_nowait(usage_record(call, call.wall_started))
+            self.queue.put_nowait(record)
         except Exception:  # queue.Full: the writer cannot keep up
             self.dropped += 1
             self._warn("full", "usage queue full: dropping records until the writer catches up")
@@ -9942,9 +10009,10 @@ class Metrics:
         self.tokens = {}  # (provider, model, kind) -> count
         self.durations = {}  # (provider, model) -> [bucket counts..., sum, count]
         self.ttfb = {}
+        self.cost = {}  # (provider, model, kind: api | subscription) -> USD
 
-    def observe(self, call):
-        r = usage_record(call, call.wall_started)
+    def observe(self, r):
+        """Count one usage record."""
         labels = (r["provider"], r["model"], r["client_format"], r["outcome"], r["api_key"])
         self.requests[labels] = self.requests.get(labels, 0) + 1
         if r["error_class"]:
@@ -9954,6 +10022,10 @@ class Metrics:
             if r[column]:
                 key = (r["provider"], r["model"], kind)
                 self.tokens[key] = self.tokens.get(key, 0) + r[column]
+        for kind, column in (("api", "cost_usd"), ("subscription", "subscription_value_usd")):
+            if r.get(column):
+                key = (r["provider"], r["model"], kind)
+                self.cost[key] = round(self.cost.get(key, 0.0) + r[column], 8)
         self._histogram(self.durations, (r["provider"], r["model"]), r["latency_ms"] / 1000.0)
         if r["ttft_ms"] is not None:
             self._histogram(self.ttfb, (r["provider"], r["model"]), r["ttft_ms"] / 1000.0)
@@ -9999,6 +10071,8 @@ class Metrics:
                      ("provider", "class"), self.errors)
         self._family(out, "llm_mux_tokens_total", "counter", "Tokens by kind (input without cache, cache read, "
                      "cache write, output, reasoning).", ("provider", "model", "kind"), self.tokens)
+        self._family(out, "llm_mux_cost_usd_total", "counter", "USD at list prices: spent through API keys (api) or "
+                     "saved by subscriptions (subscription).", ("provider", "model", "kind"), self.cost)
         self._histograms(out, "llm_mux_request_duration_seconds", "Upstream attempt duration.", self.durations)
         self._histograms(out, "llm_mux_time_to_first_byte_seconds", "Time to the upstream's first byte.", self.ttfb)
         now = gw.clock.now()
@@ -10096,7 +10170,7 @@ class Gateway:
         self.apply_config(cfg)
         self.started = time.time()
         self.metrics = Metrics()
-        self.router.observers.extend((self._note_rejection, self._debug_call, self.metrics.observe))
+        self.router.observers.extend((self._note_rejection, self._debug_call, self._account))
         self.usage = None
         self.stand_ins_logged = set()
 
@@ -10148,6 +10222,13 @@ class Gateway:
         """Where log files go: `logs/` beside the auth dir."""
         return os.path.join(os.path.dirname(cfg.auth_dir.rstrip("/")) or ".", "logs")
 
+    def _account(self, call):
+        """Every finished Call becomes one usage record: counted in the metrics, queued for the usage store."""
+        record = usage_record(call, call.wall_started, self.cfg.pricing)
+        self.metrics.observe(record)
+        if self.usage is not None:
+            self.usage.record(record)
+
     def _debug_call(self, call):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("upstream call %s %s -> %s in %.0f ms via %s (%s)", call.method, call.url, call.status or "-",
@@ -10164,15 +10245,13 @@ class Gateway:
             except Exception as e:  # an unusable database costs the records, never the gateway
                 log.error("usage database %s cannot be opened: %s; usage is not recorded", path, e)
             else:
-                self.router.observers.append(self.usage.record)
                 log.info("usage records go to %s", path)
 
     def stop_usage(self):
         """Write every queued usage record (SIGTERM and Ctrl-C lose none)."""
         if self.usage is not None:
-            self.router.observers.remove(self.usage.record)
-            self.usage.close()
-            self.usage = None
+            usage, self.usage = self.usage, None
+            usage.close()
 
     def stop(self):
         self.refresher.stop()

@@ -119,3 +119,47 @@ def test_usage_can_be_turned_off(gateway, upstream, tmp_path):
         model="gpt-test", messages=[{"role": "user", "content": "x"}])
     stop(gw)
     assert not os.path.exists(tmp_path / "usage.db")
+
+
+def test_cost_at_list_prices_and_pricing_overrides(gateway, upstream, tmp_path):
+    up = upstream(lambda r: Reply(body=openai_completion(usage={
+        "prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500,
+        "prompt_tokens_details": {"cached_tokens": 200}})))
+    gw = gateway(openai_provider_config(up.url) + "pricing:\n  gpt-test: {input: 2, output: 8, cache-read: 0.5}\n")
+    openai.OpenAI(base_url=gw.url + "/v1", api_key="k", max_retries=0).chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "x"}])
+    stop(gw)
+    (r,) = rows(tmp_path / "usage.db")
+    assert r["cost_usd"] == pytest.approx((800 * 2 + 500 * 8 + 200 * 0.5) / 1e6)  # an API key: money spent
+    assert r["subscription_value_usd"] == 0
+
+
+def test_a_subscription_records_what_it_saved_not_what_it_spent():
+    from harness import GatewayThread
+    gw = GatewayThread("providers:\n  - type: anthropic\n    api-key: sk\n")
+    try:
+        route = gw.gateway.registry.resolve("claude-sonnet-4-5-20250929")[0]
+        cred = route.provider.credentials[0]
+        req = llm_mux.ChatRequest("claude-sonnet-4-5-20250929")
+        call = llm_mux.Call(gw.gateway.router, req, route, cred)
+        call.usage = llm_mux.Usage(input_tokens=1000, output_tokens=100)
+        call.finish("ok")
+        api = llm_mux.usage_record(call, 0)
+        cred.path = "/auth/claude-a.json"  # the same call on an OAuth account
+        sub = llm_mux.usage_record(call, 0)
+        expected = (1000 * 3 + 100 * 15) / 1e6  # Sonnet's list prices
+        assert (api["cost_usd"], api["subscription_value_usd"]) == (pytest.approx(expected), 0.0)
+        assert (sub["cost_usd"], sub["subscription_value_usd"]) == (0.0, pytest.approx(expected))
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize("text, says", [
+    ("pricing:\n  no-such-model: {input: 1}\n", "t.yaml:2:3: pricing.no-such-model: no provider serves or lists"),
+    ("pricing:\n  gpt-5: {input: -1}\n", "non-negative USD per million tokens"),
+    ("pricing:\n  gpt-5: {inptu: 1}\n", "expected {input, output, cache-read, cache-write}"),
+])
+def test_bad_pricing_is_a_config_error_with_its_line(text, says):
+    with pytest.raises(llm_mux.ConfigError) as e:
+        llm_mux.Config.from_text(text, "t.yaml", environ={})
+    assert says in str(e.value)
