@@ -18,10 +18,11 @@ Table of contents
   10. Routing
   11. Usage and metrics
   12. Gateway
-  13. Client API
-  14. Watcher
-  15. CLI
-  16. main
+  13. Management API
+  14. Client API
+  15. Watcher
+  16. CLI
+  17. main
 """
 
 # === 1. Header, version, table of contents ===
@@ -1032,7 +1033,7 @@ CONFIG_SCHEMA = {
                "batch-size": ("int", 100), "flush-interval": ("str", "1s"), "retention-days": ("int", 30)}, None),
     "show-provider-prefixes": ("bool", False),
     "use-canonical-translator": ("bool", True),
-    "remote-management": ({"allow-remote": ("bool", False)}, None),
+    "remote-management": ({"allow-remote": ("bool", False), "secret-key": ("str", "")}, None),
     "providers": (("list", PROVIDER_SCHEMA), []),
     "vertex-api-key": (("list", "any"), []),
     "oauth-excluded-models": (("map", ("list", "str")), {}),
@@ -10127,6 +10128,68 @@ def open_fds():
         return 0
 
 
+def parse_day(text, end=False):
+    """Epoch seconds from `YYYY-MM-DD` (its start, or with `end` its last second) or RFC 3339."""
+    if re.match(r"\d{4}-\d{2}-\d{2}\Z", text or ""):
+        import calendar
+        start = calendar.timegm(time.strptime(text, "%Y-%m-%d"))
+        return start + 86399 if end else start
+    when = parse_instant(text)
+    if when is None:
+        raise ValueError("%r is neither YYYY-MM-DD nor RFC 3339" % text)
+    return when
+
+
+def usage_report(path, since, until, filters):
+    """The usage view of gateway.md §7.4, every figure scoped to [since, until] and the filters (provider,
+    model, key, credential), with cost. Runs in a worker thread on its own read-only connection."""
+    import sqlite3
+    where = ["requested_at >= ?", "requested_at <= ?"]
+    args = [time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) for t in (since, until)]
+    for name, column in (("provider", "provider"), ("model", "model"), ("key", "api_key"),
+                         ("credential", "auth_id")):
+        if name in filters:
+            where.append("%s = ?" % column)
+            args.append(filters[name])
+    sums = ("COUNT(*), SUM(NOT failed), SUM(failed), SUM(total_tokens), SUM(input_tokens), SUM(output_tokens), "
+            "SUM(reasoning_tokens), SUM(COALESCE(cost_usd, 0)), SUM(COALESCE(subscription_value_usd, 0))")
+    db = sqlite3.connect("file:%s?mode=ro" % path, uri=True, timeout=30)
+    try:
+        def grouped(keys):
+            sql = "SELECT %s, %s FROM usage_records WHERE %s GROUP BY %s ORDER BY COUNT(*) DESC" % (
+                keys, sums, " AND ".join(where), keys)
+            return db.execute(sql, args).fetchall()
+
+        def figures(row):
+            n, ok, failed, total, inp, out, reasoning, cost, saved = [x or 0 for x in row]
+            return {"requests": n, "success": ok, "failure": failed, "cost_usd": round(cost, 6),
+                    "subscription_value_usd": round(saved, 6),
+                    "tokens": {"total": total, "input": inp, "output": out, "reasoning": reasoning}}
+        (total,) = db.execute("SELECT %s FROM usage_records WHERE %s" % (sums, " AND ".join(where)), args).fetchall()
+        s = figures(total)
+        report = {"summary": {"total_requests": s["requests"], "success_count": s["success"],
+                              "failure_count": s["failure"], "tokens": s["tokens"], "cost_usd": s["cost_usd"],
+                              "subscription_value_usd": s["subscription_value_usd"]},
+                  "by_provider": {}, "by_account": {}, "by_model": {}, "by_key": {}}
+        for row in grouped("provider"):
+            report["by_provider"][row[0] or "unknown"] = figures(row[1:])
+        for row in grouped("provider, auth_id"):
+            report["by_account"]["%s:%s" % row[:2]] = dict(figures(row[2:]), provider=row[0], auth_id=row[1])
+        for row in grouped("model, provider"):  # keyed by model and provider: both survive when they differ
+            report["by_model"]["%s (%s)" % row[:2]] = dict(figures(row[2:]), model=row[0], provider=row[1])
+        for row in grouped("api_key"):
+            report["by_key"][row[0] or "(none)"] = figures(row[1:])
+        days = grouped("substr(requested_at, 1, 10)")
+        hours = grouped("CAST(substr(requested_at, 12, 2) AS INTEGER)")
+        report["timeline"] = {"by_day": sorted([{"day": r[0], "requests": r[1], "tokens": r[4] or 0} for r in days],
+                                               key=lambda d: d["day"]),
+                              "by_hour": sorted([{"hour": r[0], "requests": r[1], "tokens": r[4] or 0}
+                                                 for r in hours], key=lambda h: h["hour"])}
+        return report
+    finally:
+        db.close()
+
+
 def usage_database_path(cfg):
     """Where usage goes: `usage.dsn: sqlite://PATH` (or LLM_MUX_USAGE_DSN), else `usage.database-path`, else
     `usage.db` beside the auth dir. None when usage is off or the DSN names another backend."""
@@ -10170,6 +10233,7 @@ class Gateway:
         self.apply_config(cfg)
         self.started = time.time()
         self.metrics = Metrics()
+        self.recording = True  # usage-statistics-enabled: false stops storing records (metrics still count)
         self.router.observers.extend((self._note_rejection, self._debug_call, self._account))
         self.usage = None
         self.stand_ins_logged = set()
@@ -10226,7 +10290,7 @@ class Gateway:
         """Every finished Call becomes one usage record: counted in the metrics, queued for the usage store."""
         record = usage_record(call, call.wall_started, self.cfg.pricing)
         self.metrics.observe(record)
-        if self.usage is not None:
+        if self.usage is not None and self.recording:
             self.usage.record(record)
 
     def _debug_call(self, call):
@@ -10353,7 +10417,113 @@ class Gateway:
             p.url = None
 
 
-# === 13. Client API ===
+# === 13. Management API ===
+# Owns: the management endpoints under /v1/management (so far usage and its toggle): who may call them (the
+# management key, loopback unless allow-remote, bans after repeated failures) and the {"data", "meta"} envelope.
+# It reads and changes the Gateway; it speaks no client API.
+
+class ManagementError(Exception):
+    def __init__(self, status, code, message):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class Management:
+    """Route table for /v1/management (gateway.md §5). Each call passes the gate of §5.1: remote callers need
+    `remote-management.allow-remote`; every caller the management key (`remote-management.secret-key`, sent as
+    `Authorization` or `X-Management-Key`, compared in constant time); 5 failures from one remote address ban it
+    for 30 minutes; no key configured answers 403."""
+
+    PREFIX = "/v1/management"
+    BAN_AFTER, BAN_FOR = 5, 1800.0
+
+    def __init__(self, gateway):
+        self.gw = gateway
+        self.failures = {}  # remote address -> failed attempts in a row
+        self.banned = {}  # remote address -> until (clock)
+        self.routes = {("GET", "/usage"): self.usage, ("GET", "/usage-statistics-enabled"): self.get_recording,
+                       ("PUT", "/usage-statistics-enabled"): self.put_recording,
+                       ("PATCH", "/usage-statistics-enabled"): self.put_recording}
+
+    def handles(self, path):
+        return path == self.PREFIX or path.startswith(self.PREFIX + "/")
+
+    async def __call__(self, req):
+        try:
+            handler = self.routes.get((req.method, req.path[len(self.PREFIX):]))
+            self.check(req)
+            if handler is None:
+                raise ManagementError(404, "NOT_FOUND", "no management endpoint %s %s" % (req.method, req.path))
+            data = await handler(req)
+            return json_response({"data": data, "meta": {"timestamp": rfc3339(time.time()), "version": __version__}})
+        except ManagementError as e:
+            return json_response({"error": {"code": e.code, "message": e.message}}, e.status)
+
+    def check(self, req):
+        cfg = self.gw.cfg.data["remote-management"]
+        now, peer = self.gw.clock.now(), req.peer
+        local = is_loopback_host(peer)
+        if not local:
+            until = self.banned.get(peer, 0)
+            if until > now:
+                raise ManagementError(403, "FORBIDDEN", "IP banned due to too many failed attempts. Try again in "
+                                                        "%ds" % math.ceil(until - now))
+            if not cfg["allow-remote"]:
+                raise ManagementError(403, "FORBIDDEN", "remote management disabled")
+        if not cfg["secret-key"]:
+            raise ManagementError(403, "FORBIDDEN", "management key not configured")
+        auth = req.headers.get("authorization") or ""
+        presented = (auth[7:] if auth.lower().startswith("bearer ") else auth).strip() or \
+            (req.headers.get("x-management-key") or "").strip()
+        if presented and hmac.compare_digest(presented.encode("utf-8", "replace"),
+                                             cfg["secret-key"].encode("utf-8", "replace")):
+            self.failures.pop(peer, None)
+            return
+        if not local:
+            self.failures[peer] = self.failures.get(peer, 0) + 1
+            if self.failures[peer] >= self.BAN_AFTER:
+                self.failures.pop(peer)
+                self.banned[peer] = now + self.BAN_FOR
+                log.warning("management: %s banned for 30 minutes after %d failed attempts", peer, self.BAN_AFTER)
+        raise ManagementError(401, "UNAUTHORIZED", "invalid management key" if presented else
+                              "missing management key")
+
+    async def usage(self, req):
+        """Usage over a period (from / to / days) with optional provider, model, key and credential filters."""
+        q = req.query
+        try:
+            until = parse_day(q.get("to"), end=True) if q.get("to") else time.time()
+            if q.get("days"):
+                since = until - 86400 * max(1, int(q["days"]))
+            else:
+                since = parse_day(q.get("from")) if q.get("from") else \
+                    until - 86400 * self.gw.cfg.usage["retention-days"]
+        except ValueError as e:
+            raise ManagementError(400, "INVALID_REQUEST", "bad period: %s" % e)
+        filters = {k: q[k] for k in ("provider", "model", "key", "credential") if q.get(k)}
+        path = self.gw.usage.store.path if self.gw.usage is not None else None
+        report = {}
+        if path is not None:
+            loop = asyncio.get_running_loop()
+            report = await loop.run_in_executor(None, usage_report, path, since, until, filters)
+        report["period"] = {"from": rfc3339(since), "to": rfc3339(until),
+                            "retention_days": self.gw.cfg.usage["retention-days"]}
+        return report
+
+    async def get_recording(self, req):
+        return {"usage-statistics-enabled": self.gw.recording}
+
+    async def put_recording(self, req):
+        body = json_or_none(req.body)
+        value = body.get("value") if isinstance(body, dict) else None
+        if not isinstance(value, bool):
+            raise ManagementError(400, "INVALID_REQUEST", 'expected {"value": true or false}')
+        self.gw.recording = value
+        log.info("management: usage recording turned %s by %s", "on" if value else "off", req.peer)
+        return {"usage-statistics-enabled": value}
+
+
+# === 14. Client API ===
 # Owns: the client-facing endpoints: authentication, request parsing into the IR via the client's codec, the
 # hand-off to routing, and writing the answer (JSON or stream) in the client's format. Errors are rendered in the
 # format of the endpoint that was called.
@@ -10406,6 +10576,7 @@ class App:
 
     def __init__(self, gateway):
         self.gw = gateway
+        self.management = Management(gateway)
         self.hinted_ollama = False
         self.routes = {
             ("GET", "/"): self.root,
@@ -10432,6 +10603,8 @@ class App:
         self.loopback_public = {"/metrics"}  # free on this machine; a client key from elsewhere
 
     async def __call__(self, req):
+        if self.management.handles(req.path):
+            return await self.management(req)
         fmt = format_for_path(req.path)
         try:
             handler = self.routes.get((req.method if req.method != "HEAD" else "GET", req.path))
@@ -10761,7 +10934,7 @@ class App:
             await events.aclose()
 
 
-# === 14. Watcher ===
+# === 15. Watcher ===
 # Owns: noticing edits to the config file and to the credential files in auth-dir (polling, debounced) and
 # applying them without a restart. A broken config edit keeps the running config and logs the error with its line.
 
@@ -10923,7 +11096,7 @@ class AuthDirWatcher(Poller):
         return True
 
 
-# === 15. CLI ===
+# === 16. CLI ===
 # Owns: the command line (serve, version, env) and the process around the server: logging, signals, TLS
 # context, the safe-binding check. It builds on everything above and adds no gateway behaviour of its own.
 
@@ -11011,7 +11184,7 @@ async def serve_forever(cfg, ready=None, config_path=None, debug=False):
 
 
 NOT_YET_SUPPORTED = (("ws-auth", lambda cfg: cfg.ws_auth), ("request-log", lambda cfg: cfg.request_log),
-                     ("remote-management", lambda cfg: any(cfg.data["remote-management"].values())))
+                     ("remote-management: everything but usage", lambda cfg: False))
 
 
 def log_next_steps(cfg, gw, port):
@@ -11393,7 +11566,7 @@ def build_parser():
     return parser
 
 
-# === 16. main ===
+# === 17. main ===
 # Owns: the entry point shared by `python llm_mux.py`, the zipapp and `python -m llm_mux`.
 
 def main(argv=None):
