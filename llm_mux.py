@@ -10470,6 +10470,12 @@ class Management:
                                                         "%ds" % math.ceil(until - now))
             if not cfg["allow-remote"]:
                 raise ManagementError(403, "FORBIDDEN", "remote management disabled")
+        self.check_key(req, local)
+
+    def check_key(self, req, local):
+        """The management key must be presented; remote failures count towards a ban."""
+        cfg = self.gw.cfg.data["remote-management"]
+        now, peer = self.gw.clock.now(), req.peer
         if not cfg["secret-key"]:
             raise ManagementError(403, "FORBIDDEN", "management key not configured")
         auth = req.headers.get("authorization") or ""
@@ -10600,7 +10606,7 @@ class App:
             self.routes[("POST", prefix + "/embed")] = self.ollama_embed
             self.routes[("POST", prefix + "/embeddings")] = self.ollama_embed
         self.public = {"/", "/api/version", "/ollama/api/version"}
-        self.loopback_public = {"/metrics"}  # free on this machine; a client key from elsewhere
+        self.loopback_public = {"/metrics"}  # free on this machine; the management key from elsewhere
 
     async def __call__(self, req):
         if self.management.handles(req.path):
@@ -10614,7 +10620,13 @@ class App:
                 if any(p == req.path for _, p in self.routes):
                     raise GatewayError(405, "method %s not allowed on %s" % (req.method, req.path))
                 raise GatewayError(404, "no route for %s %s" % (req.method, req.path), "not_found")
-            if req.path not in self.public and not (req.path in self.loopback_public and is_loopback_host(req.peer)):
+            if req.path in self.loopback_public:
+                if not is_loopback_host(req.peer):
+                    try:
+                        self.management.check_key(req, False)
+                    except ManagementError as e:
+                        raise GatewayError(e.status, e.message, "authentication" if e.status == 401 else "permission")
+            elif req.path not in self.public:
                 self.authenticate(req)
             return await handler(req)
         except GatewayError as e:
@@ -10804,6 +10816,7 @@ class App:
                                      content_type="text/event-stream" if sse else "application/json")
 
     async def metrics(self, req):
+        """Prometheus metrics (free from this machine, the management key from elsewhere)."""
         return Response(200, self.gw.metrics.render(self.gw).encode("utf-8"), None,
                         "text/plain; version=0.0.4; charset=utf-8")
 

@@ -67,3 +67,20 @@ def test_metrics_are_served_without_a_key_on_loopback_only():
         assert "llm_mux_requests" in families
     finally:
         gw.stop()
+
+
+def test_remote_scrapers_need_the_management_key():
+    import llm_mux
+    gw = GatewayThread("api-keys: [sk-client]\nremote-management: {secret-key: mk-123}\n", fake_clock=False)
+    try:
+        app = llm_mux.App(gw.gateway)
+
+        def remote(headers):
+            req = llm_mux.Request("GET", "/metrics", (1, 1), llm_mux.Headers(headers), "192.0.2.7")
+            return gw.run(app(req))
+        assert remote([]).status == 401
+        assert remote([("authorization", "Bearer sk-client")]).status == 401  # a client key is not enough
+        ok = remote([("x-management-key", "mk-123")])
+        assert ok.status == 200 and b"llm_mux_requests_total" in ok.body
+    finally:
+        gw.stop()
