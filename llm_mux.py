@@ -1014,7 +1014,7 @@ CONFIG_SCHEMA = {
     "tls": ({"enable": ("bool", False), "cert": ("str", ""), "key": ("str", "")}, None),
     "auth-dir": ("str", "$XDG_CONFIG_HOME/llm-mux/auth"),
     "disable-auth": ("bool", False),
-    "api-keys": (("list", "str"), []),
+    "api-keys": (("list", "any"), []),
     "ws-auth": ("bool", False),
     "debug": ("bool", False),
     "logging-to-file": ("bool", False),
@@ -1340,6 +1340,72 @@ def price_of(model, overrides=()):
     return None
 
 
+class ClientKey:
+    """One client API key: the secret (or only its SHA-256, `sha256:<hex>`), a name for usage and metrics, and its
+    limits: `models` (globs it may use), `rpm`, `tpm`, `max_budget` USD per `budget_seconds`, `expires` (epoch),
+    `disabled`. A plain string in `api-keys` is a key without limits."""
+
+    __slots__ = ("secret", "digest", "name", "models", "rpm", "tpm", "max_budget", "budget_seconds", "expires",
+                 "disabled")
+    LIMIT_FIELDS = ("key", "name", "models", "rpm", "tpm", "max-budget", "budget-duration", "expires", "disabled")
+
+    def __init__(self, secret, name):
+        self.secret, self.name = secret, name
+        self.digest = bytes.fromhex(secret[7:]) if secret.startswith("sha256:") else None
+        self.models, self.rpm, self.tpm, self.max_budget, self.budget_seconds = (), None, None, None, 30 * 86400.0
+        self.expires, self.disabled = None, False
+
+    def matches(self, presented):
+        """Constant-time comparison of a presented key (bytes) with this one."""
+        if self.digest is not None:
+            return hmac.compare_digest(hashlib.sha256(presented).digest(), self.digest)
+        return hmac.compare_digest(presented, self.secret.encode("utf-8", "replace"))
+
+    def allows(self, model):
+        return not self.models or any(glob_match(p, model) for p in self.models)
+
+    @classmethod
+    def from_config(cls, item, index, where):
+        """A ClientKey from one `api-keys` entry; a ConfigError (with `where`) for anything wrong in it."""
+        def fail(message):
+            raise ConfigError("%s: api-keys[%d]: %s" % (where, index, message))
+        if isinstance(item, str) or item is None:
+            if not (item or "").strip():
+                fail("an empty key would let anyone in; remove it or give it a value")
+            return cls(item.strip(), "key-%d" % (index + 1))
+        if not isinstance(item, dict):
+            fail("expected a key string or a mapping with key, name, models, rpm, tpm, max-budget, ...")
+        unknown = set(item) - set(cls.LIMIT_FIELDS)
+        if unknown:
+            fail("unknown field(s) %s" % ", ".join(sorted(unknown)))
+        secret = str(item.get("key") or "").strip()
+        if not secret or (secret.startswith("sha256:") and not re.match(r"sha256:[0-9a-fA-F]{64}\Z", secret)):
+            fail("key is required (the key itself, or sha256:<64 hex digits> of it)")
+        key = cls(secret, str(item.get("name") or "key-%d" % (index + 1)))
+        models = item.get("models") or []
+        if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+            fail("models must be a list of model names or globs")
+        key.models = tuple(models)
+        for field, attr in (("rpm", "rpm"), ("tpm", "tpm"), ("max-budget", "max_budget")):
+            value = item.get(field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                fail("%s must be a non-negative number" % field)
+            setattr(key, attr, value)
+        if item.get("budget-duration") is not None:
+            text = str(item["budget-duration"]).strip()
+            days = re.match(r"(\d+)d\Z", text)
+            seconds = int(days.group(1)) * 86400 if days else parse_duration(text)
+            if not seconds or seconds <= 0:
+                fail("budget-duration must be a duration such as 24h, 7d or 30d")
+            key.budget_seconds = float(seconds)
+        if item.get("expires") not in (None, ""):
+            key.expires = parse_instant(item["expires"])
+            if key.expires is None:
+                fail("expires must be a date or RFC 3339 time")
+        key.disabled = bool(item.get("disabled"))
+        return key
+
+
 class ProviderRegistry:
     """The one catalogue of provider classes, filled as each Provider subclass is defined (Providers section):
     by the `type` of a `providers:` entry (`config_type`) and by the `type` of a credential file (`file_type`).
@@ -1466,6 +1532,9 @@ class Config:
         self.providers = [p for p in self.providers if p is not None]
         self._dedupe_providers()
         self.pricing = self._prices(data["pricing"], locate)
+        self.client_keys = [ClientKey.from_config(k, i, locate(("api-keys", i)) if locate else path or "config")
+                            for i, k in enumerate(data["api-keys"])]
+        self.api_keys = [k.secret for k in self.client_keys]
         self.overrides = {}
         for src, dst in data["upstream-overrides"].items():
             self.overrides[normalize_origin(src)] = dst.rstrip("/")
@@ -10190,6 +10259,77 @@ def usage_report(path, since, until, filters):
         db.close()
 
 
+class KeyLimits:
+    """Per client key: requests and tokens in the last minute and spend over the budget period, checked before any
+    upstream call (gateway clock). Fed by every usage record; rebuilt from the usage store at start, so a restart
+    resets nothing. Spend is the API-equivalent cost: API-key spend plus what subscriptions saved."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.requests = {}  # key name -> deque of request times (last minute)
+        self.spent = {}  # key name -> deque of (time, tokens, usd)
+
+    def admit(self, cfg, req):
+        key = next((k for k in cfg.client_keys if k.name == req.client_key), None)
+        if key is None:
+            return
+        if not key.allows(req.model):
+            raise GatewayError(403, "API key %s may not use model '%s'" % (key.name, req.model), "permission", "model")
+        now = self.clock.wall()
+        import collections
+        times = self.requests.setdefault(key.name, collections.deque())
+        while times and times[0] <= now - 60:
+            times.popleft()
+        if key.rpm is not None and len(times) >= key.rpm:
+            self._limited(key, "%d requests per minute" % key.rpm, times[0] + 60 - now)
+        spent = self.spent.setdefault(key.name, collections.deque())
+        while spent and spent[0][0] <= now - max(60.0, key.budget_seconds):
+            spent.popleft()
+        if key.tpm is not None:
+            minute = [e for e in spent if e[0] > now - 60]
+            if minute and sum(e[1] for e in minute) >= key.tpm:
+                self._limited(key, "%d tokens per minute" % key.tpm, minute[0][0] + 60 - now)
+        if key.max_budget is not None:
+            window = [e for e in spent if e[0] > now - key.budget_seconds]
+            if window and sum(e[2] for e in window) >= key.max_budget:
+                self._limited(key, "a budget of %s USD per %s" % (key.max_budget, format_seconds(key.budget_seconds)),
+                              window[0][0] + key.budget_seconds - now)
+        times.append(now)
+
+    @staticmethod
+    def _limited(key, what, wait):
+        wait = max(1, math.ceil(wait))
+        raise GatewayError(429, "API key %s is over its limit of %s; retry in %ds" % (key.name, what, wait),
+                           "rate_limit", headers=[("Retry-After", str(wait))])
+
+    def account(self, record, when):
+        """Count a usage record's tokens and cost against its key."""
+        if record["api_key"]:
+            import collections
+            usd = (record.get("cost_usd") or 0) + (record.get("subscription_value_usd") or 0)
+            self.spent.setdefault(record["api_key"], collections.deque()).append((when, record["total_tokens"], usd))
+
+    def rebuild(self, path, horizon):
+        """Spend and tokens of the last `horizon` seconds from the usage store (at start, before serving)."""
+        import sqlite3
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - horizon))
+        db = sqlite3.connect("file:%s?mode=ro" % path, uri=True, timeout=30)
+        try:
+            rows = db.execute("SELECT api_key, requested_at, total_tokens, COALESCE(cost_usd, 0) + "
+                              "COALESCE(subscription_value_usd, 0) FROM usage_records WHERE api_key != '' AND "
+                              "requested_at >= ? ORDER BY requested_at", (since,)).fetchall()
+        finally:
+            db.close()
+        import calendar
+        import collections
+        now = time.time()
+        for name, at, tokens, usd in rows:
+            when = calendar.timegm(time.strptime(at, "%Y-%m-%d %H:%M:%S"))
+            self.account({"api_key": name, "total_tokens": tokens, "cost_usd": usd}, when)
+            if when > now - 60:  # attempts of the last minute count towards rpm (close to the requests)
+                self.requests.setdefault(name, collections.deque()).append(when)
+
+
 def usage_database_path(cfg):
     """Where usage goes: `usage.dsn: sqlite://PATH` (or LLM_MUX_USAGE_DSN), else `usage.database-path`, else
     `usage.db` beside the auth dir. None when usage is off or the DSN names another backend."""
@@ -10233,6 +10373,7 @@ class Gateway:
         self.apply_config(cfg)
         self.started = time.time()
         self.metrics = Metrics()
+        self.key_limits = KeyLimits(self.clock)
         self.recording = True  # usage-statistics-enabled: false stops storing records (metrics still count)
         self.router.observers.extend((self._note_rejection, self._debug_call, self._account))
         self.usage = None
@@ -10290,6 +10431,7 @@ class Gateway:
         """Every finished Call becomes one usage record: counted in the metrics, queued for the usage store."""
         record = usage_record(call, call.wall_started, self.cfg.pricing)
         self.metrics.observe(record)
+        self.key_limits.account(record, call.wall_started)
         if self.usage is not None and self.recording:
             self.usage.record(record)
 
@@ -10310,6 +10452,11 @@ class Gateway:
                 log.error("usage database %s cannot be opened: %s; usage is not recorded", path, e)
             else:
                 log.info("usage records go to %s", path)
+                horizon = max([60.0] + [k.budget_seconds for k in self.cfg.client_keys if k.max_budget is not None])
+                try:
+                    self.key_limits.rebuild(path, horizon)
+                except Exception as e:
+                    log.warning("client-key spend could not be rebuilt from %s: %s", path, e)
 
     def stop_usage(self):
         """Write every queued usage record (SIGTERM and Ctrl-C lose none)."""
@@ -10684,12 +10831,15 @@ class App:
         matched = None
         for p in presented:
             pb = p.encode("utf-8", "replace")
-            for i, k in enumerate(keys):
-                if hmac.compare_digest(pb, k.encode("utf-8", "replace")):
-                    matched = i
+            for key in cfg.client_keys:  # every key compared, none short-circuited
+                if key.matches(pb):
+                    matched = key
         if matched is None:
             raise GatewayError(401, "Invalid API key", "authentication")
-        req.principal = "key-%d" % (matched + 1)  # a name for usage and metrics, never the key itself
+        if matched.disabled or (matched.expires is not None and matched.expires <= self.gw.clock.wall()):
+            raise GatewayError(401, "API key %s is %s" % (matched.name, "disabled" if matched.disabled else "expired"),
+                               "authentication")
+        req.principal = matched.name  # a name for usage and metrics, never the key itself
 
     @staticmethod
     def read_json(req):
@@ -10723,9 +10873,15 @@ class App:
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.gw.started))
         return {"type": "model", "id": mid, "display_name": mid, "created_at": created}
 
+    def model_entries(self, req):
+        """The models the caller's key may use (every served model for a key without an allow-list)."""
+        key = next((k for k in self.gw.cfg.client_keys if k.name == req.principal), None)
+        entries = self.gw.registry.model_entries()
+        return entries if key is None or not key.models else [(m, o) for m, o in entries if key.allows(m)]
+
     async def list_models(self, req):
         family = caller_family(req)
-        ids = [mid for mid, _ in self.gw.registry.model_entries()]
+        ids = [mid for mid, _ in self.model_entries(req)]
         if family == "anthropic":
             data = [self._anthropic_model(mid) for mid in ids]
             return json_response({"data": data, "has_more": False, "first_id": ids[0] if ids else None,
@@ -10734,7 +10890,7 @@ class App:
             return json_response({"models": [Gemini.model_entry(mid) for mid in ids]})
         created = int(self.gw.started)
         data = [{"id": mid, "object": "model", "created": created, "owned_by": owner}
-                for mid, owner in self.gw.registry.model_entries()]
+                for mid, owner in self.model_entries(req)]
         return json_response({"object": "list", "data": data})
 
     def _known_model(self, mid, fmt=None):
@@ -10752,7 +10908,7 @@ class App:
                               "owned_by": routes[0].provider.name})
 
     async def gemini_list_models(self, req):
-        return json_response({"models": [Gemini.model_entry(mid) for mid, _ in self.gw.registry.model_entries()]})
+        return json_response({"models": [Gemini.model_entry(mid) for mid, _ in self.model_entries(req)]})
 
     async def gemini_get_model(self, req):
         mid = req.path[len("/v1beta/models/"):]
@@ -10804,6 +10960,8 @@ class App:
             return json_response({"totalTokens": await self.gw.count_tokens(ir)})
         if action in ("embedContent", "batchEmbedContents"):
             ir = Gemini.parse_embeddings(body, model, action == "batchEmbedContents")
+            ir.client_key = req.principal
+            self.gw.key_limits.admit(self.gw.cfg, ir)
             emb = await self.gw.embed(ir)
             return json_response(Gemini.build_embeddings(emb, ir, action == "batchEmbedContents"))
         if action not in ("generateContent", "streamGenerateContent"):
@@ -10823,12 +10981,15 @@ class App:
     async def embeddings(self, req):
         ir = OpenAIChat.parse_embeddings(self.read_json(req))
         ir.client_key = req.principal
+        self.gw.key_limits.admit(self.gw.cfg, ir)
         return json_response(OpenAIChat.build_embeddings(await self.gw.embed(ir), ir))
 
     async def ollama_embed(self, req):
         legacy = req.path.endswith("/embeddings")
         ir = Ollama.parse_embeddings(self.read_json(req), legacy)
         ir.model = self.ollama_model(ir.model)
+        ir.client_key = req.principal
+        self.gw.key_limits.admit(self.gw.cfg, ir)
         return json_response(Ollama.build_embeddings(await self.gw.embed(ir), ir, legacy))
 
     # -- Ollama ---------------------------------------------------------------------------------------------------
@@ -10853,7 +11014,7 @@ class App:
                             "parameter_size": "", "quantization_level": ""}}
 
     async def ollama_tags(self, req):
-        return json_response({"models": [self._ollama_entry(mid) for mid, _ in self.gw.registry.model_entries()]})
+        return json_response({"models": [self._ollama_entry(mid) for mid, _ in self.model_entries(req)]})
 
     async def ollama_ps(self, req):
         return json_response({"models": []})
@@ -10897,6 +11058,7 @@ class App:
 
     async def serve_chat(self, http_req, codec, ir, encoder=None, render=None, content_type=None):
         ir.client_key = http_req.principal
+        self.gw.key_limits.admit(self.gw.cfg, ir)
         call = await self.gw.call(ir)
         if not ir.stream:
             answer = await call.answer()

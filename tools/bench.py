@@ -4,7 +4,8 @@
 Starts three processes: a fake OpenAI-compatible upstream (a minimal asyncio protocol server, so it is not the
 bottleneck), the gateway (`llm_mux.py serve`), and `wrk` as the load generator. Prints requests/s and latency
 p50/p99 at concurrency 1 and 50, for non-streaming requests and for 64-chunk streams, gateway beside direct,
-plus the gateway's RSS when idle and its growth over 20,000 requests.
+plus the gateway's RSS when idle and its growth over 20,000 requests in mixed formats, and throughput with
+usage records on against off.
 
 Targets (one gateway process, 2 cores): >= 3,000 non-streaming req/s at c=50; <= 0.5 ms added p50 at c=1;
 >= 300 64-chunk streams/s; idle RSS <= 40 MB; RSS growth <= 10 % over 20,000 requests.
@@ -234,12 +235,33 @@ def main(argv=None):
                 for upstream_fmt, model in (("openai", "bench-model"), ("anthropic", "bench-claude")):
                     runs[(client, upstream_fmt)] = wrk(url, body_for(client, model), 50, args.seconds, tmp)
             translation.append((label, runs))
-        # RSS over 20,000 more requests (after the warm-up above).
+        # RSS over 20,000 more requests in mixed formats (after the warm-up above).
         before = rss_mb(gateway.pid)
         done = 0
+        mixed = ((gw_url, body), (a_url, body_for("anthropic", "bench-claude")), (gw_url, body_for("openai",
+                                                                                               "bench-claude")))
         while done < 20000:
-            done += wrk(gw_url, body, 50, 3, tmp)["total"]
+            for url, b in mixed:
+                done += wrk(url, b, 50, 1, tmp)["total"]
         after = rss_mb(gateway.pid)
+        # Usage records on (the default, above) against off, on a second gateway, alternated.
+        off_port = free_port()
+        off_cfg = os.path.join(tmp, "config-off.yaml")
+        with open(off_cfg, "w") as f:
+            f.write(open(cfg).read().replace("port: %d" % gw_port, "port: %d" % off_port) +
+                    "usage: {enabled: false}\n")
+        off_gw = subprocess.Popen([sys.executable, os.path.join(ROOT, "llm_mux.py"), "serve", "--config", off_cfg],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_port(off_port)
+            off_url = "http://127.0.0.1:%d/v1/chat/completions" % off_port
+            usage_runs = {"on": [], "off": []}
+            for _ in range(2):
+                usage_runs["on"].append(wrk(gw_url, body, 50, args.seconds, tmp)["rps"])
+                usage_runs["off"].append(wrk(off_url, body, 50, args.seconds, tmp)["rps"])
+        finally:
+            off_gw.send_signal(signal.SIGTERM)
+            off_gw.wait(30)
     finally:
         gateway.send_signal(signal.SIGTERM)
         upstream.send_signal(signal.SIGINT)
@@ -265,8 +287,11 @@ def main(argv=None):
         if bad:
             print("    errors in: %s" % bad)
     print()
-    print("RSS idle: %.1f MB; after warm-up: %.1f MB; before 20k: %.1f MB; after %d more requests: %.1f MB "
-          "(growth %.1f %%)" % (idle, warm, before, done, after, (after - before) / before * 100.0))
+    print("RSS idle: %.1f MB; after warm-up: %.1f MB; before 20k: %.1f MB; after %d more requests in mixed "
+          "formats: %.1f MB (growth %.1f %%)" % (idle, warm, before, done, after, (after - before) / before * 100.0))
+    on, off = sum(usage_runs["on"]) / 2, sum(usage_runs["off"]) / 2
+    print("Usage records at c=50 (non-stream, two runs each): on %.0f r/s, off %.0f r/s (on is %.0f %% of off)"
+          % (on, off, on / off * 100))
     return 0
 
 
