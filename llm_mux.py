@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import bisect
 import fnmatch
 import hashlib
 import hmac
@@ -1030,7 +1031,7 @@ CONFIG_SCHEMA = {
     "max-request-size": ("int", 52428800),
     "max-response-size": ("int", 104857600),
     "usage": ({"enabled": ("bool", True), "database-path": ("str", ""), "dsn": ("str", ""),
-               "batch-size": ("int", 100), "flush-interval": ("str", "1s"), "retention-days": ("int", 30)}, None),
+               "batch-size": ("int", 500), "flush-interval": ("str", "1s"), "retention-days": ("int", 30)}, None),
     "show-provider-prefixes": ("bool", False),
     "use-canonical-translator": ("bool", True),
     "remote-management": ({"allow-remote": ("bool", False), "secret-key": ("str", "")}, None),
@@ -9939,6 +9940,7 @@ class UsageStore:
         if os.stat(path).st_size == 0:
             os.chmod(path, 0o600)
         self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: a process crash loses nothing committed, no fsync per batch
         self.writable = self._migrate()
 
     def _migrate(self):
@@ -10101,12 +10103,13 @@ class Metrics:
             self._histogram(self.ttfb, (r["provider"], r["model"]), r["ttft_ms"] / 1000.0)
 
     def _histogram(self, table, labels, value):
+        """Counts per bucket (made cumulative when rendered), then sum and count."""
         h = table.get(labels)
         if h is None:
             h = table[labels] = [0] * (len(self.BUCKETS) + 2)
-        for i, bound in enumerate(self.BUCKETS):
-            if value <= bound:
-                h[i] += 1
+        i = bisect.bisect_left(self.BUCKETS, value)
+        if i < len(self.BUCKETS):
+            h[i] += 1
         h[-2] += value
         h[-1] += 1
 
@@ -10124,9 +10127,11 @@ class Metrics:
     def _histograms(self, out, name, help, table):
         out.append("# HELP %s %s\n# TYPE %s histogram\n" % (name, help, name))
         for labels, h in sorted(table.items()):
+            running = 0
             for i, bound in enumerate(self.BUCKETS):
+                running += h[i]
                 le = self._labels(("provider", "model", "le"), labels + (bound,))
-                out.append("%s_bucket%s %d\n" % (name, le, h[i]))
+                out.append("%s_bucket%s %d\n" % (name, le, running))
             inf = self._labels(("provider", "model", "le"), labels + ("+Inf",))
             out.append("%s_bucket%s %d\n" % (name, inf, h[-1]))
             out.append("%s_sum%s %.6f\n%s_count%s %d\n" % (name, self._labels(("provider", "model"), labels), h[-2],
