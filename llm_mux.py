@@ -35,6 +35,7 @@ import base64
 import binascii
 import bisect
 import fnmatch
+import functools
 import hashlib
 import hmac
 from html import escape as html_escape
@@ -1332,9 +1333,10 @@ PRICES = (
 PRICE_FIELDS = ("input", "output", "cache-read", "cache-write")
 
 
+@functools.lru_cache(maxsize=4096)
 def price_of(model, overrides=()):
     """(input, output, cache read, cache write) in USD per million tokens for `model`: the config's `pricing:`
-    first, then the built-in table; None when neither knows it."""
+    first, then the built-in table; None when neither knows it. Cached: it runs for every upstream call."""
     for pattern, price in tuple(overrides) + PRICES:
         if glob_match(pattern, model):
             return price
@@ -9997,6 +9999,7 @@ class UsageWriter:
         self.queue = queue.Queue(queue_size)
         self.dropped = self.errors = self.written = 0
         self.warned = set()
+        self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="llm-mux-usage", daemon=True)
         self.thread.start()
 
@@ -10016,30 +10019,24 @@ class UsageWriter:
             log.warning(message, *args)
 
     def _run(self):
+        """Wake once per flush interval (not once per record: a wake-up per record would take the GIL from the
+        event loop thousands of times a second), write what has queued in batches, prune once a day."""
         import queue
-        stop = False
         next_prune = time.monotonic() + 60
-        while not stop:
+        while True:
+            stopping = self.stopping.wait(self.flush_interval)
             batch = []
-            deadline = time.monotonic() + self.flush_interval
-            while len(batch) < self.batch_size:
+            while True:
                 try:
-                    item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    batch.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-            if stop:  # drain what is left before leaving
-                while True:
-                    try:
-                        item = self.queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is not None:
-                        batch.append(item)
+                if len(batch) >= self.batch_size:
+                    self._write(batch)
+                    batch = []
             self._write(batch)
+            if stopping:
+                return
             if self.retention_days > 0 and time.monotonic() > next_prune:
                 next_prune = time.monotonic() + 24 * 3600
                 self._guarded(self.store.prune, self.retention_days)
@@ -10059,7 +10056,7 @@ class UsageWriter:
 
     def close(self, timeout=30):
         """Write everything queued, then stop."""
-        self.queue.put(None)
+        self.stopping.set()
         self.thread.join(timeout)
         self.store.close()
 
