@@ -9873,24 +9873,19 @@ def random_uniform(a, b):
 # schema, the writer thread fed by a bounded queue, retention) and into Prometheus metrics. The event loop only
 # enqueues and counts; nothing here decides routing.
 
-USAGE_COLUMNS = (  # llm-mux's usage_records columns first (gateway.md §7.2), then ours
-    ("provider", "TEXT NOT NULL DEFAULT ''"), ("model", "TEXT NOT NULL DEFAULT ''"),
-    ("api_key", "TEXT NOT NULL DEFAULT ''"), ("auth_id", "TEXT NOT NULL DEFAULT ''"),
-    ("auth_index", "INTEGER NOT NULL DEFAULT 0"), ("source", "TEXT NOT NULL DEFAULT ''"),
-    ("requested_at", "TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP"), ("failed", "BOOLEAN NOT NULL DEFAULT 0"),
-    ("input_tokens", "INTEGER NOT NULL DEFAULT 0"), ("output_tokens", "INTEGER NOT NULL DEFAULT 0"),
-    ("reasoning_tokens", "INTEGER NOT NULL DEFAULT 0"), ("cached_tokens", "INTEGER NOT NULL DEFAULT 0"),
-    ("total_tokens", "INTEGER NOT NULL DEFAULT 0"), ("audio_tokens", "INTEGER NOT NULL DEFAULT 0"),
-    ("cache_creation_input_tokens", "INTEGER NOT NULL DEFAULT 0"),
-    ("cache_read_input_tokens", "INTEGER NOT NULL DEFAULT 0"), ("tool_use_prompt_tokens", "INTEGER NOT NULL DEFAULT 0"),
-    ("request_id", "TEXT NOT NULL DEFAULT ''"), ("client_format", "TEXT NOT NULL DEFAULT ''"),
-    ("model_requested", "TEXT NOT NULL DEFAULT ''"), ("kind", "TEXT NOT NULL DEFAULT 'chat'"),
-    ("outcome", "TEXT NOT NULL DEFAULT 'ok'"), ("error_class", "TEXT NOT NULL DEFAULT ''"),
-    ("status", "INTEGER NOT NULL DEFAULT 0"), ("stream", "BOOLEAN NOT NULL DEFAULT 0"),
-    ("latency_ms", "REAL NOT NULL DEFAULT 0"), ("ttft_ms", "REAL"),
-    ("uncached_input_tokens", "INTEGER NOT NULL DEFAULT 0"),
-    ("cost_usd", "REAL"), ("subscription_value_usd", "REAL"),
-)
+_TEXT, _INT = "TEXT NOT NULL DEFAULT ''", "INTEGER NOT NULL DEFAULT 0"
+LLM_MUX_COLUMNS = tuple(  # llm-mux's own usage_records (gateway.md §7.2)
+    [(c, _TEXT) for c in ("provider", "model", "api_key", "auth_id")] +
+    [("auth_index", _INT), ("source", _TEXT), ("requested_at", "TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP"),
+     ("failed", "BOOLEAN NOT NULL DEFAULT 0")] +
+    [(c, _INT) for c in ("input_tokens", "output_tokens", "reasoning_tokens", "cached_tokens", "total_tokens",
+                         "audio_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
+                         "tool_use_prompt_tokens")])
+USAGE_COLUMNS = LLM_MUX_COLUMNS + tuple(  # and ours
+    [(c, _TEXT) for c in ("request_id", "client_format", "model_requested", "error_class")] +
+    [("kind", "TEXT NOT NULL DEFAULT 'chat'"), ("outcome", "TEXT NOT NULL DEFAULT 'ok'"), ("status", _INT),
+     ("stream", "BOOLEAN NOT NULL DEFAULT 0"), ("latency_ms", "REAL NOT NULL DEFAULT 0"), ("ttft_ms", "REAL"),
+     ("uncached_input_tokens", _INT), ("cost_usd", "REAL"), ("subscription_value_usd", "REAL")])
 USAGE_SCHEMA_VERSION = 1
 
 
@@ -9954,7 +9949,7 @@ class UsageStore:
                       self.path, row[0], USAGE_SCHEMA_VERSION)
             return False
         db.execute("CREATE TABLE IF NOT EXISTS usage_records (id INTEGER PRIMARY KEY AUTOINCREMENT, %s)"
-                   % ", ".join("%s %s" % c for c in USAGE_COLUMNS[:17]))
+                   % ", ".join("%s %s" % c for c in LLM_MUX_COLUMNS))
         have = {r[1] for r in db.execute("PRAGMA table_info(usage_records)")}
         for name, decl in USAGE_COLUMNS:  # llm-mux's own migrations and ours: add what is missing
             if name not in have:
