@@ -3096,7 +3096,7 @@ class ChatRequest:
     __slots__ = ("model", "system", "messages", "tools", "tool_choice", "parallel_tool_calls", "max_tokens",
                  "temperature", "top_p", "top_k", "stop", "n", "presence_penalty", "frequency_penalty", "seed",
                  "response_format", "thinking", "stream", "include_usage", "user", "metadata", "passthrough",
-                 "native_tools", "safety_settings", "betas", "cache_key", "client_key",
+                 "native_tools", "safety_settings", "betas", "cache_key", "client_key", "request_id",
                  "client_format")
 
     kind = "chat"
@@ -3129,6 +3129,7 @@ class ChatRequest:
         self.betas = None
         self.cache_key = None
         self.client_key = ""  # the name of the client key the request came with
+        self.request_id = ""  # one id per client request, on every usage record of its attempts
         self.client_format = client_format
 
     def system_text(self):
@@ -3176,7 +3177,8 @@ class Usage:
 class EmbeddingRequest:
     """Texts to embed, in order. `dimensions` asks for shorter vectors where the model allows; `task` is a
     Gemini taskType. Routed like a chat request (same models, credentials and failover)."""
-    __slots__ = ("model", "inputs", "dimensions", "task", "client_format", "thinking", "encoding", "client_key")
+    __slots__ = ("model", "inputs", "dimensions", "task", "client_format", "thinking", "encoding", "client_key",
+                 "request_id")
     kind = "embed"
     stream = False
 
@@ -3184,7 +3186,7 @@ class EmbeddingRequest:
         self.model, self.inputs, self.dimensions, self.task = model, inputs, dimensions, task
         self.client_format, self.thinking = client_format, None
         self.encoding = "float"  # how an OpenAI client wants the vectors back (float, or base64 of float32)
-        self.client_key = ""
+        self.client_key = self.request_id = ""
 
     def conversation_key(self):
         return None  # no conversation: any credential will do
@@ -9910,7 +9912,7 @@ def usage_record(call, wall_started, pricing=()):
         "reasoning_tokens": u.reasoning_tokens, "cached_tokens": u.cached_tokens, "total_tokens": u.total_tokens,
         "cache_creation_input_tokens": u.cache_write_tokens, "cache_read_input_tokens": u.cached_tokens,
         "uncached_input_tokens": max(0, u.input_tokens - u.cached_tokens - u.cache_write_tokens),
-        "request_id": getattr(call.req, "request_id", "") or "", "client_format": call.req.client_format or "",
+        "request_id": call.req.request_id, "client_format": call.req.client_format or "",
         "model_requested": call.req.model, "kind": call.kind, "outcome": call.outcome,
         "error_class": failure.category if failure is not None else "", "status": call.status or 0,
         "stream": bool(call.req.stream or call.provider.stream_only),
@@ -10513,6 +10515,7 @@ class Gateway:
         """Route `ir` and return the open Call an upstream accepted (the caller reads its answer or events)."""
         chain = self.resolve_model(ir)
         await self.inline_remote_media(ir, [r for routes in chain for r in routes])
+        ir.request_id = ir.request_id or new_id("req_")
         return await self.router.send(ir, chain)
 
     async def embed(self, ir):
@@ -10522,6 +10525,7 @@ class Gateway:
         if not chain:
             raise GatewayError(400, "model '%s' is not served by a provider with an embeddings API (openai, gemini, "
                                "vertex-compat or a Vertex AI account)" % ir.model, "invalid_request", "model")
+        ir.request_id = ir.request_id or new_id("req_")
         call = await self.router.send(ir, chain)
         return await call.answer()
 

@@ -76,6 +76,7 @@ def test_one_record_per_attempt_across_a_failover(gateway, upstream, tmp_path):
     assert [r["outcome"] for r in got] == ["failed", "failed", "ok"]
     assert [r["status"] for r in got] == [500, 500, 200] and len({r["auth_id"] for r in got}) == 3
     assert got[0]["error_class"] == "transient"
+    assert got[0]["request_id"].startswith("req_") and len({r["request_id"] for r in got}) == 1  # one request
 
 
 LLM_MUX_SCHEMA = """CREATE TABLE usage_records (id INTEGER PRIMARY KEY AUTOINCREMENT, provider TEXT NOT NULL,
@@ -163,3 +164,9 @@ def test_bad_pricing_is_a_config_error_with_its_line(text, says):
     with pytest.raises(llm_mux.ConfigError) as e:
         llm_mux.Config.from_text(text, "t.yaml", environ={})
     assert says in str(e.value)
+
+
+def test_every_model_a_provider_lists_has_a_price():
+    classes = set(llm_mux.PROVIDERS.entries.values()) | set(llm_mux.PROVIDERS.files.values())
+    models = {m for c in classes if c.__module__ == "llm_mux" for m in c.default_models}  # not tests' own
+    assert models and [m for m in sorted(models) if llm_mux.price_of(m) is None] == []
