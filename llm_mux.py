@@ -1043,6 +1043,7 @@ CONFIG_SCHEMA = {
                  "fallbacks": (("map", ("list", "str")), {}), "family-fallback": ("bool", True)}, None),
     "refresh-lead": (("map", "any"), {}),
     "pricing": (("map", "any"), {}),
+    "metrics-auth": ("str", "loopback"),
     "payload": ({"default": (("list", "any"), []), "override": (("list", "any"), [])}, None),
     "ampcode": ({"upstream-url": ("str", ""), "upstream-api-key": ("str", ""),
                  "restrict-management-to-localhost": ("bool", True), "model-mappings": (("list", "any"), [])},
@@ -1535,6 +1536,9 @@ class Config:
         self.providers = [p for p in self.providers if p is not None]
         self._dedupe_providers()
         self.pricing = self._prices(data["pricing"], locate)
+        if data["metrics-auth"] not in ("loopback", "always", "none"):
+            raise ConfigError("%s: metrics-auth must be loopback (free from this machine, the management key from "
+                              "elsewhere), always or none" % (locate(("metrics-auth",)) if locate else path))
         self.client_keys = [ClientKey.from_config(k, i, locate(("api-keys", i)) if locate else path or "config")
                             for i, k in enumerate(data["api-keys"])]
         self.api_keys = [k.secret for k in self.client_keys]
@@ -10769,7 +10773,8 @@ class App:
                     raise GatewayError(405, "method %s not allowed on %s" % (req.method, req.path))
                 raise GatewayError(404, "no route for %s %s" % (req.method, req.path), "not_found")
             if req.path in self.loopback_public:
-                if not is_loopback_host(req.peer):
+                mode = self.gw.cfg.metrics_auth  # loopback (free here, the management key elsewhere) | always | none
+                if mode == "always" or (mode != "none" and not is_loopback_host(req.peer)):
                     try:
                         self.management.check_key(req, False)
                     except ManagementError as e:

@@ -3,6 +3,8 @@ format, outcome and client-key name; durations and time to first byte; tokens by
 credential health; the process. Free on loopback, a client key from elsewhere; no secret in any label."""
 import urllib.request
 
+import pytest
+
 import openai
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -82,5 +84,19 @@ def test_remote_scrapers_need_the_management_key():
         assert remote([("authorization", "Bearer sk-client")]).status == 401  # a client key is not enough
         ok = remote([("x-management-key", "mk-123")])
         assert ok.status == 200 and b"llm_mux_requests_total" in ok.body
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize("mode, local, remote", [("always", 401, 401), ("none", 200, 200), ("loopback", 200, 401)])
+def test_who_may_scrape_is_configurable(mode, local, remote):
+    import llm_mux
+    gw = GatewayThread("remote-management: {secret-key: mk-123}\nmetrics-auth: %s\n" % mode, fake_clock=False)
+    try:
+        app = llm_mux.App(gw.gateway)
+
+        def status(peer):
+            return gw.run(app(llm_mux.Request("GET", "/metrics", (1, 1), llm_mux.Headers(), peer))).status
+        assert (status("127.0.0.1"), status("192.0.2.7")) == (local, remote)
     finally:
         gw.stop()
