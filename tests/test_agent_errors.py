@@ -15,7 +15,7 @@ import llm_mux
 import upstreams
 from fakes import FakeUpstream, Reply, openai_completion
 from harness import GatewayThread, openai_provider
-from test_formats_e2e import CALL, EXPECTED_TEXT, env  # noqa: F401  (module-scoped gateway fixture)
+from test_formats_e2e import EXPECTED_TEXT, env  # noqa: F401  (module-scoped gateway fixture)
 
 
 def ask(gw, client, model, prompt, stream):

@@ -12,7 +12,7 @@ import urllib.parse
 import openai
 import pytest
 
-from harness import ROOT, wait_until
+from harness import ROOT, wait_until, overrides_config
 from fakes import FakeUpstream, Reply, openai_completion
 
 LLM_MUX = os.path.join(ROOT, "llm_mux.py")
@@ -82,8 +82,7 @@ class Fake:
         # a scheme-less resource_url gets https:// prepended: route that origin back to this plain-HTTP fake too
         hosts = ("https://github.com", "https://api.github.com", "https://chat.qwen.ai", "https://api.cline.bot",
                  self.up.url.replace("http://", "https://"))
-        return "auth-dir: %s\nupstream-overrides:\n%s" % (auth, "".join('  "%s": "%s"\n' % (h, self.up.url)
-                                                                        for h in hosts))
+        return overrides_config(self.up.url, hosts, auth)
 
 
 @pytest.fixture

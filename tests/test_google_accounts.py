@@ -12,7 +12,7 @@ import urllib.request
 import openai
 import pytest
 
-from harness import ROOT, play_browser, read_login_url
+from harness import ROOT, play_browser, read_login_url, overrides_config
 from fakes import FakeUpstream, Reply, free_port
 
 LLM_MUX = os.path.join(ROOT, "llm_mux.py")
@@ -60,8 +60,7 @@ class FakeGoogle:
         hosts = ("https://oauth2.googleapis.com", "https://www.googleapis.com", "https://cloudcode-pa.googleapis.com",
                  "https://daily-cloudcode-pa.googleapis.com", "https://cloudresourcemanager.googleapis.com",
                  "https://serviceusage.googleapis.com")
-        return "auth-dir: %s\nupstream-overrides:\n%s" % (auth, "".join('  "%s": "%s"\n' % (h, self.up.url)
-                                                                        for h in hosts))
+        return overrides_config(self.up.url, hosts, auth)
 
 
 def login(tmp_path, google, name, path, *args):

@@ -13,7 +13,7 @@ import urllib.request
 import openai
 import pytest
 
-from harness import ROOT, play_browser, read_login_url, wait_until
+from harness import ROOT, play_browser, read_login_url, wait_until, overrides_config
 from fakes import FakeUpstream, Reply, free_port, openai_completion
 
 LLM_MUX = os.path.join(ROOT, "llm_mux.py")
@@ -49,8 +49,7 @@ class FakeIFlow:
 
     def config(self, auth):
         hosts = ("https://iflow.cn", "https://platform.iflow.cn", "https://apis.iflow.cn")
-        return "auth-dir: %s\nupstream-overrides:\n%s" % (auth, "".join('  "%s": "%s"\n' % (h, self.up.url)
-                                                                        for h in hosts))
+        return overrides_config(self.up.url, hosts, auth)
 
 
 @pytest.fixture

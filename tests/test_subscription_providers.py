@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 import upstreams
-from harness import Gateway
+from harness import Gateway, overrides_config
 from fakes import FakeUpstream, Reply
 from test_formats_e2e import CALL
 from test_kiro import frame
@@ -121,8 +121,7 @@ def env(tmp_path_factory):
     for _, name, meta, _, _ in PROVIDERS.values():
         (auth / name).write_text(json.dumps(meta(up.url) if callable(meta) else meta))
         os.chmod(auth / name, 0o600)
-    cfg = "auth-dir: %s\nrequest-retry: 0\nupstream-overrides:\n%s" % (
-        auth, "".join('  "%s": "%s"\n' % (h, up.url) for h in HOSTS))
+    cfg = "request-retry: 0\n" + overrides_config(up.url, HOSTS, auth)
     cfg += "routing:\n  aliases:\n" + "".join("    %s: %s\n" % (m, v[0]) for m, v in PROVIDERS.items())
     gw = Gateway(base, cfg)
     yield gw, up

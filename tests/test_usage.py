@@ -10,7 +10,7 @@ import pytest
 
 import llm_mux
 from fakes import Reply, openai_completion
-from harness import openai_provider_config, wait_until
+from harness import openai_provider_config
 
 ANTHROPIC_ANSWER = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
                     "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
