@@ -34,10 +34,12 @@ import asyncio
 import base64
 import binascii
 import bisect
+import contextlib
 import fnmatch
 import functools
 import hashlib
 import hmac
+import io
 from html import escape as html_escape
 import ipaddress
 import json
@@ -144,11 +146,35 @@ def redact_url(url):
 LOG_FORMAT = logging.Formatter("[%(asctime)s] [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
 
 
+class LogRing(logging.Handler):
+    """The newest log lines in memory (bounded), for the management API's `GET /logs` and the dashboard's live
+    tail, whether or not the log also goes to a file. Each line keeps the epoch it was written at."""
+
+    def __init__(self, size=2000):
+        logging.Handler.__init__(self)
+        import collections
+        self.lines = collections.deque(maxlen=size)
+        self.setFormatter(LOG_FORMAT)
+
+    def emit(self, record):
+        try:
+            self.lines.append((record.created, self.format(record)))
+        except Exception:  # a log line must never break the caller
+            pass
+
+    def since(self, after=0.0, limit=None):
+        out = [(t, line) for t, line in list(self.lines) if t > after]
+        return out[-limit:] if limit else out
+
+
+LOG_RING = LogRing()
+
+
 def setup_logging(debug=False, stream=None):
-    """One line per event: `[YYYY-MM-DD HH:MM:SS] [level] message`."""
+    """One line per event: `[YYYY-MM-DD HH:MM:SS] [level] message`, to stderr and the in-memory LOG_RING."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(LOG_FORMAT)
-    log.handlers[:] = [handler]
+    log.handlers[:] = [handler, LOG_RING]
     log.propagate = False
     log.setLevel(logging.DEBUG if debug else logging.INFO)
 
@@ -168,6 +194,51 @@ def log_to_file(path):
     os.chmod(path, 0o600)
     handler.setFormatter(LOG_FORMAT)
     log.addHandler(handler)
+
+
+SECRET_HASH_PREFIXES = ("scrypt$", "pbkdf2-sha256$")
+
+
+def hash_secret(secret):
+    """A key as stored in a file: `scrypt$16384$8$1$<salt>$<hash>` (hashlib.scrypt), or
+    `pbkdf2-sha256$600000$<salt>$<hash>` where the interpreter's OpenSSL has no scrypt. Salt and hash base64url."""
+    salt = os.urandom(16)
+    if hasattr(hashlib, "scrypt"):
+        digest = hashlib.scrypt(secret.encode("utf-8"), salt=salt, n=16384, r=8, p=1, dklen=32)
+        return "scrypt$16384$8$1$%s$%s" % (b64url(salt), b64url(digest))
+    digest = hashlib.pbkdf2_hmac("sha256", secret.encode("utf-8"), salt, 600000)
+    return "pbkdf2-sha256$600000$%s$%s" % (b64url(salt), b64url(digest))
+
+
+def is_hashed_secret(value):
+    return isinstance(value, str) and value.startswith(SECRET_HASH_PREFIXES)
+
+
+def verify_secret(stored, presented):
+    """True when `presented` is the key `stored` (a hash_secret string, or a plain key), compared in constant
+    time. A malformed stored hash matches nothing."""
+    given = presented.encode("utf-8", "replace")
+    if not is_hashed_secret(stored):
+        return hmac.compare_digest(given, stored.encode("utf-8", "replace"))
+    parts = stored.split("$")
+    try:
+        if parts[0] == "scrypt" and len(parts) == 6:
+            n, r, p = int(parts[1]), int(parts[2]), int(parts[3])
+            salt, want = b64url_decode(parts[4]), b64url_decode(parts[5])
+            if not (2 <= n <= 1 << 20 and 1 <= r <= 32 and 1 <= p <= 16) or not hasattr(hashlib, "scrypt"):
+                return False
+            got = hashlib.scrypt(given, salt=salt, n=n, r=r, p=p, dklen=len(want), maxmem=256 << 20)
+        elif parts[0] == "pbkdf2-sha256" and len(parts) == 4:
+            rounds = int(parts[1])
+            salt, want = b64url_decode(parts[2]), b64url_decode(parts[3])
+            if not 1000 <= rounds <= 10000000:
+                return False
+            got = hashlib.pbkdf2_hmac("sha256", given, salt, rounds, len(want))
+        else:
+            return False
+    except (ValueError, binascii.Error):
+        return False
+    return hmac.compare_digest(got, want)
 
 
 def is_loopback_host(host):
@@ -249,6 +320,10 @@ def parse_instant(value):
 
 def b64url(data):
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text):
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def sniff_image_mime(b64):
@@ -993,6 +1068,243 @@ def yaml_load(text, filename="<string>"):
     return reader.read(), reader.positions
 
 
+# -- write-back ---------------------------------------------------------------------------------------------------
+# The management API changes config.yaml the way a careful person would: only the lines whose values change are
+# rewritten; comments, key order, quoting and blank lines of everything else stay byte for byte.
+
+_YAML_PLAIN_SAFE = re.compile(r"[A-Za-z0-9_./$~(][A-Za-z0-9_./:@$~+=,()*-]*\Z")
+
+
+def yaml_scalar(value, style=""):
+    """`value` as a YAML scalar that the reader above reads back as the same value; `style` (' or ") keeps the
+    quoting a line already used."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ".nan"
+        if math.isinf(value):
+            return ".inf" if value > 0 else "-.inf"
+        return repr(value)
+    value = str(value)
+    if style == "'" and "\n" not in value:
+        return "'%s'" % value.replace("'", "''")
+    if style != '"' and _YAML_PLAIN_SAFE.match(value) and ": " not in value and " #" not in value and \
+            yaml_resolve_plain(value) == value:
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def yaml_flow(value):
+    if isinstance(value, dict):
+        return "{%s}" % ", ".join("%s: %s" % (yaml_scalar(str(k)), yaml_flow(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return "[%s]" % ", ".join(yaml_flow(v) for v in value)
+    return yaml_scalar(value)
+
+
+def yaml_block(key, value, indent):
+    """The lines of `key: value` at `indent`, block style for non-empty collections, `[]` / `{}` for empty ones."""
+    head = " " * indent + yaml_scalar(str(key)) + ":"
+    if isinstance(value, dict) and value:
+        lines = [head]
+        for k, v in value.items():
+            lines += yaml_block(k, v, indent + 2)
+        return lines
+    if isinstance(value, list) and value:
+        return [head] + yaml_items(value, indent + 2)
+    return [head + " " + yaml_flow(value)]
+
+
+def yaml_items(items, indent):
+    lines = []
+    for item in items:
+        if isinstance(item, dict) and item:
+            sub = []
+            for k, v in item.items():
+                sub += yaml_block(k, v, indent + 2)
+            sub[0] = " " * indent + "- " + sub[0][indent + 2:]
+            lines += sub
+        else:
+            lines.append(" " * indent + "- " + yaml_flow(item))
+    return lines
+
+
+def _same(a, b):
+    """Equal values of the same YAML type (1 and true, 1 and 1.0 differ on disk)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+class YamlEditor:
+    """Turns config text into text whose data is `want`, one small edit at a time: set a scalar in place (keeping
+    its quoting and trailing comment), replace one value's lines, delete a key or list item, insert a key after its
+    siblings, append a list item. After each edit the text is read again, so positions are never stale."""
+
+    MAX_EDITS = 2000
+
+    def __init__(self, text):
+        self.crlf = "\r\n" in text
+        self.lines = text.replace("\r\n", "\n").split("\n")
+
+    @property
+    def text(self):
+        return ("\r\n" if self.crlf else "\n").join(self.lines)
+
+    def edit(self, want):
+        for _ in range(self.MAX_EDITS):
+            data, self.positions = yaml_load("\n".join(self.lines))
+            if data is None:
+                data = {}
+            if not isinstance(data, dict) or not isinstance(want, dict):
+                raise ConfigError("the top level of the config must be a mapping of keys")
+            op = self._first_difference(data, want, ())
+            if op is None:
+                return self.text
+            getattr(self, "_" + op[0])(*op[1:])
+        raise ConfigError("config write-back did not converge")  # a bug: every edit removes one difference
+
+    def _first_difference(self, cur, want, path):
+        if isinstance(cur, dict) and isinstance(want, dict) and (cur or path == ()) and not self._flow(path):
+            if not want and path:
+                return ("set", path, want)
+            for k in cur:
+                if k not in want:
+                    return ("delete", path + (k,)) if len(cur) > 1 or path == () else ("set", path, want)
+            for k, v in want.items():
+                if k not in cur:
+                    return ("insert", path, k, v)
+                op = self._first_difference(cur[k], v, path + (k,))
+                if op is not None:
+                    return op
+            return None
+        if isinstance(cur, list) and isinstance(want, list) and cur and want and not self._flow(path):
+            for i, (a, b) in enumerate(zip(cur, want)):
+                if not _same(a, b):
+                    if len(cur) > len(want) and _same(cur[i + 1:i + 1 + len(want) - i], want[i:]):
+                        return ("delete", path + (i,))
+                    return self._first_difference(a, b, path + (i,))
+            if len(cur) > len(want):
+                return ("delete", path + (len(want),))
+            if len(cur) < len(want):
+                return ("append", path, want[len(cur)])
+            return None
+        return None if _same(cur, want) else ("set", path, want)
+
+    # -- where things are ---------------------------------------------------------------------------------------
+    def _where(self, path):
+        line, col = self.positions[path]
+        return line - 1, col - 1
+
+    def _value_text(self, path):
+        """What follows `key:` or `- ` on the line of `path` (comment stripped), and the comment."""
+        i, col = self._where(path)
+        line = self.lines[i]
+        if isinstance(path[-1], int):
+            start = col + 1
+        else:
+            start = col + YamlReader("")._find_mapping_colon(line[col:]) + 1
+        rest = line[start:]
+        value = YamlReader._strip_comment(rest)
+        return i, start, rest, value
+
+    def _flow(self, path):
+        """True when the collection at `path` is written in flow style (`[a, b]`, `{k: v}`) on its key's line."""
+        if path == () or path not in self.positions:
+            return False
+        _, _, _, value = self._value_text(path)
+        return value.strip().startswith(("[", "{"))
+
+    def _extent(self, path):
+        """(first, end) line indexes of the entry at `path`: its line and every following line indented deeper
+        (or, for a key whose value is a block sequence at the key's own indentation, its `- ` lines), with
+        trailing comment and blank lines left to what follows."""
+        i, col = self._where(path)
+        end = i + 1
+        j = i + 1
+        same_indent_items = not isinstance(path[-1], int) and not self._value_text(path)[3].strip()
+        while j < len(self.lines):
+            line = self.lines[j]
+            s = line.strip()
+            if not s or s.startswith("#"):
+                j += 1
+                continue
+            ind = len(line) - len(line.lstrip(" "))
+            if ind > col or (same_indent_items and ind == col and (s == "-" or s.startswith("- "))):
+                end = j + 1
+                j += 1
+                continue
+            break
+        return i, end
+
+    def _child_indent(self, path, example):
+        return self._where(path + (example,))[1]
+
+    # -- edits --------------------------------------------------------------------------------------------------
+    def _set(self, path, want):
+        if path == ():
+            self.lines = [ln for k, v in want.items() for ln in yaml_block(k, v, 0)] + [""]
+            return
+        i, start, rest, value = self._value_text(path)
+        cur = value.strip()
+        end = self._extent(path)[1]
+        scalar = not isinstance(want, (dict, list))
+        flow = cur[:1] in ("[", "{") and (isinstance(want, (dict, list)) or not want)
+        if end == i + 1 and cur and ((scalar and cur[0] not in "[{|>") or flow):
+            style = cur[0] if cur[0] in "'\"" else ""
+            lead = rest[:len(rest) - len(rest.lstrip(" "))] or " "
+            text = yaml_flow(want) if flow else yaml_scalar(want, style)
+            self.lines[i] = self.lines[i][:start] + lead + text + rest[len(value):]
+            return
+        col = self._where(path)[1]
+        if isinstance(path[-1], int):
+            new = yaml_items([want], col)
+        else:
+            new = yaml_block(path[-1], want, col)
+            comment = rest[len(value):]
+            if comment.strip() and len(new) > 1:
+                new[0] += comment
+        self.lines[i:end] = new
+
+    def _delete(self, path):
+        i, end = self._extent(path)
+        del self.lines[i:end]
+
+    def _insert(self, path, key, value):
+        if path == ():
+            while self.lines and not self.lines[-1].strip():
+                self.lines.pop()
+            self.lines += yaml_block(key, value, 0) + [""]
+            return
+        siblings = list(k for k in self._siblings(path))
+        indent = self._child_indent(path, siblings[-1])
+        end = self._extent(path + (siblings[-1],))[1]
+        self.lines[end:end] = yaml_block(key, value, indent)
+
+    def _append(self, path, value):
+        n = len(self._siblings(path))
+        indent = self._child_indent(path, n - 1)
+        end = self._extent(path + (n - 1,))[1]
+        self.lines[end:end] = yaml_items([value], indent)
+
+    def _siblings(self, path):
+        out = [p[-1] for p in self.positions if len(p) == len(path) + 1 and p[:-1] == path]
+        out.sort(key=lambda k: self.positions[path + (k,)])
+        return out
+
+
+def yaml_edit(text, want):
+    """`text` changed so that it reads as `want`, every untouched line kept byte for byte (see YamlEditor)."""
+    return YamlEditor(text).edit(want)
+
+
 # -- schema -------------------------------------------------------------------------------------------------------
 # A type spec is one of: "str", "int", "bool", "num", "any", ("list", spec), ("map", spec), or a dict of
 # key -> (spec, default) for a mapping with known keys. Unknown keys warn; wrong types are start-up errors.
@@ -1284,6 +1596,12 @@ tls:
   enable: false
   cert: ""
   key: ""
+
+# The management API (/v1/management) and the dashboard (/dashboard). The key is stored hashed (scrypt): a plain
+# key typed here is hashed on the next start. `llm-mux init --force` makes a new one.
+remote-management:
+  allow-remote: false   # true: other machines may call it too (with the key)
+  secret-key: ""
 
 # API-key upstreams: uncomment and edit one entry per endpoint. `type` is one of openai, anthropic, gemini,
 # vertex-compat, codex. base-url may be left out for the official endpoints.
@@ -1631,6 +1949,11 @@ def normalize_origin(url):
     return "%s://%s:%d" % (scheme, host, port)
 
 
+def logs_dir(cfg):
+    """Where log files go: `logs/` beside the auth dir."""
+    return os.path.join(os.path.dirname(cfg.auth_dir.rstrip("/")) or ".", "logs")
+
+
 def load_config_for_cli(cli_path=None, environ=None, create=True):
     """Find, create on first run, and load the config. Returns (Config, path, created)."""
     environ = os.environ if environ is None else environ
@@ -1647,6 +1970,76 @@ def load_config_for_cli(cli_path=None, environ=None, create=True):
             return cfg, path, False
     cfg = Config.load(path, environ)
     return cfg, path, created
+
+
+class ConfigFile:
+    """config.yaml as the management API changes it. One writer at a time (a lock here, an flock on
+    `<config>.lock` for other processes); the change is validated as a whole Config before a byte is written;
+    the file is written atomically in its own mode with every untouched line kept (yaml_edit); and the digest of
+    the gateway's own last write is remembered so the watcher does not reload what the gateway itself applied."""
+
+    def __init__(self, path, environ=None):
+        import threading
+        self.path = path
+        self.environ = environ
+        self.lock = threading.Lock()
+        self.own_digest = None
+
+    def read(self):
+        try:
+            with open(self.path, "r", encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+        except UnicodeDecodeError:
+            raise ConfigError("config %s is not UTF-8 text" % self.path)
+
+    def update(self, change):
+        """Apply `change(data)` (it edits the file's data in place; may raise) and write the result. Returns the
+        new Config; on any error nothing is written."""
+        with self._locked():
+            text = self.read()
+            data = yaml_load(text, self.path)[0] or {}
+            if not isinstance(data, dict):
+                raise ConfigError("%s: the top level must be a mapping of keys" % self.path)
+            want = json.loads(json.dumps(data))
+            change(want)
+            new_text = yaml_edit(text, want) if want != data else text
+            cfg = Config.from_text(new_text, self.path, self.environ)
+            if new_text != text:
+                self._write(new_text)
+            return cfg
+
+    def replace(self, text):
+        """Replace the whole file with `text` after validating it (PUT /config.yaml)."""
+        cfg = Config.from_text(text, self.path, self.environ)
+        with self._locked():
+            self._write(text)
+        return cfg
+
+    def _write(self, text):
+        try:
+            mode = os.stat(self.path).st_mode & 0o777
+        except OSError:
+            mode = 0o600
+        write_file_atomic(self.path, text, mode)
+        self.own_digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    @contextlib.contextmanager
+    def _locked(self):
+        with self.lock:
+            fd = None
+            try:
+                import fcntl
+                fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except (ImportError, OSError):
+                pass  # no flock here: the in-process lock still serialises this gateway's writers
+            try:
+                yield
+            finally:
+                if fd is not None:
+                    os.close(fd)  # closing releases the flock
 
 
 # === 4. HTTP server ===
@@ -2105,6 +2498,37 @@ async def read_chunked(ch, limit, deadline_fn, header_limit=MAX_HEADER_BYTES):
         if data[-2:] != b"\r\n":
             raise HttpError(400, "chunk data not followed by CRLF")
         parts.append(data[:-2])
+
+
+def parse_multipart(body, content_type):
+    """A multipart/form-data body as [(field name, file name or None, content type, bytes)]; ValueError when it is
+    not one (no boundary, no closing delimiter, a part without Content-Disposition)."""
+    m = re.search(r'boundary=(?:"([^"]+)"|([^;\s]+))', content_type or "", re.I)
+    if not m:
+        raise ValueError("no boundary in Content-Type")
+    delimiter = b"--" + (m.group(1) or m.group(2)).encode("latin-1")
+    chunks = body.split(delimiter)
+    if len(chunks) < 3 or not chunks[-1].startswith(b"--"):
+        raise ValueError("no closing boundary")
+    parts = []
+    for chunk in chunks[1:-1]:
+        if not chunk.startswith(b"\r\n") or not chunk.endswith(b"\r\n"):
+            raise ValueError("a part is not framed by CRLF")
+        head, sep, data = chunk[2:-2].partition(b"\r\n\r\n")
+        if not sep:
+            raise ValueError("a part has no header block")
+        headers = {}
+        for line in head.split(b"\r\n"):
+            name, _, value = line.decode("utf-8", "replace").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        disposition = headers.get("content-disposition", "")
+        field = re.search(r'(?:^|;)\s*name="([^"]*)"', disposition)
+        if not disposition.lower().startswith("form-data") or not field:
+            raise ValueError("a part has no Content-Disposition: form-data; name=...")
+        filename = re.search(r'(?:^|;)\s*filename="([^"]*)"', disposition)
+        parts.append((field.group(1), filename.group(1) if filename else None,
+                      headers.get("content-type", "application/octet-stream"), data))
+    return parts
 
 
 class ServerLimits:
@@ -3448,7 +3872,7 @@ def unpack_reasoning(token):
     if token.startswith(REASONING_TOKEN):
         body = token[len(REASONING_TOKEN):]
         try:
-            state = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+            state = json.loads(b64url_decode(body))
         except (ValueError, binascii.Error, UnicodeDecodeError):
             return None
         if not isinstance(state, dict) or not isinstance(state.get("f"), str):
@@ -6908,9 +7332,11 @@ class Credential:
 
     __slots__ = ("id", "provider_id", "label", "api_key", "base_url", "proxy_url", "headers", "in_flight", "uses",
                  "usage_score", "usage_at", "states", "until_all", "disabled", "last_error", "path", "meta",
-                 "refresh_task", "refresh_after", "refresh_error", "stamp", "project")
+                 "refresh_task", "refresh_after", "refresh_error", "stamp", "project", "quota", "last_refresh")
 
     def __init__(self, id, provider_id, label, api_key="", base_url="", proxy_url="", headers=()):
+        self.quota = {}  # window -> what the upstream last reported about it ({used_percent, resets_at, at})
+        self.last_refresh = None  # epoch of this process's last successful token refresh
         self.path = None  # a credential file in auth-dir, for OAuth accounts
         self.meta = {}  # that file's JSON (tokens, expiry, email, ...)
         self.refresh_task = None  # the one refresh in flight for this credential (single flight)
@@ -7008,6 +7434,44 @@ def load_credential_files(auth_dir):
     """{credential id: Credential} for every credential file in auth_dir."""
     return {c.id: c for name, (meta, stamp) in scan_auth_dir(auth_dir).items()
             for c in credentials_from_file(name, meta, stamp, auth_dir)}
+
+
+def auth_dir_listing(auth_dir):
+    """{file name: (mtime_ns, size)} of the *.json files in auth_dir (hidden files excepted)."""
+    out = {}
+    try:
+        names = os.listdir(auth_dir)
+    except OSError:
+        return out
+    for name in names:
+        if name.endswith(".json") and not name.startswith("."):
+            try:
+                st = os.stat(os.path.join(auth_dir, name))
+            except OSError:
+                continue
+            out[name] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+def reread_credentials(auth_dir, live, listing):
+    """{id: Credential} for the files of `listing`: a file unchanged since it was read keeps its live credential
+    objects (cooldowns, counters, tokens); new or changed files are read afresh; broken ones are logged, skipped."""
+    by_file = {}
+    for cred in live.values():
+        by_file.setdefault(os.path.basename(cred.path), []).append(cred)
+    files = {}
+    for name, stamp in listing.items():
+        olds = by_file.get(name) or []
+        if olds and all(c.stamp == stamp for c in olds):
+            files.update((c.id, c) for c in olds)
+            continue
+        try:
+            meta, real_stamp = read_credential_file(os.path.join(auth_dir, name))
+        except ValueError as e:
+            log.warning("credential file %s skipped: %s", name, e)
+            continue
+        files.update((c.id, c) for c in credentials_from_file(name, meta, real_stamp, auth_dir))
+    return files
 
 
 def file_provider_id(meta):
@@ -7226,6 +7690,35 @@ class LoginFlow:
             cls.provider_class.login = cls
 
 
+CALLBACK_PATHS = ("/callback", "/oauth2callback", "/auth/callback", "/oauth-callback")
+
+
+async def listen_for_login_callback(flow, port, got):
+    """Serve the provider's redirect (`GET /callback?code=…&state=…`, or the other providers' paths) on
+    127.0.0.1:port for a browser login; the code, or the provider's refusal as a LoginError, lands in the future
+    `got`. Returns the server (the caller shuts it down); OSError when the port is taken. Used by `llm-mux login`
+    and the management API's oauth/start alike."""
+    async def app(req):
+        q = req.query
+        if req.path not in CALLBACK_PATHS:
+            return Response(404, b"not found", None, "text/plain")
+        if q.get("error"):
+            if not got.done():
+                got.set_exception(LoginError("the provider refused the login: %s %s" % (
+                    q["error"], q.get("error_description", ""))))
+            return Response(400, b"Login failed; see the terminal or the dashboard.", None, "text/plain")
+        if q.get("state") != flow.state:
+            return Response(400, b"State mismatch: this is not the login that is waiting.", None, "text/plain")
+        if not got.done():
+            got.set_result(q.get("code", ""))
+        return Response(200, b"<html><body><h2>llm-mux: login complete.</h2>You can close this window.</body></html>",
+                        None, "text/html; charset=utf-8")
+    cfg = Config.defaults(environ={})
+    server = HttpServer(app, lambda: ServerLimits(cfg), access_log=False)
+    await server.listen("127.0.0.1", port)
+    return server
+
+
 def pkce_pair():
     """(verifier, S256 challenge): 96 random bytes, base64url without padding (providers.md §A.1)."""
     verifier = b64url(os.urandom(96))
@@ -7236,7 +7729,7 @@ def jwt_claims(token):
     """The (unverified) payload of a JWT such as an id_token, or {}."""
     try:
         body = token.split(".")[1]
-        return json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        return json.loads(b64url_decode(body))
     except (IndexError, ValueError, AttributeError, binascii.Error):
         return {}
 
@@ -7284,6 +7777,27 @@ class Provider:
         self.id = entry.provider_id
         self.name = entry.name
         self.credentials = credentials if credentials is not None else credentials_for_entry(entry)
+
+    def quota_windows(self, headers):
+        """The quota windows an answer's headers report ({window: {used, resets_at, ...}}), for the credential
+        health view; {} when the provider reports none."""
+        return {}
+
+    async def probe_quota(self, cred, client):
+        """Ask the upstream's quota endpoint now ({window: {...}}); None when the provider has no such endpoint."""
+        return None
+
+    async def _probe_json(self, client, cred, url, headers):
+        try:
+            resp = await client.request("GET", url, headers, None, cred.proxy_url, timeout=15, stream_timeout=30)
+            raw = await resp.read(1 << 20)
+        except UpstreamError as e:
+            raise RefreshError("quota endpoint unreachable: %s" % e.message)
+        data = json_or_none(raw)
+        if resp.status >= 300 or not isinstance(data, dict):
+            raise RefreshError("quota endpoint answered %d: %s" % (resp.status,
+                                                                  cred.mask(upstream_error_message(raw)[:200])))
+        return data
 
     async def refresh(self, cred, client):
         """New credential-file content with fresh tokens (providers with `refresh_lead` implement it)."""
@@ -7565,6 +8079,29 @@ class CodexProvider(Provider):
         headers = self.json_headers(cred.api_key, True, ("User-Agent", USER_AGENT), *cred.headers)
         return "POST", self.base_url(cred) + "/responses", headers, body
 
+    def quota_windows(self, headers):
+        return codex_quota_windows(headers)
+
+
+def anthropic_quota_windows(headers):
+    """Anthropic's unified rate-limit headers: the 5-hour and 7-day windows' utilisation (0..1), reset and status."""
+    out = {}
+    for window in ("5h", "7d", "7d_oi"):
+        prefix = "anthropic-ratelimit-unified-%s-" % window
+        used, reset = headers.get(prefix + "utilization"), headers.get(prefix + "reset")
+        if used is None and reset is None:
+            continue
+        entry = {"status": headers.get(prefix + "status") or ""}
+        try:
+            entry["used_percent"] = round(float(used) * 100, 2)
+        except (TypeError, ValueError):
+            pass
+        when = parse_instant(reset)
+        if when is not None:
+            entry["resets_at"] = rfc3339(when)
+        out[{"5h": "five_hour", "7d": "seven_day", "7d_oi": "seven_day_opus"}[window]] = entry
+    return out
+
 
 class ClaudeOAuthProvider(AnthropicProvider):
     """Claude Pro/Max through OAuth credential files (`type: claude`), providers.md §A.2–A.3: the Messages API
@@ -7606,6 +8143,26 @@ class ClaudeOAuthProvider(AnthropicProvider):
     def count_tokens(self, req, cred, model):
         method, url, headers, body = AnthropicProvider.count_tokens(self, req, cred, model)
         return method, url.replace("/count_tokens", "/count_tokens?beta=true"), headers, body
+
+    def quota_windows(self, headers):
+        return anthropic_quota_windows(headers)
+
+    async def probe_quota(self, cred, client):
+        """Claude Code's usage endpoint: five_hour / seven_day utilisation (percent) and reset times."""
+        data = await self._probe_json(client, cred, self.base_url(cred) + "/api/oauth/usage", [
+            ("Authorization", "Bearer %s" % cred.meta.get("access_token")), ("anthropic-beta", "oauth-2025-04-20"),
+            ("Accept", "application/json"), ("User-Agent", "claude-cli/2.1.220 (external, cli)")])
+        out = {}
+        for name, window in data.items():
+            if isinstance(window, dict) and ("utilization" in window or "resets_at" in window):
+                entry = {}
+                if isinstance(window.get("utilization"), (int, float)):
+                    entry["used_percent"] = float(window["utilization"])
+                when = parse_instant(window.get("resets_at"))
+                if when is not None:
+                    entry["resets_at"] = rfc3339(when)
+                out[name] = entry
+        return out
 
     async def refresh(self, cred, client):
         data = await self.post_token(client, self.token_url, {
@@ -7696,6 +8253,27 @@ class ClaudeLogin(LoginFlow):
         if (data.get("account") or {}).get("uuid"):
             meta["account_uuid"] = data["account"]["uuid"]
         return "claude-%s.json" % email, meta
+
+
+def codex_quota_windows(headers):
+    """Codex's x-codex-primary-* / x-codex-secondary-* headers: used percent, window length, reset."""
+    out = {}
+    for window in ("primary", "secondary"):
+        prefix = "x-codex-%s-" % window
+        used = headers.get(prefix + "used-percent")
+        if used is None:
+            continue
+        entry = {}
+        try:
+            entry["used_percent"] = float(used)
+            if headers.get(prefix + "window-minutes"):
+                entry["window_minutes"] = int(float(headers.get(prefix + "window-minutes")))
+            if headers.get(prefix + "reset-after-seconds"):
+                entry["resets_at"] = rfc3339(time.time() + float(headers.get(prefix + "reset-after-seconds")))
+        except ValueError:
+            continue
+        out[window] = entry
+    return out
 
 
 class CodexOAuthProvider(CodexProvider):
@@ -8701,6 +9279,7 @@ class CopilotProvider(OpenAICompatProvider):
     login_name = "copilot"
     default_base_url = "https://api.githubcopilot.com"
     token_exchange_url = "https://api.github.com/copilot_internal/v2/token"
+    user_info_url = "https://api.github.com/copilot_internal/user"
     token_field, base_url_field, expiry_field = "copilot_token", "copilot_api", "copilot_expires_at"
     refresh_lead = 300  # providers.md §1.2 (llm-mux's lead)
     default_models = ("gpt-4.1", "gpt-4o", "gpt-5", "gpt-5-mini", "gpt-5.1", "gpt-5.2", "claude-sonnet-4",
@@ -8733,6 +9312,22 @@ class CopilotProvider(OpenAICompatProvider):
                                                                          upstream_error_message(raw)[:200]),
                                revoked=resp.status == 401)
         return data
+
+    async def probe_quota(self, cred, client):
+        """GitHub's Copilot user endpoint: the quota snapshots (chat, completions, premium requests) and reset."""
+        data = await self._probe_json(client, cred, self.user_info_url, [
+            ("Authorization", "token %s" % cred.meta.get("access_token")), ("Accept", "application/json"),
+            ("User-Agent", "GithubCopilot/1.0"), ("Editor-Version", "vscode/1.100.0")])
+        out = {}
+        for name, snap in (data.get("quota_snapshots") or {}).items():
+            if isinstance(snap, dict):
+                entry = {k: snap[k] for k in ("entitlement", "remaining", "unlimited") if k in snap}
+                if isinstance(snap.get("percent_remaining"), (int, float)):
+                    entry["used_percent"] = round(100.0 - float(snap["percent_remaining"]), 2)
+                if data.get("quota_reset_date"):
+                    entry["resets_at"] = data["quota_reset_date"]
+                out[name] = entry
+        return out
 
     async def refresh(self, cred, client):
         data = await self.exchange(client, cred.meta.get("access_token") or "", cred.proxy_url)
@@ -9115,6 +9710,63 @@ class VertexProvider(GeminiProvider):
         meta["expired"] = rfc3339(now + float(data.get("expires_in") or 3600))
         meta["last_refresh"] = rfc3339(now)
         return meta
+
+
+def import_cli_credentials(auth_dir, home=None, out=None, cfg=None, only=None):
+    """Find the credentials official CLIs stored and convert them into auth-dir files. Returns (imported, skipped)."""
+    out = out or sys.stdout
+    home = home or os.path.expanduser("~")
+    imported, skipped = [], []
+    for provider_class in PROVIDERS.importers():
+        label = provider_class.official_tool
+        if only and label != only:
+            continue
+        try:
+            source, name, meta = provider_class.import_official(home, auth_dir, cfg)
+        except FileNotFoundError as e:
+            skipped.append((label, "not found (looked for %s)" % e.filename if e.filename else "not found"))
+            continue
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            skipped.append((label, str(e)))
+            continue
+        path = os.path.join(auth_dir, name)
+        write_file_atomic(path, json.dumps(meta, indent=2) + "\n", 0o600)
+        imported.append((label, source, path))
+    for label, source, path in imported:
+        print("imported %s credentials from %s -> %s" % (label, source, path), file=out)
+    for label, why in skipped:
+        print("skipped %s: %s" % (label, why), file=out)
+    return imported, skipped
+
+
+def vertex_credential(sa, location="us-central1", source="the service account"):
+    """(file name, content) of the `vertex-<project>.json` credential for a Google service-account key, checked:
+    type service_account, project, e-mail and a usable RSA private key."""
+    if not isinstance(sa, dict) or sa.get("type") != "service_account":
+        raise LoginError("%s is not a service-account key (its type is not 'service_account')" % source)
+    for field in ("project_id", "client_email", "private_key"):
+        if not sa.get(field) or not isinstance(sa[field], str):
+            raise LoginError("%s has no %s" % (source, field))
+    try:
+        RsaKey.from_pem(sa["private_key"])
+    except ValueError as e:
+        raise LoginError("service account private key unusable: %s" % e)
+    name = "vertex-%s.json" % re.sub(r"[^A-Za-z0-9_.-]", "_", sa["project_id"])
+    return name, {"type": "vertex", "service_account": sa, "project_id": sa["project_id"],
+                  "email": sa["client_email"], "location": location}
+
+
+def import_vertex(sa_path, auth_dir, location="us-central1"):
+    """Turn a Google service-account JSON key file into `vertex-<project>.json` in auth-dir (0600); the path."""
+    try:
+        with open(sa_path, "r", encoding="utf-8") as f:
+            sa = json.load(f)
+    except (OSError, ValueError) as e:
+        raise LoginError("cannot read service account %s: %s" % (sa_path, e))
+    name, meta = vertex_credential(sa, location, "service account %s" % sa_path)
+    path = os.path.join(auth_dir, name)
+    write_file_atomic(path, json.dumps(meta, indent=2) + "\n", 0o600)
+    return path
 
 
 # === 10. Routing ===
@@ -9644,6 +10296,12 @@ class Call:
         try:
             resp = await self.router.client.request(method, url, headers, body, self.cred.proxy_url)
             self.status, self.first_byte = resp.status, self.router.clock.now()
+            windows = self.provider.quota_windows(resp.headers)
+            if windows:
+                seen = rfc3339(self.router.clock.wall())
+                for window in windows.values():
+                    window["reported_at"] = seen
+                self.cred.quota.update(windows)
             if resp.status < 300:
                 self.response = resp
                 return resp, None
@@ -9826,7 +10484,7 @@ class Refresher:
             write_file_atomic(cred.path, json.dumps(new, indent=2, ensure_ascii=False) + "\n", 0o600)
             st = os.stat(cred.path)
             cred.meta, cred.stamp = new, (st.st_mtime_ns, st.st_size)
-            cred.refresh_error, cred.refresh_after = None, 0.0
+            cred.refresh_error, cred.refresh_after, cred.last_refresh = None, 0.0, self.clock.wall()
             exp = provider.token_expiry(cred)
             log.info("credential %s refreshed; token valid until %s", cred.label, rfc3339(exp) if exp else "?")
             return True
@@ -10253,10 +10911,10 @@ def usage_report(path, since, until, filters):
             report["by_key"][row[0] or "(none)"] = figures(row[1:])
         days = grouped("substr(requested_at, 1, 10)")
         hours = grouped("CAST(substr(requested_at, 12, 2) AS INTEGER)")
-        report["timeline"] = {"by_day": sorted([{"day": r[0], "requests": r[1], "tokens": r[4] or 0} for r in days],
-                                               key=lambda d: d["day"]),
-                              "by_hour": sorted([{"hour": r[0], "requests": r[1], "tokens": r[4] or 0}
-                                                 for r in hours], key=lambda h: h["hour"])}
+        def point(r):
+            return {"requests": r[1], "failures": r[3] or 0, "tokens": r[4] or 0, "cost_usd": round(r[8] or 0, 6)}
+        report["timeline"] = {"by_day": sorted([dict(point(r), day=r[0]) for r in days], key=lambda d: d["day"]),
+                              "by_hour": sorted([dict(point(r), hour=r[0]) for r in hours], key=lambda h: h["hour"])}
         return report
     finally:
         db.close()
@@ -10299,6 +10957,15 @@ class KeyLimits:
                               window[0][0] + key.budget_seconds - now)
         times.append(now)
 
+    def snapshot(self, key):
+        """What a key has used: requests and tokens in the last minute, spend in its budget period."""
+        now = self.clock.wall()
+        times = [t for t in self.requests.get(key.name, ()) if t > now - 60]
+        spent = list(self.spent.get(key.name, ()))
+        return {"requests_last_minute": len(times),
+                "tokens_last_minute": sum(e[1] for e in spent if e[0] > now - 60),
+                "spent_usd": round(sum(e[2] for e in spent if e[0] > now - key.budget_seconds), 6)}
+
     @staticmethod
     def _limited(key, what, wait):
         wait = max(1, math.ceil(wait))
@@ -10333,6 +11000,85 @@ class KeyLimits:
                 self.requests.setdefault(name, collections.deque()).append(when)
 
 
+class RequestLog:
+    """`request-log: true`: each client request and its answer written to `<logs>/requests/`, one file per
+    request: method, path, headers with secrets masked, bodies cut at 64 KiB (streams: the first 64 KiB of what
+    was sent), status and time. Failed ones (status 400 and up, or a stream that ended in an error event) are
+    named `error-*.log`, which the management API lists and serves; the newest `KEEP` files of each kind stay."""
+
+    MAX_BODY = 64 << 10
+    KEEP = 500
+
+    def __init__(self, cfg):
+        self.cfg = cfg  # () -> the running Config
+        self.written = 0
+
+    def directory(self):
+        return os.path.join(logs_dir(self.cfg()), "requests")
+
+    def capture(self, req, resp, started):
+        """Log `resp` to `req` once it is complete (a stream: when it ends); returns the response to send."""
+        if isinstance(resp, StreamResponse):
+            resp.chunks = self._tee(req, resp, resp.chunks, started)
+            return resp
+        self.write(req, resp.status, resp.headers, resp.body or b"", started)
+        return resp
+
+    async def _tee(self, req, resp, chunks, started):
+        kept, size = [], 0
+        try:
+            async for chunk in chunks:
+                if size < self.MAX_BODY:
+                    kept.append(bytes(chunk[:self.MAX_BODY - size]))
+                    size += len(kept[-1])
+                yield chunk
+        finally:
+            body = b"".join(kept)
+            failed = b"event: error" in body or b'"type": "error"' in body or b'"type":"error"' in body
+            self.write(req, resp.status, resp.headers, body, started, failed)
+
+    def write(self, req, status, headers, body, started, failed=False):
+        try:
+            self._write(req, status, headers, body, started, failed or status >= 400)
+        except OSError as e:  # a full disk costs the log, never the request
+            log.warning("request log not written: %s", e.strerror or e)
+
+    def _write(self, req, status, headers, body, started, failed):
+        d = self.directory()
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        now = time.time()
+        name = "%s%s-%s.log" % ("error-" if failed else "request-",
+                                time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)), new_id("", 6))
+        lines = ["%s %s" % (req.method, redact_url(req.target) if req.target else req.path),
+                 "peer: %s" % req.peer, "time: %s (%.0f ms)" % (rfc3339(now), (now - started) * 1000), "",
+                 "-- request headers"]
+        lines += ["%s: %s" % (k, v) for k, v in redact_headers(req.headers.items)]
+        lines += ["", "-- request body (%d bytes)" % len(req.body or b""), self._body(req.body or b""), "",
+                  "-- response %d" % status]
+        lines += ["%s: %s" % (k, v) for k, v in redact_headers(headers)]
+        lines += ["", "-- response body", self._body(body), ""]
+        write_file_atomic(os.path.join(d, name), "\n".join(lines), 0o600)
+        self.written += 1
+        if self.written % 50 == 1:
+            self.rotate(d)
+
+    def _body(self, body):
+        text = bytes(body[:self.MAX_BODY]).decode("utf-8", "replace")
+        text = re.sub(r'("(?:api[_-]?key|access_token|refresh_token|id_token|token|secret|password)"\s*:\s*")'
+                      r'([^"]{3,})(")', lambda m: m.group(1) + mask_secret(m.group(2)) + m.group(3), text, flags=re.I)
+        return text + ("\n[... %d more bytes]" % (len(body) - self.MAX_BODY) if len(body) > self.MAX_BODY else "")
+
+    def rotate(self, d):
+        """Keep the newest KEEP request logs and the newest KEEP error logs."""
+        for prefix in ("request-", "error-"):
+            names = sorted(n for n in os.listdir(d) if n.startswith(prefix) and n.endswith(".log"))
+            for old in names[:-self.KEEP]:
+                try:
+                    os.unlink(os.path.join(d, old))
+                except OSError:
+                    pass
+
+
 def usage_database_path(cfg):
     """Where usage goes: `usage.dsn: sqlite://PATH` (or LLM_MUX_USAGE_DSN), else `usage.database-path`, else
     `usage.db` beside the auth dir. None when usage is off or the DSN names another backend."""
@@ -10356,6 +11102,7 @@ def usage_database_path(cfg):
 # each piece what it needs; nothing reaches back through it. It speaks no client API (that is the Client API).
 
 REJECTED_FILE = ".llm-mux-rejected"
+RESTART_KEYS = ("host", "port", "tls")  # read once at start: a reload keeps the running values
 
 
 class Gateway:
@@ -10364,8 +11111,9 @@ class Gateway:
 
     MAX_INLINE_MEDIA = 20 * 1024 * 1024
 
-    def __init__(self, cfg, files=None, clock=None, debug=False):
+    def __init__(self, cfg, files=None, clock=None, debug=False, config_file=None):
         self.debug = debug  # --debug on the command line: wins over the config's `debug` across reloads
+        self.config_file = config_file  # a ConfigFile when the config came from a file (management writes it)
         self.clock = clock or Clock()
         self.cfg = cfg
         self.client = HttpClient(lambda: self.cfg)
@@ -10380,6 +11128,8 @@ class Gateway:
         self.recording = True  # usage-statistics-enabled: false stops storing records (metrics still count)
         self.router.observers.extend((self._note_rejection, self._debug_call, self._account))
         self.usage = None
+        self.recent = {}  # credential id -> (epoch, tokens, failed) of its recent calls (the quota view)
+        self.request_log = RequestLog(lambda: self.cfg)
         self.stand_ins_logged = set()
 
     def apply_files(self, files):
@@ -10387,6 +11137,32 @@ class Gateway:
         self.registry = Registry(self.cfg, self.registry, files)
         self._adopt_live_files(files)
         self.save_rejections()
+
+    def write_credential(self, name, meta):
+        """Write a credential file (0600, atomically) into auth-dir and put it in rotation at once; its path."""
+        os.makedirs(self.cfg.auth_dir, mode=0o700, exist_ok=True)
+        path = os.path.join(self.cfg.auth_dir, os.path.basename(name))
+        write_file_atomic(path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n", 0o600)
+        self.reload_credentials()
+        return path
+
+    def reload_credentials(self):
+        """Read auth-dir again now (the watcher would within a second); unchanged files keep their live state."""
+        self.apply_files(reread_credentials(self.cfg.auth_dir, self.files, auth_dir_listing(self.cfg.auth_dir)))
+
+    def broken_files(self):
+        """{file name: why} for the *.json files in auth-dir that give no credential."""
+        used = {os.path.basename(c.path) for c in self.files.values()}
+        out = {}
+        for name in auth_dir_listing(self.cfg.auth_dir):
+            if name in used:
+                continue
+            try:
+                meta, _ = read_credential_file(os.path.join(self.cfg.auth_dir, name))
+                out[name] = "unknown credential type %r" % meta.get("type")
+            except ValueError as e:
+                out[name] = str(e)
+        return out
 
     def _note_rejection(self, call):
         if call.outcome == "failed" and (call.cred.disabled or "").startswith("rejected:"):
@@ -10412,6 +11188,19 @@ class Gateway:
         live = {c.id: c for p in self.registry.providers for c in p.credentials if c.path is not None}
         self.files = {name: live.get(name, cred) for name, cred in files.items()}
 
+    def adopt(self, cfg):
+        """A config read from the file (reload or management write): keys that need a restart keep their running
+        values (with a warning); everything else applies at once."""
+        old = self.cfg
+        for w in cfg.warnings:
+            log.warning("config: %s", w)
+        for key in RESTART_KEYS:
+            if cfg.data.get(key) != old.data.get(key):
+                log.warning("config: '%s' changed; it takes effect after a restart", key)
+                cfg.data[key] = old.data[key]
+                setattr(cfg, key.replace("-", "_"), getattr(old, key.replace("-", "_")))
+        self.apply_config(cfg)
+
     def apply_config(self, cfg):
         """Swap in a new snapshot; requests already running keep the objects they hold."""
         if self.registry is not None and cfg.auth_dir != self.cfg.auth_dir:
@@ -10421,19 +11210,21 @@ class Gateway:
         self.registry = Registry(cfg, self.registry, self.files)
         self._adopt_live_files(self.files)
         log.setLevel(logging.DEBUG if cfg.debug or self.debug else logging.INFO)
-        log_to_file(os.path.join(self.logs_dir(cfg), "llm-mux.log") if cfg.logging_to_file else None)
+        log_to_file(os.path.join(logs_dir(cfg), "llm-mux.log") if cfg.logging_to_file else None)
         if self.registry is not None and getattr(self, "started", None):
             self.save_rejections()
 
-    @staticmethod
-    def logs_dir(cfg):
-        """Where log files go: `logs/` beside the auth dir."""
-        return os.path.join(os.path.dirname(cfg.auth_dir.rstrip("/")) or ".", "logs")
 
     def _account(self, call):
-        """Every finished Call becomes one usage record: counted in the metrics, queued for the usage store."""
+        """Every finished Call becomes one usage record: counted in the metrics, in its credential's recent
+        history (the quota view), against its client key, and queued for the usage store."""
         record = usage_record(call, call.wall_started, self.cfg.pricing)
         self.metrics.observe(record)
+        recent = self.recent.get(call.cred.id)
+        if recent is None:
+            import collections
+            recent = self.recent[call.cred.id] = collections.deque(maxlen=5000)
+        recent.append((call.wall_started, record["total_tokens"], call.outcome == "failed"))
         self.key_limits.account(record, call.wall_started)
         if self.usage is not None and self.recording:
             self.usage.record(record)
@@ -10445,8 +11236,12 @@ class Gateway:
 
     def start(self):
         self.refresher.start()
+        self.start_usage()
+
+    def start_usage(self):
+        """Open the usage store (and rebuild client-key spend from it), unless it is open or usage is off."""
         path = usage_database_path(self.cfg)
-        if path is not None:
+        if path is not None and self.usage is None:
             try:
                 interval = parse_duration(self.cfg.usage["flush-interval"]) or 1.0
                 self.usage = UsageWriter(UsageStore(path), min(interval, 1.0), max(1, self.cfg.usage["batch-size"]),
@@ -10570,9 +11365,11 @@ class Gateway:
 
 
 # === 13. Management API ===
-# Owns: the management endpoints under /v1/management (so far usage and its toggle): who may call them (the
-# management key, loopback unless allow-remote, bans after repeated failures) and the {"data", "meta"} envelope.
-# It reads and changes the Gateway; it speaks no client API.
+# Owns: everything under /v1/management and the dashboard page: who may call (the hashed management key,
+# loopback unless allow-remote, bans after repeated failures), the {"data", "meta"} envelope and its errors,
+# settings and lists written back to config.yaml (ConfigFile) and applied at once, credential health and
+# actions, logins driven through the providers' LoginFlow objects, logs and request logs. It reads and changes the
+# Gateway; it speaks no client API.
 
 class ManagementError(Exception):
     def __init__(self, status, code, message):
@@ -10580,37 +11377,392 @@ class ManagementError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+def bad_request(message):
+    return ManagementError(400, "INVALID_REQUEST", message)
+
+
+def management_json(req, what="a JSON body"):
+    """The request's JSON body, or a 400 that says what was expected."""
+    if not req.body:
+        raise bad_request("invalid body: expected %s" % what)
+    try:
+        return json.loads(req.body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad_request("invalid body: malformed JSON (%s); expected %s" % (e, what))
+
+
+SECRET_FIELDS = {"api-key", "secret-key", "upstream-api-key", "key", "access_token", "refresh_token", "token",
+                 "id_token", "api_key", "password", "private_key", "cookie"}
+
+
+def secret_paths(data, path=()):
+    """The paths of the secret strings in config data: keys, tokens, secret headers (hashed values excepted)."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            p = path + (k,)
+            secret_header = len(path) >= 1 and path[-1] == "headers" and re.search(
+                r"auth|key|token|secret|cookie", str(k), re.I)
+            if isinstance(v, str) and (k in SECRET_FIELDS or secret_header):
+                if v and not is_hashed_secret(v) and not v.startswith("sha256:"):
+                    yield p
+            else:
+                yield from secret_paths(v, p)
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            if isinstance(v, str) and path and path[-1] == "api-keys":
+                if v and not v.startswith("sha256:"):
+                    yield path + (i,)
+            else:
+                yield from secret_paths(v, path + (i,))
+
+
+def get_path(data, path):
+    for p in path:
+        try:
+            data = data[p]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def set_path(data, path, value):
+    for p in path[:-1]:
+        data = data[p]
+    data[path[-1]] = value
+
+
+def masked_copy(data):
+    """`data` with every secret masked (mask_secret): what the management API shows."""
+    out = json.loads(json.dumps(data))
+    for p in list(secret_paths(out)):
+        set_path(out, p, mask_secret(get_path(out, p)))
+    return out
+
+
+def unmask(new, old):
+    """A masked secret sent back unchanged (a dashboard or the original UI saving what it was shown) becomes the
+    real secret again: wherever `new` holds exactly the mask of the secret `old` holds at the same path."""
+    for p in list(secret_paths(new)):
+        value, before = get_path(new, p), get_path(old, p)
+        if isinstance(before, str) and before and "..." in value and value == mask_secret(before):
+            set_path(new, p, before)
+    return new
+
+
+class LoginSession:
+    """One login started from the management API, polled through oauth/status."""
+
+    __slots__ = ("state", "provider", "flow", "kind", "status", "error", "created", "ended", "task", "got",
+                 "server", "info", "file")
+
+    def __init__(self, state, provider, flow, kind, now):
+        self.state, self.provider, self.flow, self.kind = state, provider, flow, kind
+        self.status, self.error, self.created, self.ended = "pending", None, now, None
+        self.task = self.got = self.server = self.file = None
+        self.info = {}
+
+    def view(self):
+        out = {"state": self.state, "id": self.state, "provider": self.provider, "flow_type": self.kind,
+               "status": self.status, "mode": "webui"}
+        if self.error:
+            out["error"] = self.error
+        if self.file:
+            out["file"] = os.path.basename(self.file)
+        out.update(self.info)
+        return out
+
+
+class LoginSessions:
+    """The logins the management API is running: the same LoginFlow objects `llm-mux login` drives. Browser flows
+    answer with the URL and listen on the flow's own callback port (a pasted redirect URL works too); device flows
+    answer with the code and page and poll in the background; token flows wait for the pasted token. Each ends
+    completed (credential written and registered), failed (why), cancelled or timed out (failed: "timed out"),
+    and is forgotten `KEEP` seconds after it ends."""
+
+    TIMEOUT = 600.0
+    KEEP = 900.0
+    ALIASES = {"anthropic": "claude", "gemini-cli": "gemini", "github-copilot": "copilot", "ag": "antigravity"}
+
+    def __init__(self, gateway):
+        self.gw = gateway
+        self.sessions = {}
+
+    def _purge(self):
+        now = self.gw.clock.wall()
+        for state, s in list(self.sessions.items()):
+            if s.ended is not None and now - s.ended > self.KEEP:
+                del self.sessions[state]
+
+    async def start(self, body):
+        name = str(body.get("provider") or "").strip().lower()
+        if not name:
+            raise bad_request("provider is required")
+        name = self.ALIASES.get(name, name)
+        logins = PROVIDERS.logins()
+        if name not in logins:
+            raise bad_request("unsupported login provider: %s (one of %s)" % (name, ", ".join(sorted(logins))))
+        self._purge()
+        provider_class = logins[name]
+        flow_class = provider_class.login
+        state = b64url(os.urandom(18))
+        if flow_class is None:  # no login of its own (Kiro): import the official tool's stored tokens
+            session = LoginSession(state, name, None, "import", self.gw.clock.wall())
+            self.sessions[state] = session
+            session.task = asyncio.ensure_future(self._run(session, self._import(provider_class)))
+            await asyncio.wait([session.task], timeout=30)
+            return session.view()
+        project = body.get("project_id") or body.get("project")
+        if project is not None and not isinstance(project, str):
+            raise bad_request("project_id must be a string")
+        flow = flow_class(project) if project and "project" in flow_class.cli_options else flow_class()
+        kind = "device" if flow.kind == "device" or body.get("device") else flow.kind
+        if kind == "device" and not hasattr(flow, "device_start"):
+            raise bad_request("%s has no device-code login" % name)
+        session = LoginSession(getattr(flow, "state", None) or state, name, flow, kind, self.gw.clock.wall())
+        if kind == "device":
+            try:
+                started = await flow.device_start(self.gw.client)
+            except (RefreshError, UpstreamError, LoginError) as e:
+                raise ManagementError(502, "INTERNAL_ERROR", "could not start the %s device login: %s" % (
+                    name, getattr(e, "message", None) or e))
+            session.info = {"user_code": started["code"], "verification_url": started["url"],
+                            "auth_url": started.get("complete_url") or started["url"],
+                            "expires_in": started.get("expires_in") or int(self.TIMEOUT),
+                            "interval": started.get("interval") or 5}
+            session.task = asyncio.ensure_future(self._run(session, self._device(session, started)))
+        elif kind == "token":
+            session.got = asyncio.get_running_loop().create_future()
+            session.info = {"prompt": flow.prompt}
+            session.task = asyncio.ensure_future(self._run(session, self._pasted(session)))
+        else:
+            session.got = asyncio.get_running_loop().create_future()
+            port = body.get("callback_port", flow.callback_port)
+            if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port < 65536:
+                raise bad_request("callback_port must be a port number")
+            session.info = {"auth_url": flow.url(), "callback_port": port}
+            if getattr(flow, "verifier", None):
+                session.info["code_verifier"] = flow.verifier
+            try:
+                session.server = await listen_for_login_callback(flow, port, session.got)
+                session.info["callback"] = "listening on 127.0.0.1:%d" % port
+            except OSError as e:
+                session.info["callback"] = ("port %d is busy (%s): paste the redirect URL through oauth/callback"
+                                            % (port, e.strerror or e))
+            session.task = asyncio.ensure_future(self._run(session, self._pasted(session)))
+        self.sessions[session.state] = session
+        log.info("management: %s login started (%s flow, state %s…)", name, kind, session.state[:6])
+        return session.view()
+
+    async def _run(self, session, work):
+        try:
+            filename, meta = await asyncio.wait_for(work, self.TIMEOUT) if session.kind != "device" else await work
+            if filename is not None:
+                session.file = self.gw.write_credential(filename, meta)
+            session.status = "completed"
+            log.info("management: %s login completed: %s", session.provider, os.path.basename(session.file or ""))
+        except asyncio.CancelledError:
+            session.status = "cancelled"
+        except asyncio.TimeoutError:
+            session.status, session.error = "failed", "timed out: no answer within %d s" % self.TIMEOUT
+        except (LoginError, RefreshError, UpstreamError) as e:
+            session.status, session.error = "failed", str(getattr(e, "message", None) or e)
+            log.warning("management: %s login failed: %s", session.provider, session.error)
+        except Exception as e:  # a flow bug must end the session, not hang it
+            session.status, session.error = "failed", "unexpected %s: %s" % (type(e).__name__, e)
+            log.exception("management: %s login failed", session.provider)
+        finally:
+            session.ended = self.gw.clock.wall()
+            if session.server is not None:
+                server, session.server = session.server, None
+                await server.shutdown(0.5)
+
+    async def _import(self, provider_class):
+        loop = asyncio.get_running_loop()
+        out = io.StringIO()
+        imported, skipped = await loop.run_in_executor(None, lambda: import_cli_credentials(
+            self.gw.cfg.auth_dir, out=out, cfg=self.gw.cfg, only=provider_class.official_tool))
+        if not imported:
+            raise LoginError("nothing to import from %s: %s" % (provider_class.official_tool, "; ".join(
+                why for _, why in skipped) or "not found"))
+        self.gw.reload_credentials()
+        return None, None
+
+    async def _device(self, session, started):
+        flow, client = session.flow, self.gw.client
+        deadline = self.gw.clock.wall() + min(self.TIMEOUT, float(started.get("expires_in") or self.TIMEOUT))
+        interval = started.get("interval") or 5
+        while True:
+            if self.gw.clock.wall() >= deadline:
+                raise LoginError("timed out: the code expired before the login was finished")
+            got = await flow.device_poll(client, started)
+            if got == "slow_down":
+                interval += 5
+            elif got is not None:
+                return await flow.device_finish(client, got)
+            await self.gw.clock.sleep(interval)
+
+    async def _pasted(self, session):
+        """Browser flows: the callback listener or a pasted redirect URL; token flows: the pasted token."""
+        text = await session.got
+        if session.kind == "token":
+            return await session.flow.finish(self.gw.client, text)
+        if not text:
+            raise LoginError("no authorization code received")
+        return await session.flow.exchange(self.gw.client, text)
+
+    def status(self, state):
+        self._purge()
+        session = self.sessions.get(state)
+        if session is None:
+            raise ManagementError(404, "NOT_FOUND", "login state not found or expired")
+        return session.view()
+
+    def cancel(self, state):
+        session = self.sessions.get(state)
+        if session is None or session.status != "pending":
+            raise ManagementError(404, "NOT_FOUND", "login state not found or already finished")
+        session.task.cancel()
+        log.info("management: %s login cancelled", session.provider)
+
+    def paste(self, state, text):
+        """A pasted redirect URL or code (browser flows) or token (token flows)."""
+        session = self.sessions.get(state)
+        if session is None or session.status != "pending":
+            raise ManagementError(404, "NOT_FOUND", "login state not found or already finished")
+        if session.got is None:
+            raise bad_request("this %s login is a device-code login: enter the code on the provider's page"
+                              % session.provider)
+        if session.kind != "token":
+            try:
+                text = session.flow.code_from_paste(text)
+            except LoginError as e:
+                raise bad_request(str(e))
+        if not session.got.done():
+            session.got.set_result(text)
+
+    def close(self):
+        for s in self.sessions.values():
+            if s.task is not None and not s.task.done():
+                s.task.cancel()
+
+
+# Setting endpoints (gateway.md §5.5): path -> (config path, type, bounds)
+SETTINGS = {
+    "debug": (("debug",), bool, None),
+    "logging-to-file": (("logging-to-file",), bool, None),
+    "request-log": (("request-log",), bool, None),
+    "ws-auth": (("ws-auth",), bool, None),
+    "request-retry": (("request-retry",), int, (0, 100)),
+    "max-retry-interval": (("max-retry-interval",), int, (0, 86400)),
+    "quota-window": (("quota-window",), int, (10, 7 * 86400)),
+    "proxy-url": (("proxy-url",), str, None),
+    "quota-exceeded/switch-project": (("quota-exceeded", "switch-project"), bool, None),
+    "quota-exceeded/switch-preview-model": (("quota-exceeded", "switch-preview-model"), bool, None),
+}
+TYPE_WORDS = {bool: "bool", int: "int", str: "string"}
+RELEASES_URL = "https://api.github.com/repos/nghyane/llm-mux/releases/latest"
+
+
 class Management:
-    """Route table for /v1/management (gateway.md §5). Each call passes the gate of §5.1: remote callers need
-    `remote-management.allow-remote`; every caller the management key (`remote-management.secret-key`, sent as
-    `Authorization` or `X-Management-Key`, compared in constant time); 5 failures from one remote address ban it
-    for 30 minutes; no key configured answers 403."""
+    """Route table for /v1/management (gateway.md §5) plus the dashboard page. Each call passes the gate of §5.1:
+    remote callers need `remote-management.allow-remote`; every caller the management key (stored hashed in
+    `remote-management.secret-key`, or LLM_MUX_MANAGEMENT_KEY; sent as `Authorization` or `X-Management-Key`,
+    compared in constant time); 5 failures from one remote address ban it for 30 minutes; no key configured
+    answers 403. Successes are enveloped {"data", "meta"}; errors are {"error": text, "code", "message"} (a
+    string `error`, which the original's web UI can show; see the README)."""
 
     PREFIX = "/v1/management"
+    PAGES = ("/dashboard", "/dashboard/", "/management.html")
     BAN_AFTER, BAN_FOR = 5, 1800.0
+    MAX_UPLOAD = 1 << 20
 
     def __init__(self, gateway):
         self.gw = gateway
         self.failures = {}  # remote address -> failed attempts in a row
         self.banned = {}  # remote address -> until (clock)
-        self.routes = {("GET", "/usage"): self.usage, ("GET", "/usage-statistics-enabled"): self.get_recording,
-                       ("PUT", "/usage-statistics-enabled"): self.put_recording,
-                       ("PATCH", "/usage-statistics-enabled"): self.put_recording}
+        self.verified = set()  # digests of keys that matched the stored hash (scrypt runs once per key)
+        self.logins = LoginSessions(gateway)
+        self.latest = None  # (fetched at, version) of the newest release
+        r = self.routes = {}
+        r[("GET", "/usage")] = self.usage
+        r[("GET", "/usage-statistics-enabled")] = self.get_recording
+        r[("PUT", "/usage-statistics-enabled")] = r[("PATCH", "/usage-statistics-enabled")] = self.put_recording
+        for name in SETTINGS:
+            r[("GET", "/" + name)] = functools.partial(self.get_setting, name)
+            r[("PUT", "/" + name)] = r[("PATCH", "/" + name)] = functools.partial(self.put_setting, name)
+        r[("DELETE", "/proxy-url")] = self.delete_proxy_url
+        r[("GET", "/config")] = self.get_config
+        r[("GET", "/config.yaml")] = self.get_config_yaml
+        r[("PUT", "/config.yaml")] = self.put_config_yaml
+        r[("GET", "/latest-version")] = self.latest_version
+        r[("GET", "/api-keys")] = self.get_api_keys
+        r[("PUT", "/api-keys")] = self.put_api_keys
+        r[("PATCH", "/api-keys")] = self.patch_api_keys
+        r[("DELETE", "/api-keys")] = self.delete_api_keys
+        r[("POST", "/api-keys")] = self.create_api_key
+        r[("GET", "/providers")] = self.get_providers
+        r[("PUT", "/providers")] = self.put_providers
+        r[("PATCH", "/providers")] = self.patch_providers
+        r[("DELETE", "/providers")] = self.delete_providers
+        r[("GET", "/oauth-excluded-models")] = self.get_excluded
+        r[("PUT", "/oauth-excluded-models")] = self.put_excluded
+        r[("PATCH", "/oauth-excluded-models")] = self.patch_excluded
+        r[("DELETE", "/oauth-excluded-models")] = self.delete_excluded
+        r[("GET", "/logs")] = self.get_logs
+        r[("DELETE", "/logs")] = self.delete_logs
+        r[("GET", "/request-error-logs")] = self.list_error_logs
+        r[("GET", "/auth-files")] = self.list_auth_files
+        r[("GET", "/auth-files/download")] = self.download_auth_file
+        r[("POST", "/auth-files")] = self.upload_auth_files
+        r[("DELETE", "/auth-files")] = self.delete_auth_files
+        r[("POST", "/auth-files/import")] = self.import_auth_files
+        r[("POST", "/auth-files/refresh")] = self.refresh_auth_file
+        r[("PATCH", "/auth-files/status")] = r[("PUT", "/auth-files/status")] = self.auth_file_status
+        r[("POST", "/auth-files/reset")] = self.reset_auth_file
+        r[("GET", "/auth-files/quota")] = self.probe_auth_file
+        r[("POST", "/vertex/import")] = self.vertex_import
+        r[("POST", "/oauth/start")] = self.oauth_start
+        r[("POST", "/oauth/callback")] = self.oauth_callback
+        r[("GET", "/models")] = self.models
+        r[("GET", "/overview")] = self.overview
+        self.prefixed = {("GET", "/request-error-logs/"): self.get_error_log, ("GET", "/oauth/status/"): self.oauth_status,
+                         ("POST", "/oauth/cancel/"): self.oauth_cancel}
 
     def handles(self, path):
-        return path == self.PREFIX or path.startswith(self.PREFIX + "/")
+        return path == self.PREFIX or path.startswith(self.PREFIX + "/") or path in self.PAGES
 
     async def __call__(self, req):
+        if req.path in self.PAGES:
+            if req.method not in ("GET", "HEAD"):
+                return json_response({"error": "method not allowed", "code": "INVALID_REQUEST"}, 405)
+            return Response(200, DASHBOARD_HTML, [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
+                                                  ("X-Frame-Options", "DENY"),
+                                                  ("Content-Security-Policy", "default-src 'self'; script-src "
+                                                   "'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:")],
+                            "text/html; charset=utf-8")
+        sub = req.path[len(self.PREFIX):]
         try:
-            handler = self.routes.get((req.method, req.path[len(self.PREFIX):]))
+            handler = self.routes.get((req.method, sub))
+            arg = None
+            if handler is None:
+                for (method, prefix), h in self.prefixed.items():
+                    if req.method == method and sub.startswith(prefix) and len(sub) > len(prefix):
+                        handler, arg = h, urllib.parse.unquote(sub[len(prefix):])
             self.check(req)
             if handler is None:
+                if any(p == sub for _, p in self.routes):
+                    raise ManagementError(405, "INVALID_REQUEST", "method %s not allowed on %s" % (req.method, req.path))
                 raise ManagementError(404, "NOT_FOUND", "no management endpoint %s %s" % (req.method, req.path))
-            data = await handler(req)
+            data = await (handler(req, arg) if arg is not None else handler(req))
+            if isinstance(data, (Response, StreamResponse)):
+                return data
             return json_response({"data": data, "meta": {"timestamp": rfc3339(time.time()), "version": __version__}})
         except ManagementError as e:
-            return json_response({"error": {"code": e.code, "message": e.message}}, e.status)
+            if e.status >= 500:
+                log.error("management %s %s -> %d: %s", req.method, req.path, e.status, e.message)
+            return json_response({"error": e.message, "code": e.code, "message": e.message}, e.status)
 
+    # -- the gate -------------------------------------------------------------------------------------------------
     def check(self, req):
         cfg = self.gw.cfg.data["remote-management"]
         now, peer = self.gw.clock.now(), req.peer
@@ -10624,17 +11776,21 @@ class Management:
                 raise ManagementError(403, "FORBIDDEN", "remote management disabled")
         self.check_key(req, local)
 
+    def key_configured(self):
+        return bool(self.gw.cfg.data["remote-management"]["secret-key"] or os.environ.get("LLM_MUX_MANAGEMENT_KEY"))
+
     def check_key(self, req, local):
         """The management key must be presented; remote failures count towards a ban."""
-        cfg = self.gw.cfg.data["remote-management"]
+        stored = self.gw.cfg.data["remote-management"]["secret-key"]
+        from_env = os.environ.get("LLM_MUX_MANAGEMENT_KEY") or ""
         now, peer = self.gw.clock.now(), req.peer
-        if not cfg["secret-key"]:
-            raise ManagementError(403, "FORBIDDEN", "management key not configured")
+        if not stored and not from_env:
+            raise ManagementError(403, "FORBIDDEN", "management key not configured (run `%s init` or set "
+                                                    "remote-management.secret-key)" % program_name())
         auth = req.headers.get("authorization") or ""
         presented = (auth[7:] if auth.lower().startswith("bearer ") else auth).strip() or \
             (req.headers.get("x-management-key") or "").strip()
-        if presented and hmac.compare_digest(presented.encode("utf-8", "replace"),
-                                             cfg["secret-key"].encode("utf-8", "replace")):
+        if presented and self._matches(stored, from_env, presented):
             self.failures.pop(peer, None)
             return
         if not local:
@@ -10646,6 +11802,830 @@ class Management:
         raise ManagementError(401, "UNAUTHORIZED", "invalid management key" if presented else
                               "missing management key")
 
+    def _matches(self, stored, from_env, presented):
+        if from_env and hmac.compare_digest(presented.encode("utf-8", "replace"), from_env.encode("utf-8", "replace")):
+            return True
+        if not stored:
+            return False
+        memo = hashlib.sha256((stored + "\0" + presented).encode("utf-8", "replace")).digest()
+        if memo in self.verified:
+            return True
+        if verify_secret(stored, presented):
+            if len(self.verified) > 64:
+                self.verified.clear()
+            self.verified.add(memo)
+            return True
+        return False
+
+    def audit(self, req, what):
+        """Every change is logged: what, from where (never a secret)."""
+        log.info("management: %s (from %s)", what, req.peer)
+
+    # -- persistence ----------------------------------------------------------------------------------------------
+    async def persist(self, req, what, change, bad_status=400):
+        """Apply `change(data)` to config.yaml (validated as a whole, written atomically with untouched lines
+        kept) and to the running gateway at once. Invalid results change nothing: 400 (or `bad_status`) with the
+        line that is wrong."""
+        cf = self.gw.config_file
+        if cf is None:
+            raise ManagementError(409, "WRITE_FAILED", "this gateway runs without a config file; start it with one "
+                                                       "(--config) to change settings from the API")
+        try:
+            cfg = await asyncio.get_running_loop().run_in_executor(None, cf.update, change)
+        except ConfigError as e:
+            raise ManagementError(bad_status, "INVALID_REQUEST" if bad_status == 400 else "INVALID_CONFIG", str(e))
+        except OSError as e:
+            raise ManagementError(500, "WRITE_FAILED", "failed to save config: %s" % (e.strerror or e))
+        self.gw.adopt(cfg)
+        self.audit(req, what)
+        return cfg
+
+    # -- settings -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _value(req, kind):
+        body = management_json(req, '{"value": %s}' % TYPE_WORDS[kind])
+        value = body.get("value") if isinstance(body, dict) else None
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if not ok:
+            raise bad_request('invalid body: expected {"value": %s}' % TYPE_WORDS[kind])
+        return value
+
+    async def get_setting(self, name, req):
+        path = SETTINGS[name][0]
+        return {path[-1]: get_path(self.gw.cfg.data, path)}
+
+    async def put_setting(self, name, req):
+        path, kind, bounds = SETTINGS[name]
+        value = self._value(req, kind)
+        if bounds and not bounds[0] <= value <= bounds[1]:
+            raise bad_request("%s must be between %d and %d" % (name, bounds[0], bounds[1]))
+        if name == "proxy-url" and value:
+            try:
+                ProxySpec(value)
+            except UpstreamError as e:
+                raise bad_request("proxy-url: %s" % e.message)
+
+        def change(data):
+            holder = data
+            for p in path[:-1]:
+                if not isinstance(holder.get(p), dict):
+                    holder[p] = {}
+                holder = holder[p]
+            holder[path[-1]] = value
+        shown = redact_url(value) if name == "proxy-url" and value else value
+        await self.persist(req, "%s set to %s" % (name, json.dumps(shown)), change)
+        return {path[-1]: value}
+
+    async def delete_proxy_url(self, req):
+        await self.persist(req, "proxy-url cleared", lambda data: data.__setitem__("proxy-url", ""))
+        return {"proxy-url": ""}
+
+    async def get_recording(self, req):
+        return {"usage-statistics-enabled": self.gw.recording and self.gw.cfg.usage["enabled"]}
+
+    async def put_recording(self, req):
+        value = self._value(req, bool)
+
+        def change(data):
+            if not isinstance(data.get("usage"), dict):
+                data["usage"] = {}
+            data["usage"]["enabled"] = value
+        await self.persist(req, "usage recording turned %s" % ("on" if value else "off"), change)
+        self.gw.recording = value
+        if value:
+            self.gw.start_usage()  # takes effect at once (the original needed a restart)
+        return {"usage-statistics-enabled": value}
+
+    # -- config -----------------------------------------------------------------------------------------------------
+    async def get_config(self, req):
+        data = masked_copy(self.gw.cfg.data)
+        rm = data.get("remote-management") or {}
+        rm["secret-key"] = "(set)" if self.key_configured() else ""
+        return data
+
+    def _file_text(self):
+        cf = self.gw.config_file
+        if cf is None or not os.path.exists(cf.path):
+            raise ManagementError(404, "NOT_FOUND", "config file not found")
+        try:
+            return cf.read()
+        except (OSError, ConfigError) as e:
+            raise ManagementError(500, "INTERNAL_ERROR", "cannot read config: %s" % e)
+
+    async def get_config_yaml(self, req):
+        """The file as it is, with secrets masked in place (every other byte as on disk)."""
+        text = self._file_text()
+        try:
+            data = yaml_load(text)[0]
+            if isinstance(data, dict):
+                text = yaml_edit(text, masked_copy(data))
+        except ConfigError:
+            pass  # a file the gateway cannot read has nothing it could mask; show it as it is
+        return Response(200, text.encode("utf-8"), [("Cache-Control", "no-store"),
+                                                    ("X-Content-Type-Options", "nosniff")],
+                        "application/yaml; charset=utf-8")
+
+    async def put_config_yaml(self, req):
+        if len(req.body) > 10 << 20:
+            raise ManagementError(413, "INVALID_REQUEST", "config larger than 10 MiB")
+        try:
+            text = req.body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad_request("the config must be UTF-8 text")
+        cf = self.gw.config_file
+        if cf is None:
+            raise ManagementError(409, "WRITE_FAILED", "this gateway runs without a config file")
+        try:
+            new = yaml_load(text, cf.path)[0]
+        except YamlError as e:
+            raise bad_request(str(e))
+        if new is not None and not isinstance(new, dict):
+            raise bad_request("%s: the top level must be a mapping of keys" % cf.path)
+        old = yaml_load(self._file_text())[0] or {}
+        new = new or {}
+        restored = unmask(json.loads(json.dumps(new)), old)
+        if restored != new:
+            text = yaml_edit(text, restored)
+        try:
+            cfg = await asyncio.get_running_loop().run_in_executor(None, cf.replace, text)
+        except ConfigError as e:
+            raise ManagementError(422, "INVALID_CONFIG", str(e))
+        except OSError as e:
+            raise ManagementError(500, "WRITE_FAILED", "failed to write config: %s" % (e.strerror or e))
+        changed = sorted(k for k in set(old) | set(restored) if old.get(k) != restored.get(k))
+        self.gw.adopt(cfg)
+        self.audit(req, "config.yaml replaced (%s)" % (", ".join(changed) or "no key changed"))
+        return {"ok": True, "changed": changed}
+
+    async def latest_version(self, req):
+        """The newest release's tag (cached 15 minutes; a stale answer when the fetch fails)."""
+        now = self.gw.clock.wall()
+        if self.latest and now - self.latest[0] < 900:
+            return {"latest-version": self.latest[1], "current-version": __version__, "cached": True}
+        headers = [("Accept", "application/vnd.github+json"), ("User-Agent", "llm-mux/" + __version__)]
+        if os.environ.get("GITHUB_TOKEN"):
+            headers.append(("Authorization", "Bearer " + os.environ["GITHUB_TOKEN"]))
+        try:
+            resp = await self.gw.client.request("GET", RELEASES_URL, headers, None, timeout=10, stream_timeout=10)
+            data = json_or_none(await resp.read(1 << 20))
+            if resp.status >= 300 or not isinstance(data, dict) or not (data.get("tag_name") or data.get("name")):
+                raise UpstreamError("the releases API answered %d" % resp.status)
+        except UpstreamError as e:
+            if self.latest:
+                return {"latest-version": self.latest[1], "current-version": __version__, "cached": True,
+                        "stale": True}
+            raise ManagementError(502, "INTERNAL_ERROR", "cannot reach the releases API: %s" % e.message)
+        version = str(data.get("tag_name") or data.get("name")).lstrip("vV")
+        self.latest = (now, version)
+        return {"latest-version": version, "current-version": __version__}
+
+    # -- api-keys ---------------------------------------------------------------------------------------------------
+    def _file_data(self):
+        cf = self.gw.config_file
+        if cf is None:
+            return self.gw.cfg.data
+        try:
+            return yaml_load(cf.read())[0] or {}
+        except ConfigError:
+            return {}
+
+    async def get_api_keys(self, req):
+        keys = []
+        for i, k in enumerate(self.gw.cfg.client_keys):
+            entry = {"index": i, "name": k.name, "key": "(hashed)" if k.secret is None else mask_secret(k.secret),
+                     "models": list(k.models), "rpm": k.rpm, "tpm": k.tpm, "max-budget": k.max_budget,
+                     "budget-duration": format_seconds(k.budget_seconds),
+                     "expires": rfc3339(k.expires) if k.expires else None, "disabled": k.disabled}
+            entry["usage"] = self.gw.key_limits.snapshot(k)
+            keys.append(entry)
+        return {"api-keys": [k["key"] for k in keys], "keys": keys}
+
+    @staticmethod
+    def _items(body, what):
+        if isinstance(body, dict) and "items" in body:
+            body = body["items"]
+            if not body:
+                raise bad_request("items must not be empty (send [] to clear)")
+        if not isinstance(body, list):
+            raise bad_request("invalid body: expected a JSON array of %s or {\"items\": [...]}" % what)
+        return body
+
+    @staticmethod
+    def _check_key_entry(entry):
+        if isinstance(entry, str):
+            if not entry.strip():
+                raise bad_request("an API key must not be empty")
+            return entry.strip()
+        if isinstance(entry, dict):
+            unknown = set(entry) - set(ClientKey.LIMIT_FIELDS)
+            if unknown:
+                raise bad_request("unknown API key field(s): %s (known: %s)" % (
+                    ", ".join(sorted(unknown)), ", ".join(ClientKey.LIMIT_FIELDS)))
+            if not isinstance(entry.get("key"), str) or not entry["key"].strip():
+                raise bad_request("an API key object needs \"key\" (the key, or sha256:<hex>)")
+            return entry
+        raise bad_request("an API key is a string or an object with \"key\", got %s" % type(entry).__name__)
+
+    async def put_api_keys(self, req):
+        items = [self._check_key_entry(e) for e in self._items(management_json(req, "a list of API keys"),
+                                                               "API keys")]
+
+        def change(data):
+            data["api-keys"] = unmask({"api-keys": items}, {"api-keys": data.get("api-keys") or []})["api-keys"]
+        await self.persist(req, "api-keys replaced (%d keys)" % len(items), change)
+        return {"status": "ok"}
+
+    async def patch_api_keys(self, req):
+        body = management_json(req, '{"index": i, "value": key} or {"old": key, "new": key}')
+        if not isinstance(body, dict):
+            raise bad_request("invalid body")
+        what = []
+
+        def change(data):
+            keys = data.get("api-keys") or []
+            if isinstance(body.get("index"), int) and not isinstance(body["index"], bool) and "value" in body:
+                i = body["index"]
+                if not 0 <= i < len(keys):
+                    raise bad_request("index %d out of range (0..%d)" % (i, len(keys) - 1))
+                keys[i] = unmask({"k": [self._check_key_entry(body["value"])]}, {"k": [keys[i]]})["k"][0]
+                what.append("api key #%d replaced" % i)
+            elif "old" in body and "new" in body:
+                if not isinstance(body["old"], str):
+                    raise bad_request("old must be the key (a string)")
+                new = self._check_key_entry(body["new"])
+                for i, k in enumerate(keys):
+                    secret = k.get("key") if isinstance(k, dict) else k
+                    if isinstance(secret, str) and hmac.compare_digest(secret.encode(), body["old"].encode()):
+                        keys[i] = new
+                        what.append("api key #%d replaced" % i)
+                        break
+                else:
+                    keys.append(new)
+                    what.append("api key added")
+            else:
+                raise bad_request('missing fields: expected {"index", "value"} or {"old", "new"}')
+            data["api-keys"] = keys
+        await self.persist(req, "api-keys changed", change)
+        return {"status": "ok"}
+
+    async def delete_api_keys(self, req):
+        q = req.query
+
+        def change(data):
+            keys = data.get("api-keys") or []
+            if (q.get("index") or "").strip().isdigit():
+                i = int(q["index"])
+                if not 0 <= i < len(keys):
+                    raise bad_request("index %d out of range" % i)
+                del keys[i]
+            elif q.get("value") or q.get("name"):
+                cfg_keys = self.gw.cfg.client_keys
+                value, name = (q.get("value") or "").strip(), (q.get("name") or "").strip()
+                before = len(keys)
+                kept = []
+                for i, k in enumerate(keys):
+                    secret = k.get("key") if isinstance(k, dict) else k
+                    named = cfg_keys[i].name if i < len(cfg_keys) else None
+                    hit = (value and isinstance(secret, str) and (hmac.compare_digest(secret.encode(), value.encode())
+                                                                  or secret == "sha256:" + hashlib.sha256(
+                                value.encode()).hexdigest())) or (name and named == name)
+                    if not hit:
+                        kept.append(k)
+                if len(kept) == before:
+                    raise ManagementError(404, "NOT_FOUND", "no such API key")
+                keys[:] = kept
+            else:
+                raise bad_request("missing index, value or name")
+            data["api-keys"] = keys
+        await self.persist(req, "api key revoked", change)
+        return {"status": "ok"}
+
+    async def create_api_key(self, req):
+        """A new key with limits, generated here; only its SHA-256 is stored, the key is shown once."""
+        body = management_json(req, '{"name": ..., "models"?, "rpm"?, "tpm"?, "max-budget"?, ...}')
+        if not isinstance(body, dict):
+            raise bad_request("invalid body: expected an object")
+        if "key" in body:
+            raise bad_request("keys are generated here; leave out \"key\" (PATCH api-keys adds a key you have)")
+        entry = dict(body)
+        if not isinstance(entry.get("name"), str) or not entry["name"].strip():
+            raise bad_request("name is required")
+        if any(k.name == entry["name"] for k in self.gw.cfg.client_keys):
+            raise bad_request("an API key named %r exists" % entry["name"])
+        secret = "sk-mux-" + binascii.hexlify(os.urandom(20)).decode()
+        entry = dict({"key": "sha256:" + hashlib.sha256(secret.encode()).hexdigest()}, **entry)
+        self._check_key_entry(entry)
+
+        def change(data):
+            data["api-keys"] = (data.get("api-keys") or []) + [entry]
+        await self.persist(req, "api key %r created" % entry["name"], change)
+        return {"status": "ok", "name": entry["name"], "key": secret}
+
+    # -- providers --------------------------------------------------------------------------------------------------
+    async def get_providers(self, req):
+        out = []
+        for i, raw in enumerate(self.gw.cfg.data["providers"]):
+            entry = masked_copy(raw)
+            entry["index"] = i
+            out.append(entry)
+        return {"providers": out}
+
+    @staticmethod
+    def _check_provider(p):
+        if not isinstance(p, dict):
+            raise bad_request("a provider is an object with \"type\", got %s" % type(p).__name__)
+        if not isinstance(p.get("type"), str) or not p["type"]:
+            raise bad_request("a provider needs \"type\" (one of %s)" % ", ".join(sorted(PROVIDERS.entries)))
+        if p["type"] not in PROVIDERS.entries:
+            raise bad_request("unknown provider type %r (one of %s)" % (p["type"], ", ".join(sorted(PROVIDERS.entries))))
+        unknown = set(p) - set(PROVIDER_SCHEMA) - {"index"}
+        if unknown:
+            raise bad_request("unknown provider field(s): %s" % ", ".join(sorted(unknown)))
+        return {k: v for k, v in p.items() if k != "index"}
+
+    async def put_providers(self, req):
+        items = [self._check_provider(p) for p in self._items(management_json(req, "a list of providers"),
+                                                              "providers")]
+
+        def change(data):
+            data["providers"] = unmask({"p": items}, {"p": data.get("providers") or []})["p"]
+        await self.persist(req, "providers replaced (%d entries)" % len(items), change)
+        return {"status": "ok"}
+
+    async def patch_providers(self, req):
+        body = management_json(req, '{"index": i, "value": provider}')
+        if not isinstance(body, dict) or not isinstance(body.get("index"), int) or isinstance(body["index"], bool):
+            raise bad_request('invalid body: expected {"index": i, "value": provider}')
+        value = self._check_provider(body.get("value"))
+
+        def change(data):
+            items = data.get("providers") or []
+            i = body["index"]
+            if not 0 <= i < len(items):
+                raise bad_request("index %d out of range" % i)
+            items[i] = unmask({"p": [value]}, {"p": [items[i]]})["p"][0]
+            data["providers"] = items
+        await self.persist(req, "provider #%d changed" % body["index"], change)
+        return {"status": "ok"}
+
+    async def delete_providers(self, req):
+        raw = (req.query.get("index") or "").strip()
+        if not raw.isdigit():
+            raise bad_request("missing or invalid index")
+
+        def change(data):
+            items = data.get("providers") or []
+            if int(raw) >= len(items):
+                raise bad_request("missing or invalid index")
+            del items[int(raw)]
+            data["providers"] = items
+        await self.persist(req, "provider #%s removed" % raw, change)
+        return {"status": "ok"}
+
+    # -- oauth-excluded-models --------------------------------------------------------------------------------------
+    async def get_excluded(self, req):
+        return {"oauth-excluded-models": self.gw.cfg.data["oauth-excluded-models"]}
+
+    @staticmethod
+    def _patterns(models, provider):
+        if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+            raise bad_request("models for %s must be a list of strings" % provider)
+        return sorted({m.strip() for m in models if m.strip()})
+
+    def _provider_name(self, name):
+        if not isinstance(name, str) or not name.strip():
+            raise bad_request("invalid provider")
+        name = name.strip().lower()
+        if name not in PROVIDERS.files and name not in PROVIDERS.entries and name not in PROVIDERS.logins():
+            raise bad_request("unknown provider %r" % name)
+        return name
+
+    async def put_excluded(self, req):
+        body = management_json(req, "{provider: [patterns]}")
+        if isinstance(body, dict) and "items" in body:
+            body = body["items"]
+        if not isinstance(body, dict):
+            raise bad_request("invalid body: expected {provider: [patterns]}")
+        table = {self._provider_name(k): self._patterns(v, k) for k, v in body.items()}
+        table = {k: v for k, v in table.items() if v}
+        await self.persist(req, "oauth-excluded-models replaced", lambda data: data.__setitem__(
+            "oauth-excluded-models", table))
+        return {"status": "ok"}
+
+    async def patch_excluded(self, req):
+        body = management_json(req, '{"provider": name, "models": [patterns]}')
+        if not isinstance(body, dict):
+            raise bad_request("invalid body")
+        provider = self._provider_name(body.get("provider"))
+        models = self._patterns(body.get("models", []), provider)
+
+        def change(data):
+            table = data.get("oauth-excluded-models") or {}
+            if models:
+                table[provider] = models
+            elif provider in table:
+                del table[provider]
+            else:
+                raise ManagementError(404, "NOT_FOUND", "provider not found")
+            data["oauth-excluded-models"] = table
+        await self.persist(req, "oauth-excluded-models for %s changed" % provider, change)
+        return {"status": "ok"}
+
+    async def delete_excluded(self, req):
+        if not req.query.get("provider"):
+            raise bad_request("missing provider")
+        provider = req.query["provider"].strip().lower()
+
+        def change(data):
+            table = data.get("oauth-excluded-models") or {}
+            if provider not in table:
+                raise ManagementError(404, "NOT_FOUND", "provider not found")
+            del table[provider]
+            data["oauth-excluded-models"] = table
+        await self.persist(req, "oauth-excluded-models for %s removed" % provider, change)
+        return {"status": "ok"}
+
+    # -- logs -------------------------------------------------------------------------------------------------------
+    def _log_file(self):
+        return os.path.join(logs_dir(self.gw.cfg), "llm-mux.log")
+
+    async def get_logs(self, req):
+        """The newest log lines: from the log file (and its rotations) with logging-to-file, else from memory.
+        `after` (epoch seconds) keeps newer lines, `limit` the last N."""
+        q = req.query
+        try:
+            after = float(q.get("after") or 0)
+            limit = int(q["limit"]) if q.get("limit") else None
+            if limit is not None and limit <= 0:
+                raise ValueError
+        except ValueError:
+            raise bad_request("invalid after or limit")
+        if self.gw.cfg.logging_to_file:
+            lines, scanned = await asyncio.get_running_loop().run_in_executor(None, read_log_files,
+                                                                              self._log_file(), after)
+        else:
+            lines = LOG_RING.since(after)
+            scanned = len(LOG_RING.lines)
+        if limit:
+            lines = lines[-limit:]
+        latest = max([after] + [t for t, _ in lines])
+        return {"lines": [line for _, line in lines], "line_count": scanned, "latest_timestamp": int(latest),
+                "source": "file" if self.gw.cfg.logging_to_file else "memory"}
+
+    async def delete_logs(self, req):
+        LOG_RING.lines.clear()
+        removed = 0
+        path = self._log_file()
+        if self.gw.cfg.logging_to_file and os.path.exists(path):
+            for n in range(1, 10):
+                try:
+                    os.unlink("%s.%d" % (path, n))
+                    removed += 1
+                except OSError:
+                    pass
+            with open(path, "r+b") as f:
+                f.truncate(0)
+        self.audit(req, "logs cleared")
+        return {"success": True, "message": "Logs cleared successfully", "removed": removed}
+
+    async def list_error_logs(self, req):
+        d = self.gw.request_log.directory()
+        files = []
+        try:
+            names = os.listdir(d)
+        except OSError:
+            names = []
+        for name in names:
+            if name.startswith("error-") and name.endswith(".log"):
+                try:
+                    st = os.stat(os.path.join(d, name))
+                except OSError:
+                    continue
+                files.append({"name": name, "size": st.st_size, "modified": int(st.st_mtime)})
+        files.sort(key=lambda f: (f["modified"], f["name"]), reverse=True)
+        return {"files": files, "request-log": self.gw.cfg.request_log}
+
+    async def get_error_log(self, req, name):
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise bad_request("invalid name")
+        if not (name.startswith("error-") and name.endswith(".log")):
+            raise ManagementError(404, "NOT_FOUND", "no such request error log")
+        path = os.path.join(self.gw.request_log.directory(), name)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            raise ManagementError(404, "NOT_FOUND", "no such request error log")
+        return Response(200, data, [("Content-Disposition", 'attachment; filename="%s"' % name),
+                                    ("Cache-Control", "no-store")], "text/plain; charset=utf-8")
+
+    # -- credentials ------------------------------------------------------------------------------------------------
+    def _credential(self, name):
+        """The live credentials of the auth file `name` (several for a multi-project Gemini file)."""
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name:
+            raise bad_request("invalid name")
+        found = [(p, c) for p in self.gw.registry.providers for c in p.credentials
+                 if c.path is not None and os.path.basename(c.path) == name]
+        if not found:
+            raise ManagementError(404, "NOT_FOUND", "no credential file %s" % name)
+        return found
+
+    def _health(self, provider, cred, now, wall):
+        window = float(self.gw.cfg.quota_window)
+        recent = [r for r in self.gw.recent.get(cred.id, ()) if r[0] > wall - window]
+        cooldowns = []
+        for model, st in sorted(cred.states.items()):
+            if st.until > now:
+                cooldowns.append({"model": model, "seconds_left": math.ceil(st.until - now),
+                                  "until": rfc3339(wall + st.until - now), "reason": st.last_error or ""})
+        if cred.until_all > now:
+            cooldowns.insert(0, {"model": "*", "seconds_left": math.ceil(cred.until_all - now),
+                                 "until": rfc3339(wall + cred.until_all - now), "reason": cred.last_error or ""})
+        exp = provider.token_expiry(cred)
+        meta_refresh = parse_instant(next((cred.meta.get(k) for k in ("last_refresh", "lastRefresh",
+                                                                       "last_refreshed_at") if cred.meta.get(k)), None))
+        last_refresh = cred.last_refresh or meta_refresh
+        try:
+            st = os.stat(cred.path)
+            size, modtime = st.st_size, rfc3339(st.st_mtime)
+        except OSError:
+            size, modtime = 0, None
+        status = "disabled" if cred.disabled else "cooling" if cooldowns else "error" if cred.refresh_error \
+            else "active"
+        tokens = sum(r[1] for r in recent)
+        return {
+            "id": cred.id, "name": os.path.basename(cred.path), "provider": provider.id, "type": provider.id,
+            "provider_name": provider.name, "label": cred.label, "email": cred.meta.get("email") or "",
+            "account": cred.meta.get("email") or cred.meta.get("username") or cred.label,
+            "account_type": "oauth", "project": cred.project, "status": status,
+            "status_message": cred.disabled or cred.refresh_error or cred.last_error or "",
+            "disabled": bool(cred.disabled), "unavailable": bool(cooldowns) or bool(cred.disabled),
+            "runtime_only": False, "source": "file", "size": size, "modtime": modtime,
+            "expires_at": rfc3339(exp) if exp else None,
+            "expires_in_seconds": int(exp - wall) if exp else None,
+            "last_refresh": rfc3339(last_refresh) if last_refresh else None, "refresh_error": cred.refresh_error,
+            "last_error": cred.last_error, "in_flight": cred.in_flight, "uses": cred.uses,
+            "cooldowns": cooldowns, "quota": dict(cred.quota),
+            "quota_probe": type(provider).probe_quota is not Provider.probe_quota,
+            "recent": {"window_seconds": int(window), "requests": len(recent), "tokens": tokens,
+                       "errors": sum(1 for r in recent if r[2])},
+            "quota_state": {"active_requests": cred.in_flight, "total_tokens_used": tokens,
+                            "in_cooldown": bool(cooldowns),
+                            "cooldown_remaining_seconds": max([c["seconds_left"] for c in cooldowns] or [0]),
+                            "learned_limit": None},
+        }
+
+    async def list_auth_files(self, req):
+        now, wall = self.gw.clock.now(), self.gw.clock.wall()
+        entries = [self._health(p, c, now, wall) for p in self.gw.registry.providers for c in p.credentials
+                   if c.path is not None]
+        listed = {e["name"] for e in entries}
+        for name, problem in sorted(self.gw.broken_files().items()):  # files the gateway could not use
+            if name not in listed:
+                entries.append({"id": name, "name": name, "provider": "unknown", "type": "unknown", "label": name,
+                                "status": "error", "status_message": problem, "disabled": True,
+                                "unavailable": True, "runtime_only": False, "source": "file", "cooldowns": [],
+                                "quota": {}, "quota_state": {"active_requests": 0, "total_tokens_used": 0,
+                                                             "in_cooldown": False, "cooldown_remaining_seconds": 0,
+                                                             "learned_limit": None}})
+        entries.sort(key=lambda e: (e["name"].lower(), e["id"]))
+        return {"files": entries}
+
+    async def download_auth_file(self, req):
+        name = req.query.get("name") or ""
+        if not name or "/" in name or "\\" in name or not name.endswith(".json") or name.startswith("."):
+            raise bad_request("invalid name")
+        try:
+            with open(os.path.join(self.gw.cfg.auth_dir, name), "rb") as f:
+                data = f.read()
+        except OSError:
+            raise ManagementError(404, "NOT_FOUND", "file not found")
+        self.audit(req, "credential file %s downloaded" % name)
+        return Response(200, data, [("Content-Disposition", 'attachment; filename="%s"' % name),
+                                    ("Cache-Control", "no-store")], "application/json")
+
+    def _save_upload(self, name, data):
+        """One uploaded credential file, checked before it is written: returns None or the problem."""
+        name = os.path.basename(name or "")
+        if not name.endswith(".json") or name.startswith("."):
+            return name, "file must be .json"
+        if len(data) > self.MAX_UPLOAD:
+            return name, "file larger than 1 MiB"
+        try:
+            meta = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            return name, "not valid JSON: %s" % e
+        if not isinstance(meta, dict) or not isinstance(meta.get("type"), str) or not meta["type"].strip():
+            return name, "not a credential file (no \"type\")"
+        if PROVIDERS.file_class(meta) is None:
+            return name, "unknown credential type %r" % meta["type"]
+        self.gw.write_credential(name, meta)
+        return name, None
+
+    async def upload_auth_files(self, req):
+        ctype = req.headers.get("content-type") or ""
+        results = []
+        if ctype.lower().startswith("multipart/form-data"):
+            try:
+                parts = parse_multipart(req.body, ctype)
+            except ValueError as e:
+                raise bad_request("invalid multipart body: %s" % e)
+            files = [p for p in parts if p[0] in ("files", "file[]", "file") and p[1] is not None]
+            if not files:
+                raise bad_request("no file in the form (field files, file[] or file)")
+            for _, filename, _, data in files:
+                results.append(self._save_upload(filename, data))
+        else:
+            name = req.query.get("name") or ""
+            if not name or "/" in name or "\\" in name:
+                raise bad_request("invalid name")
+            results.append(self._save_upload(name, req.body))
+        self.audit(req, "credential file(s) uploaded: %s" % ", ".join(
+            "%s (%s)" % (n, "ok" if err is None else err) for n, err in results))
+        out = [{"name": n, "status": "ok"} if err is None else {"name": n, "status": "error", "message": err}
+               for n, err in results]
+        if all(err is None for _, err in results):
+            return {"status": "ok", "count": len(results), "results": out}
+        if len(results) == 1:
+            raise bad_request("%s: %s" % results[0])
+        return json_response({"status": "partial", "count": len(results), "results": out}, 207)
+
+    async def delete_auth_files(self, req):
+        q = req.query
+        d = self.gw.cfg.auth_dir
+        if (q.get("all") or "").lower() in ("true", "1", "*"):
+            names = sorted(n for n in os.listdir(d) if n.endswith(".json") and not n.startswith("."))
+        else:
+            name = q.get("name") or ""
+            if not name or "/" in name or "\\" in name or name.startswith("."):
+                raise bad_request("invalid name")
+            if not os.path.exists(os.path.join(d, name)):
+                raise ManagementError(404, "NOT_FOUND", "file not found")
+            names = [name]
+        for name in names:
+            try:
+                os.unlink(os.path.join(d, name))
+            except OSError as e:
+                raise ManagementError(500, "WRITE_FAILED", "cannot delete %s: %s" % (name, e.strerror or e))
+        self.gw.reload_credentials()
+        self.audit(req, "credential file(s) deleted: %s" % ", ".join(names))
+        return {"status": "ok", "deleted": len(names)}
+
+    async def import_auth_files(self, req):
+        """What the official CLIs stored on this machine (Claude Code, Codex, Gemini CLI, Kiro, ...)."""
+        body = json_or_none(req.body) if req.body else {}
+        only = body.get("tool") if isinstance(body, dict) else None
+        out = io.StringIO()
+        imported, skipped = await asyncio.get_running_loop().run_in_executor(None, lambda: import_cli_credentials(
+            self.gw.cfg.auth_dir, out=out, cfg=self.gw.cfg, only=only))
+        self.gw.reload_credentials()
+        self.audit(req, "official tools' credentials imported: %d" % len(imported))
+        return {"imported": [{"tool": t, "source": s, "name": os.path.basename(p)} for t, s, p in imported],
+                "skipped": [{"tool": t, "reason": why} for t, why in skipped]}
+
+    async def refresh_auth_file(self, req):
+        found = self._credential(req.query.get("name"))
+        provider, cred = found[0]
+        if provider.refresh_lead is None:
+            raise bad_request("%s credentials have no token to refresh" % provider.name)
+        ok = await self.gw.refresher.ensure(cred, provider, force=True)
+        self.audit(req, "credential %s refreshed on demand (%s)" % (cred.label, "ok" if ok else "failed"))
+        if not ok or cred.refresh_error:
+            raise ManagementError(502, "INTERNAL_ERROR", "refresh failed: %s" % (cred.refresh_error or "unknown"))
+        return self._health(provider, cred, self.gw.clock.now(), self.gw.clock.wall())
+
+    async def auth_file_status(self, req):
+        body = management_json(req, '{"name": file, "disabled": bool}')
+        if not isinstance(body, dict) or not isinstance(body.get("disabled"), bool):
+            raise bad_request('invalid body: expected {"name": file, "disabled": true or false}')
+        found = self._credential(body.get("name"))
+        cred = found[0][1]
+        meta = dict(cred.meta)
+        if body["disabled"]:
+            meta["disabled"] = True
+        else:
+            meta.pop("disabled", None)
+        self.gw.write_credential(os.path.basename(cred.path), meta)
+        self.audit(req, "credential %s %s" % (cred.label, "disabled" if body["disabled"] else "enabled"))
+        return {"status": "ok", "name": body["name"], "disabled": body["disabled"]}
+
+    async def reset_auth_file(self, req):
+        """Clear a credential's cooldowns (and a rejection), putting it back in rotation now."""
+        found = self._credential(req.query.get("name") or (json_or_none(req.body) or {}).get("name"))
+        for _, cred in found:
+            cred.states.clear()
+            cred.until_all = 0.0
+            cred.last_error = None
+            cred.refresh_after = 0.0
+            if cred.disabled and not cred.meta.get("disabled"):
+                cred.disabled = None
+        self.gw.save_rejections()
+        self.audit(req, "cooldowns of %s cleared" % found[0][1].label)
+        return {"status": "ok"}
+
+    async def probe_auth_file(self, req):
+        provider, cred = self._credential(req.query.get("name"))[0]
+        try:
+            windows = await provider.probe_quota(cred, self.gw.client)
+        except RefreshError as e:
+            raise ManagementError(502, "INTERNAL_ERROR", e.message)
+        if windows is None:
+            raise bad_request("%s has no quota endpoint; its quota windows show as its answers report them"
+                              % provider.name)
+        seen = rfc3339(self.gw.clock.wall())
+        for w in windows.values():
+            w["reported_at"] = seen
+        cred.quota.update(windows)
+        return {"name": os.path.basename(cred.path), "quota": windows}
+
+    async def vertex_import(self, req):
+        """A service-account key (multipart field `file`, or JSON {credentials, project_id?, location?})."""
+        ctype = (req.headers.get("content-type") or "").lower()
+        location = req.query.get("location") or ""
+        if ctype.startswith("multipart/form-data"):
+            try:
+                parts = parse_multipart(req.body, req.headers.get("content-type"))
+            except ValueError as e:
+                raise bad_request("invalid multipart body: %s" % e)
+            files = [p for p in parts if p[0] == "file"]
+            fields = {p[0]: p[3].decode("utf-8", "replace") for p in parts if p[1] is None}
+            if not files:
+                raise bad_request("file required")
+            raw = files[0][3]
+            location = fields.get("location") or location
+        else:
+            body = management_json(req, '{"credentials": service-account JSON, "location"?}')
+            if not isinstance(body, dict) or "credentials" not in body:
+                raise bad_request("credentials required (the service-account JSON)")
+            raw = body["credentials"]
+            raw = raw.encode() if isinstance(raw, str) else json.dumps(raw).encode()
+            location = body.get("location") or location
+        if not isinstance(location, str):
+            raise bad_request("location must be a string")
+        location = location or "us-central1"
+        try:
+            sa = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise bad_request("the service account is not valid JSON: %s" % e)
+        try:
+            name, meta = vertex_credential(sa, location)
+        except LoginError as e:
+            raise bad_request(str(e))
+        path = self.gw.write_credential(name, meta)
+        self.audit(req, "Vertex service account %s imported" % meta["email"])
+        return {"status": "ok", "auth_file": path, "project_id": meta["project_id"], "email": meta["email"],
+                "location": location}
+
+    # -- logins -----------------------------------------------------------------------------------------------------
+    async def oauth_start(self, req):
+        body = management_json(req, '{"provider": name}')
+        if not isinstance(body, dict):
+            raise bad_request("invalid body: expected {\"provider\": name}")
+        view = await self.logins.start(body)
+        self.audit(req, "%s login started" % view["provider"])
+        return dict(view, status="ok" if view["status"] == "pending" else view["status"], login_status=view["status"])
+
+    async def oauth_status(self, req, state):
+        return self.logins.status(state)
+
+    async def oauth_cancel(self, req, state):
+        self.logins.cancel(state)
+        self.audit(req, "login %s… cancelled" % state[:6])
+        return {"status": "ok"}
+
+    async def oauth_callback(self, req):
+        body = management_json(req, '{"state": s, "redirect_url" | "code" | "token": ...}')
+        if not isinstance(body, dict) or not isinstance(body.get("state"), str):
+            raise bad_request("state is required")
+        text = body.get("redirect_url") or body.get("code") or body.get("token")
+        if not isinstance(text, str) or not text.strip():
+            raise bad_request("redirect_url, code or token is required")
+        self.logins.paste(body["state"], text.strip())
+        return {"status": "ok"}
+
+    # -- views for the dashboard ------------------------------------------------------------------------------------
+    async def models(self, req):
+        out = []
+        for name, routes in sorted(self.gw.registry.routes.items()):
+            out.append({"id": name, "providers": sorted({r.provider.name for r in routes}),
+                        "upstream": sorted({r.model for r in routes}),
+                        "price": list(price_of(name, self.gw.cfg.pricing) or ())})
+        return {"models": out}
+
+    async def overview(self, req):
+        """What the dashboard's overview shows live: in-flight requests, credentials, models, uptime."""
+        creds = [c for p in self.gw.registry.providers for c in p.credentials]
+        now = self.gw.clock.now()
+        return {"version": __version__, "uptime_seconds": int(time.time() - self.gw.started),
+                "in_flight": sum(c.in_flight for c in creds), "credentials": len(creds),
+                "cooling": sum(1 for c in creds if c.until_all > now or any(s.until > now for s in c.states.values())),
+                "disabled": sum(1 for c in creds if c.disabled), "models": len(self.gw.registry.routes),
+                "providers": len(self.gw.registry.providers), "recording": self.gw.recording,
+                "request_log": self.gw.cfg.request_log, "logging_to_file": self.gw.cfg.logging_to_file,
+                "config_path": self.gw.config_file.path if self.gw.config_file else None,
+                "logins": sorted(PROVIDERS.logins())}
+
+    # -- usage (gateway.md §7.4) ------------------------------------------------------------------------------------
     async def usage(self, req):
         """Usage over a period (from / to / days) with optional provider, model, key and credential filters."""
         q = req.query
@@ -10657,7 +12637,7 @@ class Management:
                 since = parse_day(q.get("from")) if q.get("from") else \
                     until - 86400 * self.gw.cfg.usage["retention-days"]
         except ValueError as e:
-            raise ManagementError(400, "INVALID_REQUEST", "bad period: %s" % e)
+            raise bad_request("bad period: %s" % e)
         filters = {k: q[k] for k in ("provider", "model", "key", "credential") if q.get(k)}
         path = self.gw.usage.store.path if self.gw.usage is not None else None
         report = {}
@@ -10668,17 +12648,304 @@ class Management:
                             "retention_days": self.gw.cfg.usage["retention-days"]}
         return report
 
-    async def get_recording(self, req):
-        return {"usage-statistics-enabled": self.gw.recording}
 
-    async def put_recording(self, req):
-        body = json_or_none(req.body)
-        value = body.get("value") if isinstance(body, dict) else None
-        if not isinstance(value, bool):
-            raise ManagementError(400, "INVALID_REQUEST", 'expected {"value": true or false}')
-        self.gw.recording = value
-        log.info("management: usage recording turned %s by %s", "on" if value else "off", req.peer)
-        return {"usage-statistics-enabled": value}
+# The dashboard (/dashboard): one self-contained page, no CDN, fonts or outside scripts, so it works air-gapped.
+# It asks for the management key, keeps it in the tab's sessionStorage and sends it with every call.
+DASHBOARD_HTML = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>llm-mux dashboard</title><link rel="icon" href="data:,">
+<style>
+:root{--bg:#f6f7f9;--fg:#1d2330;--mute:#6b7280;--line:#dde1e7;--card:#fff;--acc:#2f6fde;--bad:#c63c3c;--ok:#23854a;--warn:#b7791f}
+@media (prefers-color-scheme:dark){:root{--bg:#14171c;--fg:#e6e8eb;--mute:#9aa3ad;--line:#2b3139;--card:#1b1f26;--acc:#6a9cf0}}
+*{box-sizing:border-box}body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;background:var(--bg);color:var(--fg)}
+header{display:flex;gap:16px;align-items:center;padding:10px 18px;border-bottom:1px solid var(--line);background:var(--card)}
+header b{font-size:16px}nav button{background:none;border:0;padding:6px 10px;color:var(--mute);cursor:pointer;font:inherit;border-radius:6px}
+nav button.on{color:var(--fg);background:var(--bg);font-weight:600}main{padding:18px;max-width:1200px;margin:auto}
+.card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:14px;margin-bottom:14px}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(150px,1fr));gap:10px}.stat b{display:block;font-size:22px}
+.stat span{color:var(--mute);font-size:12px}table{width:100%;border-collapse:collapse}th,td{text-align:left;padding:6px 8px;border-bottom:1px solid var(--line);vertical-align:top}
+th{color:var(--mute);font-weight:500;font-size:12px}button.a,input,select,textarea{font:inherit;color:inherit;background:var(--bg);border:1px solid var(--line);border-radius:6px;padding:5px 9px}
+button.a{cursor:pointer}button.p{background:var(--acc);color:#fff;border-color:var(--acc)}.bad{color:var(--bad)}.ok{color:var(--ok)}.warn{color:var(--warn)}.mute{color:var(--mute)}
+#err{display:none;background:#fde8e8;color:#8a1f1f;border:1px solid #f3b4b4;padding:10px 14px;border-radius:8px;margin-bottom:14px}
+pre{white-space:pre-wrap;word-break:break-all;font:12px/1.4 ui-monospace,Menlo,Consolas,monospace;margin:0}
+#logbox{height:60vh;overflow:auto;background:var(--bg);padding:8px;border-radius:6px}textarea{width:100%;height:55vh;font:12px/1.4 ui-monospace,Menlo,monospace}
+.diff .add{background:rgba(35,133,74,.15)}.diff .del{background:rgba(198,60,60,.15)}.pill{display:inline-block;padding:1px 7px;border-radius:10px;font-size:12px;border:1px solid var(--line)}
+.bar{height:6px;background:var(--line);border-radius:3px;width:120px;display:inline-block;vertical-align:middle}.bar i{display:block;height:6px;border-radius:3px;background:var(--acc)}
+.row{display:flex;gap:8px;flex-wrap:wrap;align-items:center}svg text{fill:var(--mute);font-size:10px}.hidden{display:none}
+</style></head><body>
+<header><b>llm-mux</b><nav id="nav"></nav><span style="flex:1"></span><span id="who" class="mute"></span><button class="a" id="logout">Change key</button></header>
+<main><div id="err"></div>
+<section id="login" class="card hidden"><h3>Management key</h3><p class="mute">The key printed by <code>llm-mux init</code> (or on the first start).</p>
+<form id="keyform" class="row"><input id="keyinput" type="password" autocomplete="current-password" size="40" placeholder="management key"><button class="a p" id="keysubmit">Open</button></form></section>
+<section id="page"></section></main>
+<script>
+"use strict";
+const API = "/v1/management";
+const PAGES = ["overview", "credentials", "keys", "models", "logs", "config"];
+const state = {page: "overview", timers: [], logAfter: 0, days: 7, yaml: ""};
+const $ = (s, r) => (r || document).querySelector(s);
+const esc = v => String(v === undefined || v === null ? "" : v).replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"})[c]);
+const num = n => (n || 0).toLocaleString();
+const usd = n => "$" + (n || 0).toFixed(2);
+function key() { return sessionStorage.getItem("llm-mux-key") || ""; }
+function showError(msg) { const e = $("#err"); e.textContent = msg; e.style.display = msg ? "block" : "none"; }
+async function api(path, opts) {
+  opts = opts || {};
+  const headers = Object.assign({"X-Management-Key": key()}, opts.headers || {});
+  let body = opts.body;
+  if (body !== undefined && typeof body !== "string") { body = JSON.stringify(body); headers["Content-Type"] = "application/json"; }
+  let resp;
+  try { resp = await fetch(API + path, {method: opts.method || "GET", headers: headers, body: body}); }
+  catch (e) { throw new Error("the gateway cannot be reached: " + e.message); }
+  const text = await resp.text();
+  let data = null;
+  try { data = JSON.parse(text); } catch (e) { data = null; }
+  if (!resp.ok) {
+    const msg = data && (typeof data.error === "string" ? data.error : (data.error && data.error.message) || data.message) || text || resp.statusText;
+    const err = new Error(msg); err.status = resp.status; throw err;
+  }
+  if (opts.raw) return text;
+  return data && data.data !== undefined && data.meta !== undefined ? data.data : data;
+}
+function clearTimers() { state.timers.forEach(clearInterval); state.timers = []; }
+function every(ms, fn) { state.timers.push(setInterval(fn, ms)); }
+async function guarded(fn) {
+  try { showError(""); await fn(); }
+  catch (e) {
+    if (e.status === 401 || e.status === 403) { showError("Management API refused the key: " + e.message); askKey(); }
+    else showError(e.message);
+  }
+}
+function askKey() { clearTimers(); $("#login").classList.remove("hidden"); $("#page").innerHTML = ""; $("#keyinput").focus(); }
+function nav() {
+  $("#nav").innerHTML = PAGES.map(p => `<button id="nav-${p}" class="${p === state.page ? "on" : ""}">${p[0].toUpperCase() + p.slice(1)}</button>`).join("");
+  PAGES.forEach(p => $("#nav-" + p).onclick = () => go(p));
+}
+function go(page) { state.page = page; location.hash = page; nav(); clearTimers(); guarded(VIEWS[page]); }
+
+function chart(points, field, label, fmt) {
+  const w = 520, h = 120, pad = 24;
+  if (!points.length) return `<div class="card"><b>${label}</b><p class="mute">no data yet</p></div>`;
+  const max = Math.max(1, ...points.map(p => p[field] || 0));
+  const bw = (w - pad) / points.length;
+  const bars = points.map((p, i) => {
+    const v = p[field] || 0, bh = Math.round((h - 20) * v / max);
+    return `<rect x="${pad + i * bw + 1}" y="${h - 14 - bh}" width="${Math.max(1, bw - 2)}" height="${bh}" fill="var(--acc)"><title>${esc(p.label)}: ${esc(fmt(v))}</title></rect>`;
+  }).join("");
+  const first = points[0].label, last = points[points.length - 1].label;
+  return `<div class="card"><b>${label}</b><svg role="img" aria-label="${label}" viewBox="0 0 ${w} ${h}" width="100%" height="${h}">
+    <text x="0" y="10">${esc(fmt(max))}</text><line x1="${pad}" y1="${h - 14}" x2="${w}" y2="${h - 14}" stroke="var(--line)"/>${bars}
+    <text x="${pad}" y="${h - 2}">${esc(first)}</text><text x="${w - 60}" y="${h - 2}">${esc(last)}</text></svg></div>`;
+}
+
+const VIEWS = {
+  async overview() {
+    const [ov, usage] = await Promise.all([api("/overview"), api("/usage?days=" + state.days)]);
+    const s = usage.summary || {total_requests: 0, failure_count: 0, tokens: {total: 0}, cost_usd: 0};
+    const tl = usage.timeline || {by_day: [], by_hour: []};
+    const pts = state.days === 1 ? tl.by_hour.map(p => Object.assign({label: p.hour + ":00"}, p)) : tl.by_day.map(p => Object.assign({label: p.day}, p));
+    $("#page").innerHTML = `<div class="card"><div class="row"><b>Overview</b><span style="flex:1"></span>
+      <select id="days">${[1, 7, 30].map(d => `<option value="${d}" ${d === state.days ? "selected" : ""}>last ${d === 1 ? "24 hours" : d + " days"}</option>`).join("")}</select></div>
+      <div class="grid" style="margin-top:10px">
+      <div class="stat"><b id="inflight">${num(ov.in_flight)}</b><span>in flight now</span></div>
+      <div class="stat"><b id="total-requests">${num(s.total_requests)}</b><span>requests</span></div>
+      <div class="stat"><b class="${s.failure_count ? "bad" : ""}">${num(s.failure_count)}</b><span>errors</span></div>
+      <div class="stat"><b>${num(s.tokens && s.tokens.total)}</b><span>tokens</span></div>
+      <div class="stat"><b>${usd(s.cost_usd)}</b><span>API cost</span></div>
+      <div class="stat"><b>${usd(s.subscription_value_usd)}</b><span>covered by subscriptions</span></div>
+      <div class="stat"><b>${num(ov.credentials)}</b><span>credentials (${ov.cooling} cooling, ${ov.disabled} off)</span></div>
+      <div class="stat"><b>${num(ov.models)}</b><span>models</span></div></div>
+      <p class="mute">llm-mux ${esc(ov.version)} · up ${Math.floor(ov.uptime_seconds / 3600)} h ${Math.floor(ov.uptime_seconds % 3600 / 60)} min · usage recording ${ov.recording ? "on" : "off"}${ov.config_path ? " · " + esc(ov.config_path) : ""}</p></div>
+      <div class="grid" style="grid-template-columns:repeat(auto-fit,minmax(420px,1fr))">
+      ${chart(pts, "requests", "Requests", num)}${chart(pts, "failures", "Errors", num)}${chart(pts, "tokens", "Tokens", num)}${chart(pts, "cost_usd", "Cost (USD)", usd)}</div>`;
+    $("#days").onchange = e => { state.days = +e.target.value; go("overview"); };
+    every(3000, () => guarded(async () => { const o = await api("/overview"); const el = $("#inflight"); if (el) el.textContent = num(o.in_flight); }));
+  },
+
+  async credentials() {
+    const [files, ov] = await Promise.all([api("/auth-files"), api("/overview")]);
+    const rows = files.files.map(f => {
+      const cds = (f.cooldowns || []).map(c => `<div class="warn">${esc(c.model)}: ${c.seconds_left}s ${esc(c.reason)}</div>`).join("");
+      const quota = Object.entries(f.quota || {}).map(([w, q]) => `<div>${esc(w)} <span class="bar"><i style="width:${Math.min(100, q.used_percent || 0)}%"></i></span> ${q.used_percent !== undefined ? q.used_percent + "%" : ""}${q.resets_at ? ` <span class="mute">resets ${esc(q.resets_at)}</span>` : ""}</div>`).join("");
+      const cls = {active: "ok", cooling: "warn", disabled: "bad", error: "bad"}[f.status] || "";
+      const n = encodeURIComponent(f.name);
+      return `<tr data-name="${esc(f.name)}"><td><b>${esc(f.name)}</b><div class="mute">${esc(f.provider)} · ${esc(f.account || f.label)}</div></td>
+        <td><span class="pill ${cls}">${esc(f.status)}</span><div class="mute">${esc(f.status_message || "")}</div></td>
+        <td>${f.expires_at ? esc(f.expires_at) : "—"}<div class="mute">refreshed ${esc(f.last_refresh || "—")}</div></td>
+        <td>${cds || '<span class="mute">none</span>'}</td><td>${quota || '<span class="mute">—</span>'}
+        <div class="mute">last ${f.recent ? f.recent.window_seconds : 0}s: ${f.recent ? f.recent.requests : 0} req, ${f.recent ? num(f.recent.tokens) : 0} tok</div></td>
+        <td class="row"><button class="a" data-act="refresh" data-n="${n}">Refresh</button>
+        <button class="a" data-act="${f.disabled ? "enable" : "disable"}" data-n="${n}">${f.disabled ? "Enable" : "Disable"}</button>
+        <button class="a" data-act="reset" data-n="${n}">Clear cooldowns</button>${f.quota_probe ? `<button class="a" data-act="probe" data-n="${n}">Check quota</button>` : ""}
+        <button class="a" data-act="delete" data-n="${n}">Delete</button></td></tr>`;
+    }).join("");
+    $("#page").innerHTML = `<div class="card"><b>Log in to a subscription</b><div class="row" style="margin-top:8px">${ov.logins.map(l => `<button class="a" id="login-${esc(l)}" data-login="${esc(l)}">${esc(l)}</button>`).join("")}</div>
+      <div id="flow" class="hidden" style="margin-top:10px"></div></div>
+      <div class="card"><b>Credentials</b><table id="creds"><thead><tr><th>File</th><th>Status</th><th>Token</th><th>Cooldowns</th><th>Quota</th><th></th></tr></thead>
+      <tbody>${rows || '<tr><td colspan="6" class="mute">No credential files yet: log in above, or upload one.</td></tr>'}</tbody></table>
+      <div class="row" style="margin-top:10px"><input type="file" id="upload" accept=".json" multiple><button class="a" id="upload-btn">Upload</button><button class="a" id="import-btn">Import from official CLIs</button></div></div>`;
+    document.querySelectorAll("[data-login]").forEach(b => b.onclick = () => guarded(() => startLogin(b.dataset.login)));
+    document.querySelectorAll("[data-act]").forEach(b => b.onclick = () => guarded(async () => {
+      const n = b.dataset.n, name = decodeURIComponent(n), act = b.dataset.act;
+      if (act === "refresh") await api("/auth-files/refresh?name=" + n, {method: "POST"});
+      if (act === "enable" || act === "disable") await api("/auth-files/status", {method: "PATCH", body: {name: name, disabled: act === "disable"}});
+      if (act === "reset") await api("/auth-files/reset?name=" + n, {method: "POST"});
+      if (act === "probe") await api("/auth-files/quota?name=" + n);
+      if (act === "delete") { if (!confirm("Delete " + name + "?")) return; await api("/auth-files?name=" + n, {method: "DELETE"}); }
+      go("credentials");
+    }));
+    $("#upload-btn").onclick = () => guarded(async () => {
+      const fd = new FormData(); for (const f of $("#upload").files) fd.append("files", f, f.name);
+      const r = await fetch(API + "/auth-files", {method: "POST", headers: {"X-Management-Key": key()}, body: fd});
+      const d = await r.json(); if (!r.ok && r.status !== 207) throw new Error(d.error || r.statusText);
+      go("credentials");
+    });
+    $("#import-btn").onclick = () => guarded(async () => { const r = await api("/auth-files/import", {method: "POST", body: {}}); showError(r.imported.length ? "" : "Nothing imported: " + r.skipped.map(s => s.tool + ": " + s.reason).join("; ")); if (r.imported.length) go("credentials"); });
+    every(5000, () => { if (!$("#flow") || $("#flow").classList.contains("hidden")) guarded(VIEWS.credentials); });
+  },
+
+  async keys() {
+    const k = await api("/api-keys");
+    $("#page").innerHTML = `<div class="card"><b>Client API keys</b><table id="keytable"><thead><tr><th>Name</th><th>Key</th><th>Models</th><th>Limits</th><th>Last minute</th><th>Spent</th><th></th></tr></thead><tbody>
+      ${k.keys.map(x => `<tr><td><b>${esc(x.name)}</b>${x.disabled ? ' <span class="pill bad">disabled</span>' : ""}${x.expires ? `<div class="mute">expires ${esc(x.expires)}</div>` : ""}</td><td><code>${esc(x.key)}</code></td>
+      <td>${x.models.length ? esc(x.models.join(", ")) : '<span class="mute">all</span>'}</td>
+      <td>${x.rpm ? x.rpm + " rpm " : ""}${x.tpm ? x.tpm + " tpm " : ""}${x["max-budget"] !== null ? usd(x["max-budget"]) + " / " + esc(x["budget-duration"]) : ""}</td>
+      <td>${x.usage.requests_last_minute} req, ${num(x.usage.tokens_last_minute)} tok</td><td>${usd(x.usage.spent_usd)}</td>
+      <td><button class="a" data-revoke="${x.index}" data-name="${esc(x.name)}">Revoke</button></td></tr>`).join("") || '<tr><td colspan="7" class="mute">No keys: the gateway serves this machine only.</td></tr>'}</tbody></table></div>
+      <div class="card"><b>New key</b><form id="newkey" class="row" style="margin-top:8px"><input id="nk-name" placeholder="name" required><input id="nk-models" placeholder="models (globs, comma separated)">
+      <input id="nk-rpm" type="number" min="1" placeholder="rpm" style="width:90px"><input id="nk-tpm" type="number" min="1" placeholder="tpm" style="width:100px">
+      <input id="nk-budget" type="number" min="0" step="0.01" placeholder="budget USD" style="width:120px"><select id="nk-period"><option>30d</option><option>7d</option><option>1d</option></select>
+      <button class="a p" id="nk-create">Create</button></form><div id="newkey-out"></div></div>`;
+    document.querySelectorAll("[data-revoke]").forEach(b => b.onclick = () => guarded(async () => {
+      if (!confirm("Revoke key " + b.dataset.name + "?")) return;
+      await api("/api-keys?index=" + b.dataset.revoke, {method: "DELETE"}); go("keys");
+    }));
+    $("#newkey").onsubmit = e => { e.preventDefault(); guarded(async () => {
+      const body = {name: $("#nk-name").value.trim()};
+      const models = $("#nk-models").value.split(",").map(s => s.trim()).filter(Boolean);
+      if (models.length) body.models = models;
+      if ($("#nk-rpm").value) body.rpm = +$("#nk-rpm").value;
+      if ($("#nk-tpm").value) body.tpm = +$("#nk-tpm").value;
+      if ($("#nk-budget").value) { body["max-budget"] = +$("#nk-budget").value; body["budget-duration"] = $("#nk-period").value; }
+      const r = await api("/api-keys", {method: "POST", body: body});
+      await VIEWS.keys();
+      $("#newkey-out").innerHTML = `<p>Key for <b>${esc(r.name)}</b> (shown once): <code id="newkey-value">${esc(r.key)}</code></p>`;
+    }); };
+  },
+
+  async models() {
+    const m = await api("/models");
+    $("#page").innerHTML = `<div class="card"><b>${m.models.length} models</b><table><thead><tr><th>Model</th><th>Providers</th><th>Upstream name</th><th>Price / M tokens (in, out)</th></tr></thead><tbody>
+      ${m.models.map(x => `<tr><td><code>${esc(x.id)}</code></td><td>${esc(x.providers.join(", "))}</td><td class="mute">${esc(x.upstream.join(", "))}</td><td>${x.price.length ? "$" + x.price[0] + " / $" + x.price[1] : '<span class="mute">unknown</span>'}</td></tr>`).join("")}</tbody></table></div>`;
+  },
+
+  async logs() {
+    state.logAfter = 0;
+    $("#page").innerHTML = `<div class="card"><div class="row"><b>Log</b><span class="mute" id="logsrc"></span><span style="flex:1"></span><label><input type="checkbox" id="follow" checked> follow</label><button class="a" id="clearlogs">Clear</button></div><pre id="logbox"></pre></div>`;
+    const pull = async () => {
+      const r = await api("/logs?limit=500&after=" + state.logAfter);
+      const box = $("#logbox"); if (!box) return;
+      $("#logsrc").textContent = r.source === "file" ? "(log file)" : "(in memory; logging-to-file is off)";
+      if (r.lines.length) { box.textContent += r.lines.join("\n") + "\n"; state.logAfter = r.latest_timestamp; }
+      if ($("#follow").checked) box.scrollTop = box.scrollHeight;
+    };
+    await pull();
+    $("#clearlogs").onclick = () => guarded(async () => { await api("/logs", {method: "DELETE"}); $("#logbox").textContent = ""; });
+    every(2000, () => guarded(pull));
+  },
+
+  async config() {
+    state.yaml = await api("/config.yaml", {raw: true});
+    $("#page").innerHTML = `<div class="card"><div class="row"><b>config.yaml</b><span class="mute">secrets are shown masked; leave them as they are to keep them</span><span style="flex:1"></span>
+      <button class="a" id="cfg-review">Review changes</button><button class="a p" id="cfg-save" disabled>Save</button></div>
+      <textarea id="cfg-text" spellcheck="false"></textarea><div id="cfg-diff" class="diff"></div><div id="cfg-result"></div></div>`;
+    $("#cfg-text").value = state.yaml;
+    $("#cfg-text").oninput = () => { $("#cfg-save").disabled = true; $("#cfg-diff").innerHTML = ""; };
+    $("#cfg-review").onclick = () => {
+      const d = diffLines(state.yaml.split("\n"), $("#cfg-text").value.split("\n"));
+      $("#cfg-diff").innerHTML = d.length ? "<pre>" + d.map(l => `<div class="${l[0] === "+" ? "add" : "del"}">${esc(l)}</div>`).join("") + "</pre>" : '<p class="mute">no changes</p>';
+      $("#cfg-save").disabled = !d.length;
+    };
+    $("#cfg-save").onclick = () => guarded(async () => {
+      try {
+        const r = await api("/config.yaml", {method: "PUT", body: $("#cfg-text").value, headers: {"Content-Type": "application/yaml"}});
+        await VIEWS.config();
+        $("#cfg-result").innerHTML = `<p class="ok" id="cfg-saved">Saved and applied (${esc(r.changed.join(", ") || "no key changed")}).</p>`;
+      } catch (e) { $("#cfg-result").innerHTML = `<p class="bad" id="cfg-error">${esc(e.message)}</p>`; }
+    });
+  },
+};
+
+function diffLines(a, b) {
+  const n = a.length, m = b.length, L = Array.from({length: n + 1}, () => new Uint32Array(m + 1));
+  for (let i = n - 1; i >= 0; i--) for (let j = m - 1; j >= 0; j--) L[i][j] = a[i] === b[j] ? L[i + 1][j + 1] + 1 : Math.max(L[i + 1][j], L[i][j + 1]);
+  const out = []; let i = 0, j = 0;
+  while (i < n && j < m) { if (a[i] === b[j]) { i++; j++; } else if (L[i + 1][j] >= L[i][j + 1]) out.push("- " + a[i++]); else out.push("+ " + b[j++]); }
+  while (i < n) out.push("- " + a[i++]); while (j < m) out.push("+ " + b[j++]);
+  return out;
+}
+
+async function startLogin(provider) {
+  const box = $("#flow"); box.classList.remove("hidden");
+  box.innerHTML = `<p class="mute">Starting the ${esc(provider)} login…</p>`;
+  const s = await api("/oauth/start", {method: "POST", body: {provider: provider}});
+  const st = s.state;
+  let how = "";
+  if (s.flow_type === "device") how = `<p>Open <a id="flow-url" href="${esc(s.verification_url)}" target="_blank" rel="noopener">${esc(s.verification_url)}</a> and enter the code <b id="flow-code" style="font-size:18px">${esc(s.user_code)}</b></p>`;
+  else if (s.flow_type === "token") how = `<p>${esc(s.prompt)}</p><div class="row"><input id="flow-paste" size="60"><button class="a p" id="flow-send">Send</button></div>`;
+  else if (s.flow_type === "browser") how = `<p>Open <a id="flow-url" href="${esc(s.auth_url)}" target="_blank" rel="noopener">the ${esc(provider)} sign-in page</a>. <span class="mute">${esc(s.callback || "")}</span></p><div class="row"><input id="flow-paste" size="60" placeholder="or paste the URL you were sent to"><button class="a" id="flow-send">Send</button></div>`;
+  box.innerHTML = `<div class="card"><b>${esc(provider)} login</b>${how}<p id="flow-status" class="mute">${esc(s.login_status || s.status)}</p><button class="a" id="flow-cancel">Cancel</button></div>`;
+  if ($("#flow-send")) $("#flow-send").onclick = () => guarded(() => api("/oauth/callback", {method: "POST", body: Object.assign({state: st}, s.flow_type === "token" ? {token: $("#flow-paste").value} : {redirect_url: $("#flow-paste").value})}));
+  $("#flow-cancel").onclick = () => guarded(async () => { await api("/oauth/cancel/" + encodeURIComponent(st), {method: "POST"}); });
+  const poll = setInterval(() => guarded(async () => {
+    const r = await api("/oauth/status/" + encodeURIComponent(st));
+    const el = $("#flow-status"); if (!el) { clearInterval(poll); return; }
+    el.textContent = r.status + (r.error ? ": " + r.error : "") + (r.file ? " — saved " + r.file : "");
+    el.className = r.status === "completed" ? "ok" : r.status === "pending" ? "mute" : "bad";
+    if (r.status !== "pending") { clearInterval(poll); if (r.status === "completed") setTimeout(() => { box.classList.add("hidden"); go("credentials"); }, 1500); }
+  }), 1000);
+  state.timers.push(poll);
+}
+
+async function connect() {
+  if (!key()) { askKey(); return; }
+  try {
+    await api("/overview");
+  } catch (e) {
+    showError(e.status === 401 || e.status === 403 ? "Management API refused the key: " + e.message : e.message);
+    askKey(); return;
+  }
+  $("#login").classList.add("hidden");
+  $("#who").textContent = "connected";
+  const page = (location.hash || "").slice(1);
+  go(PAGES.indexOf(page) >= 0 ? page : "overview");
+}
+$("#keyform").onsubmit = e => { e.preventDefault(); sessionStorage.setItem("llm-mux-key", $("#keyinput").value.trim()); connect(); };
+$("#logout").onclick = () => { sessionStorage.removeItem("llm-mux-key"); $("#who").textContent = ""; askKey(); };
+nav(); connect();
+</script></body></html>
+""".encode("utf-8")
+
+
+def read_log_files(path, after):
+    """(epoch, line) of the log file and its rotations (oldest first) newer than `after`, and how many lines were
+    read. A line without its own timestamp (a traceback) goes with the line before it."""
+    out, scanned, keep, stamp = [], 0, after <= 0, 0.0
+    for p in ["%s.%d" % (path, n) for n in range(9, 0, -1)] + [path]:
+        try:
+            with open(p, "r", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    scanned += 1
+                    line = line.rstrip("\n")
+                    m = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\]", line)
+                    if m:
+                        stamp = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
+                        keep = stamp > after
+                    if keep:
+                        out.append((stamp, line))
+        except OSError:
+            continue
+    return out, scanned
 
 
 # === 14. Client API ===
@@ -10763,6 +13030,12 @@ class App:
     async def __call__(self, req):
         if self.management.handles(req.path):
             return await self.management(req)
+        if not self.gw.cfg.request_log:
+            return await self.dispatch(req)
+        started = time.time()
+        return self.gw.request_log.capture(req, await self.dispatch(req), started)
+
+    async def dispatch(self, req):
         fmt = format_for_path(req.path)
         try:
             handler = self.routes.get((req.method if req.method != "HEAD" else "GET", req.path))
@@ -11119,9 +13392,6 @@ class App:
 # Owns: noticing edits to the config file and to the credential files in auth-dir (polling, debounced) and
 # applying them without a restart. A broken config edit keeps the running config and logs the error with its line.
 
-RESTART_KEYS = ("host", "port", "tls")
-
-
 class Poller:
     """A background task calling `check()` every `interval` seconds of its clock; a failing check is logged and
     polling goes on. Subclasses debounce: act once what they watch looks the same on two polls in a row."""
@@ -11153,10 +13423,11 @@ class ConfigWatcher(Poller):
     """Polls the config file; applies a changed, valid config to the app. LLM_MUX_* overrides are re-applied on
     every reload (the original lost them after the first one)."""
 
-    def __init__(self, path, current, apply, interval=0.25, environ=None, clock=None):
+    def __init__(self, path, apply, interval=0.25, environ=None, clock=None, own_digest=None):
         Poller.__init__(self, interval, clock)
         self.path = path
-        self.current, self.apply = current, apply  # () -> the running Config; Config -> None
+        self.apply = apply  # Config -> None (Gateway.adopt: keeps the keys that need a restart)
+        self.own_digest = own_digest or (lambda: None)  # () -> digest of the gateway's own last write
         self.environ = environ
         self.stamp = self._stat()
         self.digest = self._digest()
@@ -11189,22 +13460,16 @@ class ConfigWatcher(Poller):
         if digest is None or digest == self.digest:
             return False
         self.digest = digest
+        if digest == self.own_digest():
+            return False  # the gateway wrote this itself and has already applied it
         return self.reload()
 
     def reload(self):
-        old = self.current()
         try:
             cfg = Config.load(self.path, self.environ)
         except ConfigError as e:
             log.error("config reload failed, keeping the running config: %s", e)
             return False
-        for w in cfg.warnings:
-            log.warning("config: %s", w)
-        for key in RESTART_KEYS:
-            if cfg.data.get(key) != old.data.get(key):
-                log.warning("config: '%s' changed; it takes effect after a restart", key)
-                cfg.data[key] = old.data[key]
-                setattr(cfg, key.replace("-", "_"), getattr(old, key.replace("-", "_")))
         self.apply(cfg)
         log.info("config reloaded from %s", self.path)
         return True
@@ -11221,20 +13486,7 @@ class AuthDirWatcher(Poller):
         self.listing = self._listing()
 
     def _listing(self):
-        d = self.auth_dir()
-        out = {}
-        try:
-            names = os.listdir(d)
-        except OSError:
-            return out
-        for name in names:
-            if name.endswith(".json") and not name.startswith("."):
-                try:
-                    st = os.stat(os.path.join(d, name))
-                except OSError:
-                    continue
-                out[name] = (st.st_mtime_ns, st.st_size)
-        return out
+        return auth_dir_listing(self.auth_dir())
 
     def check(self):
         listing = self._listing()
@@ -11253,22 +13505,7 @@ class AuthDirWatcher(Poller):
             return False
         before = set(self.listing)
         self.listing = listing
-        d = self.auth_dir()
-        by_file = {}
-        for cred in self.files().values():
-            by_file.setdefault(os.path.basename(cred.path), []).append(cred)
-        files = {}
-        for name, stamp in listing.items():
-            olds = by_file.get(name) or []
-            if olds and all(c.stamp == stamp for c in olds):
-                files.update((c.id, c) for c in olds)
-                continue
-            try:
-                meta, real_stamp = read_credential_file(os.path.join(d, name))
-            except ValueError as e:
-                log.warning("credential file %s skipped: %s", name, e)
-                continue
-            files.update((c.id, c) for c in credentials_from_file(name, meta, real_stamp, d))
+        files = reread_credentials(self.auth_dir(), self.files(), listing)
         added = sorted(set(listing) - before)
         removed = sorted(before - set(listing))
         self.apply(files)
@@ -11321,9 +13558,10 @@ def listen_url(cfg):
 async def serve_forever(cfg, ready=None, config_path=None, debug=False):
     """Run the gateway until SIGTERM/SIGINT, then drain in-flight responses for up to shutdown-timeout."""
     os.makedirs(cfg.auth_dir, mode=0o700, exist_ok=True)
-    gw = Gateway(cfg, debug=debug)
+    gw = Gateway(cfg, debug=debug, config_file=ConfigFile(config_path) if config_path else None)
     app = App(gw)
-    watcher = ConfigWatcher(config_path, lambda: gw.cfg, gw.apply_config, clock=gw.clock) if config_path else None
+    watcher = ConfigWatcher(config_path, gw.adopt, clock=gw.clock, own_digest=lambda: gw.config_file.own_digest) \
+        if config_path else None
     auth_watcher = AuthDirWatcher(lambda: gw.cfg.auth_dir, lambda: gw.files, gw.apply_files, clock=gw.clock)
     server = HttpServer(app, lambda: gw.limits, error_page=http_error_page)
     ctx = server_ssl_context(cfg)
@@ -11364,8 +13602,7 @@ async def serve_forever(cfg, ready=None, config_path=None, debug=False):
     log.info("stopped")
 
 
-NOT_YET_SUPPORTED = (("ws-auth", lambda cfg: cfg.ws_auth), ("request-log", lambda cfg: cfg.request_log),
-                     ("remote-management: everything but usage", lambda cfg: False))
+NOT_YET_SUPPORTED = (("ws-auth", lambda cfg: cfg.ws_auth),)
 
 
 def log_next_steps(cfg, gw, port):
@@ -11384,10 +13621,68 @@ def log_next_steps(cfg, gw, port):
              base)
 
 
+def new_management_key():
+    return binascii.hexlify(os.urandom(16)).decode("ascii")
+
+
+def set_management_key(path, key):
+    """Store `key` hashed as remote-management.secret-key, every other line of the file kept."""
+    def change(data):
+        rm = data.get("remote-management")
+        if not isinstance(rm, dict):
+            rm = data["remote-management"] = {}
+        rm["secret-key"] = hash_secret(key)
+    return ConfigFile(path).update(change)
+
+
+def hash_plain_management_key(cfg, path):
+    """A plain management key typed into the file is replaced by its hash on start."""
+    stored = cfg.data["remote-management"]["secret-key"]
+    if stored and not is_hashed_secret(stored) and os.path.exists(path):
+        try:
+            cfg = set_management_key(path, stored)
+        except (ConfigError, OSError) as e:
+            log.warning("could not hash the management key in %s: %s (it still works)", path, e)
+            return cfg
+        log.info("management key in %s is now stored hashed", path)
+    return cfg
+
+
+def cmd_init(args):
+    """Create the config and auth dir; generate the management key (or a new one with --force)."""
+    path, _ = find_config_path(args.config)
+    if not os.path.exists(path):
+        write_file_atomic(path, DEFAULT_CONFIG_TEXT, 0o600)
+        print("Created: %s" % path)
+    cfg = Config.load(path)
+    os.makedirs(cfg.auth_dir, mode=0o700, exist_ok=True)
+    stored = cfg.data["remote-management"]["secret-key"]
+    if stored and not args.force:
+        if is_hashed_secret(stored):
+            print("Management key: set (stored hashed; it cannot be shown again)")
+        else:
+            print("Management key: %s" % stored)
+            set_management_key(path, stored)
+        print("Location: %s" % path)
+        print("Use `%s init --force` to regenerate" % program_name())
+        return 0
+    key = new_management_key()
+    set_management_key(path, key)
+    print("%s management key:" % ("Regenerated" if stored else "Generated"))
+    print("  %s" % key)
+    print("Location: %s (stored hashed; save the key now, it is not shown again)" % path)
+    return 0
+
+
 def cmd_serve(args):
     cfg, path, created = load_config_for_cli(args.config)
     if created:
         print("First run: created config at %s" % path, file=sys.stderr)
+        key = new_management_key()
+        cfg = set_management_key(path, key)
+        port = getattr(args, "port", None) or cfg.port
+        print("Dashboard: http://127.0.0.1:%d/dashboard  management key: %s\n(shown once, stored hashed; `%s "
+              "init --force` makes a new one)" % (port, key, program_name()), file=sys.stderr)
     if getattr(args, "host", None):
         cfg.host = args.host
     if getattr(args, "port", None) is not None:
@@ -11395,6 +13690,9 @@ def cmd_serve(args):
     setup_logging(cfg.debug or args.debug)
     for w in cfg.warnings:
         log.warning("config: %s", w)
+    host, port = cfg.host, cfg.port
+    cfg = hash_plain_management_key(cfg, path)
+    cfg.host, cfg.port = host, port
     check_bind_safety(cfg)
     if uvloop is not None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
@@ -11520,29 +13818,10 @@ async def device_steps(flow, client, timeout, out, sleep):
 
 
 async def wait_for_callback(flow, port, timeout):
-    """Serve `GET /callback?code=…&state=…` on 127.0.0.1:port until the browser arrives; returns the code."""
-    loop = asyncio.get_running_loop()
-    got = loop.create_future()
-
-    async def app(req):
-        q = req.query
-        if req.path not in ("/callback", "/oauth2callback", "/auth/callback", "/oauth-callback"):
-            return Response(404, b"not found", None, "text/plain")
-        if q.get("error"):
-            if not got.done():
-                got.set_exception(CliError("the provider refused the login: %s %s" % (
-                    q["error"], q.get("error_description", ""))))
-            return Response(400, b"Login failed; see the terminal.", None, "text/plain")
-        if q.get("state") != flow.state:
-            return Response(400, b"State mismatch: this is not the login that is waiting.", None, "text/plain")
-        if not got.done():
-            got.set_result(q.get("code", ""))
-        return Response(200, b"<html><body><h2>llm-mux: login complete.</h2>You can close this window.</body></html>",
-                        None, "text/html; charset=utf-8")
-    cfg = Config.defaults(environ={})
-    server = HttpServer(app, lambda: ServerLimits(cfg), access_log=False)
+    """Serve the provider's redirect on 127.0.0.1:port until the browser arrives; returns the code."""
+    got = asyncio.get_running_loop().create_future()
     try:
-        await server.listen("127.0.0.1", port)
+        server = await listen_for_login_callback(flow, port, got)
     except OSError as e:
         raise CliError("cannot listen on 127.0.0.1:%d for the login callback: %s (another login running? use "
                        "--callback-port or --no-browser)" % (port, e.strerror or e))
@@ -11621,56 +13900,6 @@ def cmd_login(args):
     return 0
 
 
-def import_cli_credentials(auth_dir, home=None, out=None, cfg=None, only=None):
-    """Find the credentials official CLIs stored and convert them into auth-dir files. Returns (imported, skipped)."""
-    out = out or sys.stdout
-    home = home or os.path.expanduser("~")
-    imported, skipped = [], []
-    for provider_class in PROVIDERS.importers():
-        label = provider_class.official_tool
-        if only and label != only:
-            continue
-        try:
-            source, name, meta = provider_class.import_official(home, auth_dir, cfg)
-        except FileNotFoundError as e:
-            skipped.append((label, "not found (looked for %s)" % e.filename if e.filename else "not found"))
-            continue
-        except (OSError, ValueError, KeyError, AttributeError) as e:
-            skipped.append((label, str(e)))
-            continue
-        path = os.path.join(auth_dir, name)
-        write_file_atomic(path, json.dumps(meta, indent=2) + "\n", 0o600)
-        imported.append((label, source, path))
-    for label, source, path in imported:
-        print("imported %s credentials from %s -> %s" % (label, source, path), file=out)
-    for label, why in skipped:
-        print("skipped %s: %s" % (label, why), file=out)
-    return imported, skipped
-
-
-def import_vertex(sa_path, auth_dir, location="us-central1"):
-    """Turn a Google service-account JSON key into `vertex-<project>.json` in auth-dir (0600). Returns the path."""
-    try:
-        with open(sa_path, "r", encoding="utf-8") as f:
-            sa = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CliError("cannot read service account %s: %s" % (sa_path, e))
-    if not isinstance(sa, dict) or sa.get("type") != "service_account":
-        raise CliError("%s is not a service-account key (its type is not 'service_account')" % sa_path)
-    for field in ("project_id", "client_email", "private_key"):
-        if not sa.get(field):
-            raise CliError("service account %s has no %s" % (sa_path, field))
-    try:
-        RsaKey.from_pem(sa["private_key"])
-    except ValueError as e:
-        raise CliError("service account private key unusable: %s" % e)
-    name = "vertex-%s.json" % re.sub(r"[^A-Za-z0-9_.-]", "_", sa["project_id"])
-    path = os.path.join(auth_dir, name)
-    write_file_atomic(path, json.dumps({"type": "vertex", "service_account": sa, "project_id": sa["project_id"],
-                                        "email": sa["client_email"], "location": location}, indent=2) + "\n", 0o600)
-    return path
-
-
 def cmd_import(args):
     cfg, _, _ = load_config_for_cli(args.config, create=False)
     if args.source == "cli":
@@ -11720,6 +13949,9 @@ def build_parser():
     p.add_argument("--host", default=argparse.SUPPRESS, help="bind address (overrides host in the config)")
     p.add_argument("--port", "-p", type=int, default=argparse.SUPPRESS, help="port (overrides port in the config)")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("init", parents=[common], help="create the config and auth dir and the management key")
+    p.add_argument("--force", action="store_true", help="generate a new management key")
+    p.set_defaults(func=cmd_init)
     p = sub.add_parser("version", parents=[common], help="print the version")
     p.set_defaults(func=cmd_version)
     p = sub.add_parser("env", parents=[common], help="show the config, auth dir and listen address it would use")

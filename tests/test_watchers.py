@@ -12,8 +12,7 @@ from harness import FakeClock
 def config_watcher(tmp_path, applied):
     path = tmp_path / "config.yaml"
     path.write_text("request-retry: 1\n")
-    current = llm_mux.Config.load(str(path), environ={})
-    return path, llm_mux.ConfigWatcher(str(path), lambda: current, applied.append, environ={}, clock=FakeClock())
+    return path, llm_mux.ConfigWatcher(str(path), applied.append, environ={}, clock=FakeClock())
 
 
 def test_a_config_edit_is_applied_on_the_second_poll(tmp_path):
