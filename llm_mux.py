@@ -10534,8 +10534,9 @@ def random_uniform(a, b):
 
 # === 11. Usage and metrics ===
 # Owns: turning each finished Call into one usage record and keeping it (the SQLite store with its versioned
-# schema, the writer thread fed by a bounded queue, retention) and into Prometheus metrics. The event loop only
-# enqueues and counts; nothing here decides routing.
+# schema, the writer thread fed by a bounded queue, retention) and into Prometheus metrics; per-key limits; and,
+# with `request-log`, one file per client request and its answer. The event loop only enqueues and counts;
+# nothing here decides routing.
 
 _TEXT, _INT = "TEXT NOT NULL DEFAULT ''", "INTEGER NOT NULL DEFAULT 0"
 LLM_MUX_COLUMNS = tuple(  # llm-mux's own usage_records (gateway.md §7.2)
