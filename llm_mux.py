@@ -130,8 +130,12 @@ def redact_headers(headers):
 
 
 def redact_url(url):
-    """A URL with secret-looking query parameters (key, token, ...) masked."""
+    """A URL with its userinfo password and secret-looking query parameters (key, token, ...) masked."""
     parts = urllib.parse.urlsplit(url)
+    if "@" in parts.netloc and ":" in parts.netloc.rpartition("@")[0]:
+        user, _, host = parts.netloc.rpartition("@")
+        parts = parts._replace(netloc="%s:xxxxx@%s" % (user.partition(":")[0], host))
+        url = urllib.parse.urlunsplit(parts)
     if not parts.query:
         return url
     pairs = []
@@ -11993,7 +11997,7 @@ class Management:
     async def get_api_keys(self, req):
         keys = []
         for i, k in enumerate(self.gw.cfg.client_keys):
-            entry = {"index": i, "name": k.name, "key": "(hashed)" if k.secret is None else mask_secret(k.secret),
+            entry = {"index": i, "name": k.name, "key": "(hashed)" if k.digest is not None else mask_secret(k.secret),
                      "models": list(k.models), "rpm": k.rpm, "tpm": k.tpm, "max-budget": k.max_budget,
                      "budget-duration": format_seconds(k.budget_seconds),
                      "expires": rfc3339(k.expires) if k.expires else None, "disabled": k.disabled}

@@ -60,20 +60,20 @@ def test_every_figure_is_scoped_to_the_period_and_filters(gw):
     _, body = get(gw, "/usage?days=1&model=gpt-test")
     assert body["data"]["summary"]["total_requests"] == 3
     status, body = get(gw, "/usage?from=yesterday")
-    assert status == 400 and body["error"]["code"] == "INVALID_REQUEST"
+    assert status == 400 and body["code"] == "INVALID_REQUEST"
 
 
 def test_the_management_key_is_required(gw):
     status, body = get(gw, "/usage", key=None)
-    assert status == 401 and body["error"] == {"code": "UNAUTHORIZED", "message": "missing management key"}
+    assert status == 401 and (body["code"], body["error"]) == ("UNAUTHORIZED", "missing management key")
     status, body = get(gw, "/usage", key="wrong")
-    assert status == 401 and body["error"]["message"] == "invalid management key"
+    assert status == 401 and body["error"] == "invalid management key"
 
 
 def test_without_a_configured_key_every_call_is_403(gateway, upstream):
     g = gateway(openai_provider_config(upstream().url))
     status, body = get(g, "/usage")
-    assert status == 403 and body["error"]["message"] == "management key not configured"
+    assert status == 403 and body["error"].startswith("management key not configured")
 
 
 def test_recording_can_be_switched_off_at_once(gw):
@@ -89,5 +89,5 @@ def test_recording_can_be_switched_off_at_once(gw):
 
 def test_a_bad_toggle_body_is_a_400(gw):
     status, body = get(gw, "/usage-statistics-enabled", method="PUT", body={"value": "yes"})
-    assert status == 400 and body["error"]["code"] == "INVALID_REQUEST"
+    assert status == 400 and body["code"] == "INVALID_REQUEST"
     assert get(gw, "/usage-statistics-enabled")[1]["data"] == {"usage-statistics-enabled": True}
