@@ -16,7 +16,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 
 # Real servers used as peers: tinyproxy (HTTP CONNECT), dante and microsocks (SOCKS5), stunnel (TLS proxy), curl,
-# wrk (benchmark). Without root they must already be installed; the tests that need a missing one say so.
+# wrk (benchmark), chromium + chromium-driver (dashboard). Without root they must already be installed; the tests that need a missing one say so.
 need=()
 command -v tinyproxy >/dev/null || need+=(tinyproxy)
 command -v danted >/dev/null || need+=(dante-server)
@@ -24,6 +24,8 @@ command -v microsocks >/dev/null || need+=(microsocks)
 command -v stunnel4 >/dev/null || need+=(stunnel4)
 command -v curl >/dev/null || need+=(curl)
 command -v wrk >/dev/null || need+=(wrk)
+[ -x /usr/bin/chromium ] || need+=(chromium)  # the dashboard's browser tests (selenium drives it)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then
   echo "installing test peers: ${need[*]}"
   apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
