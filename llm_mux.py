@@ -11544,9 +11544,7 @@ class LoginSessions:
             port = body.get("callback_port", flow.callback_port)
             if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port < 65536:
                 raise bad_request("callback_port must be a port number")
-            session.info = {"auth_url": flow.url(), "callback_port": port}
-            if getattr(flow, "verifier", None):
-                session.info["code_verifier"] = flow.verifier
+            session.info = {"auth_url": flow.url(), "callback_port": port}  # the PKCE verifier stays here
             try:
                 session.server = await listen_for_login_callback(flow, port, session.got)
                 session.info["callback"] = "listening on 127.0.0.1:%d" % port

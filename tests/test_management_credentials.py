@@ -199,6 +199,18 @@ def test_device_login_from_the_api(gateway, tmp_path):
         assert done["status"] == "completed" and done["file"] == "github-copilot-octocat.json"
         assert entry(gw, "github-copilot-octocat.json")["provider"] == "github-copilot"
         assert call(gw, "POST", "/oauth/cancel/" + state)[0] == 404  # finished: nothing to cancel
+        # Cline: the exported refresh token pasted through the API
+        status, body = call(gw, "POST", "/oauth/start", {"provider": "cline"})
+        assert status == 200 and body["flow_type"] == "token" and "refresh token" in body["prompt"]
+        assert call(gw, "POST", "/oauth/callback", {"state": body["state"], "token": "cl-rt"})[0] == 200
+        wait_until(lambda: call(gw, "GET", "/oauth/status/" + body["state"])[1]["status"] == "completed",
+                   what="the Cline login")
+        assert entry(gw, call(gw, "GET", "/oauth/status/" + body["state"])[1]["file"])["provider"] == "cline"
+        status, body = call(gw, "POST", "/oauth/start", {"provider": "cline"})
+        call(gw, "POST", "/oauth/callback", {"state": body["state"], "token": "bad"})
+        wait_until(lambda: call(gw, "GET", "/oauth/status/" + body["state"])[1]["status"] == "failed",
+                   what="the refused token")
+        assert "invalid refresh token" in call(gw, "GET", "/oauth/status/" + body["state"])[1]["error"]
     finally:
         dev.up.stop()
 
@@ -210,7 +222,7 @@ def test_browser_login_by_callback_and_by_pasted_url(gateway, fake, tmp_path):
     status, body = call(gw, "POST", "/oauth/start", {"provider": "anthropic", "callback_port": port})
     assert status == 200 and body["flow_type"] == "browser" and body["provider"] == "claude"
     q = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(body["auth_url"]).query))
-    assert q["state"] == body["state"] and q["code_challenge_method"] == "S256"
+    assert q["state"] == body["state"] and q["code_challenge_method"] == "S256" and "code_verifier" not in body
     assert b"login complete" in play_browser(port, "/callback", body["state"], code="good-code")
     wait_until(lambda: call(gw, "GET", "/oauth/status/" + body["state"])[1]["status"] == "completed",
                what="the login to complete")
