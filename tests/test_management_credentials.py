@@ -2,6 +2,7 @@
 windows the upstream reported, an on-demand probe), enable / disable / clear / refresh / delete / upload /
 download, Vertex import, and the login flows of `llm-mux login` driven from the API (device code, browser with
 the callback or a pasted redirect URL, cancel, unknown provider)."""
+import asyncio
 import json
 import os
 import time
@@ -11,6 +12,7 @@ import uuid
 import anthropic
 import pytest
 
+import llm_mux
 from fakes import FakeUpstream, Reply, free_port
 from harness import overrides_config, play_browser, wait_until
 from test_copilot_qwen_cline import Fake as FakeDeviceProviders
@@ -241,3 +243,28 @@ def test_browser_login_by_callback_and_by_pasted_url(gateway, fake, tmp_path):
     assert call(gw, "POST", "/oauth/start", {"provider": "nosuch"})[0] == 400
     assert call(gw, "POST", "/oauth/start", {})[0] == 400
     assert call(gw, "GET", "/oauth/status/unknown")[0] == 404
+
+
+def test_a_device_login_nobody_finishes_times_out_on_the_gateways_clock(tmp_path):
+    """The poll loop sleeps on the gateway's clock: a fake clock runs the 300 s of Qwen's code in a blink."""
+    from harness import GatewayThread
+    pending = FakeUpstream(lambda r: Reply(body={"device_code": "q-dev", "user_code": "QWEN-42",
+                                                 "verification_uri_complete": "https://chat.qwen.ai/authorize",
+                                                 "expires_in": 300, "interval": 5})
+                           if r.path.endswith("/device/code") else
+                           Reply(status=400, body={"error": "authorization_pending"})).start()
+    g = GatewayThread(overrides_config(pending.url, ["https://chat.qwen.ai"], str(tmp_path / "auth")))
+    try:
+        sessions = llm_mux.LoginSessions(g.gateway)
+        view = g.run(sessions.start({"provider": "qwen"}))
+        assert view["status"] == "pending" and view["user_code"] == "QWEN-42"
+        g.run(asyncio.wait([sessions.sessions[view["state"]].task], timeout=20))
+        done = sessions.status(view["state"])
+        assert done["status"] == "failed" and "timed out" in done["error"]
+        assert 290 <= sum(g.clock.sleeps) <= 305 and not os.path.exists(str(tmp_path / "auth"))  # nothing written
+        g.clock.t += sessions.KEEP + 1
+        with pytest.raises(llm_mux.ManagementError):
+            sessions.status(view["state"])  # forgotten once it has been over for a while
+    finally:
+        g.stop()
+        pending.stop()
