@@ -11,18 +11,19 @@ Table of contents
    3. Configuration
    4. HTTP server
    5. HTTP client
-   6. IR
-   7. Codecs
-   8. Credentials
-   9. Providers
-  10. Routing
-  11. Usage and metrics
-  12. Gateway
-  13. Management API
-  14. Client API
-  15. Watcher
-  16. CLI
-  17. main
+   6. PostgreSQL client
+   7. IR
+   8. Codecs
+   9. Credentials
+  10. Providers
+  11. Routing
+  12. Usage and metrics
+  13. Gateway
+  14. Management API
+  15. Client API
+  16. Watcher
+  17. CLI
+  18. main
 """
 
 # === 1. Header, version, table of contents ===
@@ -34,6 +35,7 @@ import asyncio
 import base64
 import binascii
 import bisect
+import collections
 import contextlib
 import fnmatch
 import functools
@@ -3367,7 +3369,700 @@ class SSEParser:
         return out
 
 
-# === 6. IR ===
+# === 6. PostgreSQL client ===
+# Owns: the PostgreSQL frontend/backend protocol 3.0 over the byte Channel: URLs and PG* defaults, TLS (sslmode),
+# trust / cleartext / md5 / SCRAM-SHA-256 authentication, the extended query protocol with bound parameters only,
+# text-format values, transactions, LISTEN/NOTIFY and a small pool. It knows nothing of what the gateway stores.
+
+class PgError(Exception):
+    """An error the server reported, with its SQLSTATE (`fields` holds the rest: detail, hint, ...)."""
+
+    def __init__(self, message, sqlstate="", fields=None):
+        super().__init__("%s (SQLSTATE %s)" % (message, sqlstate) if sqlstate else message)
+        self.message, self.sqlstate, self.fields = message, sqlstate, fields or {}
+
+
+class PgConnectionError(PgError):
+    """The connection could not be made or broke (SQLSTATE class 08); the pool opens a new one next time."""
+
+    def __init__(self, message, sqlstate="08006"):
+        super().__init__(message, sqlstate)
+
+
+PG_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def pg_settings(url="", env=None):
+    """Connection settings from a `postgres://` / `postgresql://` URL (user, password, host, port, database and
+    the query parameters sslmode, sslrootcert, connect_timeout, application_name, options, statement_timeout,
+    host, hostaddr, port, user, password, dbname), completed from the PG* environment variables as libpq does."""
+    env = os.environ if env is None else env
+    parts = urllib.parse.urlsplit(url or "postgresql://")
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ValueError("a PostgreSQL URL starts with postgres:// or postgresql://")
+    q = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    unquote = urllib.parse.unquote
+    netloc = parts.netloc.rpartition("@")[2]
+    host, _, port = netloc.rpartition(":") if not netloc.endswith("]") and ":" in netloc else (netloc, "", "")
+    host = unquote(host.strip("[]"))
+
+    def pick(name, url_value, env_name, default=""):
+        value = q.get(name) or url_value or env.get(env_name) or default
+        return value
+
+    s = {
+        "user": pick("user", unquote(parts.username or ""), "PGUSER", env.get("USER") or "postgres"),
+        "password": pick("password", unquote(parts.password or ""), "PGPASSWORD"),
+        "host": pick("host", host, "PGHOST", "localhost"),
+        "hostaddr": pick("hostaddr", "", "PGHOSTADDR"),
+        "port": pick("port", port, "PGPORT", "5432"),
+        "sslmode": pick("sslmode", "", "PGSSLMODE", "prefer"),
+        "sslrootcert": pick("sslrootcert", "", "PGSSLROOTCERT"),
+        "connect_timeout": pick("connect_timeout", "", "PGCONNECT_TIMEOUT", "10"),
+        "application_name": pick("application_name", "", "PGAPPNAME", "llm-mux"),
+        "options": pick("options", "", "PGOPTIONS"),
+        "statement_timeout": pick("statement_timeout", "", "PGSTATEMENTTIMEOUT", "30000"),
+    }
+    s["database"] = pick("dbname", unquote(parts.path.lstrip("/")), "PGDATABASE", s["user"])
+    if s["sslmode"] not in PG_SSLMODES:
+        raise ValueError("sslmode must be one of %s" % ", ".join(PG_SSLMODES))
+    for name in ("port", "connect_timeout", "statement_timeout"):
+        if not s[name].isdigit():
+            raise ValueError("%s must be a whole number, not %r" % (name, s[name]))
+    s["port"], s["connect_timeout"] = int(s["port"]), int(s["connect_timeout"]) or 10
+    s["statement_timeout"] = int(s["statement_timeout"])
+    return s
+
+
+def pg_quote_ident(name):
+    """A channel or identifier name as a quoted SQL identifier (LISTEN takes no parameters)."""
+    if not re.match(r"[A-Za-z_][A-Za-z0-9_]{0,62}\Z", name or ""):
+        raise ValueError("not a safe identifier: %r" % (name,))
+    return '"%s"' % name
+
+
+def _pg_timestamp(text):
+    """A timestamp in PostgreSQL's ISO output (`2026-12-04 13:39:30.12+00`) as a datetime (aware when it has an
+    offset); infinity and BC dates stay text."""
+    import datetime
+    m = re.match(r"(\d{4,}-\d\d-\d\d)[ T](\d\d:\d\d:\d\d)(?:\.(\d{1,6}))?([+-]\d\d(?::?\d\d){0,2})?\Z", text)
+    if m is None:
+        return text
+    frac = (m.group(3) or "").ljust(6, "0")
+    value = datetime.datetime.strptime("%s %s %s" % (m.group(1), m.group(2), frac), "%Y-%m-%d %H:%M:%S %f")
+    offset = m.group(4)
+    if offset:
+        sign = -1 if offset[0] == "-" else 1
+        fields = [int(x) for x in re.findall(r"\d\d", offset)] + [0, 0]
+        value = value.replace(tzinfo=datetime.timezone(
+            sign * datetime.timedelta(hours=fields[0], minutes=fields[1], seconds=fields[2])))
+    return value
+
+
+def _pg_date(text):
+    import datetime
+    try:
+        return datetime.date(*[int(x) for x in text.split("-")])
+    except ValueError:
+        return text
+
+
+def _pg_array(text, element):
+    """A one-dimensional array literal (`{1,2,NULL}`, `{"a b","c\\"d"}`) decoded element by element."""
+    if not (text.startswith("{") and text.endswith("}")):
+        return text
+    items, i, body = [], 0, text[1:-1]
+    while i < len(body):
+        if body[i] == '"':
+            j, chars = i + 1, []
+            while body[j] != '"':
+                if body[j] == "\\":
+                    j += 1
+                chars.append(body[j])
+                j += 1
+            items.append(element("".join(chars)))
+            i = j + 2
+        else:
+            j = body.find(",", i)
+            j = len(body) if j < 0 else j
+            raw = body[i:j]
+            items.append(None if raw == "NULL" else element(raw))
+            i = j + 1
+    return items
+
+
+def _pg_float(text):
+    return float({"Infinity": "inf", "-Infinity": "-inf"}.get(text, text))
+
+
+def _pg_numeric(text):
+    import decimal
+    return decimal.Decimal(text)
+
+
+PG_DECODERS = {  # type OID -> text-format decoder; anything else is returned as str
+    16: lambda t: t == "t", 20: int, 21: int, 23: int, 26: int, 700: _pg_float, 701: _pg_float, 1700: _pg_numeric,
+    114: json.loads, 3802: json.loads, 17: lambda t: bytes.fromhex(t[2:]) if t.startswith("\\x") else t.encode(),
+    1114: _pg_timestamp, 1184: _pg_timestamp, 1082: _pg_date,
+}
+for _array_oid, _element_oid in ((1000, 16), (1005, 21), (1007, 23), (1016, 20), (1021, 700), (1022, 701),
+                                 (1231, 1700), (1009, 25), (1015, 1043), (1014, 1042), (199, 114), (3807, 3802)):
+    PG_DECODERS[_array_oid] = functools.partial(_pg_array, element=PG_DECODERS.get(_element_oid, str))
+
+
+def pg_encode(value):
+    """A Python value as a text-format parameter (bytes), or None for SQL NULL."""
+    import datetime
+    import decimal
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return b"t" if value else b"f"
+    if isinstance(value, (int, decimal.Decimal)):
+        return str(value).encode()
+    if isinstance(value, float):
+        if value != value:
+            return b"NaN"
+        return {math.inf: b"Infinity", -math.inf: b"-Infinity"}.get(value) or repr(value).encode()
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("PostgreSQL text cannot hold NUL characters")
+        return value.encode("utf-8")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return b"\\x" + bytes(value).hex().encode()
+    if isinstance(value, (datetime.datetime, datetime.date)):
+        return value.isoformat().encode()
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":")).encode()
+    if isinstance(value, (list, tuple)):  # a one-dimensional array
+        def element(v):
+            raw = pg_encode(v)
+            if raw is None:
+                return "NULL"
+            return '"%s"' % raw.decode("utf-8").replace("\\", "\\\\").replace('"', '\\"')
+        return ("{%s}" % ",".join(element(v) for v in value)).encode("utf-8")
+    raise TypeError("cannot send %s to PostgreSQL" % type(value).__name__)
+
+
+class PgResult:
+    """The rows of one statement (tuples, in column order), the column names and the command tag."""
+
+    __slots__ = ("rows", "columns", "tag")
+
+    def __init__(self, rows, columns, tag):
+        self.rows, self.columns, self.tag = rows, columns, tag
+
+    @property
+    def rowcount(self):
+        last = self.tag.rsplit(" ", 1)[-1]
+        return int(last) if last.isdigit() else -1
+
+
+class PgConnection:
+    """One server connection. Statements run one at a time (a lock serialises callers); asynchronous
+    notifications that arrive on it are handed to `on_notify(channel, payload, pid)`."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.ch = None
+        self.params = {}
+        self.backend = (0, 0)  # (process id, secret key) for CancelRequest
+        self.status = "I"  # I idle, T in a transaction, E in a failed transaction
+        self.lock = asyncio.Lock()
+        self.on_notify = None
+        self.closed = False
+        self.tls = False
+
+    # -- framing ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _message(kind, payload=b""):
+        return kind + struct.pack("!I", len(payload) + 4) + payload
+
+    async def _read(self, deadline=None):
+        try:
+            head = await self.ch.read_exactly(5, deadline)
+            kind, size = head[:1], struct.unpack("!I", head[1:])[0]
+            if size < 4 or size > (1 << 30):
+                raise PgConnectionError("bad message length %d from the server" % size)
+            return kind, await self.ch.read_exactly(size - 4, deadline)
+        except ChannelClosed:
+            self.closed = True
+            raise PgConnectionError("the server closed the connection")
+
+    @staticmethod
+    def _error(payload):
+        fields = {}
+        for part in payload.split(b"\x00"):
+            if part:
+                fields[part[:1].decode()] = part[1:].decode("utf-8", "replace")
+        cls = PgConnectionError if fields.get("C", "").startswith(("08", "57P")) else PgError
+        err = cls(fields.get("M", "unknown error"), fields.get("C", ""))
+        err.fields = {"severity": fields.get("S", ""), "detail": fields.get("D", ""), "hint": fields.get("H", "")}
+        return err
+
+    # -- connect ------------------------------------------------------------------------------------------------
+    async def connect(self):
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + s["connect_timeout"]
+        host = s["host"]
+        try:
+            if host.startswith("/"):
+                path = os.path.join(host, ".s.PGSQL.%d" % s["port"])
+                _, self.ch = await asyncio.wait_for(loop.create_unix_connection(Channel, path), s["connect_timeout"])
+            else:
+                _, self.ch = await asyncio.wait_for(
+                    loop.create_connection(Channel, s["hostaddr"] or host, s["port"]), s["connect_timeout"])
+                if s["sslmode"] not in ("disable", "allow"):
+                    await self._start_tls(deadline)
+            await self._startup(deadline)
+        except asyncio.TimeoutError:
+            self.close()
+            raise PgConnectionError("connecting to PostgreSQL at %s:%s timed out" % (host, s["port"]))
+        except OSError as e:
+            self.close()
+            raise PgConnectionError("cannot connect to PostgreSQL at %s:%s: %s" % (host, s["port"], e.strerror or e))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _ssl_context(self):
+        mode = self.settings["sslmode"]
+        ctx = ssl.create_default_context(cafile=self.settings["sslrootcert"] or None)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if mode in ("prefer", "require"):
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        elif mode == "verify-ca":
+            ctx.check_hostname = False
+        return ctx
+
+    async def _start_tls(self, deadline):
+        self.ch.write(struct.pack("!II", 8, 80877103))  # SSLRequest
+        answer = await self.ch.read_exactly(1, deadline)
+        if answer != b"S":
+            if self.settings["sslmode"] != "prefer":
+                raise PgConnectionError("the server does not accept TLS (sslmode=%s)" % self.settings["sslmode"])
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            self.ch.transport = await asyncio.wait_for(
+                loop.start_tls(self.ch.transport, self.ch, self._ssl_context(), server_hostname=self.settings["host"]),
+                max(0.1, deadline - loop.time()))
+        except (ssl.SSLError, ssl.CertificateError) as e:
+            raise PgConnectionError("TLS with PostgreSQL failed: %s" % e)
+        self.tls = True
+
+    async def _startup(self, deadline):
+        s = self.settings
+        params = [("user", s["user"]), ("database", s["database"]), ("application_name", s["application_name"]),
+                  ("client_encoding", "UTF8"), ("DateStyle", "ISO"), ("TimeZone", "UTC"),
+                  ("statement_timeout", str(s["statement_timeout"]))]
+        if s["options"]:
+            params.append(("options", s["options"]))
+        body = struct.pack("!I", 196608) + b"".join(k.encode() + b"\x00" + v.encode() + b"\x00" for k, v in params)
+        self.ch.write(struct.pack("!I", len(body) + 5) + body + b"\x00")
+        scram = None
+        while True:
+            kind, payload = await self._read(deadline)
+            if kind == b"R":
+                code = struct.unpack("!I", payload[:4])[0]
+                if code == 0:
+                    continue
+                if code == 3:
+                    self._password(s["password"].encode())
+                elif code == 5:
+                    inner = hashlib.md5((s["password"] + s["user"]).encode()).hexdigest().encode()
+                    self._password(b"md5" + hashlib.md5(inner + payload[4:8]).hexdigest().encode())
+                elif code == 10:
+                    mechanisms = payload[4:].split(b"\x00")
+                    if b"SCRAM-SHA-256" not in mechanisms:
+                        raise PgConnectionError("the server offers no SASL mechanism llm-mux knows: %s" % mechanisms)
+                    scram = PgScram(s["password"])
+                    first = scram.first()
+                    self.ch.write(self._message(b"p", b"SCRAM-SHA-256\x00" + struct.pack("!I", len(first)) + first))
+                elif code == 11:
+                    self.ch.write(self._message(b"p", scram.final(payload[4:])))
+                elif code == 12:
+                    scram.verify(payload[4:])
+                else:
+                    raise PgConnectionError("unsupported authentication request %d" % code)
+            elif kind == b"S":
+                name, value = payload.rstrip(b"\x00").split(b"\x00", 1)
+                self.params[name.decode()] = value.decode()
+            elif kind == b"K":
+                self.backend = struct.unpack("!II", payload[:8])
+            elif kind == b"Z":
+                self.status = payload[:1].decode()
+                return
+            elif kind == b"E":
+                err = self._error(payload)
+                raise PgConnectionError(err.message, err.sqlstate or "08004")
+            # N (notice), v (protocol negotiation): nothing to do
+
+    def _password(self, secret):
+        if not self.settings["password"]:
+            raise PgConnectionError("the server asks for a password and none is configured", "28P01")
+        self.ch.write(self._message(b"p", secret + b"\x00"))
+
+    # -- statements ---------------------------------------------------------------------------------------------
+    async def execute(self, sql, *args, timeout=None):
+        """Run one statement with bound parameters ($1, $2, ...); a PgResult. `timeout` (seconds) is a client-side
+        backstop to the server's statement_timeout: past it the query is cancelled and the connection closed."""
+        async with self.lock:
+            if self.closed:
+                raise PgConnectionError("connection closed")
+            try:
+                if timeout is None:
+                    return await self._run(sql, args)
+                return await asyncio.wait_for(self._run(sql, args), timeout)
+            except asyncio.TimeoutError:
+                await self.cancel()
+                self.close()
+                raise PgError("statement timed out after %ss" % timeout, "57014")
+            except PgConnectionError:
+                self.close()
+                raise
+            except asyncio.CancelledError:
+                self.close()  # the reply is half read: this connection cannot be reused
+                raise
+
+    async def _run(self, sql, args):
+        values = []
+        for v in args:
+            raw = pg_encode(v)
+            values.append(struct.pack("!i", -1) if raw is None else struct.pack("!I", len(raw)) + raw)
+        m = self._message
+        self.ch.write(
+            m(b"P", b"\x00" + sql.encode("utf-8") + b"\x00" + struct.pack("!H", 0)) +
+            m(b"B", b"\x00\x00" + struct.pack("!HH", 0, len(args)) + b"".join(values) + struct.pack("!H", 0)) +
+            m(b"D", b"P\x00") + m(b"E", b"\x00" + struct.pack("!I", 0)) + m(b"S"))
+        columns, decoders, rows, tag, error = [], [], [], "", None
+        while True:
+            kind, payload = await self._read()
+            if kind == b"D":
+                n = struct.unpack("!H", payload[:2])[0]
+                row, at = [], 2
+                for i in range(n):
+                    size = struct.unpack("!i", payload[at:at + 4])[0]
+                    at += 4
+                    if size < 0:
+                        row.append(None)
+                        continue
+                    text = payload[at:at + size].decode("utf-8")
+                    at += size
+                    row.append(decoders[i](text))
+                rows.append(tuple(row))
+            elif kind == b"T":
+                columns, decoders = self._columns(payload)
+            elif kind == b"C":
+                tag = payload.rstrip(b"\x00").decode()
+            elif kind == b"E":
+                error = self._error(payload)
+            elif kind == b"Z":
+                self.status = payload[:1].decode()
+                if error is not None:
+                    raise error
+                return PgResult(rows, columns, tag)
+            elif kind == b"A":
+                self._notification(payload)
+            # 1 ParseComplete, 2 BindComplete, n NoData, I EmptyQuery, N notice, S parameter status: nothing to do
+
+    @staticmethod
+    def _columns(payload):
+        n = struct.unpack("!H", payload[:2])[0]
+        names, decoders, at = [], [], 2
+        for _ in range(n):
+            end = payload.index(b"\x00", at)
+            names.append(payload[at:end].decode())
+            oid = struct.unpack("!I", payload[end + 7:end + 11])[0]
+            decoders.append(PG_DECODERS.get(oid, str))
+            at = end + 19
+        return names, decoders
+
+    def _notification(self, payload):
+        pid = struct.unpack("!I", payload[:4])[0]
+        channel, text = payload[4:].rstrip(b"\x00").split(b"\x00", 1)
+        if self.on_notify is not None:
+            try:
+                self.on_notify(channel.decode(), text.decode("utf-8", "replace"), pid)
+            except Exception:
+                log.exception("PostgreSQL notification handler failed")
+
+    async def fetch(self, sql, *args, timeout=None):
+        return (await self.execute(sql, *args, timeout=timeout)).rows
+
+    async def fetchrow(self, sql, *args, timeout=None):
+        rows = (await self.execute(sql, *args, timeout=timeout)).rows
+        return rows[0] if rows else None
+
+    async def fetchval(self, sql, *args, timeout=None):
+        row = await self.fetchrow(sql, *args, timeout=timeout)
+        return row[0] if row else None
+
+    @contextlib.asynccontextmanager
+    async def transaction(self):
+        """BEGIN ... COMMIT, or ROLLBACK when the block raises."""
+        await self.execute("BEGIN")
+        try:
+            yield self
+        except BaseException:
+            if not self.closed:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.execute("ROLLBACK"))
+            raise
+        await self.execute("COMMIT")
+
+    async def listen(self, channel):
+        await self.execute("LISTEN " + pg_quote_ident(channel))
+
+    async def wait_notifications(self, deadline=None):
+        """While idle, read what the server sends (notifications) until `deadline`; PgConnectionError when the
+        connection breaks. Returns on timeout."""
+        async with self.lock:
+            while True:
+                try:
+                    kind, payload = await self._read(deadline)
+                except asyncio.TimeoutError:
+                    return
+                if kind == b"A":
+                    self._notification(payload)
+                elif kind == b"E":
+                    raise self._error(payload)
+
+    async def cancel(self):
+        """Ask the server, on a separate connection, to cancel what this connection is running."""
+        pid, secret = self.backend
+        if not pid or self.settings["host"].startswith("/"):
+            return
+        try:
+            _, w = await asyncio.wait_for(asyncio.open_connection(
+                self.settings["hostaddr"] or self.settings["host"], self.settings["port"]), 5)
+            w.write(struct.pack("!IIII", 16, 80877102, pid, secret))
+            await w.drain()
+            w.close()
+        except (OSError, asyncio.TimeoutError):
+            pass
+
+    def close(self):
+        if self.ch is not None and not self.closed:
+            with contextlib.suppress(Exception):
+                self.ch.write(self._message(b"X"))
+            self.ch.close()
+        self.closed = True
+
+
+class PgScram:
+    """SCRAM-SHA-256 (RFC 5802 / 7677) without channel binding, as PostgreSQL speaks it."""
+
+    def __init__(self, password):
+        self.password = password.encode("utf-8")
+        self.nonce = base64.b64encode(os.urandom(18)).decode()
+        self.first_bare = "n=,r=" + self.nonce
+
+    def first(self):
+        return ("n,," + self.first_bare).encode()
+
+    def final(self, server_first):
+        text = server_first.decode()
+        fields = dict(part.split("=", 1) for part in text.split(","))
+        if not fields.get("r", "").startswith(self.nonce):
+            raise PgConnectionError("SCRAM: the server's nonce does not extend ours", "28000")
+        salted = hashlib.pbkdf2_hmac("sha256", self.password, base64.b64decode(fields["s"]), int(fields["i"]))
+        client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+        without_proof = "c=biws,r=" + fields["r"]
+        self.auth_message = ",".join((self.first_bare, text, without_proof)).encode()
+        signature = hmac.new(hashlib.sha256(client_key).digest(), self.auth_message, hashlib.sha256).digest()
+        proof = bytes(a ^ b for a, b in zip(client_key, signature))
+        self.server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+        return (without_proof + ",p=" + base64.b64encode(proof).decode()).encode()
+
+    def verify(self, server_final):
+        fields = dict(part.split("=", 1) for part in server_final.decode().split(","))
+        expected = hmac.new(self.server_key, self.auth_message, hashlib.sha256).digest()
+        if not hmac.compare_digest(base64.b64decode(fields.get("v", "")), expected):
+            raise PgConnectionError("SCRAM: the server's signature is wrong (not the server we asked for?)", "28000")
+
+
+class PgPool:
+    """A few connections shared by callers on one event loop. Connections are opened on demand up to `size`;
+    a broken one is dropped and replaced next time; after a failed connect, new attempts wait an exponential
+    back-off (0.2 s doubling to 10 s) and fail fast meanwhile, so a dead database costs callers no waiting."""
+
+    def __init__(self, settings, size=4, clock=None):
+        self.settings = settings if isinstance(settings, dict) else pg_settings(settings)
+        self.size = size
+        self.clock = clock or Clock()
+        self.idle = []
+        self.opened = 0
+        self.waiters = collections.deque()
+        self.backoff = 0.0
+        self.retry_at = 0.0
+        self.last_error = None
+        self.closed = False
+
+    async def _open(self):
+        now = self.clock.now()
+        if now < self.retry_at:
+            raise PgConnectionError("PostgreSQL unreachable (%s); next try in %.1fs"
+                                    % (self.last_error, self.retry_at - now))
+        try:
+            conn = await PgConnection(self.settings).connect()
+        except PgConnectionError as e:
+            self.backoff = min(10.0, max(0.2, self.backoff * 2))
+            self.retry_at = self.clock.now() + self.backoff
+            self.last_error = e.message
+            raise
+        self.backoff, self.retry_at, self.last_error = 0.0, 0.0, None
+        return conn
+
+    async def acquire(self, timeout=10.0):
+        if self.closed:
+            raise PgConnectionError("pool closed")
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed and not conn.ch.eof:
+                return conn
+            self.opened -= 1
+        if self.opened < self.size:
+            self.opened += 1
+            try:
+                return await self._open()
+            except BaseException:
+                self.opened -= 1
+                raise
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise PgConnectionError("no PostgreSQL connection free within %ss" % timeout, "08001")
+        finally:
+            with contextlib.suppress(ValueError):
+                self.waiters.remove(fut)
+
+    def release(self, conn):
+        broken = conn.closed or conn.ch.eof or conn.status != "I" or self.closed
+        if broken:
+            conn.close()
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if fut.done():
+                continue
+            if broken:  # hand the waiter a fresh slot: it opens its own connection
+                asyncio.ensure_future(self._hand_new(fut))
+            else:
+                fut.set_result(conn)
+            return
+        if broken:
+            self.opened -= 1
+        else:
+            self.idle.append(conn)
+
+    async def _hand_new(self, fut):
+        try:
+            conn = await self._open()
+        except BaseException as e:
+            self.opened -= 1
+            if not fut.done():
+                fut.set_exception(e)
+            return
+        if fut.done():
+            self.release(conn)
+        else:
+            fut.set_result(conn)
+
+    @contextlib.asynccontextmanager
+    async def connection(self, timeout=10.0):
+        conn = await self.acquire(timeout)
+        try:
+            yield conn
+        finally:
+            self.release(conn)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, timeout=10.0):
+        async with self.connection(timeout) as conn:
+            async with conn.transaction():
+                yield conn
+
+    async def execute(self, sql, *args, timeout=None):
+        async with self.connection() as conn:
+            return await conn.execute(sql, *args, timeout=timeout)
+
+    async def fetch(self, sql, *args, timeout=None):
+        return (await self.execute(sql, *args, timeout=timeout)).rows
+
+    async def fetchrow(self, sql, *args, timeout=None):
+        rows = (await self.execute(sql, *args, timeout=timeout)).rows
+        return rows[0] if rows else None
+
+    async def fetchval(self, sql, *args, timeout=None):
+        row = await self.fetchrow(sql, *args, timeout=timeout)
+        return row[0] if row else None
+
+    def close(self):
+        self.closed = True
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+        self.opened = 0
+
+
+class PgListener:
+    """A dedicated connection that LISTENs on channels and calls `handler(channel, payload, pid)` for each
+    notification. When the connection breaks it reconnects with back-off, listens again and calls
+    `on_reconnect()` (notifications sent meanwhile are lost: the caller re-reads its state)."""
+
+    def __init__(self, settings, channels, handler, on_reconnect=None, clock=None):
+        self.settings, self.channels, self.handler = settings, list(channels), handler
+        self.on_reconnect = on_reconnect
+        self.clock = clock or Clock()
+        self.task = None
+        self.connected = asyncio.Event()
+        self.conn = None
+
+    def start(self):
+        self.task = asyncio.ensure_future(self._run())
+        return self
+
+    async def _run(self):
+        delay, first = 0.2, True
+        while True:
+            try:
+                conn = await PgConnection(self.settings).connect()
+                conn.on_notify = self.handler
+                for channel in self.channels:
+                    await conn.listen(channel)
+                self.conn = conn
+                self.connected.set()
+                delay = 0.2
+                if not first and self.on_reconnect is not None:
+                    await self.on_reconnect()
+                first = False
+                await conn.wait_notifications()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # PgError, OSError: try again after a pause
+                log.warning("PostgreSQL listener: %s; reconnecting in %.1fs", e, delay)
+            self.connected.clear()
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+            await self.clock.sleep(delay)
+            delay = min(10.0, delay * 2)
+
+    async def close(self):
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+        if self.conn is not None:
+            self.conn.close()
+
+
+# === 7. IR ===
 # Owns: the one intermediate representation every format and provider meets in: the request (messages made of
 # parts, tools, sampling, thinking), the non-streamed response, the stream events, usage and errors. Plain classes
 # with __slots__: they sit on the hot path. No wire format appears here.
@@ -3994,7 +4689,7 @@ def repair_tool_turns(messages):
     return out
 
 
-# === 7. Codecs ===
+# === 8. Codecs ===
 # Owns: one codec per API format, each translating between its wire JSON and the IR in both directions
 # (request, response, stream). Codecs never talk to the network and never know which provider is upstream.
 
@@ -7310,7 +8005,7 @@ class Completions(Codec):
 
 CODECS = {c.name: c for c in (OpenAIChat, Anthropic, Gemini, Responses, Ollama, Completions)}
 
-# === 8. Credentials ===
+# === 9. Credentials ===
 # Owns: what one account or API key is (Credential) and how `providers:` entries become credentials. It keeps
 # each credential's live counters (in flight, uses, cooldowns); it does not pick among them (that is routing).
 
@@ -7522,7 +8217,7 @@ def credentials_for_entry(entry):
     return out
 
 
-# === 9. Providers ===
+# === 10. Providers ===
 # Owns: one class per upstream, shaping the upstream request (URL, headers, body via a codec), decoding its
 # answers and streams into the IR, and classifying its errors. Providers do not choose credentials or retry.
 
@@ -9773,7 +10468,7 @@ def import_vertex(sa_path, auth_dir, location="us-central1"):
     return path
 
 
-# === 10. Routing ===
+# === 11. Routing ===
 # Owns: the model registry (model id -> routes across providers and credentials), picking a credential, and the
 # attempt loop that fails over to the next credential before the first byte reaches the client. It does not
 # shape requests (providers) or speak client formats (codecs, handlers).
@@ -10536,7 +11231,7 @@ def random_uniform(a, b):
     return a + (b - a) * (int.from_bytes(os.urandom(4), "big") / 4294967296.0)
 
 
-# === 11. Usage and metrics ===
+# === 12. Usage and metrics ===
 # Owns: turning each finished Call into one usage record and keeping it (the SQLite store with its versioned
 # schema, the writer thread fed by a bounded queue, retention) and into Prometheus metrics; per-key limits; and,
 # with `request-log`, one file per client request and its answer. The event loop only enqueues and counts;
@@ -11101,7 +11796,7 @@ def usage_database_path(cfg):
     return os.path.join(os.path.dirname(cfg.auth_dir.rstrip("/")) or ".", "usage.db")
 
 
-# === 12. Gateway ===
+# === 13. Gateway ===
 # Owns: the assembled runtime: the config snapshot, credential files, registry, HTTP client, router, refresher
 # and clock, and the hooks that observe every finished Call (usage records, metrics, limits hang here). It hands
 # each piece what it needs; nothing reaches back through it. It speaks no client API (that is the Client API).
@@ -11369,7 +12064,7 @@ class Gateway:
             p.url = None
 
 
-# === 13. Management API ===
+# === 14. Management API ===
 # Owns: everything under /v1/management and the dashboard page: who may call (the hashed management key,
 # loopback unless allow-remote, bans after repeated failures), the {"data", "meta"} envelope and its errors,
 # settings and lists written back to config.yaml (ConfigFile) and applied at once, credential health and
@@ -12951,7 +13646,7 @@ def read_log_files(path, after):
     return out, scanned
 
 
-# === 14. Client API ===
+# === 15. Client API ===
 # Owns: the client-facing endpoints: authentication, request parsing into the IR via the client's codec, the
 # hand-off to routing, and writing the answer (JSON or stream) in the client's format. Errors are rendered in the
 # format of the endpoint that was called.
@@ -13391,7 +14086,7 @@ class App:
             await events.aclose()
 
 
-# === 15. Watcher ===
+# === 16. Watcher ===
 # Owns: noticing edits to the config file and to the credential files in auth-dir (polling, debounced) and
 # applying them without a restart. A broken config edit keeps the running config and logs the error with its line.
 
@@ -13517,7 +14212,7 @@ class AuthDirWatcher(Poller):
         return True
 
 
-# === 16. CLI ===
+# === 17. CLI ===
 # Owns: the command line (serve, version, env) and the process around the server: logging, signals, TLS
 # context, the safe-binding check. It builds on everything above and adds no gateway behaviour of its own.
 
@@ -13982,7 +14677,7 @@ def build_parser():
     return parser
 
 
-# === 17. main ===
+# === 18. main ===
 # Owns: the entry point shared by `python llm_mux.py`, the zipapp and `python -m llm_mux`.
 
 def main(argv=None):
