@@ -1350,7 +1350,10 @@ CONFIG_SCHEMA = {
     "max-request-size": ("int", 52428800),
     "max-response-size": ("int", 104857600),
     "usage": ({"enabled": ("bool", True), "database-path": ("str", ""), "dsn": ("str", ""),
+               "postgres-url": ("str", ""), "spool-path": ("str", ""), "spool-max-records": ("int", 200000),
                "batch-size": ("int", 500), "flush-interval": ("str", "1s"), "retention-days": ("int", 30)}, None),
+    "store": ({"postgres-url": ("str", ""), "encryption-key": ("str", ""), "poll-interval": ("str", "5s"),
+               "lock-timeout": ("str", "30s")}, None),
     "show-provider-prefixes": ("bool", False),
     "use-canonical-translator": ("bool", True),
     "remote-management": ({"allow-remote": ("bool", False), "secret-key": ("str", "")}, None),
@@ -1503,6 +1506,9 @@ ENV_OVERRIDES = [
     ("LLM_MUX_API_KEYS", "api-keys", "list"),
     ("LLM_MUX_USAGE_DSN", "usage.dsn", "str"),
     ("LLM_MUX_USAGE_RETENTION_DAYS", "usage.retention-days", "int"),
+    ("LLM_MUX_USAGE_POSTGRES_URL", "usage.postgres-url", "str"),
+    ("LLM_MUX_STORE_POSTGRES_URL", "store.postgres-url", "str"),
+    ("LLM_MUX_STORE_KEY", "store.encryption-key", "str"),
     ("LLM_MUX_PROXY_URL", "proxy-url", "str"),
     ("LLM_MUX_AUTH_DIR", "auth-dir", "str"),
     ("LLM_MUX_LOGGING_TO_FILE", "logging-to-file", "bool"),
@@ -11246,7 +11252,7 @@ LLM_MUX_COLUMNS = tuple(  # llm-mux's own usage_records (gateway.md §7.2)
                          "audio_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
                          "tool_use_prompt_tokens")])
 USAGE_COLUMNS = LLM_MUX_COLUMNS + tuple(  # and ours
-    [(c, _TEXT) for c in ("request_id", "client_format", "model_requested", "error_class")] +
+    [(c, _TEXT) for c in ("request_id", "client_format", "model_requested", "error_class", "record_id")] +
     [("kind", "TEXT NOT NULL DEFAULT 'chat'"), ("outcome", "TEXT NOT NULL DEFAULT 'ok'"), ("status", _INT),
      ("stream", "BOOLEAN NOT NULL DEFAULT 0"), ("latency_ms", "REAL NOT NULL DEFAULT 0"), ("ttft_ms", "REAL"),
      ("uncached_input_tokens", _INT), ("cost_usd", "REAL"), ("subscription_value_usd", "REAL")])
@@ -11275,6 +11281,7 @@ def usage_record(call, wall_started, pricing=()):
         "cache_creation_input_tokens": u.cache_write_tokens, "cache_read_input_tokens": u.cached_tokens,
         "uncached_input_tokens": max(0, u.input_tokens - u.cached_tokens - u.cache_write_tokens),
         "request_id": call.req.request_id, "client_format": call.req.client_format or "",
+        "record_id": new_id("", 12),  # unique: a record drained twice from the spool is stored once
         "model_requested": call.req.model, "kind": call.kind, "outcome": call.outcome,
         "error_class": failure.category if failure is not None else "", "status": call.status or 0,
         "stream": bool(call.req.stream or call.provider.stream_only),
@@ -11327,11 +11334,10 @@ class UsageStore:
         return True
 
     def write(self, records):
-        names = [c for c, _ in USAGE_COLUMNS]
+        names, rows = usage_rows(records)
         sql = "INSERT INTO usage_records (%s) VALUES (%s)" % (", ".join(names), ", ".join("?" * len(names)))
         with self.db:
-            self.db.executemany(sql, [tuple(r.get(n, None if n in ("ttft_ms", "cost_usd") else 0) for n in names)
-                                      for r in records])
+            self.db.executemany(sql, rows)
 
     def prune(self, days):
         with self.db:
@@ -11342,6 +11348,160 @@ class UsageStore:
 
     def close(self):
         self.db.close()
+
+
+def usage_rows(records):
+    """Records as tuples in USAGE_COLUMNS order (missing numbers 0, missing optional figures NULL)."""
+    names = [c for c, _ in USAGE_COLUMNS]
+    return names, [tuple(r.get(n, None if n in ("ttft_ms", "cost_usd") else 0) for n in names) for r in records]
+
+
+def pg_column(decl):
+    """A USAGE_COLUMNS declaration (SQLite) in PostgreSQL's types."""
+    return (decl.replace("INTEGER", "BIGINT").replace("REAL", "DOUBLE PRECISION")
+            .replace("BOOLEAN NOT NULL DEFAULT 0", "BOOLEAN NOT NULL DEFAULT false"))
+
+
+class PgUsageStore:
+    """Usage records in PostgreSQL (`usage.postgres-url`), the same table and columns as the SQLite store. It
+    lives in the usage writer thread, which runs its own event loop for it: the gateway's loop never waits on
+    the database. Several replicas may write one database; the schema is created or migrated under an advisory
+    lock, and `record_id` is unique, so a batch written twice (a spool drained after a crash) is stored once."""
+
+    MIGRATION_LOCK = 0x6c6d7578  # "lmux"
+
+    def __init__(self, url):
+        self.url, self.path = url, redact_url(url)
+        self.loop = asyncio.new_event_loop()
+        self.pool = PgPool(url, size=1)
+        self.writable = True
+        self.migrated = False
+
+    def _run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    async def _migrate(self):
+        async with self.pool.transaction() as db:
+            await db.execute("SELECT pg_advisory_xact_lock($1)", self.MIGRATION_LOCK)
+            await db.execute("CREATE TABLE IF NOT EXISTS llm_mux_schema (version INTEGER NOT NULL)")
+            version = await db.fetchval("SELECT max(version) FROM llm_mux_schema")
+            if version is not None and version > USAGE_SCHEMA_VERSION:
+                self.writable = False
+                log.error("usage database %s has schema version %d, newer than this llm-mux (%d): not writing to it",
+                          self.path, version, USAGE_SCHEMA_VERSION)
+                return
+            await db.execute("CREATE TABLE IF NOT EXISTS usage_records (id BIGSERIAL PRIMARY KEY)")
+            for name, decl in USAGE_COLUMNS:
+                await db.execute("ALTER TABLE usage_records ADD COLUMN IF NOT EXISTS %s %s" % (name, pg_column(decl)))
+            for index, cols in (("idx_usage_requested_at", "requested_at"), ("idx_usage_api_key", "api_key"),
+                                ("idx_usage_provider_model", "provider, model")):
+                await db.execute("CREATE INDEX IF NOT EXISTS %s ON usage_records(%s)" % (index, cols))
+            await db.execute("CREATE UNIQUE INDEX IF NOT EXISTS idx_usage_record_id ON usage_records(record_id) "
+                             "WHERE record_id <> ''")
+            await db.execute("DELETE FROM llm_mux_schema")
+            await db.execute("INSERT INTO llm_mux_schema (version) VALUES ($1)", USAGE_SCHEMA_VERSION)
+        self.migrated = True
+
+    async def _write(self, records):
+        if not self.migrated:
+            await self._migrate()
+        if not self.writable:
+            return
+        names, rows = usage_rows(records)
+        per = len(names)
+        async with self.pool.transaction() as db:
+            for i in range(0, len(rows), 200):  # 200 rows x ~35 columns: well under the 65535 parameter limit
+                chunk = rows[i:i + 200]
+                marks = ", ".join("(%s)" % ", ".join("$%d" % (j * per + k + 1) for k in range(per))
+                                  for j in range(len(chunk)))
+                await db.execute("INSERT INTO usage_records (%s) VALUES %s ON CONFLICT (record_id) WHERE "
+                                 "record_id <> '' DO NOTHING" % (", ".join(names), marks),
+                                 *[v for row in chunk for v in row])
+
+    def write(self, records):
+        self._run(self._write(records))
+
+    def prune(self, days):
+        self._run(self.pool.execute("DELETE FROM usage_records WHERE requested_at < now() at time zone 'utc' - "
+                                    "make_interval(days => $1)", days))
+
+    def count(self):
+        return self._run(self.pool.fetchval("SELECT count(*) FROM usage_records"))
+
+    def close(self):
+        self.pool.close()
+        self.loop.close()
+
+
+class SpoolingStore:
+    """A primary store that may be unreachable (PostgreSQL) with a bounded local SQLite spool: a batch the
+    primary refuses goes to the spool; once the primary answers again the spool drains into it, oldest first.
+    Past `max_records` spooled records, new ones are dropped and counted (the disk stays bounded)."""
+
+    def __init__(self, primary, spool, max_records):
+        self.primary, self.spool, self.max_records = primary, spool, max_records
+        self.path, self.writable = primary.path, True
+        self.spooled = self.spool.count()
+        self.dropped = 0
+        self.down_since = None
+
+    def write(self, records):
+        try:
+            if self.spooled:
+                self.drain()
+            self.primary.write(records)
+        except (PgError, OSError) as e:
+            self._spool(records, e)
+            return
+        if self.down_since is not None:
+            log.info("usage database %s is back; the spool is drained", self.path)
+            self.down_since = None
+
+    def _spool(self, records, error):
+        if self.down_since is None:
+            self.down_since = time.time()
+            log.warning("usage database %s unreachable (%s): spooling records to %s", self.path, error,
+                        self.spool.path)
+        room = max(0, self.max_records - self.spooled)
+        if room < len(records):
+            self.dropped += len(records) - room
+            log.warning("usage spool %s is full (%d records): %d records dropped", self.spool.path,
+                        self.max_records, len(records) - room)
+        if room:
+            self.spool.write(records[:room])
+            self.spooled += min(room, len(records))
+
+    def drain(self):
+        """Move spooled records to the primary, a batch at a time; stops at the first failure (raised)."""
+        names = [c for c, _ in USAGE_COLUMNS]
+        while self.spooled:
+            rows = self.spool.db.execute("SELECT id, %s FROM usage_records ORDER BY id LIMIT 500"
+                                         % ", ".join(names)).fetchall()
+            if not rows:
+                self.spooled = 0
+                return
+            records = [dict(zip(names, row[1:])) for row in rows]
+            for r in records:
+                r["failed"], r["stream"] = bool(r["failed"]), bool(r["stream"])
+            self.primary.write(records)
+            with self.spool.db:
+                self.spool.db.execute("DELETE FROM usage_records WHERE id <= ?", (rows[-1][0],))
+            self.spooled = max(0, self.spooled - len(rows))
+
+    def prune(self, days):
+        self.primary.prune(days)
+
+    def count(self):
+        return self.primary.count()
+
+    def close(self):
+        try:
+            if self.spooled:
+                self.drain()
+        except (PgError, OSError):
+            pass  # still down: the spool keeps them for the next start
+        self.primary.close()
+        self.spool.close()
 
 
 class UsageWriter:
@@ -11394,6 +11554,8 @@ class UsageWriter:
                     self._write(batch)
                     batch = []
             self._write(batch)
+            if not batch and getattr(self.store, "spooled", 0):
+                self._drain()
             if stopping:
                 return
             if self.retention_days > 0 and time.monotonic() > next_prune:
@@ -11403,6 +11565,17 @@ class UsageWriter:
     def _write(self, batch):
         if batch and self._guarded(self.store.write, batch):
             self.written += len(batch)
+
+    def _drain(self):
+        try:
+            self.store.drain()
+        except (PgError, OSError):
+            pass  # still unreachable: the spool keeps the records and the next quiet interval tries again
+
+    @property
+    def lost(self):
+        """Records dropped: queue full, disk errors, or a full spool."""
+        return self.dropped + self.errors + getattr(self.store, "dropped", 0)
 
     def _guarded(self, fn, *args):
         try:
@@ -11533,7 +11706,7 @@ class Metrics:
                      {(): gw.refresher.refresh_failures})
         writer = gw.usage
         self._family(out, "llm_mux_usage_records_lost_total", "counter", "Usage records dropped (queue full or "
-                     "disk error).", (), {(): (writer.dropped + writer.errors) if writer else 0})
+                     "disk error).", (), {(): writer.lost if writer else 0})
         self._family(out, "llm_mux_process_resident_memory_bytes", "gauge", "Resident memory.", (),
                      {(): process_rss()})
         self._family(out, "llm_mux_process_cpu_seconds_total", "counter", "CPU time used.", (),
@@ -11570,10 +11743,41 @@ def parse_day(text, end=False):
     return when
 
 
-def usage_report(path, since, until, filters):
+class UsageReader:
+    """Read-only queries on the usage records in SQLite or PostgreSQL, for reports and the start-up rebuild of
+    client-key spend; used from a worker thread (a PostgreSQL reader runs its own short-lived event loop). SQL is
+    written once with `?` placeholders; the dialect differences are the two time-bucket expressions."""
+
+    def __init__(self, target):
+        self.kind, self.where = target  # ("sqlite", path) or ("postgres", url)
+        self.db = self.loop = None
+
+    def __enter__(self):
+        if self.kind == "sqlite":
+            import sqlite3
+            self.db = sqlite3.connect("file:%s?mode=ro" % self.where, uri=True, timeout=30)
+            self.day, self.hour = "substr(requested_at, 1, 10)", "CAST(substr(requested_at, 12, 2) AS INTEGER)"
+        else:
+            self.loop = asyncio.new_event_loop()
+            self.db = self.loop.run_until_complete(PgConnection(pg_settings(self.where)).connect())
+            self.day, self.hour = "to_char(requested_at, 'YYYY-MM-DD')", "CAST(EXTRACT(HOUR FROM requested_at) AS INTEGER)"
+        return self
+
+    def rows(self, sql, args=()):
+        if self.kind == "sqlite":
+            return self.db.execute(sql, args).fetchall()
+        numbered = iter(range(1, len(args) + 1))
+        return self.loop.run_until_complete(self.db.fetch(re.sub(r"\?", lambda m: "$%d" % next(numbered), sql), *args))
+
+    def __exit__(self, *exc):
+        self.db.close()
+        if self.loop is not None:
+            self.loop.close()
+
+
+def usage_report(target, since, until, filters):
     """The usage view of gateway.md §7.4, every figure scoped to [since, until] and the filters (provider,
     model, key, credential), with cost. Runs in a worker thread on its own read-only connection."""
-    import sqlite3
     where = ["requested_at >= ?", "requested_at <= ?"]
     args = [time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) for t in (since, until)]
     for name, column in (("provider", "provider"), ("model", "model"), ("key", "api_key"),
@@ -11581,21 +11785,22 @@ def usage_report(path, since, until, filters):
         if name in filters:
             where.append("%s = ?" % column)
             args.append(filters[name])
-    sums = ("COUNT(*), SUM(NOT failed), SUM(failed), SUM(total_tokens), SUM(input_tokens), SUM(output_tokens), "
-            "SUM(reasoning_tokens), SUM(COALESCE(cost_usd, 0)), SUM(COALESCE(subscription_value_usd, 0))")
-    db = sqlite3.connect("file:%s?mode=ro" % path, uri=True, timeout=30)
-    try:
+    sums = ("COUNT(*), SUM(CASE WHEN failed THEN 0 ELSE 1 END), SUM(CASE WHEN failed THEN 1 ELSE 0 END), " +
+            ", ".join("CAST(SUM(%s) AS BIGINT)" % c for c in ("total_tokens", "input_tokens", "output_tokens",
+                                                              "reasoning_tokens")) +
+            ", SUM(COALESCE(cost_usd, 0)), SUM(COALESCE(subscription_value_usd, 0))")
+    with UsageReader(target) as db:
         def grouped(keys):
             sql = "SELECT %s, %s FROM usage_records WHERE %s GROUP BY %s ORDER BY COUNT(*) DESC" % (
                 keys, sums, " AND ".join(where), keys)
-            return db.execute(sql, args).fetchall()
+            return db.rows(sql, args)
 
         def figures(row):
             n, ok, failed, total, inp, out, reasoning, cost, saved = [x or 0 for x in row]
-            return {"requests": n, "success": ok, "failure": failed, "cost_usd": round(cost, 6),
+            return {"requests": n, "success": int(ok), "failure": int(failed), "cost_usd": round(cost, 6),
                     "subscription_value_usd": round(saved, 6),
                     "tokens": {"total": total, "input": inp, "output": out, "reasoning": reasoning}}
-        (total,) = db.execute("SELECT %s FROM usage_records WHERE %s" % (sums, " AND ".join(where)), args).fetchall()
+        (total,) = db.rows("SELECT %s FROM usage_records WHERE %s" % (sums, " AND ".join(where)), args)
         s = figures(total)
         report = {"summary": {"total_requests": s["requests"], "success_count": s["success"],
                               "failure_count": s["failure"], "tokens": s["tokens"], "cost_usd": s["cost_usd"],
@@ -11609,15 +11814,14 @@ def usage_report(path, since, until, filters):
             report["by_model"]["%s (%s)" % row[:2]] = dict(figures(row[2:]), model=row[0], provider=row[1])
         for row in grouped("api_key"):
             report["by_key"][row[0] or "(none)"] = figures(row[1:])
-        days = grouped("substr(requested_at, 1, 10)")
-        hours = grouped("CAST(substr(requested_at, 12, 2) AS INTEGER)")
-        def point(r):
-            return {"requests": r[1], "failures": r[3] or 0, "tokens": r[4] or 0, "cost_usd": round(r[8] or 0, 6)}
-        report["timeline"] = {"by_day": sorted([dict(point(r), day=r[0]) for r in days], key=lambda d: d["day"]),
-                              "by_hour": sorted([dict(point(r), hour=r[0]) for r in hours], key=lambda h: h["hour"])}
-        return report
-    finally:
-        db.close()
+        days = grouped(db.day)
+        hours = grouped(db.hour)
+
+    def point(r):
+        return {"requests": r[1], "failures": int(r[3] or 0), "tokens": r[4] or 0, "cost_usd": round(r[8] or 0, 6)}
+    report["timeline"] = {"by_day": sorted([dict(point(r), day=r[0]) for r in days], key=lambda d: d["day"]),
+                          "by_hour": sorted([dict(point(r), hour=r[0]) for r in hours], key=lambda h: h["hour"])}
+    return report
 
 
 class KeyLimits:
@@ -11679,22 +11883,18 @@ class KeyLimits:
             usd = (record.get("cost_usd") or 0) + (record.get("subscription_value_usd") or 0)
             self.spent.setdefault(record["api_key"], collections.deque()).append((when, record["total_tokens"], usd))
 
-    def rebuild(self, path, horizon):
+    def rebuild(self, target, horizon):
         """Spend and tokens of the last `horizon` seconds from the usage store (at start, before serving)."""
-        import sqlite3
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - horizon))
-        db = sqlite3.connect("file:%s?mode=ro" % path, uri=True, timeout=30)
-        try:
-            rows = db.execute("SELECT api_key, requested_at, total_tokens, COALESCE(cost_usd, 0) + "
-                              "COALESCE(subscription_value_usd, 0) FROM usage_records WHERE api_key != '' AND "
-                              "requested_at >= ? ORDER BY requested_at", (since,)).fetchall()
-        finally:
-            db.close()
+        with UsageReader(target) as db:
+            rows = db.rows("SELECT api_key, requested_at, total_tokens, COALESCE(cost_usd, 0) + "
+                           "COALESCE(subscription_value_usd, 0) FROM usage_records WHERE api_key != '' AND "
+                           "requested_at >= ? ORDER BY requested_at", (since,))
         import calendar
-        import collections
         now = time.time()
         for name, at, tokens, usd in rows:
-            when = calendar.timegm(time.strptime(at, "%Y-%m-%d %H:%M:%S"))
+            when = calendar.timegm(at.timetuple() if not isinstance(at, str) else
+                                   time.strptime(at, "%Y-%m-%d %H:%M:%S"))
             self.account({"api_key": name, "total_tokens": tokens, "cost_usd": usd}, when)
             if when > now - 60:  # attempts of the last minute count towards rpm (close to the requests)
                 self.requests.setdefault(name, collections.deque()).append(when)
@@ -11779,21 +11979,39 @@ class RequestLog:
                     pass
 
 
-def usage_database_path(cfg):
-    """Where usage goes: `usage.dsn: sqlite://PATH` (or LLM_MUX_USAGE_DSN), else `usage.database-path`, else
-    `usage.db` beside the auth dir. None when usage is off or the DSN names another backend."""
+def usage_target(cfg):
+    """Where usage goes: ("postgres", URL) for `usage.postgres-url` or a postgres:// `usage.dsn`; ("sqlite", PATH)
+    for `usage.dsn: sqlite://PATH`, `usage.database-path`, or `usage.db` beside the auth dir. None when off."""
     usage = cfg.usage
     if not usage["enabled"]:
         return None
     dsn = usage["dsn"].strip()
+    if usage["postgres-url"].strip():
+        return ("postgres", usage["postgres-url"].strip())
+    if dsn.startswith(("postgres://", "postgresql://")):
+        return ("postgres", dsn)
     if dsn:
         if not dsn.startswith("sqlite://"):
-            log.warning("usage.dsn %s: only sqlite:// is supported so far; usage is not recorded", redact_url(dsn))
+            log.warning("usage.dsn %s: use sqlite://PATH or postgres://...; usage is not recorded", redact_url(dsn))
             return None
-        return expand_path(dsn[len("sqlite://"):])
+        return ("sqlite", expand_path(dsn[len("sqlite://"):]))
     if usage["database-path"]:
-        return expand_path(usage["database-path"])
-    return os.path.join(os.path.dirname(cfg.auth_dir.rstrip("/")) or ".", "usage.db")
+        return ("sqlite", expand_path(usage["database-path"]))
+    return ("sqlite", os.path.join(state_dir(cfg), "usage.db"))
+
+
+def state_dir(cfg):
+    """The directory beside the auth dir where local state lives (usage.db, the usage spool)."""
+    return os.path.dirname(cfg.auth_dir.rstrip("/")) or "."
+
+
+def open_usage_store(cfg, target):
+    """The store for `target`: SQLite, or PostgreSQL with its local spool."""
+    if target[0] == "sqlite":
+        return UsageStore(target[1])
+    spool = expand_path(cfg.usage["spool-path"]) if cfg.usage["spool-path"] else \
+        os.path.join(state_dir(cfg), "usage-spool.db")
+    return SpoolingStore(PgUsageStore(target[1]), UsageStore(spool), max(0, cfg.usage["spool-max-records"]))
 
 
 # === 13. Gateway ===
@@ -11828,6 +12046,7 @@ class Gateway:
         self.recording = True  # usage-statistics-enabled: false stops storing records (metrics still count)
         self.router.observers.extend((self._note_rejection, self._debug_call, self._account))
         self.usage = None
+        self.usage_target = None  # ("sqlite", path) or ("postgres", url) while usage is recorded
         self.recent = {}  # credential id -> (epoch, tokens, failed) of its recent calls (the quota view)
         self.request_log = RequestLog(lambda: self.cfg)
         self.stand_ins_logged = set()
@@ -11940,21 +12159,23 @@ class Gateway:
 
     def start_usage(self):
         """Open the usage store (and rebuild client-key spend from it), unless it is open or usage is off."""
-        path = usage_database_path(self.cfg)
-        if path is not None and self.usage is None:
+        target = usage_target(self.cfg)
+        if target is not None and self.usage is None:
+            where = redact_url(target[1])
             try:
                 interval = parse_duration(self.cfg.usage["flush-interval"]) or 1.0
-                self.usage = UsageWriter(UsageStore(path), min(interval, 1.0), max(1, self.cfg.usage["batch-size"]),
-                                         self.cfg.usage["retention-days"])
+                self.usage = UsageWriter(open_usage_store(self.cfg, target), min(interval, 1.0),
+                                         max(1, self.cfg.usage["batch-size"]), self.cfg.usage["retention-days"])
             except Exception as e:  # an unusable database costs the records, never the gateway
-                log.error("usage database %s cannot be opened: %s; usage is not recorded", path, e)
+                log.error("usage database %s cannot be opened: %s; usage is not recorded", where, e)
             else:
-                log.info("usage records go to %s", path)
+                self.usage_target = target
+                log.info("usage records go to %s", where)
                 horizon = max([60.0] + [k.budget_seconds for k in self.cfg.client_keys if k.max_budget is not None])
                 try:
-                    self.key_limits.rebuild(path, horizon)
+                    self.key_limits.rebuild(target, horizon)
                 except Exception as e:
-                    log.warning("client-key spend could not be rebuilt from %s: %s", path, e)
+                    log.warning("client-key spend could not be rebuilt from %s: %s", where, e)
 
     def stop_usage(self):
         """Write every queued usage record (SIGTERM and Ctrl-C lose none)."""
@@ -12092,7 +12313,8 @@ def management_json(req, what="a JSON body"):
 
 
 SECRET_FIELDS = {"api-key", "secret-key", "upstream-api-key", "key", "access_token", "refresh_token", "token",
-                 "id_token", "api_key", "password", "private_key", "cookie"}
+                 "id_token", "api_key", "password", "private_key", "cookie", "encryption-key", "postgres-url",
+                 "dsn"}
 
 
 def secret_paths(data, path=()):
@@ -13337,11 +13559,13 @@ class Management:
         except ValueError as e:
             raise bad_request("bad period: %s" % e)
         filters = {k: q[k] for k in ("provider", "model", "key", "credential") if q.get(k)}
-        path = self.gw.usage.store.path if self.gw.usage is not None else None
         report = {}
-        if path is not None:
+        if self.gw.usage is not None:
             loop = asyncio.get_running_loop()
-            report = await loop.run_in_executor(None, usage_report, path, since, until, filters)
+            try:
+                report = await loop.run_in_executor(None, usage_report, self.gw.usage_target, since, until, filters)
+            except (PgError, OSError) as e:
+                raise ManagementError(503, "usage_unavailable", "the usage database cannot be read now: %s" % e)
         report["period"] = {"from": rfc3339(since), "to": rfc3339(until),
                             "retention_days": self.gw.cfg.usage["retention-days"]}
         return report

@@ -152,6 +152,14 @@ class Gateway:
                 time.sleep(0.05)
         raise RuntimeError("gateway did not start:\n" + self.output())
 
+    def get_text(self, path, headers=None):
+        req = urllib.request.Request(self.url + path, headers=headers or {})
+        return urllib.request.urlopen(req, timeout=30).read().decode()
+
+    def get_json(self, path, headers=None):
+        import json
+        return json.loads(self.get_text(path, headers))
+
     def output(self):
         if not self.log.closed:
             self.log.flush()
