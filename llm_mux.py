@@ -8223,6 +8223,324 @@ def credentials_for_entry(entry):
     return out
 
 
+class LockTimeout(Exception):
+    """Another process held a credential's refresh lock for longer than we may wait."""
+
+
+class FileTokens:
+    """Where a refreshed token goes without a shared store: the credential's own file. Single flight across
+    processes sharing the auth dir is an exclusive lock file beside it (flock); under the lock the file is read
+    again, so a token another process already rotated is adopted."""
+
+    def __init__(self, lock_timeout=30.0):
+        self.lock_timeout = lock_timeout
+
+    async def lock(self, cred):
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: in-process single flight only
+            return None
+        path = cred.path
+        lock_path = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except OSError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise LockTimeout("another process holds the refresh lock for %s" % os.path.basename(path))
+                await asyncio.sleep(0.05)
+
+    async def unlock(self, fd):
+        if fd is not None:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    async def read(self, cred):
+        """(meta, stamp) as stored now."""
+        try:
+            return read_credential_file(cred.path)
+        except ValueError:
+            return cred.meta, cred.stamp
+
+    async def adopted(self, cred, meta):
+        """A token rotated elsewhere was taken over: the file already holds it."""
+
+    async def save(self, cred, meta):
+        """Store a rotated token (atomically, 0600) and make it the credential's."""
+        write_file_atomic(cred.path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n", 0o600)
+        st = os.stat(cred.path)
+        cred.meta, cred.stamp = meta, (st.st_mtime_ns, st.st_size)
+
+
+class SealedBox:
+    """Authenticated encryption from the standard library alone (it has no AES): HMAC-SHA256 in counter mode is
+    the keystream (a PRF-based stream cipher), HMAC-SHA256 over nonce and ciphertext authenticates it
+    (encrypt-then-MAC), with independent encryption and MAC keys derived from the configured key by PBKDF2.
+    A sealed value is `v1.<base64url(16-byte random nonce | ciphertext | 32-byte tag)>`."""
+
+    def __init__(self, key):
+        secret = bytes.fromhex(key) if re.match(r"(?:[0-9a-fA-F]{2}){16,}\Z", key) else key.encode("utf-8")
+        master = hashlib.pbkdf2_hmac("sha256", secret, b"llm-mux store v1", 100000)
+        self.enc = hmac.new(master, b"encryption", hashlib.sha256).digest()
+        self.mac = hmac.new(master, b"authentication", hashlib.sha256).digest()
+
+    def _stream(self, nonce, data):
+        out = bytearray(len(data))
+        for block in range(0, len(data), 32):
+            pad = hmac.new(self.enc, nonce + struct.pack("!Q", block // 32), hashlib.sha256).digest()
+            chunk = data[block:block + 32]
+            out[block:block + len(chunk)] = bytes(a ^ b for a, b in zip(chunk, pad))
+        return bytes(out)
+
+    def seal(self, plaintext):
+        nonce = os.urandom(16)
+        body = nonce + self._stream(nonce, plaintext)
+        tag = hmac.new(self.mac, body, hashlib.sha256).digest()
+        return "v1." + base64.urlsafe_b64encode(body + tag).decode().rstrip("=")
+
+    def open(self, sealed):
+        if not sealed.startswith("v1."):
+            raise ValueError("not a sealed value")
+        raw = b64url_decode(sealed[3:])
+        if len(raw) < 48:
+            raise ValueError("sealed value too short")
+        body, tag = raw[:-32], raw[-32:]
+        if not hmac.compare_digest(tag, hmac.new(self.mac, body, hashlib.sha256).digest()):
+            raise ValueError("sealed value fails authentication (wrong store.encryption-key, or tampered)")
+        return self._stream(body[:16], body[16:])
+
+
+def advisory_key(text):
+    """A signed 64-bit PostgreSQL advisory-lock key for `text`."""
+    return struct.unpack("!q", hashlib.sha256(("llm-mux:" + text).encode()).digest()[:8])[0]
+
+
+class CredentialStore:
+    """The shared store (`store.postgres-url`): credential files by name (content sealed with
+    `store.encryption-key`, or plain JSON when no key is set), each credential's cooldown and disabled state,
+    and client-key counters. Every change takes a new version from one sequence and is announced on the
+    `llm_mux` channel as `{"kind", "name", "version", "by"}`; `by` is the replica that made it."""
+
+    CHANNEL = "llm_mux"
+    SCHEMA = (
+        "CREATE SEQUENCE IF NOT EXISTS llm_mux_version",
+        "CREATE TABLE IF NOT EXISTS llm_mux_credentials (name TEXT PRIMARY KEY, content TEXT NOT NULL, "
+        "version BIGINT NOT NULL, deleted BOOLEAN NOT NULL DEFAULT false, updated_by TEXT NOT NULL DEFAULT '', "
+        "updated_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        "CREATE TABLE IF NOT EXISTS llm_mux_credential_state (id TEXT PRIMARY KEY, disabled TEXT, "
+        "until_all DOUBLE PRECISION NOT NULL DEFAULT 0, models JSONB NOT NULL DEFAULT '{}', version BIGINT NOT NULL, "
+        "updated_by TEXT NOT NULL DEFAULT '')",
+        "CREATE TABLE IF NOT EXISTS llm_mux_key_events (id BIGSERIAL PRIMARY KEY, key TEXT NOT NULL, "
+        "at DOUBLE PRECISION NOT NULL, requests INTEGER NOT NULL DEFAULT 0, tokens BIGINT NOT NULL DEFAULT 0, "
+        "usd DOUBLE PRECISION NOT NULL DEFAULT 0)",
+        "CREATE INDEX IF NOT EXISTS idx_llm_mux_key_events ON llm_mux_key_events (key, at)",
+    )
+
+    def __init__(self, url, encryption_key="", replica=None, lock_timeout=30.0):
+        self.settings = pg_settings(url)
+        self.where = redact_url(url)
+        self.pool = PgPool(self.settings, size=4)
+        self.box = SealedBox(encryption_key) if encryption_key else None
+        self.replica = replica or "%s:%d:%s" % (socket.gethostname(), os.getpid(), new_id("", 3))
+        self.lock_timeout = lock_timeout
+
+    async def migrate(self):
+        async with self.pool.transaction() as db:
+            await db.execute("SELECT pg_advisory_xact_lock($1)", advisory_key("schema"))
+            for statement in self.SCHEMA:
+                await db.execute(statement)
+
+    # -- credentials --------------------------------------------------------------------------------------------
+    def _seal(self, meta):
+        text = json.dumps(meta, ensure_ascii=False, sort_keys=True)
+        return self.box.seal(text.encode("utf-8")) if self.box is not None else text
+
+    def _unseal(self, content):
+        if content.startswith("v1."):
+            if self.box is None:
+                raise ValueError("the store holds encrypted credentials and store.encryption-key is not set")
+            content = self.box.open(content).decode("utf-8")
+        return json.loads(content)
+
+    async def credentials_since(self, version):
+        """[(name, meta or None when deleted, version)] changed after `version`, oldest first. A row that cannot
+        be read (wrong key) is logged and skipped."""
+        out = []
+        for name, content, v, deleted in await self.pool.fetch(
+                "SELECT name, content, version, deleted FROM llm_mux_credentials WHERE version > $1 ORDER BY version",
+                version):
+            try:
+                out.append((name, None if deleted else self._unseal(content), v))
+            except ValueError as e:
+                log.error("store: credential %s cannot be read: %s", name, e)
+        return out
+
+    async def credential(self, name):
+        row = await self.pool.fetchrow("SELECT content, deleted FROM llm_mux_credentials WHERE name = $1", name)
+        return None if row is None or row[1] else self._unseal(row[0])
+
+    async def put_credential(self, name, meta, db=None):
+        """Store a credential file's content (a new version, announced); the version."""
+        async def run(db):
+            version = await db.fetchval(
+                "INSERT INTO llm_mux_credentials (name, content, version, deleted, updated_by, updated_at) "
+                "VALUES ($1, $2, nextval('llm_mux_version'), false, $3, now()) ON CONFLICT (name) DO UPDATE SET "
+                "content = EXCLUDED.content, version = EXCLUDED.version, deleted = false, "
+                "updated_by = EXCLUDED.updated_by, updated_at = now() RETURNING version",
+                name, self._seal(meta), self.replica)
+            await self._announce(db, "credential", name, version)
+            return version
+        if db is not None:
+            return await run(db)
+        async with self.pool.transaction() as db:
+            return await run(db)
+
+    async def delete_credential(self, name):
+        async with self.pool.transaction() as db:
+            version = await db.fetchval(
+                "UPDATE llm_mux_credentials SET deleted = true, content = '', version = nextval('llm_mux_version'), "
+                "updated_by = $2, updated_at = now() WHERE name = $1 AND NOT deleted RETURNING version",
+                name, self.replica)
+            if version is not None:
+                await self._announce(db, "credential", name, version)
+            return version
+
+    async def _announce(self, db, kind, name, version):
+        await db.execute("SELECT pg_notify($1, $2)", self.CHANNEL, json.dumps(
+            {"kind": kind, "name": name, "version": version, "by": self.replica}))
+
+    # -- cooldown and disabled state ----------------------------------------------------------------------------
+    async def put_state(self, cred_id, disabled, until_all, models):
+        """A credential's cooldowns (epoch seconds) and disabled reason, as one replica last saw them."""
+        async with self.pool.transaction() as db:
+            version = await db.fetchval(
+                "INSERT INTO llm_mux_credential_state (id, disabled, until_all, models, version, updated_by) "
+                "VALUES ($1, $2, $3, $4::jsonb, nextval('llm_mux_version'), $5) ON CONFLICT (id) DO UPDATE SET "
+                "disabled = EXCLUDED.disabled, until_all = EXCLUDED.until_all, models = EXCLUDED.models, "
+                "version = EXCLUDED.version, updated_by = EXCLUDED.updated_by RETURNING version",
+                cred_id, disabled, until_all, models, self.replica)
+            await self._announce(db, "state", cred_id, version)
+            return version
+
+    async def states_since(self, version):
+        return await self.pool.fetch("SELECT id, disabled, until_all, models, version, updated_by FROM "
+                                     "llm_mux_credential_state WHERE version > $1 ORDER BY version", version)
+
+    # -- the refresh lock ---------------------------------------------------------------------------------------
+    async def lock(self, name, clock):
+        """Hold credential `name`'s advisory lock on a connection of its own (a replica that dies drops the
+        connection and with it the lock); LockTimeout past lock_timeout."""
+        conn = await PgConnection(self.settings).connect()
+        try:
+            deadline = clock.now() + self.lock_timeout
+            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", advisory_key("cred:" + name)):
+                if clock.now() > deadline:
+                    raise LockTimeout("another replica holds the refresh lock for %s" % name)
+                await clock.sleep(0.1)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    # -- client-key counters ------------------------------------------------------------------------------------
+    async def admit_key(self, key, rpm, tpm, budget, budget_seconds):
+        """Count one request against `key` if its limits allow, atomically across replicas (the key's advisory
+        transaction lock serialises admissions); None when admitted, else (what, seconds to wait)."""
+        async with self.pool.transaction() as db:
+            await db.execute("SELECT pg_advisory_xact_lock($1)", advisory_key("key:" + key))
+            now = await db.fetchval("SELECT extract(epoch FROM clock_timestamp())::float8")
+            if rpm is not None:
+                n, oldest = await db.fetchrow("SELECT count(*), min(at) FROM llm_mux_key_events WHERE key = $1 "
+                                              "AND requests > 0 AND at > $2", key, now - 60)
+                if n >= rpm:
+                    return "%d requests per minute" % rpm, oldest + 60 - now
+            if tpm is not None:
+                tokens, oldest = await db.fetchrow("SELECT COALESCE(sum(tokens), 0)::bigint, min(at) FROM "
+                                                   "llm_mux_key_events WHERE key = $1 AND tokens > 0 AND at > $2",
+                                                   key, now - 60)
+                if tokens >= tpm:
+                    return "%d tokens per minute" % tpm, oldest + 60 - now
+            if budget is not None:
+                usd, oldest = await db.fetchrow("SELECT COALESCE(sum(usd), 0)::float8, min(at) FROM "
+                                                "llm_mux_key_events WHERE key = $1 AND usd > 0 AND at > $2",
+                                                key, now - budget_seconds)
+                if usd >= budget:
+                    return "a budget of %s USD per %s" % (budget, format_seconds(budget_seconds)), \
+                        oldest + budget_seconds - now
+            await db.execute("INSERT INTO llm_mux_key_events (key, at, requests) VALUES ($1, $2, 1)", key, now)
+        return None
+
+    async def spend_key(self, key, tokens, usd):
+        await self.pool.execute("INSERT INTO llm_mux_key_events (key, at, tokens, usd) VALUES "
+                                "($1, extract(epoch FROM clock_timestamp()), $2, $3)", key, tokens, usd)
+
+    async def key_usage(self, key, budget_seconds):
+        """{requests_last_minute, tokens_last_minute, spent_usd} across all replicas."""
+        row = await self.pool.fetchrow(
+            "SELECT COALESCE(sum(requests) FILTER (WHERE at > e - 60), 0)::bigint, "
+            "COALESCE(sum(tokens) FILTER (WHERE at > e - 60), 0)::bigint, "
+            "COALESCE(sum(usd) FILTER (WHERE at > e - $2), 0)::float8 FROM llm_mux_key_events, "
+            "(SELECT extract(epoch FROM clock_timestamp()) AS e) AS t WHERE key = $1", key, budget_seconds)
+        return {"requests_last_minute": row[0], "tokens_last_minute": row[1], "spent_usd": round(row[2], 6)}
+
+    async def prune_key_events(self, horizon):
+        await self.pool.execute("DELETE FROM llm_mux_key_events WHERE at < extract(epoch FROM clock_timestamp()) - "
+                                "$1 AND (usd = 0 OR at < extract(epoch FROM clock_timestamp()) - $2)", 120.0,
+                                max(120.0, horizon))
+
+    def close(self):
+        self.pool.close()
+
+
+class StoreTokens(FileTokens):
+    """Refresh coordination through the shared store: the lock is the credential's advisory lock (on its own
+    connection), the token is re-read from the store under it, and the rotated token is committed to the store
+    (and announced) before this replica uses it or writes its local file."""
+
+    def __init__(self, store, clock):
+        FileTokens.__init__(self, store.lock_timeout)
+        self.store, self.clock = store, clock
+
+    @staticmethod
+    def _name(cred):
+        return os.path.basename(cred.path)
+
+    async def lock(self, cred):
+        try:
+            return await self.store.lock(self._name(cred), self.clock)
+        except PgError as e:  # unreachable store: do not risk a second refresh of a rotating token
+            raise LockTimeout("the shared store is unreachable (%s); not refreshing without its lock" % e.message)
+
+    async def unlock(self, conn):
+        if conn is not None:
+            conn.close()  # the session ends and the server releases its advisory locks
+
+    async def read(self, cred):
+        try:
+            meta = await self.store.credential(self._name(cred))
+        except (PgError, ValueError) as e:
+            log.warning("store: cannot read %s (%s); using the local copy", self._name(cred), e)
+            meta = None
+        if meta is None:
+            return await FileTokens.read(self, cred)
+        return meta, cred.stamp
+
+    async def adopted(self, cred, meta):
+        await FileTokens.save(self, cred, meta)  # the local file follows the store
+
+    async def save(self, cred, meta):
+        try:
+            await self.store.put_credential(self._name(cred), meta)
+        except PgError as e:  # kept locally; the store sync pushes it when the store answers again
+            log.error("store: the rotated token of %s could not be stored (%s); kept locally", cred.label, e)
+        await FileTokens.save(self, cred, meta)
+
+
 # === 10. Providers ===
 # Owns: one class per upstream, shaping the upstream request (URL, headers, body via a codec), decoding its
 # answers and streams into the IR, and classifying its errors. Providers do not choose credentials or retry.
@@ -11112,12 +11430,13 @@ class Refresher:
     rotated refresh token is never lost. Failures back off (1 min, then 5 min) and show in the status."""
 
     SWEEP = 30.0
-    LOCK_TIMEOUT = 30.0
+    BACKGROUND = 10.0  # a token still valid this long is used while its refresh runs, never waited for
 
-    def __init__(self, client, providers, clock=None):
+    def __init__(self, client, providers, clock=None, tokens=None):
         self.client = client
         self.providers = providers  # () -> the providers to keep fresh
         self.clock = clock or Clock()
+        self.tokens = tokens or FileTokens()  # where tokens are locked, re-read and saved (file or shared store)
         self.task = None
         self.refresh_calls = self.refresh_failures = 0
 
@@ -11129,7 +11448,8 @@ class Refresher:
 
     async def ensure(self, cred, provider, force=False, margin=60.0):
         """True when the credential holds a usable token, refreshing it first when it expires within `margin`
-        seconds (or, with `force`, because the upstream just rejected it)."""
+        seconds (or, with `force`, because the upstream just rejected it). A token that is still good for a while
+        is used at once and refreshed in the background (a refresh may wait on another replica's lock)."""
         if provider.refresh_lead is None or cred.path is None:
             return True
         task = cred.refresh_task
@@ -11139,56 +11459,32 @@ class Refresher:
             if self.clock.wall() < cred.refresh_after and not force:
                 return not self.due(cred, 0, provider)
             task = cred.refresh_task = asyncio.ensure_future(self._refresh(cred, provider, force, margin))
+        if not force and not self.due(cred, self.BACKGROUND, provider):
+            return True
         return await asyncio.shield(task)
 
-    async def _lock(self, path):
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: in-process single flight only
-            return None
-        lock_path = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        deadline = time.monotonic() + self.LOCK_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except OSError:
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    raise RefreshError("another process holds the refresh lock for %s" % os.path.basename(path))
-                await asyncio.sleep(0.05)
-
-    @staticmethod
-    def _unlock(fd):
-        if fd is not None:
-            import fcntl
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-
     async def _refresh(self, cred, provider, force, margin):
-        fd = None
+        held = None
         rejected = cred.meta.get("access_token")  # what we held when we decided to refresh
         try:
-            fd = await self._lock(cred.path)
-            # Decide again under the lock, from the file: another process (or a login, or our own watcher) may
-            # have rotated the token while we waited, and then it is adopted rather than refreshed again.
             try:
-                meta, stamp = read_credential_file(cred.path)
-            except ValueError:
-                meta, stamp = cred.meta, cred.stamp
+                held = await self.tokens.lock(cred)
+            except LockTimeout as e:
+                raise RefreshError(str(e))
+            # Decide again under the lock, from the stored copy: another process or replica (or a login, or our
+            # own watcher) may have rotated the token while we waited; then it is adopted, not refreshed again.
+            meta, stamp = await self.tokens.read(cred)
             if meta.get("access_token") != rejected:
                 cred.meta, cred.stamp = meta, stamp
                 if not self.due(cred, 60 if force else margin, provider):
+                    await self.tokens.adopted(cred, meta)
                     log.info("credential %s: adopted the token refreshed by another process", cred.label)
                     return True
             elif not force and not self.due(cred, margin, provider):
                 return True
             self.refresh_calls += 1
             new = await provider.refresh(cred, self.client)
-            write_file_atomic(cred.path, json.dumps(new, indent=2, ensure_ascii=False) + "\n", 0o600)
-            st = os.stat(cred.path)
-            cred.meta, cred.stamp = new, (st.st_mtime_ns, st.st_size)
+            await self.tokens.save(cred, new)
             cred.refresh_error, cred.refresh_after, cred.last_refresh = None, 0.0, self.clock.wall()
             exp = provider.token_expiry(cred)
             log.info("credential %s refreshed; token valid until %s", cred.label, rfc3339(exp) if exp else "?")
@@ -11207,7 +11503,7 @@ class Refresher:
             log.warning("credential %s: refresh failed (%s); next try in %ds", cred.label, e.message[:300], backoff)
             return not self.due(cred, 0, provider)
         finally:
-            self._unlock(fd)
+            await self.tokens.unlock(held)
 
     def start(self):
         self.task = asyncio.get_running_loop().create_task(self._sweep())
