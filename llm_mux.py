@@ -8343,6 +8343,8 @@ class CredentialStore:
 
     def __init__(self, url, encryption_key="", replica=None, lock_timeout=30.0):
         self.settings = pg_settings(url)
+        if self.settings["application_name"] == "llm-mux":  # which process holds a lock, in pg_stat_activity
+            self.settings["application_name"] = "llm-mux/%d" % os.getpid()
         self.where = redact_url(url)
         self.pool = PgPool(self.settings, size=4)
         self.box = SealedBox(encryption_key) if encryption_key else None
@@ -12142,18 +12144,18 @@ class KeyLimits:
         while times and times[0] <= now - 60:
             times.popleft()
         if key.rpm is not None and len(times) >= key.rpm:
-            self._limited(key, "%d requests per minute" % key.rpm, times[0] + 60 - now)
+            self.limited(key, "%d requests per minute" % key.rpm, times[0] + 60 - now)
         spent = self.spent.setdefault(key.name, collections.deque())
         while spent and spent[0][0] <= now - max(60.0, key.budget_seconds):
             spent.popleft()
         if key.tpm is not None:
             minute = [e for e in spent if e[0] > now - 60]
             if minute and sum(e[1] for e in minute) >= key.tpm:
-                self._limited(key, "%d tokens per minute" % key.tpm, minute[0][0] + 60 - now)
+                self.limited(key, "%d tokens per minute" % key.tpm, minute[0][0] + 60 - now)
         if key.max_budget is not None:
             window = [e for e in spent if e[0] > now - key.budget_seconds]
             if window and sum(e[2] for e in window) >= key.max_budget:
-                self._limited(key, "a budget of %s USD per %s" % (key.max_budget, format_seconds(key.budget_seconds)),
+                self.limited(key, "a budget of %s USD per %s" % (key.max_budget, format_seconds(key.budget_seconds)),
                               window[0][0] + key.budget_seconds - now)
         times.append(now)
 
@@ -12166,8 +12168,12 @@ class KeyLimits:
                 "tokens_last_minute": sum(e[1] for e in spent if e[0] > now - 60),
                 "spent_usd": round(sum(e[2] for e in spent if e[0] > now - key.budget_seconds), 6)}
 
+    def note_request(self, name):
+        """A request admitted elsewhere (the shared store): counted here too, for this replica's own view."""
+        self.requests.setdefault(name, collections.deque()).append(self.clock.wall())
+
     @staticmethod
-    def _limited(key, what, wait):
+    def limited(key, what, wait):
         wait = max(1, math.ceil(wait))
         raise GatewayError(429, "API key %s is over its limit of %s; retry in %ds" % (key.name, what, wait),
                            "rate_limit", headers=[("Retry-After", str(wait))])
@@ -12319,6 +12325,193 @@ REJECTED_FILE = ".llm-mux-rejected"
 RESTART_KEYS = ("host", "port", "tls")  # read once at start: a reload keeps the running values
 
 
+class StoreSync:
+    """With `store.postgres-url`, keeps this replica in step with the shared store. Credential files: the store is
+    the source of truth and auth-dir a local mirror (0600 files, as on a single instance); a file added, changed or
+    removed locally (login, upload, a file dropped in, a refresh) is pushed, a change made elsewhere is pulled
+    and written here. Cooldowns and upstream rejections a replica sees are published and applied everywhere.
+    Changes arrive by LISTEN/NOTIFY within a moment, and by polling every `store.poll-interval` as the fallback.
+    While the store is unreachable the replica serves with the credentials it last had and keeps retrying."""
+
+    def __init__(self, gw, store):
+        self.gw, self.store = gw, store
+        self.known = {}  # file name -> the content last agreed with the store
+        self.version = 0  # newest credential version applied
+        self.state_version = 0
+        self.lock = asyncio.Lock()
+        self.dirty = set()  # credential ids whose state must be published
+        self.tasks = set()
+        self.listener = None
+        self.poller = None
+        self.wake = asyncio.Event()
+        self.healthy = False
+
+    def _spawn(self, coro):
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def start(self):
+        """Before serving: migrate, seed an empty store from auth-dir or bring auth-dir up to the store."""
+        try:
+            await self.store.migrate()
+            await self.sync(seed=True)
+        except PgError as e:
+            log.error("store %s unreachable at start (%s): serving with the local credentials; retrying",
+                      self.store.where, e)
+        self.listener = PgListener(self.store.settings, [self.store.CHANNEL], self._notified,
+                                   on_reconnect=self._resync, clock=self.gw.clock).start()
+        self.poller = self._spawn(self._poll())
+
+    async def _resync(self):
+        self.wake.set()
+
+    def _notified(self, channel, payload, pid):
+        try:
+            note = json.loads(payload)
+        except ValueError:
+            return
+        if note.get("by") != self.store.replica:
+            self.wake.set()
+
+    async def _poll(self):
+        interval = parse_duration(self.gw.cfg.store["poll-interval"]) or 5.0
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), interval)
+            self.wake.clear()
+            try:
+                await self.sync()
+                await self._publish_states()
+                if not self.healthy:
+                    log.info("store %s: in step", self.store.where)
+                self.healthy = True
+            except (PgError, OSError) as e:
+                if self.healthy:
+                    log.warning("store %s unreachable (%s): serving with the credentials last seen", self.store.where, e)
+                self.healthy = False
+
+    async def sync(self, seed=False):
+        """Pull what changed in the store, apply it to auth-dir and the live credentials, push local changes."""
+        async with self.lock:
+            rows = await self.store.credentials_since(self.version)
+            local = scan_auth_dir(self.gw.cfg.auth_dir)
+            if seed and self.version == 0 and not rows and local:
+                log.info("store %s is empty: seeding it with %d credential file(s) from %s", self.store.where,
+                         len(local), self.gw.cfg.auth_dir)
+            changed = False
+            for name, meta, version in rows:
+                self.version = max(self.version, version)
+                changed |= self._apply_file(name, meta, local)
+            for state in await self.store.states_since(self.state_version):
+                self.state_version = max(self.state_version, state[4])
+                if state[5] != self.store.replica:
+                    self._apply_state(*state[:4])
+            if changed:
+                self.gw.reload_credentials(push=False)
+            await self._push(scan_auth_dir(self.gw.cfg.auth_dir))
+
+    def _apply_file(self, name, meta, local):
+        if name != os.path.basename(name) or not name.endswith(".json"):
+            return False
+        path = os.path.join(self.gw.cfg.auth_dir, name)
+        if meta is None:
+            self.known.pop(name, None)
+            if name in local:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                log.info("store: credential %s removed (by another replica)", name)
+                return True
+            return False
+        self.known[name] = meta
+        if name in local and local[name][0] == meta:
+            return False
+        write_file_atomic(path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n", 0o600)
+        log.info("store: credential %s %s (from the store)", name, "updated" if name in local else "added")
+        return True
+
+    async def _push(self, local):
+        for name, (meta, _) in sorted(local.items()):
+            if self.known.get(name) != meta:
+                self.version = max(self.version, await self.store.put_credential(name, meta))
+                self.known[name] = meta
+                log.info("store: credential %s pushed", name)
+        for name in sorted(set(self.known) - set(local)):
+            version = await self.store.delete_credential(name)
+            self.known.pop(name, None)
+            if version:
+                self.version = max(self.version, version)
+                log.info("store: credential %s deleted", name)
+
+    def local_change(self):
+        """auth-dir changed here (the watcher, a login, an upload): push it soon."""
+        if self.poller is not None:
+            self.wake.set()
+
+    # -- cooldown and disabled state ----------------------------------------------------------------------------
+    def observe(self, call):
+        if call.outcome == "failed":
+            self.mark(call.cred)
+
+    def mark(self, cred):
+        """Publish `cred`'s cooldowns and disabled state (now, coalesced with others)."""
+        self.dirty.add(cred.id)
+        self.wake.set()
+
+    async def _publish_states(self):
+        if not self.dirty:
+            return
+        dirty, self.dirty = self.dirty, set()
+        now, wall = self.gw.clock.now(), self.gw.clock.wall()
+        creds = {c.id: c for p in self.gw.registry.providers for c in p.credentials}
+        try:
+            for cid in sorted(dirty):
+                cred = creds.get(cid)
+                if cred is None:
+                    continue
+                models = {m: {"until": wall + st.until - now, "level": st.level, "last_error": st.last_error,
+                              "status": st.status} for m, st in cred.states.items() if st.until > now}
+                disabled = cred.disabled if cred.disabled and not cred.meta.get("disabled") else None
+                until_all = wall + cred.until_all - now if cred.until_all > now else 0.0
+                self.state_version = max(self.state_version, await self.store.put_state(
+                    cid, disabled, until_all, json.dumps(models)))
+        except PgError:
+            self.dirty |= dirty
+            raise
+
+    def _apply_state(self, cid, disabled, until_all, models):
+        now, wall = self.gw.clock.now(), self.gw.clock.wall()
+        for p in self.gw.registry.providers:
+            for cred in p.credentials:
+                if cred.id != cid:
+                    continue
+                cred.until_all = now + until_all - wall if until_all > wall else 0.0
+                for model, st in (models or {}).items():
+                    state = cred.states.setdefault(model, ModelState())
+                    state.until = now + float(st.get("until", 0)) - wall
+                    state.level, state.last_error = int(st.get("level", 0)), st.get("last_error")
+                    state.status = st.get("status") or "active"
+                for model, state in cred.states.items():
+                    if model not in (models or {}):
+                        state.until = 0.0
+                if disabled:
+                    cred.disabled = disabled
+                elif cred.disabled and not cred.meta.get("disabled"):
+                    cred.disabled = None
+
+    async def close(self):
+        if self.poller is not None:
+            self.poller.cancel()
+        with contextlib.suppress(PgError, OSError, asyncio.CancelledError):
+            await asyncio.wait_for(self._publish_states(), 5)
+        if self.listener is not None:
+            await self.listener.close()
+        for task in list(self.tasks):
+            task.cancel()
+        self.store.close()
+
+
 class Gateway:
     """Everything a running gateway holds. `apply_config` swaps in a new Config snapshot; requests already running
     keep the objects they hold."""
@@ -12332,7 +12525,13 @@ class Gateway:
         self.cfg = cfg
         self.client = HttpClient(lambda: self.cfg)
         self.registry = None
-        self.refresher = Refresher(self.client, lambda: self.registry.providers, self.clock)
+        self.store = None  # the shared CredentialStore (`store.postgres-url`), its StoreSync in self.sync
+        self.sync = None
+        if cfg.store["postgres-url"]:
+            self.store = CredentialStore(cfg.store["postgres-url"], cfg.store["encryption-key"],
+                                         lock_timeout=parse_duration(cfg.store["lock-timeout"]) or 30.0)
+        tokens = StoreTokens(self.store, self.clock) if self.store is not None else None
+        self.refresher = Refresher(self.client, lambda: self.registry.providers, self.clock, tokens)
         self.router = Router(lambda: self.cfg, self.client, self.refresher, self.clock)
         self.files = files if files is not None else load_credential_files(cfg.auth_dir)
         self.apply_config(cfg)
@@ -12341,17 +12540,23 @@ class Gateway:
         self.key_limits = KeyLimits(self.clock)
         self.recording = True  # usage-statistics-enabled: false stops storing records (metrics still count)
         self.router.observers.extend((self._note_rejection, self._debug_call, self._account))
+        if self.store is not None:
+            self.sync = StoreSync(self, self.store)
+            self.router.observers.append(self.sync.observe)
+        self.store_warned = False
         self.usage = None
         self.usage_target = None  # ("sqlite", path) or ("postgres", url) while usage is recorded
         self.recent = {}  # credential id -> (epoch, tokens, failed) of its recent calls (the quota view)
         self.request_log = RequestLog(lambda: self.cfg)
         self.stand_ins_logged = set()
 
-    def apply_files(self, files):
+    def apply_files(self, files, push=True):
         """A new set of credential files (added, changed or removed ones); the registry is rebuilt around it."""
         self.registry = Registry(self.cfg, self.registry, files)
         self._adopt_live_files(files)
         self.save_rejections()
+        if push and self.sync is not None:
+            self.sync.local_change()
 
     def write_credential(self, name, meta):
         """Write a credential file (0600, atomically) into auth-dir and put it in rotation at once; its path."""
@@ -12361,9 +12566,10 @@ class Gateway:
         self.reload_credentials()
         return path
 
-    def reload_credentials(self):
+    def reload_credentials(self, push=True):
         """Read auth-dir again now (the watcher would within a second); unchanged files keep their live state."""
-        self.apply_files(reread_credentials(self.cfg.auth_dir, self.files, auth_dir_listing(self.cfg.auth_dir)))
+        self.apply_files(reread_credentials(self.cfg.auth_dir, self.files, auth_dir_listing(self.cfg.auth_dir)),
+                         push)
 
     def broken_files(self):
         """{file name: why} for the *.json files in auth-dir that give no credential."""
@@ -12430,6 +12636,30 @@ class Gateway:
             self.save_rejections()
 
 
+    async def admit(self, req):
+        """A client key's model permission and limits, before any upstream call. With a shared store the limits
+        are counted there, across replicas; if it cannot be reached this replica's own counts decide."""
+        key = next((k for k in self.cfg.client_keys if k.name == req.client_key), None)
+        if key is None:
+            return
+        if self.store is None or (key.rpm is None and key.tpm is None and key.max_budget is None):
+            self.key_limits.admit(self.cfg, req)
+            return
+        if not key.allows(req.model):
+            raise GatewayError(403, "API key %s may not use model '%s'" % (key.name, req.model), "permission", "model")
+        try:
+            over = await self.store.admit_key(key.name, key.rpm, key.tpm, key.max_budget, key.budget_seconds)
+        except PgError as e:
+            if not self.store_warned:
+                log.warning("store unreachable for client-key limits (%s): counting on this replica only", e)
+                self.store_warned = True
+            self.key_limits.admit(self.cfg, req)
+            return
+        self.store_warned = False
+        self.key_limits.note_request(key.name)
+        if over is not None:
+            KeyLimits.limited(key, over[0], over[1])
+
     def _account(self, call):
         """Every finished Call becomes one usage record: counted in the metrics, in its credential's recent
         history (the quota view), against its client key, and queued for the usage store."""
@@ -12441,8 +12671,18 @@ class Gateway:
             recent = self.recent[call.cred.id] = collections.deque(maxlen=5000)
         recent.append((call.wall_started, record["total_tokens"], call.outcome == "failed"))
         self.key_limits.account(record, call.wall_started)
+        if self.sync is not None and record["api_key"] and (record["total_tokens"] or record.get("cost_usd") or
+                                                            record.get("subscription_value_usd")):
+            usd = (record.get("cost_usd") or 0) + (record.get("subscription_value_usd") or 0)
+            self.sync._spawn(self._spend(record["api_key"], record["total_tokens"], usd))
         if self.usage is not None and self.recording:
             self.usage.record(record)
+
+    async def _spend(self, key, tokens, usd):
+        try:
+            await self.store.spend_key(key, tokens, usd)
+        except PgError as e:
+            log.warning("store: spend of key %s not counted across replicas (%s)", key, e)
 
     def _debug_call(self, call):
         if log.isEnabledFor(logging.DEBUG):
@@ -13213,6 +13453,11 @@ class Management:
                      "budget-duration": format_seconds(k.budget_seconds),
                      "expires": rfc3339(k.expires) if k.expires else None, "disabled": k.disabled}
             entry["usage"] = self.gw.key_limits.snapshot(k)
+            if self.gw.store is not None:
+                try:  # across replicas
+                    entry["usage"] = await self.gw.store.key_usage(k.name, k.budget_seconds)
+                except PgError:
+                    entry["usage"]["replica_only"] = True
             keys.append(entry)
         return {"api-keys": [k["key"] for k in keys], "keys": keys}
 
@@ -13735,6 +13980,8 @@ class Management:
             cred.refresh_after = 0.0
             if cred.disabled and not cred.meta.get("disabled"):
                 cred.disabled = None
+            if self.gw.sync is not None:
+                self.gw.sync.mark(cred)
         self.gw.save_rejections()
         self.audit(req, "cooldowns of %s cleared" % found[0][1].label)
         return {"status": "ok"}
@@ -14458,7 +14705,7 @@ class App:
         if action in ("embedContent", "batchEmbedContents"):
             ir = Gemini.parse_embeddings(body, model, action == "batchEmbedContents")
             ir.client_key = req.principal
-            self.gw.key_limits.admit(self.gw.cfg, ir)
+            await self.gw.admit(ir)
             emb = await self.gw.embed(ir)
             return json_response(Gemini.build_embeddings(emb, ir, action == "batchEmbedContents"))
         if action not in ("generateContent", "streamGenerateContent"):
@@ -14478,7 +14725,7 @@ class App:
     async def embeddings(self, req):
         ir = OpenAIChat.parse_embeddings(self.read_json(req))
         ir.client_key = req.principal
-        self.gw.key_limits.admit(self.gw.cfg, ir)
+        await self.gw.admit(ir)
         return json_response(OpenAIChat.build_embeddings(await self.gw.embed(ir), ir))
 
     async def ollama_embed(self, req):
@@ -14486,7 +14733,7 @@ class App:
         ir = Ollama.parse_embeddings(self.read_json(req), legacy)
         ir.model = self.ollama_model(ir.model)
         ir.client_key = req.principal
-        self.gw.key_limits.admit(self.gw.cfg, ir)
+        await self.gw.admit(ir)
         return json_response(Ollama.build_embeddings(await self.gw.embed(ir), ir, legacy))
 
     # -- Ollama ---------------------------------------------------------------------------------------------------
@@ -14555,7 +14802,7 @@ class App:
 
     async def serve_chat(self, http_req, codec, ir, encoder=None, render=None, content_type=None):
         ir.client_key = http_req.principal
-        self.gw.key_limits.admit(self.gw.cfg, ir)
+        await self.gw.admit(ir)
         call = await self.gw.call(ir)
         if not ir.stream:
             answer = await call.answer()
@@ -14783,6 +15030,8 @@ async def serve_forever(cfg, ready=None, config_path=None, debug=False):
     auth_watcher = AuthDirWatcher(lambda: gw.cfg.auth_dir, lambda: gw.files, gw.apply_files, clock=gw.clock)
     server = HttpServer(app, lambda: gw.limits, error_page=http_error_page)
     ctx = server_ssl_context(cfg)
+    if gw.sync is not None:
+        await gw.sync.start()  # serve with the shared credentials from the first request
     try:
         srv = await server.listen(cfg.host or None, cfg.port, ctx)
     except OSError as e:
@@ -14815,6 +15064,8 @@ async def serve_forever(cfg, ready=None, config_path=None, debug=False):
     log.info("shutting down: no new connections; waiting up to %ss for %d in-flight requests",
              cfg.server["shutdown-timeout"], len(server.busy))
     await server.shutdown(float(cfg.server["shutdown-timeout"]))
+    if gw.sync is not None:
+        await gw.sync.close()
     gw.stop_usage()
     gw.client.close_idle()
     log.info("stopped")
@@ -15129,7 +15380,36 @@ def cmd_import(args):
         path = import_vertex(args.file, cfg.auth_dir, args.location)
         print("Vertex credentials imported: %s" % path)
         return 0
-    raise CliError("unknown import source %r (supported: vertex)" % args.source)
+    if args.source == "auth-dir":
+        return import_auth_dir_to_store(cfg, expand_path(args.file) if args.file else cfg.auth_dir)
+    raise CliError("unknown import source %r (supported: cli, vertex, auth-dir)" % args.source)
+
+
+def import_auth_dir_to_store(cfg, auth_dir):
+    """`llm-mux import auth-dir [DIR]`: every credential file of DIR into the shared store (replacing what the store
+    has under the same names; the running replicas pick them up within a second)."""
+    if not cfg.store["postgres-url"]:
+        raise CliError("no shared store configured: set store.postgres-url (or LLM_MUX_STORE_POSTGRES_URL)")
+    files = scan_auth_dir(auth_dir)
+    if not files:
+        raise CliError("no credential files in %s" % auth_dir)
+
+    async def push():
+        store = CredentialStore(cfg.store["postgres-url"], cfg.store["encryption-key"])
+        try:
+            await store.migrate()
+            for name, (meta, _) in sorted(files.items()):
+                await store.put_credential(name, meta)
+                print("stored %s" % name)
+        finally:
+            store.close()
+    try:
+        asyncio.run(push())
+    except PgError as e:
+        raise CliError("store %s: %s" % (redact_url(cfg.store["postgres-url"]), e))
+    print("%d credential file(s) from %s are in the store%s" % (len(files), auth_dir, "" if cfg.store[
+        "encryption-key"] else " (unencrypted: set store.encryption-key to encrypt them)"))
+    return 0
 
 
 def global_options(top):
@@ -15188,9 +15468,12 @@ def build_parser():
         lp.set_defaults(func=cmd_login, no_browser=False, callback_port=None, timeout=None, device=False,
                         project=None, alias=None, cookie=None)
     p = sub.add_parser("import", parents=[common],
-                       help="import credentials into auth-dir: 'cli' (what official CLIs stored) or 'vertex <key.json>'")
-    p.add_argument("source", nargs="?", default="cli", choices=["cli", "vertex"], help="what to import (default cli)")
-    p.add_argument("file", nargs="?", help="the file to import (vertex: a service-account JSON key)")
+                       help="import credentials: 'cli' (what official CLIs stored), 'vertex <key.json>', or "
+                       "'auth-dir [DIR]' (into the shared store)")
+    p.add_argument("source", nargs="?", default="cli", choices=["cli", "vertex", "auth-dir"],
+                   help="what to import (default cli)")
+    p.add_argument("file", nargs="?", help="vertex: a service-account JSON key; auth-dir: the directory "
+                   "(default: the configured auth-dir)")
     p.add_argument("--location", default="us-central1", help="Vertex region (default us-central1; 'global' allowed)")
     p.set_defaults(func=cmd_import)
     parser.set_defaults(func=cmd_serve)
