@@ -2571,10 +2571,14 @@ class HttpServer:
         self.idle = set()
         self.draining = False
 
-    async def listen(self, host, port, ssl_context=None):
+    async def listen(self, host, port, ssl_context=None, sock=None, reuse_port=False):
+        """Listen on host:port, or on an already bound socket `sock` (a worker inherits its parent's)."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(self._make_channel, host, port, ssl=ssl_context, reuse_address=True,
-                                          backlog=1024)
+        if sock is not None:
+            server = await loop.create_server(self._make_channel, sock=sock, ssl=ssl_context, backlog=1024)
+        else:
+            server = await loop.create_server(self._make_channel, host, port, ssl=ssl_context, reuse_address=True,
+                                              reuse_port=reuse_port or None, backlog=1024)
         self.servers.append(server)
         return server
 
@@ -14079,7 +14083,8 @@ class Management:
         """What the dashboard's overview shows live: in-flight requests, credentials, models, uptime."""
         creds = [c for p in self.gw.registry.providers for c in p.credentials]
         now = self.gw.clock.now()
-        return {"version": __version__, "uptime_seconds": int(time.time() - self.gw.started),
+        return {"version": __version__, "uptime_seconds": int(time.time() - self.gw.started), "pid": os.getpid(),
+                "worker": int(os.environ.get("LLM_MUX_WORKER") or 0),
                 "in_flight": sum(c.in_flight for c in creds), "credentials": len(creds),
                 "cooling": sum(1 for c in creds if c.until_all > now or any(s.until > now for s in c.states.values())),
                 "disabled": sum(1 for c in creds if c.disabled), "models": len(self.gw.registry.routes),
@@ -15020,7 +15025,7 @@ def listen_url(cfg):
     return "%s://%s:%d" % ("https" if cfg.tls["enable"] else "http", host, cfg.port)
 
 
-async def serve_forever(cfg, ready=None, config_path=None, debug=False):
+async def serve_forever(cfg, ready=None, config_path=None, debug=False, listen=None):
     """Run the gateway until SIGTERM/SIGINT, then drain in-flight responses for up to shutdown-timeout."""
     os.makedirs(cfg.auth_dir, mode=0o700, exist_ok=True)
     gw = Gateway(cfg, debug=debug, config_file=ConfigFile(config_path) if config_path else None)
@@ -15033,7 +15038,7 @@ async def serve_forever(cfg, ready=None, config_path=None, debug=False):
     if gw.sync is not None:
         await gw.sync.start()  # serve with the shared credentials from the first request
     try:
-        srv = await server.listen(cfg.host or None, cfg.port, ctx)
+        srv = await server.listen(cfg.host or None, cfg.port, ctx, **(listen or {}))
     except OSError as e:
         raise CliError("cannot listen on %s:%d: %s" % (cfg.host, cfg.port, e.strerror or e))
     port = srv.sockets[0].getsockname()[1] if srv.sockets else cfg.port
@@ -15163,9 +15168,100 @@ def cmd_serve(args):
     cfg = hash_plain_management_key(cfg, path)
     cfg.host, cfg.port = host, port
     check_bind_safety(cfg)
+    config_path = path if os.path.exists(path) else None
+    workers = getattr(args, "workers", None) or 1
+    if workers > 1:
+        return serve_workers(cfg, workers, config_path, args.debug)
     if uvloop is not None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.run(serve_forever(cfg, config_path=path if os.path.exists(path) else None, debug=args.debug))
+    asyncio.run(serve_forever(cfg, config_path=config_path, debug=args.debug))
+    return 0
+
+
+def serve_workers(cfg, n, config_path, debug):
+    """`serve --workers N`: N worker processes on one port. Each worker binds its own socket with SO_REUSEPORT,
+    so the kernel spreads connections over them (where SO_REUSEPORT is missing, or for port 0, the workers share
+    one socket bound here). They coordinate through the auth-dir file locks, or the shared store when configured.
+    This parent only supervises: a worker that dies is started again (with back-off); SIGTERM or SIGINT is passed
+    to every worker, each drains its requests, and the parent exits when all have."""
+    if not hasattr(os, "fork"):
+        raise CliError("--workers needs a system with fork(); run one process per port instead")
+    reuse_port = hasattr(socket, "SO_REUSEPORT") and cfg.port != 0
+    shared = None
+    if reuse_port:  # fail here, once, if the port is taken; the probe socket is closed before the workers bind
+        family = socket.AF_INET6 if ":" in (cfg.host or "") else socket.AF_INET
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            probe.bind((cfg.host or "0.0.0.0", cfg.port))
+        except OSError as e:
+            raise CliError("cannot listen on %s:%d: %s" % (cfg.host, cfg.port, e.strerror or e))
+        finally:
+            probe.close()
+    else:
+        try:
+            shared = socket.create_server((cfg.host or "", cfg.port), reuse_port=False, backlog=1024)
+        except OSError as e:
+            raise CliError("cannot listen on %s:%d: %s" % (cfg.host, cfg.port, e.strerror or e))
+        shared.set_inheritable(True)
+    if any(k.rpm is not None or k.tpm is not None or k.max_budget is not None for k in cfg.client_keys) and \
+            not cfg.store["postgres-url"]:
+        log.warning("--workers %d without a shared store: each worker counts client-key limits on its own "
+                    "(set store.postgres-url for limits that hold across workers)", n)
+    listen = {"sock": shared} if shared is not None else {"reuse_port": True}
+    children = {}  # pid -> worker number
+    stopping = []
+
+    def start(number):
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                os.environ["LLM_MUX_WORKER"] = str(number)
+                if uvloop is not None:
+                    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+                asyncio.run(serve_forever(cfg, config_path=config_path, debug=debug, listen=listen))
+                code = 0
+            except CliError as e:
+                print("llm-mux worker %d: %s" % (number, e), file=sys.stderr)
+            except BaseException:
+                log.exception("worker %d failed", number)
+            finally:
+                os._exit(code)
+        children[pid] = number
+        log.info("worker %d started (pid %d)", number, pid)
+
+    def forward(signum, frame):
+        stopping.append(signum)
+        for pid in list(children):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for number in range(1, n + 1):
+        start(number)
+    restarts = {}
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        number = children.pop(pid, None)
+        if number is None or stopping:
+            continue
+        code = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status
+        recent = [t for t in restarts.get(number, []) if t > time.monotonic() - 60] + [time.monotonic()]
+        restarts[number] = recent
+        log.error("worker %d (pid %d) exited with %s; starting it again", number, pid, code)
+        time.sleep(min(30.0, 0.5 * 2 ** (len(recent) - 1)))
+        if not stopping:
+            start(number)
+    log.info("all workers stopped")
     return 0
 
 
@@ -15446,6 +15542,8 @@ def build_parser():
     p = sub.add_parser("serve", parents=[common], help="run the gateway (the default command)")
     p.add_argument("--host", default=argparse.SUPPRESS, help="bind address (overrides host in the config)")
     p.add_argument("--port", "-p", type=int, default=argparse.SUPPRESS, help="port (overrides port in the config)")
+    p.add_argument("--workers", "-w", type=int, default=1, metavar="N",
+                   help="worker processes sharing the port (default 1)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("init", parents=[common], help="create the config and auth dir and the management key")
     p.add_argument("--force", action="store_true", help="generate a new management key")
