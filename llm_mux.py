@@ -4022,12 +4022,12 @@ class PgPool:
 
 class PgListener:
     """A dedicated connection that LISTENs on channels and calls `handler(channel, payload, pid)` for each
-    notification. When the connection breaks it reconnects with back-off, listens again and calls
-    `on_reconnect()` (notifications sent meanwhile are lost: the caller re-reads its state)."""
+    notification. Each time it is listening (at first, and after a broken connection is made again with back-off)
+    it calls `on_connect()`: notifications sent while it was not listening are lost, so the caller re-reads."""
 
-    def __init__(self, settings, channels, handler, on_reconnect=None, clock=None):
+    def __init__(self, settings, channels, handler, on_connect=None, clock=None):
         self.settings, self.channels, self.handler = settings, list(channels), handler
-        self.on_reconnect = on_reconnect
+        self.on_connect = on_connect
         self.clock = clock or Clock()
         self.task = None
         self.connected = asyncio.Event()
@@ -4038,7 +4038,7 @@ class PgListener:
         return self
 
     async def _run(self):
-        delay, first = 0.2, True
+        delay = 0.2
         while True:
             try:
                 conn = await PgConnection(self.settings).connect()
@@ -4048,9 +4048,8 @@ class PgListener:
                 self.conn = conn
                 self.connected.set()
                 delay = 0.2
-                if not first and self.on_reconnect is not None:
-                    await self.on_reconnect()
-                first = False
+                if self.on_connect is not None:  # what was sent before we listened is not delivered: re-read
+                    await self.on_connect()
                 await conn.wait_notifications()
             except asyncio.CancelledError:
                 raise
@@ -12365,7 +12364,7 @@ class StoreSync:
             log.error("store %s unreachable at start (%s): serving with the local credentials; retrying",
                       self.store.where, e)
         self.listener = PgListener(self.store.settings, [self.store.CHANNEL], self._notified,
-                                   on_reconnect=self._resync, clock=self.gw.clock).start()
+                                   on_connect=self._resync, clock=self.gw.clock).start()
         self.poller = self._spawn(self._poll())
 
     async def _resync(self):
@@ -14483,6 +14482,8 @@ class App:
             ("POST", "/v1/messages/count_tokens"): self.messages_count_tokens,
             ("POST", "/v1/embeddings"): self.embeddings,
             ("GET", "/metrics"): self.metrics,
+            ("GET", "/health"): self.health,
+            ("GET", "/ready"): self.ready,
             ("GET", "/v1beta/models"): self.gemini_list_models,
         }
         for prefix in ("/api", "/ollama/api"):
@@ -14494,7 +14495,7 @@ class App:
             self.routes[("POST", prefix + "/generate")] = self.ollama_generate
             self.routes[("POST", prefix + "/embed")] = self.ollama_embed
             self.routes[("POST", prefix + "/embeddings")] = self.ollama_embed
-        self.public = {"/", "/api/version", "/ollama/api/version"}
+        self.public = {"/", "/api/version", "/ollama/api/version", "/health", "/ready"}
         self.loopback_public = {"/metrics"}  # free on this machine; the management key from elsewhere
 
     async def __call__(self, req):
@@ -14721,6 +14722,28 @@ class App:
         sse = req.query.get("alt") == "sse" or req.query.get("$alt") == "sse"
         return await self.serve_chat(req, Gemini, ir, encoder=lambda r: Gemini.StreamEncoder(r, sse),
                                      content_type="text/event-stream" if sse else "application/json")
+
+    async def health(self, req):
+        """Alive: the process answers (no key, nothing secret)."""
+        return json_response({"status": "ok", "version": __version__})
+
+    async def ready(self, req):
+        """Ready: every configured provider has at least one credential that can take a request now; 503 with the
+        reasons otherwise (for load balancers and orchestrators; no key, no secrets)."""
+        now = self.gw.clock.now()
+        problems = []
+        for p in self.gw.registry.providers:
+            if not p.credentials:
+                continue
+            if not any(not c.disabled and c.until_all <= now for c in p.credentials):
+                problems.append("%s: no usable credential (%d disabled or cooling)" % (p.name, len(p.credentials)))
+        body = {"status": "not ready" if problems else "ready", "providers": len(self.gw.registry.providers),
+                "models": len(self.gw.registry.routes)}
+        if self.gw.sync is not None:
+            body["store"] = "in step" if self.gw.sync.healthy else "unreachable (serving with the last credentials)"
+        if problems:
+            body["reasons"] = problems
+        return json_response(body, status=503 if problems else 200)
 
     async def metrics(self, req):
         """Prometheus metrics (free from this machine, the management key from elsewhere)."""

@@ -181,12 +181,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=int, default=8, help="duration of each measured run")
     p.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--only", choices=["workers"], help="run one part only: 'workers' (serve --workers 1 against 2)")
     args = p.parse_args(argv)
     if args.serve_upstream:
         serve_upstream(args.serve_upstream)
         return 0
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
+    if args.only == "workers":
+        return bench_workers(args.seconds)
     tmp = tempfile.mkdtemp(prefix="llm-mux-bench-")
     up_port, gw_port = free_port(), free_port()
     upstream = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-upstream", str(up_port)])
@@ -294,6 +297,52 @@ def main(argv=None):
     on, off = sum(usage_runs["on"]) / 4, sum(usage_runs["off"]) / 4
     print("Usage records at c=50 (non-stream, four alternated runs each): on %.0f r/s, off %.0f r/s (on is %.0f %% "
           "of off)" % (on, off, on / off * 100))
+    return 0
+
+
+def bench_workers(seconds):
+    """req/s at c=50 (non-streaming) for `serve --workers 1` and `--workers 2`, alternated, side by side."""
+    tmp = tempfile.mkdtemp(prefix="llm-mux-bench-workers-")
+    up_port = free_port()
+    upstream = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-upstream", str(up_port)])
+    body = json.dumps({"model": "bench-model", "messages": [{"role": "user", "content": "Hello"}]})
+    env = dict(os.environ, XDG_CONFIG_HOME=tmp)
+    gateways, runs = {}, {1: [], 2: []}
+    try:
+        wait_port(up_port)
+        for n in (1, 2):
+            port = free_port()
+            cfg = os.path.join(tmp, "config-%d.yaml" % n)
+            with open(cfg, "w") as f:
+                f.write("port: %d\nauth-dir: %s\napi-keys: [bench]\nusage: {enabled: false}\nproviders:\n"
+                        "  - type: openai\n    name: bench\n    base-url: http://127.0.0.1:%d/v1\n    api-key: k\n"
+                        "    models:\n      - name: bench-model\n" % (port, os.path.join(tmp, "auth"), up_port))
+            gateways[n] = (port, subprocess.Popen(
+                [sys.executable, os.path.join(ROOT, "llm_mux.py"), "serve", "--config", cfg, "--workers", str(n)],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            wait_port(port)
+        time.sleep(1.0)
+        for n, (port, _) in gateways.items():
+            wrk("http://127.0.0.1:%d/v1/chat/completions" % port, body, 50, 2, tmp)  # warm-up
+        for i in range(4):  # alternated, the order swapped each round: this machine's speed drifts
+            for n in (1, 2) if i % 2 == 0 else (2, 1):
+                url = "http://127.0.0.1:%d/v1/chat/completions" % gateways[n][0]
+                runs[n].append(wrk(url, body, 50, seconds, tmp)["rps"])
+        direct = wrk("http://127.0.0.1:%d/v1/chat/completions" % up_port, body, 50, seconds, tmp)["rps"]
+    finally:
+        for _, proc in gateways.values():
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        upstream.send_signal(signal.SIGINT)
+        upstream.wait(10)
+    one, two = sum(runs[1]) / 4, sum(runs[2]) / 4
+    print("llm-mux workers benchmark (%s, Python %s, %d cores; non-stream, c=50, four alternated runs each)"
+          % (time.strftime("%Y-%m-%d"), sys.version.split()[0], os.cpu_count()))
+    print("  direct (fake upstream) %8.0f r/s" % direct)
+    print("  --workers 1            %8.0f r/s   runs: %s" % (one, " ".join("%.0f" % r for r in runs[1])))
+    print("  --workers 2            %8.0f r/s   runs: %s  (%.2fx)" % (two, " ".join("%.0f" % r for r in runs[2]),
+                                                                     two / one))
+    print("  (the load generator and the fake upstream share the same cores)")
     return 0
 
 
