@@ -329,7 +329,7 @@ def test_the_refreshing_replica_killed_mid_refresh(tmp_path, pgdb):
 def test_rpm_holds_across_three_replicas(tmp_path, pgdb):
     up = FakeUpstream(lambda r: Reply(body=openai_completion())).start()
     gws = replicas(tmp_path, 3, openai_provider_config(up.url) + "api-keys:\n  - {key: sk-team, name: team, rpm: 5}\n"
-                   + store_config(pgdb))
+                   + "remote-management: {secret-key: mk}\n" + store_config(pgdb))
     try:
         served = limited = 0
         for i in range(15):
@@ -342,6 +342,10 @@ def test_rpm_holds_across_three_replicas(tmp_path, pgdb):
                 assert "5 requests per minute" in str(e)
         assert (served, limited) == (5, 10)
         assert len([r for r in up.requests if "chat" in r.path]) == 5
+        # each replica's management view shows the key's use across all of them
+        for g in gws:
+            keys = g.get_json("/v1/management/api-keys", headers={"Authorization": "Bearer mk"})["data"]["keys"]
+            assert keys[0]["usage"]["requests_last_minute"] == 5 and "sk-team" not in json.dumps(keys)
     finally:
         stop_all(gws)
         up.stop()
