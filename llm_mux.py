@@ -3507,7 +3507,10 @@ def _pg_float(text):
 
 def _pg_numeric(text):
     import decimal
-    return decimal.Decimal(text)
+    try:
+        return decimal.Decimal(text)
+    except decimal.InvalidOperation:
+        raise ValueError("not a numeric: %r" % text[:40])
 
 
 PG_DECODERS = {  # type OID -> text-format decoder; anything else is returned as str
@@ -3625,7 +3628,7 @@ class PgConnection:
                     loop.create_connection(Channel, s["hostaddr"] or host, s["port"]), s["connect_timeout"])
                 if s["sslmode"] not in ("disable", "allow"):
                     await self._start_tls(deadline)
-            await self._startup(deadline)
+            await self._guarded(self._startup(deadline))
         except asyncio.TimeoutError:
             self.close()
             raise PgConnectionError("connecting to PostgreSQL at %s:%s timed out" % (host, s["port"]))
@@ -3664,6 +3667,17 @@ class PgConnection:
             raise PgConnectionError("TLS with PostgreSQL failed: %s" % e)
         self.tls = True
 
+    async def _guarded(self, coro):
+        """Bytes from the server that break the protocol (a bad length, a truncated field, a value that does not
+        parse as its type) end this connection with a PgConnectionError, never another exception."""
+        try:
+            return await coro
+        except (struct.error, ValueError, IndexError, KeyError, TypeError, OverflowError, RecursionError) as e:
+            self.closed = True
+            if self.ch is not None:
+                self.ch.close()
+            raise PgConnectionError("malformed message from the server (%s: %s)" % (type(e).__name__, e), "08P01")
+
     async def _startup(self, deadline):
         s = self.settings
         params = [("user", s["user"]), ("database", s["database"]), ("application_name", s["application_name"]),
@@ -3679,6 +3693,9 @@ class PgConnection:
             if kind == b"R":
                 code = struct.unpack("!I", payload[:4])[0]
                 if code == 0:
+                    if scram is not None and not scram.verified:  # a server that skips proving itself
+                        raise PgConnectionError("the server ended SCRAM without proving it knows the password",
+                                                "28000")
                     continue
                 if code == 3:
                     self._password(s["password"].encode())
@@ -3692,6 +3709,8 @@ class PgConnection:
                     scram = PgScram(s["password"])
                     first = scram.first()
                     self.ch.write(self._message(b"p", b"SCRAM-SHA-256\x00" + struct.pack("!I", len(first)) + first))
+                elif code in (11, 12) and scram is None:
+                    raise PgConnectionError("the server continued a SASL exchange that was never started", "08P01")
                 elif code == 11:
                     self.ch.write(self._message(b"p", scram.final(payload[4:])))
                 elif code == 12:
@@ -3720,13 +3739,14 @@ class PgConnection:
     async def execute(self, sql, *args, timeout=None):
         """Run one statement with bound parameters ($1, $2, ...); a PgResult. `timeout` (seconds) is a client-side
         backstop to the server's statement_timeout: past it the query is cancelled and the connection closed."""
+        values = self._encode(args)
         async with self.lock:
             if self.closed:
                 raise PgConnectionError("connection closed")
             try:
                 if timeout is None:
-                    return await self._run(sql, args)
-                return await asyncio.wait_for(self._run(sql, args), timeout)
+                    return await self._guarded(self._run(sql, args, values))
+                return await asyncio.wait_for(self._guarded(self._run(sql, args, values)), timeout)
             except asyncio.TimeoutError:
                 await self.cancel()
                 self.close()
@@ -3738,11 +3758,16 @@ class PgConnection:
                 self.close()  # the reply is half read: this connection cannot be reused
                 raise
 
-    async def _run(self, sql, args):
+    @staticmethod
+    def _encode(args):
+        """The Bind message's parameter values (a ValueError or TypeError here is the caller's, not the server's)."""
         values = []
         for v in args:
             raw = pg_encode(v)
             values.append(struct.pack("!i", -1) if raw is None else struct.pack("!I", len(raw)) + raw)
+        return values
+
+    async def _run(self, sql, args, values):
         m = self._message
         self.ch.write(
             m(b"P", b"\x00" + sql.encode("utf-8") + b"\x00" + struct.pack("!H", 0)) +
@@ -3870,6 +3895,8 @@ class PgScram:
         self.password = password.encode("utf-8")
         self.nonce = base64.b64encode(os.urandom(18)).decode()
         self.first_bare = "n=,r=" + self.nonce
+        self.server_key = None
+        self.verified = False
 
     def first(self):
         return ("n,," + self.first_bare).encode()
@@ -3889,10 +3916,13 @@ class PgScram:
         return (without_proof + ",p=" + base64.b64encode(proof).decode()).encode()
 
     def verify(self, server_final):
+        if self.server_key is None:
+            raise PgConnectionError("SCRAM: the server's final message came before its first", "08P01")
         fields = dict(part.split("=", 1) for part in server_final.decode().split(","))
         expected = hmac.new(self.server_key, self.auth_message, hashlib.sha256).digest()
         if not hmac.compare_digest(base64.b64decode(fields.get("v", "")), expected):
             raise PgConnectionError("SCRAM: the server's signature is wrong (not the server we asked for?)", "28000")
+        self.verified = True
 
 
 class PgPool:
