@@ -378,3 +378,32 @@ def test_import_auth_dir_and_a_store_that_is_down_at_start(tmp_path, pgdb):
     finally:
         gw.stop()
         claude.up.stop()
+
+
+def test_tokens_per_minute_and_budget_hold_across_replicas(tmp_path, pgdb):
+    up = FakeUpstream(lambda r: Reply(body=openai_completion(usage={"prompt_tokens": 600, "completion_tokens": 400,
+                                                                    "total_tokens": 1000}))).start()
+    gws = replicas(tmp_path, 2, openai_provider_config(up.url) + "api-keys:\n"
+                   "  - {key: sk-t, name: tokens, tpm: 1500}\n  - {key: sk-b, name: budget, max-budget: 0.015}\n"
+                   "pricing:\n  gpt-test: {input: 10, output: 20}\n"  # 600 in + 400 out = 0.014 USD
+                   "remote-management: {secret-key: mk}\n" + store_config(pgdb))
+
+    def chat(g, key):
+        openai.OpenAI(base_url=g.url + "/v1", api_key=key, max_retries=0).chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "x"}])
+
+    def used(g, name, field):
+        keys = g.get_json("/v1/management/api-keys", headers={"Authorization": "Bearer mk"})["data"]["keys"]
+        return next(k for k in keys if k["name"] == name)["usage"][field]
+    try:
+        for key, name, field, want in (("sk-t", "tokens", "tokens_last_minute", 2000),
+                                       ("sk-b", "budget", "spent_usd", 0.028)):
+            chat(gws[0], key)  # under the limit on replica 0
+            chat(gws[1], key)  # still under it, counted on replica 1
+            wait_until(lambda: used(gws[0], name, field) >= want, what="the spend counted in the store")
+            for g in gws:  # over it now, whichever replica is asked
+                with pytest.raises(openai.RateLimitError):
+                    chat(g, key)
+    finally:
+        stop_all(gws)
+        up.stop()
