@@ -21,7 +21,7 @@ ENV HOME=/data \
     LLM_MUX_HOST=0.0.0.0 \
     LLM_MUX_PORT=8317 \
     PYTHONDONTWRITEBYTECODE=1
-VOLUME ["/config", "/data"]
+VOLUME ["/config", "/data", "/data/auth"]
 EXPOSE 8317
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
   CMD ["python", "-I", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8317/health', timeout=4)"]

@@ -11688,9 +11688,11 @@ def usage_rows(records):
 
 
 def pg_column(decl):
-    """A USAGE_COLUMNS declaration (SQLite) in PostgreSQL's types."""
+    """A USAGE_COLUMNS declaration (SQLite) in PostgreSQL's types (times with their zone, as llm-mux's own
+    PostgreSQL backend has them, so a database it wrote is used as is)."""
     return (decl.replace("INTEGER", "BIGINT").replace("REAL", "DOUBLE PRECISION")
-            .replace("BOOLEAN NOT NULL DEFAULT 0", "BOOLEAN NOT NULL DEFAULT false"))
+            .replace("BOOLEAN NOT NULL DEFAULT 0", "BOOLEAN NOT NULL DEFAULT false")
+            .replace("TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP", "TIMESTAMPTZ NOT NULL DEFAULT now()"))
 
 
 class PgUsageStore:

@@ -124,3 +124,26 @@ def test_the_spool_is_bounded(tmp_path):
     writer.close()
     assert (store.spooled, store.dropped, writer.lost) == (5, 3, 3)
     assert sqlite3.connect(str(tmp_path / "s.db")).execute("SELECT count(*) FROM usage_records").fetchone()[0] == 5
+
+
+def test_a_database_written_by_llm_mux_itself_is_used_as_is(pgdb):
+    # the original's PostgreSQL table (gateway.md §7.2): TIMESTAMPTZ times, created_at, none of our columns
+    with psycopg.connect(pgdb.replace("?sslmode=disable", ""), autocommit=True) as c:
+        c.execute("CREATE TABLE usage_records (id BIGSERIAL PRIMARY KEY, provider TEXT NOT NULL, model TEXT NOT NULL, "
+                  "api_key TEXT NOT NULL DEFAULT '', auth_id TEXT NOT NULL DEFAULT '', auth_index INTEGER DEFAULT 0, "
+                  "source TEXT NOT NULL DEFAULT '', requested_at TIMESTAMPTZ NOT NULL, failed BOOLEAN DEFAULT FALSE, "
+                  "input_tokens BIGINT NOT NULL DEFAULT 0, output_tokens BIGINT NOT NULL DEFAULT 0, "
+                  "reasoning_tokens BIGINT NOT NULL DEFAULT 0, cached_tokens BIGINT NOT NULL DEFAULT 0, "
+                  "total_tokens BIGINT NOT NULL DEFAULT 0, created_at TIMESTAMPTZ DEFAULT NOW())")
+        c.execute("INSERT INTO usage_records (provider, model, requested_at, total_tokens) VALUES "
+                  "('claude', 'claude-x', '2026-11-20 10:00:00+00', 7)")
+    store = llm_mux.PgUsageStore(pgdb)
+    store.write([{"provider": "p", "model": "m", "record_id": "r1", "requested_at": "2026-11-21 11:00:00",
+                  "total_tokens": 5}])
+    assert store.count() == 2
+    store.close()
+    import calendar
+    report = llm_mux.usage_report(("postgres", pgdb), calendar.timegm((2026, 11, 15, 0, 0, 0)),
+                                  calendar.timegm((2026, 12, 1, 0, 0, 0)), {})
+    assert report["summary"]["total_requests"] == 2 and report["summary"]["tokens"]["total"] == 12
+    assert {d["day"] for d in report["timeline"]["by_day"]} == {"2026-11-20", "2026-11-21"}
