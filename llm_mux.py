@@ -2381,6 +2381,248 @@ class StreamResponse:
                 self.headers.append(("Cache-Control", "no-cache"))
 
 
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
+WS_CLOSE_CODES_OK = set(range(1000, 1004)) | set(range(1007, 1012)) | set(range(3000, 5000))
+
+
+class WebSocketClosed(Exception):
+    """The WebSocket is closed: by the peer (its code and reason), by us, or because the connection broke (1006)."""
+
+    def __init__(self, code=1006, reason=""):
+        super().__init__("websocket closed (%d%s)" % (code, ": " + reason if reason else ""))
+        self.code, self.reason = code, reason
+
+
+class WebSocketResponse:
+    """What an app returns to accept a WebSocket upgrade: the server answers 101 and then runs `handler(ws)` on
+    the connection; when the handler returns, the socket is closed (1000) if it is not already."""
+
+    __slots__ = ("status", "headers", "handler")
+
+    def __init__(self, req, handler, protocol=None):
+        key = websocket_key(req)
+        accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode("ascii")).digest()).decode("ascii")
+        self.status = 101
+        self.headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)]
+        if protocol:
+            self.headers.append(("Sec-WebSocket-Protocol", protocol))
+        self.handler = handler
+
+
+def is_websocket_request(req):
+    return "websocket" in req.headers.get("upgrade", "").lower()
+
+
+def websocket_key(req):
+    """The client's Sec-WebSocket-Key after checking the upgrade request (RFC 6455 §4.2.1); HttpError otherwise."""
+    h = req.headers
+    if req.method != "GET" or req.version < (1, 1):
+        raise HttpError(400, "a WebSocket upgrade is a GET over HTTP/1.1", close=False)
+    if "upgrade" not in [t.strip().lower() for t in h.get("connection", "").split(",")]:
+        raise HttpError(400, "a WebSocket upgrade needs 'Connection: Upgrade'", close=False)
+    if h.get("sec-websocket-version", "").strip() != "13":
+        raise HttpError(426, "WebSocket version 13 required", close=False)
+    key = h.get("sec-websocket-key", "").strip()
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            raise ValueError
+    except (ValueError, binascii.Error):
+        raise HttpError(400, "bad Sec-WebSocket-Key", close=False)
+    return key
+
+
+class WebSocket:
+    """The server side of one WebSocket connection (RFC 6455) on a Channel: frames read and checked (client
+    masking, reserved bits, opcodes, control-frame rules, fragmentation, UTF-8 of text, close codes), messages
+    bounded by `max_message` (1009 past it), pings answered, a ping sent every `ping_interval` and the
+    connection closed when nothing has arrived for `idle_timeout`. Every send waits for the transport to drain,
+    so a slow reader slows the sender instead of growing a buffer."""
+
+    def __init__(self, ch, max_message=16 << 20, ping_interval=30.0, idle_timeout=60.0):
+        self.ch = ch
+        self.max_message = max_message
+        self.ping_interval, self.idle_timeout = ping_interval, idle_timeout
+        self.closed = None  # WebSocketClosed once closed
+        self.close_sent = False
+        self.send_lock = asyncio.Lock()
+        self.last_seen = time.monotonic()
+        self.pinger = None
+
+    def start_pings(self):
+        if self.ping_interval and self.pinger is None:
+            self.pinger = asyncio.ensure_future(self._ping_loop())
+
+    async def _ping_loop(self):
+        try:
+            while self.closed is None:
+                await asyncio.sleep(self.ping_interval)
+                if time.monotonic() - self.last_seen > self.idle_timeout:
+                    await self.close(1001, "no answer to pings")
+                    self.ch.abort()
+                    return
+                await self._send_frame(0x9, b"ping")
+        except (WebSocketClosed, ChannelClosed, ConnectionError):
+            pass
+
+    # -- reading ------------------------------------------------------------------------------------------------
+    async def _frame(self, used=0):
+        """One frame: (fin, opcode, unmasked payload). `used` bytes of the message are already in: a data frame
+        that would take it past max_message is refused from its header, before its payload is read."""
+        ch = self.ch
+        b0, b1 = await ch.read_exactly(2)
+        fin, opcode, masked, length = b0 & 0x80, b0 & 0x0F, b1 & 0x80, b1 & 0x7F
+        if b0 & 0x70:
+            raise WebSocketClosed(1002, "reserved bits set without an extension")
+        if not masked:
+            raise WebSocketClosed(1002, "client frames must be masked")
+        if opcode >= 0x8 and (not fin or length > 125):
+            raise WebSocketClosed(1002, "control frames must be whole and at most 125 bytes")
+        if opcode not in (0x0, 0x1, 0x2, 0x8, 0x9, 0xA):
+            raise WebSocketClosed(1002, "unknown opcode %d" % opcode)
+        if length == 126:
+            length = struct.unpack("!H", await ch.read_exactly(2))[0]
+        elif length == 127:
+            length = struct.unpack("!Q", await ch.read_exactly(8))[0]
+            if length >> 63:
+                raise WebSocketClosed(1002, "bad frame length")
+        if length > self.max_message - (used if opcode < 0x8 else 0):
+            raise WebSocketClosed(1009, "message larger than %d bytes" % self.max_message)
+        mask = await ch.read_exactly(4)
+        data = await ch.read_exactly(length) if length else b""
+        if length:
+            rep = (mask * (length // 4 + 1))[:length]
+            data = (int.from_bytes(data, "big") ^ int.from_bytes(rep, "big")).to_bytes(length, "big")
+        self.last_seen = time.monotonic()
+        return bool(fin), opcode, data
+
+    async def receive(self):
+        """The next message: str for text, bytes for binary. WebSocketClosed when the socket closes (a protocol
+        error by the peer is answered with the right close code first)."""
+        if self.closed is not None:
+            raise self.closed
+        parts, size, kind, decoder = [], 0, None, None
+        try:
+            while True:
+                fin, opcode, data = await self._frame(size)
+                if opcode == 0x8:
+                    await self._peer_closed(data)
+                elif opcode == 0x9:
+                    await self._send_frame(0xA, data)
+                    continue
+                elif opcode == 0xA:
+                    continue
+                if opcode == 0x0:
+                    if kind is None:
+                        raise WebSocketClosed(1002, "continuation frame without a message")
+                elif kind is not None:
+                    raise WebSocketClosed(1002, "a new message began inside a fragmented one")
+                else:
+                    kind = opcode
+                    if kind == 0x1:
+                        import codecs
+                        decoder = codecs.getincrementaldecoder("utf-8")()
+                size += len(data)
+                if size > self.max_message:
+                    raise WebSocketClosed(1009, "message larger than %d bytes" % self.max_message)
+                if decoder is not None:
+                    try:
+                        parts.append(decoder.decode(data, final=bool(fin)))
+                    except UnicodeDecodeError:
+                        raise WebSocketClosed(1007, "text message is not valid UTF-8")
+                else:
+                    parts.append(data)
+                if fin:
+                    return "".join(parts) if kind == 0x1 else b"".join(parts)
+        except WebSocketClosed as e:
+            if e.code != 1006 and not self.close_sent:
+                with contextlib.suppress(Exception):
+                    await self._send_close(e.code, e.reason)
+            self._finish(e)
+            raise
+        except (ChannelClosed, ConnectionError):
+            self._finish(WebSocketClosed(1006, "connection lost"))
+            raise self.closed
+
+    async def _peer_closed(self, data):
+        if len(data) == 1:
+            raise WebSocketClosed(1002, "close frame with a one-byte body")
+        code, reason = 1005, ""
+        if data:
+            code = struct.unpack("!H", data[:2])[0]
+            if code not in WS_CLOSE_CODES_OK:
+                raise WebSocketClosed(1002, "invalid close code %d" % code)
+            try:
+                reason = data[2:].decode("utf-8")
+            except UnicodeDecodeError:
+                raise WebSocketClosed(1007, "close reason is not valid UTF-8")
+        if not self.close_sent:
+            with contextlib.suppress(Exception):
+                await self._send_close(code if code != 1005 else 1000, "")
+        closed = WebSocketClosed(code, reason)
+        self._finish(closed)
+        raise closed
+
+    def _finish(self, closed):
+        if self.closed is None:
+            self.closed = closed
+        if self.pinger is not None:
+            self.pinger.cancel()
+        self.ch.close()
+
+    # -- writing ------------------------------------------------------------------------------------------------
+    async def _send_frame(self, opcode, data):
+        n = len(data)
+        if n < 126:
+            head = struct.pack("!BB", 0x80 | opcode, n)
+        elif n < 65536:
+            head = struct.pack("!BBH", 0x80 | opcode, 126, n)
+        else:
+            head = struct.pack("!BBQ", 0x80 | opcode, 127, n)
+        async with self.send_lock:
+            if self.ch.lost:
+                raise WebSocketClosed(1006, "connection lost")
+            self.ch.write(head + data)
+            await self.ch.drain()
+
+    async def send(self, message):
+        """Send a text (str) or binary (bytes) message."""
+        if self.closed is not None or self.close_sent:
+            raise self.closed or WebSocketClosed(1000, "closing")
+        if isinstance(message, str):
+            await self._send_frame(0x1, message.encode("utf-8"))
+        else:
+            await self._send_frame(0x2, bytes(message))
+
+    async def send_json(self, obj):
+        await self.send(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+
+    async def _send_close(self, code, reason):
+        self.close_sent = True
+        await self._send_frame(0x8, struct.pack("!H", code) + reason.encode("utf-8")[:123])
+
+    async def close(self, code=1000, reason=""):
+        """Send a close frame (once) and wait briefly for the peer's, then end the connection."""
+        if self.closed is not None:
+            return
+        try:
+            if not self.close_sent:
+                await self._send_close(code, reason)
+            deadline = asyncio.get_running_loop().time() + 2.0
+            while True:  # the peer's close frame, skipping what it sent before it
+                b0_b1 = await self.ch.read_exactly(2, deadline)
+                length = b0_b1[1] & 0x7F
+                if length == 126:
+                    length = struct.unpack("!H", await self.ch.read_exactly(2, deadline))[0]
+                elif length == 127:
+                    length = struct.unpack("!Q", await self.ch.read_exactly(8, deadline))[0]
+                await self.ch.read_exactly(4 + length if b0_b1[1] & 0x80 else length, deadline)
+                if b0_b1[0] & 0x0F == 0x8:
+                    break
+        except (asyncio.TimeoutError, ChannelClosed, ConnectionError, WebSocketClosed, struct.error):
+            pass
+        self._finish(WebSocketClosed(code, reason))
+
+
 def plain_error(status, message, path=None):
     """The HTTP server's own error page; an app passes its API-shaped one instead."""
     return Response(status, (message + "\n").encode("utf-8"), None, "text/plain; charset=utf-8")
@@ -2569,6 +2811,8 @@ class HttpServer:
         self.connections = set()
         self.busy = set()
         self.idle = set()
+        self.websockets = set()
+        self.websocket_options = {}  # WebSocket(max_message=, ping_interval=, idle_timeout=)
         self.draining = False
 
     async def listen(self, host, port, ssl_context=None, sock=None, reuse_port=False):
@@ -2691,6 +2935,9 @@ class HttpServer:
                     resp = self.error_page(500, "internal server error", req.path)
             status = resp.status
             keep = req.keep_alive and not self.draining
+            if isinstance(resp, WebSocketResponse):
+                await self._run_websocket(ch, req, resp)
+                return False
             if limits.cors:
                 self._cors_headers(req, limits, resp.headers)
             if isinstance(resp, StreamResponse):
@@ -2709,6 +2956,25 @@ class HttpServer:
             if self.access_log:
                 log.info('%s %s %d %dB %.1fms %s', req.method, redact_url(req.target), status, sent,
                          (time.monotonic() - req.received_at) * 1000, req.peer)
+
+    async def _run_websocket(self, ch, req, resp):
+        ch.write(self._head(101, resp.headers, True, ""))
+        ws = WebSocket(ch, **self.websocket_options)
+        self.websockets.add(ws)
+        try:
+            ws.start_pings()
+            await resp.handler(ws)
+            await ws.close(1000)
+        except WebSocketClosed:
+            pass
+        except Exception:
+            log.exception("websocket handler for %s failed", req.path)
+            with contextlib.suppress(Exception):
+                await ws.close(1011, "internal error")
+        finally:
+            self.websockets.discard(ws)
+            if ws.pinger is not None:
+                ws.pinger.cancel()
 
     def _head(self, status, headers, keep, extra):
         lines = ["HTTP/1.1 %d %s\r\n" % (status, HTTP_REASONS.get(status, "Status"))]
@@ -2790,6 +3056,8 @@ class HttpServer:
         self.draining = True
         for s in self.servers:
             s.close()
+        for ws in list(self.websockets):  # a WebSocket has no natural end: tell its client we are going away
+            asyncio.ensure_future(ws.close(1001, "server shutting down"))
         # Idle keep-alive connections have nothing to finish.
         for task in list(self.idle):
             task.cancel()
@@ -14510,6 +14778,7 @@ class App:
             ("POST", "/v1/chat/completions"): self.chat_completions,
             ("POST", "/v1/completions"): self.completions,
             ("POST", "/v1/responses"): self.responses,
+            ("GET", "/v1/responses"): self.responses_websocket,
             ("POST", "/v1/messages"): self.messages,
             ("POST", "/v1/messages/count_tokens"): self.messages_count_tokens,
             ("POST", "/v1/embeddings"): self.embeddings,
@@ -14716,6 +14985,81 @@ class App:
 
     async def responses(self, req):
         return await self.serve_chat(req, Responses, Responses.parse_request(self.read_json(req)))
+
+    async def responses_websocket(self, req):
+        """The Responses API over a WebSocket (OpenAI's WebSocket mode): `GET /v1/responses` upgraded; each
+        `response.create` message runs like a streamed POST /v1/responses — same routing to any upstream, same
+        limits, usage and failover — and its events come back as JSON messages, one per event."""
+        if not is_websocket_request(req):
+            raise GatewayError(405, "GET /v1/responses is the WebSocket transport: send a WebSocket upgrade, or "
+                               "POST /v1/responses")
+        return WebSocketResponse(req, lambda ws: self._responses_session(req, ws))
+
+    async def _responses_session(self, req, ws):
+        """One socket's turns, one at a time. The socket remembers its last responses (bounded), so a turn may
+        send only its new input with `previous_response_id`, as OpenAI's WebSocket mode allows."""
+        history = collections.OrderedDict()  # response id -> every input and output item through that response
+        while True:
+            message = await ws.receive()
+            try:
+                data = json.loads(message) if isinstance(message, str) else None
+            except ValueError:
+                data = None
+            if not isinstance(data, dict) or data.get("type") != "response.create":
+                await self._ws_error(ws, BadRequest("expected a JSON text message {\"type\": \"response.create\", "
+                                                    "...the fields of POST /v1/responses}", "type"))
+                continue
+            body = dict(data.get("response") if isinstance(data.get("response"), dict) else data)
+            for transport_only in ("type", "stream", "background", "event_id"):
+                body.pop(transport_only, None)
+            items = body.get("input", [])
+            if isinstance(items, str):
+                items = body["input"] = [{"role": "user", "content": items}]
+            previous = body.pop("previous_response_id", None)
+            if previous:
+                if previous not in history:
+                    await self._ws_error(ws, GatewayError(
+                        400, "previous_response_id %r is not one of this connection's responses" % previous,
+                        "invalid_request", "previous_response_id", code="previous_response_not_found"))
+                    continue
+                body["input"] = history[previous] + (items if isinstance(items, list) else [])
+            body["stream"] = True
+            try:
+                resp = await self.serve_chat(req, Responses, Responses.parse_request(body))
+            except GatewayError as e:
+                await self._ws_error(ws, e)
+                continue
+            completed = await self._relay_sse(ws, resp)
+            if completed is not None and isinstance(body.get("input"), list):
+                history[completed.get("id")] = body["input"] + list(completed.get("output") or [])
+                while len(history) > 16:
+                    history.popitem(last=False)
+
+    @staticmethod
+    async def _relay_sse(ws, resp):
+        """Each SSE event of `resp` as one WebSocket message; the completed response, if the turn completed."""
+        completed, buf = None, b""
+        try:
+            async for chunk in resp.chunks:
+                buf += chunk
+                while b"\n\n" in buf:
+                    frame, buf = buf.split(b"\n\n", 1)
+                    data = b"".join(line[5:].strip() for line in frame.split(b"\n") if line.startswith(b"data:"))
+                    if not data or data == b"[DONE]":
+                        continue
+                    event = json.loads(data)
+                    await ws.send(data.decode("utf-8"))
+                    if event.get("type") == "response.completed":
+                        completed = event.get("response") or {}
+        finally:
+            if resp.on_close is not None:
+                await resp.on_close()
+        return completed
+
+    @staticmethod
+    async def _ws_error(ws, err):
+        body = render_error("openai", err)
+        await ws.send_json({"type": "error", "status": err.status, "error": body.get("error", body)})
 
     # -- Anthropic ------------------------------------------------------------------------------------------------
     async def messages(self, req):
