@@ -68,7 +68,8 @@ except ImportError:  # pragma: no cover - depends on the host
 
 
 # === 2. Small helpers ===
-# Owns: time, ids, JSON, logging and secret redaction. Nothing here knows about HTTP, providers or formats.
+# Owns: time, ids, JSON, logging, secret redaction and RSA signatures. Nothing here knows about HTTP, providers or
+# formats.
 
 log = logging.getLogger("llm-mux")
 
@@ -408,6 +409,161 @@ def write_file_atomic(path, data, mode=0o600):
         except OSError:
             pass
         raise
+
+
+# -- RSA (standard library only): RS256 signing for Vertex service accounts, verification of release manifests --
+
+# DigestInfo for SHA-256 (RFC 8017 §9.2 note 1)
+SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+RSA_ENCRYPTION_OID = b"\x06\x09\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01"  # 1.2.840.113549.1.1.1
+
+
+def emsa_pkcs1_sha256(message, size):
+    """EMSA-PKCS1-v1_5 encoding of SHA-256(message) for a `size`-byte modulus (RFC 8017 §9.2)."""
+    t = SHA256_DIGEST_INFO + hashlib.sha256(message).digest()
+    if size < len(t) + 11:
+        raise ValueError("RSA key too short")
+    return b"\x00\x01" + b"\xff" * (size - len(t) - 3) + b"\x00" + t
+
+
+class RsaKey:
+    """An RSA private key from PEM (PKCS#8 `PRIVATE KEY` or PKCS#1 `RSA PRIVATE KEY`), enough to sign."""
+
+    __slots__ = ("n", "e", "d", "p", "q", "dp", "dq", "qinv", "size")
+
+    def __init__(self, n, e, d, p, q, dp, dq, qinv):
+        self.n, self.e, self.d, self.p, self.q, self.dp, self.dq, self.qinv = n, e, d, p, q, dp, dq, qinv
+        self.size = (n.bit_length() + 7) // 8
+
+    @staticmethod
+    def _der(data, pos, expect=None):
+        """(tag, value, next position) of the DER element at `pos`."""
+        if pos + 2 > len(data):
+            raise ValueError("truncated DER")
+        tag, length = data[pos], data[pos + 1]
+        pos += 2
+        if length & 0x80:
+            count = length & 0x7F
+            if count == 0 or count > 4 or pos + count > len(data):
+                raise ValueError("bad DER length")
+            length = int.from_bytes(data[pos:pos + count], "big")
+            pos += count
+        if pos + length > len(data):
+            raise ValueError("truncated DER")
+        if expect is not None and tag != expect:
+            raise ValueError("unexpected DER tag 0x%02x (wanted 0x%02x)" % (tag, expect))
+        return tag, data[pos:pos + length], pos + length
+
+    @classmethod
+    def _pkcs1(cls, der):
+        _, seq, _ = cls._der(der, 0, 0x30)
+        ints = []
+        pos = 0
+        while pos < len(seq) and len(ints) < 9:
+            _, value, pos = cls._der(seq, pos, 0x02)
+            ints.append(int.from_bytes(value, "big"))
+        if len(ints) != 9 or ints[0] != 0:
+            raise ValueError("not a two-prime RSA private key")
+        return cls(*ints[1:])
+
+    @classmethod
+    def from_pem(cls, pem):
+        text = pem.replace("\\n", "\n") if "\\n" in pem else pem  # keys pasted with escaped newlines
+        m = re.search(r"-----BEGIN ([A-Z ]+)-----(.*?)-----END \1-----", text, re.S)
+        if not m:
+            raise ValueError("no PEM block found")
+        try:
+            der = base64.b64decode("".join(m.group(2).split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("PEM body is not base64")
+        kind = m.group(1)
+        if kind == "RSA PRIVATE KEY":
+            return cls._pkcs1(der)
+        if kind == "PRIVATE KEY":  # PKCS#8: SEQUENCE { version, AlgorithmIdentifier, OCTET STRING { PKCS#1 } }
+            _, seq, _ = cls._der(der, 0, 0x30)
+            _, _, pos = cls._der(seq, 0, 0x02)
+            _, alg, pos = cls._der(seq, pos, 0x30)
+            if b"\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01" not in alg:  # OID 1.2.840.113549.1.1.1 rsaEncryption
+                raise ValueError("not an RSA key")
+            _, inner, _ = cls._der(seq, pos, 0x04)
+            return cls._pkcs1(inner)
+        raise ValueError("unsupported PEM block %r" % kind)
+
+    def public(self):
+        return RsaPublicKey(self.n, self.e)
+
+    def sign_sha256(self, message):
+        """RSASSA-PKCS1-v1_5 with SHA-256 (EMSA-PKCS1-v1_5 encoding, CRT exponentiation)."""
+        m = int.from_bytes(emsa_pkcs1_sha256(message, self.size), "big")
+        m1, m2 = pow(m, self.dp, self.p), pow(m, self.dq, self.q)
+        h = (self.qinv * (m1 - m2)) % self.p
+        sig = m2 + h * self.q
+        if pow(sig, self.e, self.n) != m:  # guard against a faulty key or computation
+            raise ValueError("RSA signature self-check failed")
+        return sig.to_bytes(self.size, "big")
+
+
+class RsaPublicKey:
+    """An RSA public key (PEM `PUBLIC KEY` — SubjectPublicKeyInfo — or PKCS#1 `RSA PUBLIC KEY`), enough to verify
+    RSASSA-PKCS1-v1_5 SHA-256 signatures."""
+
+    __slots__ = ("n", "e", "size")
+
+    def __init__(self, n, e):
+        self.n, self.e = n, e
+        self.size = (n.bit_length() + 7) // 8
+
+    @classmethod
+    def from_pem(cls, pem):
+        m = re.search(r"-----BEGIN ([A-Z ]+)-----(.*?)-----END \1-----", pem, re.S)
+        if not m:
+            raise ValueError("no PEM block found")
+        try:
+            der = base64.b64decode("".join(m.group(2).split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("PEM body is not base64")
+        if m.group(1) == "PUBLIC KEY":  # SEQUENCE { AlgorithmIdentifier, BIT STRING { RSAPublicKey } }
+            _, seq, _ = RsaKey._der(der, 0, 0x30)
+            _, alg, pos = RsaKey._der(seq, 0, 0x30)
+            if RSA_ENCRYPTION_OID not in alg:
+                raise ValueError("not an RSA key")
+            _, bits, _ = RsaKey._der(seq, pos, 0x03)
+            der = bits[1:]  # the unused-bits byte
+        elif m.group(1) != "RSA PUBLIC KEY":
+            raise ValueError("unsupported PEM block %r" % m.group(1))
+        _, seq, _ = RsaKey._der(der, 0, 0x30)
+        _, n, pos = RsaKey._der(seq, 0, 0x02)
+        _, e, _ = RsaKey._der(seq, pos, 0x02)
+        key = cls(int.from_bytes(n, "big"), int.from_bytes(e, "big"))
+        if key.n.bit_length() < 2048 or key.e < 3 or key.e % 2 == 0:
+            raise ValueError("RSA key too weak (need at least 2048 bits and an odd exponent)")
+        return key
+
+    def to_pem(self):
+        def der(tag, body):
+            n = len(body)
+            length = bytes([n]) if n < 128 else bytes([0x80 | ((n.bit_length() + 7) // 8)]) + n.to_bytes(
+                (n.bit_length() + 7) // 8, "big")
+            return bytes([tag]) + length + body
+
+        def integer(v):
+            raw = v.to_bytes(v.bit_length() // 8 + 1, "big")  # a leading zero keeps it positive
+            return der(0x02, raw)
+        rsa = der(0x30, integer(self.n) + integer(self.e))
+        spki = der(0x30, der(0x30, RSA_ENCRYPTION_OID + b"\x05\x00") + der(0x03, b"\x00" + rsa))
+        body = base64.b64encode(spki).decode()
+        return "-----BEGIN PUBLIC KEY-----\n%s\n-----END PUBLIC KEY-----\n" % "\n".join(
+            body[i:i + 64] for i in range(0, len(body), 64))
+
+    def verify_sha256(self, message, signature):
+        """True when `signature` is this key's RSASSA-PKCS1-v1_5 SHA-256 signature of `message`."""
+        if len(signature) != self.size:
+            return False
+        s = int.from_bytes(signature, "big")
+        if s >= self.n:
+            return False
+        em = pow(s, self.e, self.n).to_bytes(self.size, "big")
+        return hmac.compare_digest(em, emsa_pkcs1_sha256(message, self.size))
 
 
 # === 3. Configuration ===
@@ -1365,6 +1521,7 @@ CONFIG_SCHEMA = {
     "refresh-lead": (("map", "any"), {}),
     "pricing": (("map", "any"), {}),
     "metrics-auth": ("str", "loopback"),
+    "update-url": ("str", ""),
     "payload": ({"default": (("list", "any"), []), "override": (("list", "any"), [])}, None),
     "ampcode": ({"upstream-url": ("str", ""), "upstream-api-key": ("str", ""),
                  "restrict-management-to-localhost": ("bool", True), "model-mappings": (("list", "any"), [])},
@@ -10902,88 +11059,7 @@ def codex_meta(data, old=None):
     return meta
 
 
-# -- RS256 for Vertex service accounts (standard library only) ----------------------------------------------------
-
-class RsaKey:
-    """An RSA private key from PEM (PKCS#8 `PRIVATE KEY` or PKCS#1 `RSA PRIVATE KEY`), enough to sign."""
-
-    __slots__ = ("n", "e", "d", "p", "q", "dp", "dq", "qinv", "size")
-
-    def __init__(self, n, e, d, p, q, dp, dq, qinv):
-        self.n, self.e, self.d, self.p, self.q, self.dp, self.dq, self.qinv = n, e, d, p, q, dp, dq, qinv
-        self.size = (n.bit_length() + 7) // 8
-
-    @staticmethod
-    def _der(data, pos, expect=None):
-        """(tag, value, next position) of the DER element at `pos`."""
-        if pos + 2 > len(data):
-            raise ValueError("truncated DER")
-        tag, length = data[pos], data[pos + 1]
-        pos += 2
-        if length & 0x80:
-            count = length & 0x7F
-            if count == 0 or count > 4 or pos + count > len(data):
-                raise ValueError("bad DER length")
-            length = int.from_bytes(data[pos:pos + count], "big")
-            pos += count
-        if pos + length > len(data):
-            raise ValueError("truncated DER")
-        if expect is not None and tag != expect:
-            raise ValueError("unexpected DER tag 0x%02x (wanted 0x%02x)" % (tag, expect))
-        return tag, data[pos:pos + length], pos + length
-
-    @classmethod
-    def _pkcs1(cls, der):
-        _, seq, _ = cls._der(der, 0, 0x30)
-        ints = []
-        pos = 0
-        while pos < len(seq) and len(ints) < 9:
-            _, value, pos = cls._der(seq, pos, 0x02)
-            ints.append(int.from_bytes(value, "big"))
-        if len(ints) != 9 or ints[0] != 0:
-            raise ValueError("not a two-prime RSA private key")
-        return cls(*ints[1:])
-
-    @classmethod
-    def from_pem(cls, pem):
-        text = pem.replace("\\n", "\n") if "\\n" in pem else pem  # keys pasted with escaped newlines
-        m = re.search(r"-----BEGIN ([A-Z ]+)-----(.*?)-----END \1-----", text, re.S)
-        if not m:
-            raise ValueError("no PEM block found")
-        try:
-            der = base64.b64decode("".join(m.group(2).split()), validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("PEM body is not base64")
-        kind = m.group(1)
-        if kind == "RSA PRIVATE KEY":
-            return cls._pkcs1(der)
-        if kind == "PRIVATE KEY":  # PKCS#8: SEQUENCE { version, AlgorithmIdentifier, OCTET STRING { PKCS#1 } }
-            _, seq, _ = cls._der(der, 0, 0x30)
-            _, _, pos = cls._der(seq, 0, 0x02)
-            _, alg, pos = cls._der(seq, pos, 0x30)
-            if b"\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01" not in alg:  # OID 1.2.840.113549.1.1.1 rsaEncryption
-                raise ValueError("not an RSA key")
-            _, inner, _ = cls._der(seq, pos, 0x04)
-            return cls._pkcs1(inner)
-        raise ValueError("unsupported PEM block %r" % kind)
-
-    # DigestInfo for SHA-256 (RFC 8017 §9.2 note 1)
-    _SHA256_PREFIX = bytes.fromhex("3031300d060960864801650304020105000420")
-
-    def sign_sha256(self, message):
-        """RSASSA-PKCS1-v1_5 with SHA-256 (EMSA-PKCS1-v1_5 encoding, CRT exponentiation)."""
-        t = self._SHA256_PREFIX + hashlib.sha256(message).digest()
-        if self.size < len(t) + 11:
-            raise ValueError("RSA key too short")
-        em = b"\x00\x01" + b"\xff" * (self.size - len(t) - 3) + b"\x00" + t
-        m = int.from_bytes(em, "big")
-        m1, m2 = pow(m, self.dp, self.p), pow(m, self.dq, self.q)
-        h = (self.qinv * (m1 - m2)) % self.p
-        sig = m2 + h * self.q
-        if pow(sig, self.e, self.n) != m:  # guard against a faulty key or computation
-            raise ValueError("RSA signature self-check failed")
-        return sig.to_bytes(self.size, "big")
-
+# -- RS256 JWTs for Vertex service accounts (RsaKey is in Small helpers) -----------------------------------------
 
 def jwt_rs256(claims, key, kid=None):
     header = {"alg": "RS256", "typ": "JWT"}
@@ -13124,6 +13200,84 @@ class Gateway:
             p.url = None
 
 
+# -- the release channel (shared by `llm-mux update` and the management API's latest-version) --------------------
+
+RELEASE_MANIFEST_URL = "https://github.com/nghyane/llm-mux/releases/latest/download/llm-mux-manifest.json"
+RELEASE_PUBLIC_KEYS = (  # manifests must be signed by one of these (tools/release.py signs; see README "Updating")
+    """-----BEGIN PUBLIC KEY-----
+MIIBojANBgkqhkiG9w0BAQEFAAOCAY8AMIIBigKCAYEAwt3LbCwshdBbF5XrKu/z
+Ty9d9r9hpdid2KFA+NGiU1bsE098q0oh9HWqCqj1RJ8ej7eBKnuV7qrbGzGkuAcV
+nzGX/VUvZ4k8+gXg4hwN1JasDwcCcy66ntID/VQlT1YHvOQVQOqau8tEvYd8EJOb
+fTpFOGsTk+yBLD5qialZ5pxu71k/IpzeKVma39EpA+yTRjhpLKZLfrODfXvkIt0i
+45AWu3CUJ1/t46a8TfVKs9NiwldCUaNIGHN3bcElNEGYgjY2L3ZIPzKFggoR8AEt
+hUTJRFui4xr/45zuIFvB6wwlAwkuzXcpkvAtDz/XMWF64ebJs3JrqtqW0n3x8bKq
+2CRuFW953hTE+H/TUVIn7qfdcitjR/3W9/BQlkz8M/bzEXc1ck+scA3+twAT+Ty0
+DYoaGhTjiAIpt2DMLQ3Fih0CuihHRRkTIEu934TyLIH2yHGY8Kqt400FewVxd875
+hs+IjtI3bqNrGE3gaIUMqwCvZF3F8WA7Pwb3cCk7+MMLAgMBAAE=
+-----END PUBLIC KEY-----""",
+)
+
+
+class ReleaseError(Exception):
+    """The release channel cannot be trusted or reached; nothing was changed."""
+
+
+def version_tuple(version):
+    """(major, minor, patch, ...) of `v1.2.3`; a part that is not a number counts as 0."""
+    return tuple(int(p) if p.isdigit() else 0 for p in re.split(r"[.+-]", str(version).strip().lstrip("vV"))[:4])
+
+
+def release_keys():
+    """The keys a manifest may be signed with: the ones built into this file, or, for a private release channel,
+    the PEM file named by LLM_MUX_UPDATE_PUBLIC_KEY (whoever sets a process's environment can replace its file)."""
+    path = os.environ.get("LLM_MUX_UPDATE_PUBLIC_KEY", "").strip()
+    if path:
+        try:
+            with open(path) as f:
+                return [RsaPublicKey.from_pem(f.read())]
+        except (OSError, ValueError) as e:
+            raise ReleaseError("LLM_MUX_UPDATE_PUBLIC_KEY %s: %s" % (path, e))
+    return [RsaPublicKey.from_pem(pem) for pem in RELEASE_PUBLIC_KEYS]
+
+
+def verify_manifest(raw):
+    """The release described by a signed manifest (`{"payload": base64url(JSON), "alg": "RS256", "signature":
+    base64url}`); ReleaseError unless the signature verifies with a release key and the fields make sense."""
+    try:
+        envelope = json.loads(raw)
+        payload, signature = b64url_decode(envelope["payload"]), b64url_decode(envelope["signature"])
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise ReleaseError("the release manifest is not a signed manifest (payload, alg, signature)")
+    if envelope.get("alg") != "RS256":
+        raise ReleaseError("the release manifest's signature algorithm %r is not RS256" % envelope.get("alg"))
+    if not any(key.verify_sha256(payload, signature) for key in release_keys()):
+        raise ReleaseError("the release manifest's signature does not verify with the release key: not installing")
+    try:
+        release = json.loads(payload)
+    except ValueError:
+        raise ReleaseError("the signed manifest is not JSON")
+    if not (isinstance(release, dict) and isinstance(release.get("version"), str) and
+            isinstance(release.get("url"), str) and re.match(r"[0-9a-f]{64}\Z", str(release.get("sha256"))) and
+            isinstance(release.get("size"), int) and 0 < release["size"] <= 256 << 20):
+        raise ReleaseError("the signed manifest lacks version, url, sha256 or size")
+    return release
+
+
+async def fetch_release(client, url):
+    """The newest release on the channel at `url`, verified; its `url` made absolute."""
+    try:
+        resp = await client.request("GET", url, [("Accept", "application/json"), ("User-Agent", USER_AGENT)], None,
+                                    timeout=30, stream_timeout=30)
+        raw = await resp.read(1 << 20)
+    except UpstreamError as e:
+        raise ReleaseError("cannot fetch the release manifest %s: %s" % (redact_url(url), e.message))
+    if resp.status != 200:
+        raise ReleaseError("the release manifest %s answered %d" % (redact_url(url), resp.status))
+    release = verify_manifest(raw)
+    release["url"] = urllib.parse.urljoin(url, release["url"])
+    return release
+
+
 # === 14. Management API ===
 # Owns: everything under /v1/management and the dashboard page: who may call (the hashed management key,
 # loopback unless allow-remote, bans after repeated failures), the {"data", "meta"} envelope and its errors,
@@ -13419,7 +13573,6 @@ SETTINGS = {
     "quota-exceeded/switch-preview-model": (("quota-exceeded", "switch-preview-model"), bool, None),
 }
 TYPE_WORDS = {bool: "bool", int: "int", str: "string"}
-RELEASES_URL = "https://api.github.com/repos/nghyane/llm-mux/releases/latest"
 
 
 class Management:
@@ -13717,26 +13870,24 @@ class Management:
         return {"ok": True, "changed": changed}
 
     async def latest_version(self, req):
-        """The newest release's tag (cached 15 minutes; a stale answer when the fetch fails)."""
+        """The newest release on the signed release channel (`update-url`; cached 15 minutes, a stale answer when
+        the fetch fails) — the same check as `llm-mux update --check`."""
         now = self.gw.clock.wall()
         if self.latest and now - self.latest[0] < 900:
-            return {"latest-version": self.latest[1], "current-version": __version__, "cached": True}
-        headers = [("Accept", "application/vnd.github+json"), ("User-Agent", "llm-mux/" + __version__)]
-        if os.environ.get("GITHUB_TOKEN"):
-            headers.append(("Authorization", "Bearer " + os.environ["GITHUB_TOKEN"]))
+            return self._latest(cached=True)
         try:
-            resp = await self.gw.client.request("GET", RELEASES_URL, headers, None, timeout=10, stream_timeout=10)
-            data = json_or_none(await resp.read(1 << 20))
-            if resp.status >= 300 or not isinstance(data, dict) or not (data.get("tag_name") or data.get("name")):
-                raise UpstreamError("the releases API answered %d" % resp.status)
-        except UpstreamError as e:
+            release = await fetch_release(self.gw.client, self.gw.cfg.update_url or RELEASE_MANIFEST_URL)
+        except ReleaseError as e:
             if self.latest:
-                return {"latest-version": self.latest[1], "current-version": __version__, "cached": True,
-                        "stale": True}
-            raise ManagementError(502, "INTERNAL_ERROR", "cannot reach the releases API: %s" % e.message)
-        version = str(data.get("tag_name") or data.get("name")).lstrip("vV")
-        self.latest = (now, version)
-        return {"latest-version": version, "current-version": __version__}
+                return self._latest(cached=True, stale=True)
+            raise ManagementError(502, "INTERNAL_ERROR", str(e))
+        self.latest = (now, release["version"])
+        return self._latest()
+
+    def _latest(self, **flags):
+        version = self.latest[1]
+        return dict({"latest-version": version, "current-version": __version__,
+                     "update-available": version_tuple(version) > version_tuple(__version__)}, **flags)
 
     # -- api-keys ---------------------------------------------------------------------------------------------------
     def _file_data(self):
@@ -15907,6 +16058,177 @@ def import_auth_dir_to_store(cfg, auth_dir):
     return 0
 
 
+def installed_file():
+    """The file this process runs from: the .pyz archive, or llm_mux.py."""
+    here = os.path.abspath(__file__)
+    archive = os.path.dirname(here)
+    return archive if os.path.isfile(archive) and zipfile_like(archive) else here
+
+
+def zipfile_like(path):
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return path.endswith(".pyz") or head.startswith(b"PK") or b"\nPK" in head[:200]
+
+
+def release_source(data, version):
+    """The bytes to install from a downloaded release: the .pyz itself, or its llm_mux.py when the installed file is
+    a plain llm_mux.py. ReleaseError unless it is a zipapp of llm-mux `version`."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            names = set(z.namelist())
+            if not {"__main__.py", "llm_mux.py"} <= names:
+                raise ReleaseError("the download is not an llm-mux zipapp")
+            source = z.read("llm_mux.py")
+    except (zipfile.BadZipFile, OSError, KeyError) as e:
+        raise ReleaseError("the download is not a valid zipapp: %s" % e)
+    m = re.search(rb'^__version__ = "([^"]+)"', source, re.M)
+    if m is None or m.group(1).decode() != version:
+        raise ReleaseError("the download says it is version %s, the manifest %s" % (
+            m.group(1).decode() if m else "?", version))
+    return source
+
+
+def replace_file(path, data, mode):
+    """Write `data` over `path` atomically: a temp file in the same directory, fsync, rename, fsync the directory."""
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, ".%s.update-%d" % (os.path.basename(path), os.getpid()))
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def cmd_update(args):
+    """`llm-mux update [--check] [--yes] [--rollback] [--allow-downgrade] [--url URL]`."""
+    target = os.path.abspath(args.target) if getattr(args, "target", None) else installed_file()
+    previous = target + ".previous"
+    if args.rollback:
+        return update_rollback(target, previous, args.yes)
+    url = args.url or os.environ.get("LLM_MUX_UPDATE_URL") or ""
+    if not url:
+        try:
+            path, _ = find_config_path(args.config)
+            url = Config.load(path).update_url if os.path.exists(path) else ""
+        except ConfigError:
+            url = ""
+    url = url or RELEASE_MANIFEST_URL
+    cfg = Config.defaults()
+
+    async def manifest():
+        client = HttpClient(lambda: cfg)
+        try:
+            return await fetch_release(client, url)
+        finally:
+            client.close_idle()
+
+    async def fetch(u, limit):
+        client = HttpClient(lambda: cfg)
+        try:
+            resp = await client.request("GET", u, [("User-Agent", USER_AGENT)], None, timeout=30,
+                                        stream_timeout=120)
+            if resp.status != 200:
+                raise ReleaseError("the download %s answered %d" % (redact_url(u), resp.status))
+            return await resp.read(limit)
+        finally:
+            client.close_idle()
+
+    try:
+        release = asyncio.run(manifest())
+        current, latest = __version__, release["version"]
+        newer = version_tuple(latest) > version_tuple(current)
+        if not newer and not (args.allow_downgrade and latest != current):
+            if version_tuple(latest) == version_tuple(current):
+                print("Already up to date (current: %s, latest: %s)" % (current, latest))
+                return 0
+            if args.check:
+                print("The release channel offers %s, older than this %s" % (latest, current))
+                return 0
+            raise CliError("the release channel offers %s, older than this %s: not downgrading (use "
+                           "--allow-downgrade)" % (latest, current))
+        print("Update available: %s -> %s" % (current, latest))
+        if args.check:
+            return 0
+        directory = os.path.dirname(target) or "."
+        if not os.access(directory, os.W_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
+            raise CliError("cannot write to %s: run the update as the user who owns it" % target)
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise CliError("not a terminal: add --yes to install %s" % latest)
+            if input("Install %s over %s? [y/N] " % (latest, target)).strip().lower() not in ("y", "yes"):
+                print("Not installed.")
+                return 1
+        data = asyncio.run(fetch(release["url"], release["size"] + 1))
+        if len(data) != release["size"]:
+            raise ReleaseError("the download is %d bytes, the manifest says %d (truncated?): not installing"
+                               % (len(data), release["size"]))
+        if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), release["sha256"]):
+            raise ReleaseError("the download's SHA-256 does not match the signed manifest: not installing")
+        new = data if zipfile_like(target) else release_source(data, latest)
+        if zipfile_like(target):
+            release_source(data, latest)  # check it is the version it claims to be
+        mode = os.stat(target).st_mode & 0o777 if os.path.exists(target) else 0o755
+        if os.path.exists(target):
+            with open(target, "rb") as f:
+                replace_file(previous, f.read(), mode)
+        replace_file(target, new, mode)
+    except (ReleaseError, UpstreamError) as e:
+        raise CliError(str(e) if isinstance(e, ReleaseError) else e.message)
+    except OSError as e:
+        raise CliError("cannot install over %s: %s (the installed file is unchanged)" % (target, e.strerror or e))
+    print("Updated %s -> %s at %s" % (current, latest, target))
+    print("The previous version is kept at %s (`%s update --rollback` restores it). Restart llm-mux (or its "
+          "service) to run %s." % (previous, program_name(), latest))
+    return 0
+
+
+def update_rollback(target, previous, yes):
+    if not os.path.exists(previous):
+        raise CliError("no previous version at %s to roll back to" % previous)
+    with open(previous, "rb") as f:
+        old = f.read()
+    m = re.search(rb'__version__ = "([^"]+)"', old if not old.startswith(b"PK") else b"")
+    label = m.group(1).decode() if m else "the previous version"
+    if zipfile_like(previous):
+        import zipfile
+        with contextlib.suppress(zipfile.BadZipFile, KeyError):
+            with zipfile.ZipFile(io.BytesIO(old)) as z:
+                m = re.search(rb'^__version__ = "([^"]+)"', z.read("llm_mux.py"), re.M)
+                label = m.group(1).decode() if m else label
+    if not yes and not sys.stdin.isatty():
+        raise CliError("not a terminal: add --yes to roll back to %s" % label)
+    if not yes and input("Roll back %s to %s? [y/N] " % (target, label)).strip().lower() not in ("y", "yes"):
+        return 1
+    mode = os.stat(target).st_mode & 0o777 if os.path.exists(target) else 0o755
+    try:
+        with open(target, "rb") as f:
+            current = f.read()
+        replace_file(target, old, mode)
+        replace_file(previous, current, mode)  # a second rollback goes forward again
+    except OSError as e:
+        raise CliError("cannot roll back %s: %s (the installed file is unchanged)" % (target, e.strerror or e))
+    print("Rolled back %s to %s (the replaced version is now at %s)" % (target, label, previous))
+    return 0
+
+
 def global_options(top):
     """--config, --debug and serve's --host / --port. They work before or after the command's name: the copies on
     the subcommands default to SUPPRESS, so they only set what is written after the name."""
@@ -15973,6 +16295,15 @@ def build_parser():
                    "(default: the configured auth-dir)")
     p.add_argument("--location", default="us-central1", help="Vertex region (default us-central1; 'global' allowed)")
     p.set_defaults(func=cmd_import)
+    p = sub.add_parser("update", parents=[common], help="install the newest signed release over this file")
+    p.add_argument("--check", action="store_true", help="only say whether a newer release exists")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask before installing")
+    p.add_argument("--rollback", action="store_true", help="go back to the version the last update replaced")
+    p.add_argument("--allow-downgrade", action="store_true", help="install an older release the channel offers")
+    p.add_argument("--url", help="the release manifest URL (default: update-url, LLM_MUX_UPDATE_URL or the "
+                   "project's releases)")
+    p.add_argument("--target", help=argparse.SUPPRESS)  # the file to replace (default: the one running)
+    p.set_defaults(func=cmd_update)
     parser.set_defaults(func=cmd_serve)
     return parser
 

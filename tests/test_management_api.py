@@ -235,14 +235,6 @@ def test_request_log_writes_every_request_and_serves_the_failed_ones(gw):
     assert call(gw, "GET", "/request-error-logs/nope.log")[0] == 404
 
 
-def test_latest_version_is_fetched_then_cached(gateway, upstream):
-    gh = upstream(lambda r: Reply(body={"tag_name": "v9.9.9", "name": "llm-mux 9.9.9"}))
-    g = gateway(COMMENTED + overrides_config(gh.url, ["https://api.github.com"]))
-    assert call(g, "GET", "/latest-version")[1]["latest-version"] == "9.9.9"
-    assert call(g, "GET", "/latest-version")[1]["cached"] is True
-    assert len(gh.requests) == 1
-
-
 def test_every_endpoint_answers_malformed_json_with_a_400(gw):
     before = config_text(gw)
     for method, path in [("PUT", "/api-keys"), ("PATCH", "/api-keys"), ("POST", "/api-keys"), ("PUT", "/providers"),

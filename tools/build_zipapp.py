@@ -32,8 +32,8 @@ def read_version(source):
     return m.group(1)
 
 
-def build(output, interpreter="/usr/bin/env python3"):
-    with open(os.path.join(ROOT, "llm_mux.py"), "rb") as f:
+def build(output, interpreter="/usr/bin/env python3", source_path=None):
+    with open(source_path or os.path.join(ROOT, "llm_mux.py"), "rb") as f:
         source = f.read()
     version = read_version(source.decode("utf-8"))
     entries = [
@@ -64,8 +64,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-o", "--output", default=os.path.join(ROOT, "dist", "llm_mux.pyz"))
     p.add_argument("--python", default="/usr/bin/env python3", help="interpreter for the #! line")
+    p.add_argument("--source", help="the llm_mux.py to pack (default: the one in this checkout)")
     args = p.parse_args(argv)
-    version, digest = build(args.output, args.python)
+    version, digest = build(args.output, args.python, args.source)
     print("built %s (llm-mux %s, sha256 %s)" % (args.output, version, digest))
     return 0
 
