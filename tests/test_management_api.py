@@ -15,7 +15,7 @@ import pytest
 
 import llm_mux
 from fakes import FakeUpstream, Reply, free_port, openai_completion
-from harness import openai_provider_config, overrides_config, play_browser, wait_until
+from harness import openai_provider_config, play_browser, wait_until
 
 KEY = "mgmt-key-for-tests-0123"
 

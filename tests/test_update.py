@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 import llm_mux
-from harness import ROOT, overrides_config
+from harness import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import release as release_tool  # noqa: E402
