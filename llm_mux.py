@@ -16229,6 +16229,170 @@ def update_rollback(target, previous, yes):
     return 0
 
 
+SYSTEMD_HARDENING = """NoNewPrivileges=true
+ProtectSystem=strict
+PrivateTmp=true
+PrivateDevices=true
+ProtectKernelTunables=true
+ProtectKernelModules=true
+ProtectKernelLogs=true
+ProtectControlGroups=true
+ProtectClock=true
+ProtectHostname=true
+RestrictSUIDSGID=true
+RestrictRealtime=true
+RestrictNamespaces=true
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
+LockPersonality=true
+MemoryDenyWriteExecute=true
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+UMask=0077
+"""
+
+
+def service_paths(cfg, config_path):
+    """What a service runs: (interpreter, program file, config path, directories it writes)."""
+    program = installed_file()
+    writes = sorted({os.path.dirname(config_path), cfg.auth_dir, state_dir(cfg), logs_dir(cfg)})
+    return os.path.realpath(sys.executable), program, config_path, writes
+
+
+def systemd_unit(cfg, config_path, system):
+    python, program, config_path, writes = service_paths(cfg, config_path)
+    exec_start = " ".join(shlex_quote(a) for a in (python, program, "serve", "--config", config_path))
+    lines = ["# written by `llm-mux service install`; `llm-mux service uninstall` removes it", "[Unit]",
+             "Description=llm-mux - self-hosted AI gateway", "After=network-online.target",
+             "Wants=network-online.target", "StartLimitIntervalSec=60", "StartLimitBurst=5", "", "[Service]",
+             "Type=simple", "Environment=PYTHONUNBUFFERED=1", "ExecStart=%s" % exec_start,
+             "WorkingDirectory=%s" % os.path.dirname(config_path), "Restart=on-failure", "RestartSec=5",
+             "KillSignal=SIGTERM", "TimeoutStopSec=%d" % (int(cfg.server["shutdown-timeout"]) + 15),
+             "LimitNOFILE=65536"]
+    if system:
+        home_paths = any(w.startswith(("/home/", "/root")) for w in writes + [program, python])
+        lines += [""] + SYSTEMD_HARDENING.splitlines()
+        lines.append("ProtectHome=%s" % ("read-only" if home_paths else "true"))
+        lines.append("ReadWritePaths=%s" % " ".join(shlex_quote(w) for w in writes))
+        if cfg.port and cfg.port < 1024:
+            lines += ["AmbientCapabilities=CAP_NET_BIND_SERVICE", "CapabilityBoundingSet=CAP_NET_BIND_SERVICE"]
+        else:
+            lines += ["CapabilityBoundingSet=", "AmbientCapabilities="]
+    lines += ["", "[Install]", "WantedBy=%s" % ("multi-user.target" if system else "default.target"), ""]
+    return "\n".join(lines)
+
+
+def shlex_quote(text):
+    import shlex
+    return shlex.quote(text)
+
+
+def launchd_plist(cfg, config_path):
+    python, program, config_path, _ = service_paths(cfg, config_path)
+    esc = html_escape
+    args = "".join("\n        <string>%s</string>" % esc(a) for a in (python, program, "serve", "--config",
+                                                                      config_path))
+    log_path = os.path.join(logs_dir(cfg), "service.log")
+    return ("""<?xml version="1.0" encoding="UTF-8"?>
+<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
+<plist version="1.0">
+<dict>
+    <key>Label</key>
+    <string>com.llm-mux</string>
+    <key>ProgramArguments</key>
+    <array>%s
+    </array>
+    <key>RunAtLoad</key>
+    <true/>
+    <key>KeepAlive</key>
+    <dict>
+        <key>SuccessfulExit</key>
+        <false/>
+    </dict>
+    <key>ThrottleInterval</key>
+    <integer>5</integer>
+    <key>WorkingDirectory</key>
+    <string>%s</string>
+    <key>StandardOutPath</key>
+    <string>%s</string>
+    <key>StandardErrorPath</key>
+    <string>%s</string>
+</dict>
+</plist>
+""" % (args, esc(os.path.dirname(config_path)), esc(log_path), esc(log_path)))
+
+
+def service_plan(args, cfg, config_path, platform=None):
+    """(file to write, its text, commands per action) for this system; CliError where there is no service
+    manager llm-mux knows."""
+    platform = platform or sys.platform
+    if platform.startswith("linux"):
+        system = args.system or (os.geteuid() == 0 and not args.user)
+        path = "/etc/systemd/system/llm-mux.service" if system else os.path.join(
+            os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "systemd", "user", "llm-mux.service")
+        ctl = ["systemctl"] + ([] if system else ["--user"])
+        journal = ["journalctl"] + ([] if system else ["--user"])
+        actions = {
+            "install": [ctl + ["daemon-reload"], ctl + ["enable", "--now", "llm-mux"]] +
+                       ([] if system else [["loginctl", "enable-linger", os.environ.get("USER") or ""]]),
+            "uninstall": [ctl + ["disable", "--now", "llm-mux"], ["rm", path], ctl + ["daemon-reload"]],
+            "start": [ctl + ["start", "llm-mux"]], "stop": [ctl + ["stop", "llm-mux"]],
+            "restart": [ctl + ["restart", "llm-mux"]], "status": [ctl + ["status", "--no-pager", "llm-mux"]],
+            "logs": [journal + ["-u", "llm-mux", "-f"]]}
+        return path, systemd_unit(cfg, config_path, system), actions
+    if platform == "darwin":
+        path = os.path.expanduser("~/Library/LaunchAgents/com.llm-mux.plist")
+        log_path = os.path.join(logs_dir(cfg), "service.log")
+        actions = {"install": [["launchctl", "unload", path], ["launchctl", "load", "-w", path]],
+                   "uninstall": [["launchctl", "unload", "-w", path], ["rm", path]],
+                   "start": [["launchctl", "start", "com.llm-mux"]], "stop": [["launchctl", "stop", "com.llm-mux"]],
+                   "restart": [["launchctl", "stop", "com.llm-mux"], ["launchctl", "start", "com.llm-mux"]],
+                   "status": [["launchctl", "list", "com.llm-mux"]], "logs": [["tail", "-f", log_path]]}
+        return path, launchd_plist(cfg, config_path), actions
+    raise CliError("service management needs systemd (Linux) or launchd (macOS); on %s run `%s serve` under your "
+                   "system's own service manager" % (platform, program_name()))
+
+
+def cmd_service(args):
+    """`llm-mux service install|uninstall|start|stop|restart|status|logs [--dry-run] [--user|--system]`."""
+    if args.dry_run:  # writes nothing, not even a first-run config
+        config_path, _ = find_config_path(args.config)
+        cfg = Config.load(config_path) if os.path.exists(config_path) else Config.defaults()
+    else:
+        cfg, config_path, _ = load_config_for_cli(args.config)
+    config_path = os.path.abspath(config_path)
+    path, text, actions = service_plan(args, cfg, config_path)
+    commands = actions[args.action]
+    if args.dry_run:
+        if args.action == "install":
+            print("# would write %s:\n%s" % (path, text))
+        for c in commands:
+            print("would run: %s" % " ".join(shlex_quote(a) for a in c))
+        return 0
+    if args.action == "install":
+        write_file_atomic(path, text, 0o644)
+        print("wrote %s" % path)
+    code = 0
+    import subprocess
+    for c in commands:
+        if c[0] == "rm":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(c[1])
+            print("removed %s" % c[1])
+            continue
+        try:
+            done = subprocess.run(c)
+        except FileNotFoundError:
+            raise CliError("%s is not installed here" % c[0])
+        if done.returncode and not (args.action in ("install", "uninstall") and c[1:2] in (["unload"], ["disable"])
+                                    or c[0] == "loginctl"):
+            code = done.returncode
+            break
+    if args.action == "install" and code == 0:
+        print("llm-mux runs as a service now; `%s service status` and `%s service logs` show it"
+              % (program_name(), program_name()))
+    return code
+
+
 def global_options(top):
     """--config, --debug and serve's --host / --port. They work before or after the command's name: the copies on
     the subcommands default to SUPPRESS, so they only set what is written after the name."""
@@ -16304,6 +16468,12 @@ def build_parser():
                    "project's releases)")
     p.add_argument("--target", help=argparse.SUPPRESS)  # the file to replace (default: the one running)
     p.set_defaults(func=cmd_update)
+    p = sub.add_parser("service", parents=[common], help="run llm-mux as a background service (systemd or launchd)")
+    p.add_argument("action", choices=["install", "uninstall", "start", "stop", "restart", "status", "logs"])
+    p.add_argument("--dry-run", action="store_true", help="print what would be written and run")
+    p.add_argument("--user", action="store_true", help="a systemd user unit (the default unless root)")
+    p.add_argument("--system", action="store_true", help="a system unit (the default as root)")
+    p.set_defaults(func=cmd_service)
     parser.set_defaults(func=cmd_serve)
     return parser
 
