@@ -15561,11 +15561,70 @@ def server_ssl_context(cfg):
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        ctx.load_cert_chain(expand_path(cert), expand_path(key))
-    except (OSError, ssl.SSLError) as e:
-        raise CliError("cannot load TLS certificate/key: %s" % e)
+        load_tls_pair(ctx, expand_path(cert), expand_path(key))
+    except ValueError as e:
+        raise CliError(str(e))
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
+
+
+def load_tls_pair(ctx, cert, key):
+    """Load a certificate chain and its key into `ctx`; ValueError naming the file at fault."""
+    for what, path in (("tls.cert", cert), ("tls.key", key)):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(1 << 16)
+        except OSError as e:
+            raise ValueError("%s %s: %s" % (what, path, e.strerror or e))
+        if b"-----BEGIN" not in head:
+            raise ValueError("%s %s: not a PEM file" % (what, path))
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        reason = getattr(e, "reason", None) or str(e)
+        if "KEY_VALUES_MISMATCH" in str(reason).upper():
+            raise ValueError("tls.key %s does not belong to the certificate in tls.cert %s" % (key, cert))
+        raise ValueError("tls.cert %s / tls.key %s do not load: %s" % (cert, key, reason))
+
+
+class TlsReloader(Poller):
+    """Polls tls.cert and tls.key: a renewed pair is loaded into the serving context, so new connections get the
+    new certificate without a restart (connections already open keep theirs). A pair that does not load — a
+    renewal half written — is logged once and the current one stays until the files settle."""
+
+    def __init__(self, ctx, cert, key, interval=5.0, clock=None):
+        Poller.__init__(self, interval, clock)
+        self.ctx, self.cert, self.key = ctx, cert, key
+        self.stamp = self._stamp()
+        self.failed = None
+
+    def _stamp(self):
+        out = []
+        for path in (self.cert, self.key):
+            try:
+                st = os.stat(path)
+                out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    def check(self):
+        stamp = self._stamp()
+        if stamp == self.stamp:
+            return False
+        if stamp != self.pending:  # the same picture on two polls in a row: the renewal is done writing
+            self.pending = stamp
+            return False
+        try:
+            load_tls_pair(self.ctx, self.cert, self.key)
+        except ValueError as e:
+            if self.failed != stamp:
+                log.warning("TLS certificate changed but does not load (%s); still serving the previous one", e)
+                self.failed = stamp
+            return False
+        self.stamp, self.failed = stamp, None
+        log.info("TLS certificate %s reloaded", self.cert)
+        return True
 
 
 def listen_url(cfg):
@@ -15603,6 +15662,10 @@ async def serve_forever(cfg, ready=None, config_path=None, debug=False, listen=N
     if watcher is not None:
         watcher.start()
     auth_watcher.start()
+    tls_reloader = TlsReloader(ctx, expand_path(cfg.tls["cert"]), expand_path(cfg.tls["key"]), clock=gw.clock) \
+        if ctx is not None else None
+    if tls_reloader is not None:
+        tls_reloader.start()
     gw.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -15615,6 +15678,8 @@ async def serve_forever(cfg, ready=None, config_path=None, debug=False, listen=N
     if watcher is not None:
         watcher.stop()
     auth_watcher.stop()
+    if tls_reloader is not None:
+        tls_reloader.stop()
     gw.refresher.stop()
     log.info("shutting down: no new connections; waiting up to %ss for %d in-flight requests",
              cfg.server["shutdown-timeout"], len(server.busy))
