@@ -2028,6 +2028,7 @@ class Config:
                               "elsewhere), always or none" % (locate(("metrics-auth",)) if locate else path))
         self.client_keys = [ClientKey.from_config(k, i, locate(("api-keys", i)) if locate else path or "config")
                             for i, k in enumerate(data["api-keys"])]
+        self.amp_mappings = self._amp_mappings(data["ampcode"]["model-mappings"], locate, path)
         self.api_keys = [k.secret for k in self.client_keys]
         self.overrides = {}
         for src, dst in data["upstream-overrides"].items():
@@ -2052,6 +2053,31 @@ class Config:
                                   "under a provider first)" % (where, name))
             out.append((name, tuple(float(spec.get(f, 0)) for f in PRICE_FIELDS)))
         return tuple(out)
+
+    @staticmethod
+    def _amp_mappings(entries, locate, path):
+        """ampcode.model-mappings as [(matcher, to, source)]: `from` matched case-insensitively, or as a regular
+        expression (the whole name) with `regex: true`."""
+        out = []
+        for i, entry in enumerate(entries):
+            where = locate(("ampcode", "model-mappings", i)) if locate else path or "config"
+            if not isinstance(entry, dict) or not isinstance(entry.get("from"), str) or \
+                    not isinstance(entry.get("to"), str) or not entry["from"].strip() or not entry["to"].strip():
+                raise ConfigError("%s: a model mapping is {from: model, to: model[, regex: true]}" % where)
+            unknown = set(entry) - {"from", "to", "regex"}
+            if unknown:
+                raise ConfigError("%s: unknown field(s) in a model mapping: %s" % (where, ", ".join(sorted(unknown))))
+            if entry.get("regex"):
+                try:
+                    pattern = re.compile(entry["from"].strip(), re.I)
+                except re.error as e:
+                    raise ConfigError("%s: 'from' is not a valid regular expression: %s" % (where, e))
+                matcher = pattern.fullmatch
+            else:
+                wanted = entry["from"].strip().lower()
+                matcher = (lambda w: lambda model: model.strip().lower() == w)(wanted)
+            out.append((matcher, entry["to"].strip(), entry["from"].strip()))
+        return out
 
     def _dedupe_providers(self):
         seen = set()
@@ -14873,8 +14899,50 @@ def read_log_files(path, after):
 # hand-off to routing, and writing the answer (JSON or stream) in the client's format. Errors are rendered in the
 # format of the endpoint that was called.
 
+AMP_PROXY_PATHS = ("/api/internal", "/api/user", "/api/auth", "/api/meta", "/api/telemetry", "/api/threads",
+                   "/api/otel", "/api/tab", "/api/ads", "/threads.rss", "/auth")
+
+
+def amp_api_key(amp):
+    """Amp's own key: ampcode.upstream-api-key, else AMP_API_KEY, else what the Amp CLI stored."""
+    if amp["upstream-api-key"]:
+        return amp["upstream-api-key"]
+    if os.environ.get("AMP_API_KEY"):
+        return os.environ["AMP_API_KEY"]
+    try:
+        _, data = read_json_file(os.path.expanduser("~/.local/share/amp/secrets.json"))
+        return data.get("apiKey@https://ampcode.com/") or ""
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def amp_restore_model(resp, served, asked):
+    """The answer to a mapped Amp call names the model Amp asked for (its TUI keys on it), in JSON and streams."""
+    pairs = []
+    for name in (b'"model"', b'"modelVersion"'):
+        for sep in (b":", b": "):
+            pairs.append((name + sep + json_bytes(served), name + sep + json_bytes(asked)))
+
+    def fix(data):
+        for old, new in pairs:
+            data = data.replace(old, new)
+        return data
+    if isinstance(resp, StreamResponse):
+        async def fixed(chunks):
+            async for chunk in chunks:
+                yield fix(bytes(chunk))
+        resp.chunks = fixed(resp.chunks)
+        return resp
+    if isinstance(resp, Response) and resp.body:
+        resp.body = fix(resp.body)
+    return resp
+
+
 def format_for_path(path):
     """Which API family an endpoint belongs to, so errors come back in the shape its clients parse."""
+    if path.startswith("/api/provider/"):  # Amp: /api/provider/<vendor>/<the vendor's own path>
+        rest = path.split("/", 4)[4:]
+        return format_for_path("/" + rest[0]) if rest else "openai"
     if path.startswith("/v1/messages"):
         return "anthropic"
     if path.startswith("/v1beta") or ":" in path.rsplit("/", 1)[-1]:
@@ -14964,6 +15032,8 @@ class App:
             handler = self.routes.get((req.method if req.method != "HEAD" else "GET", req.path))
             if handler is None:
                 handler = self._match_prefix(req)
+            if handler is None and req.path.startswith(AMP_PROXY_PATHS):
+                return await self.amp_proxy(req)
             if handler is None:
                 if any(p == req.path for _, p in self.routes):
                     raise GatewayError(405, "method %s not allowed on %s" % (req.method, req.path))
@@ -14987,6 +15057,8 @@ class App:
 
     def _match_prefix(self, req):
         path = req.path
+        if path.startswith("/api/provider/"):
+            return self.amp_provider
         for prefix in ("/v1beta/models/", "/v1/models/"):
             if path.startswith(prefix):
                 rest = path[len(prefix):]
@@ -15211,6 +15283,121 @@ class App:
     async def _ws_error(ws, err):
         body = render_error("openai", err)
         await ws.send_json({"type": "error", "status": err.status, "error": body.get("error", body)})
+
+    # -- Amp CLI (gateway.md §9) ------------------------------------------------------------------------------------
+    async def amp_provider(self, req):
+        """`/api/provider/<vendor>/<path>`: Amp's model calls, in each vendor's own API, served from local
+        credentials; a model with none is mapped (ampcode.model-mappings) or, with ampcode.upstream-url, sent to
+        Amp's own service (Amp credits). A mapped answer names the model Amp asked for."""
+        parts = req.path.split("/", 4)
+        vendor, rest = parts[3], "/" + (parts[4] if len(parts) > 4 else "")
+        rest = {"/models": "/v1/models", "/chat/completions": "/v1/chat/completions",
+                "/completions": "/v1/completions", "/responses": "/v1/responses"}.get(rest, rest)
+        if rest.startswith("/v1beta1/") and "/models/" in rest:  # Vertex-style paths of Amp's Google client
+            rest = "/v1beta/models/" + rest.split("/models/", 1)[1]
+        local = Request(req.method, rest + ("?" + req.query_string if req.query_string else ""), req.version,
+                        req.headers, req.peer)
+        local.body, local.secure, local.principal = req.body, req.secure, req.principal
+        if req.method in ("GET", "HEAD") and rest in ("/v1/models", "/v1beta/models"):
+            family = {"anthropic": "anthropic", "google": "gemini"}.get(vendor, "openai")
+            return await self._models_for(local, family)
+        model, in_body = self._amp_model(local)
+        restore = None
+        if model and not self.gw.registry.resolve(split_thinking_suffix(model)[0]):
+            target = next((to for match, to, _ in self.gw.cfg.amp_mappings
+                           if match(model) and self.gw.registry.resolve(split_thinking_suffix(to)[0])), None)
+            if target is not None:
+                log.info("amp: %s -> %s (model mapping)", model, target)
+                self._amp_rewrite(local, model, target, in_body)
+                restore = (target, model)
+            elif self.gw.cfg.ampcode["upstream-url"]:
+                log.warning("amp: no local provider for %s: forwarded to Amp (uses Amp credits; add an "
+                            "ampcode.model-mappings entry to serve it locally)", model)
+                return await self.amp_proxy(req)
+        beta = local.headers.get("anthropic-beta")
+        if beta and "context-1m-2025-08-07" in beta:  # a local account may not have the 1M-context beta
+            kept = [b.strip() for b in beta.split(",") if b.strip() and b.strip() != "context-1m-2025-08-07"]
+            items = [(k, v) for k, v in local.headers.items if k != "anthropic-beta"]
+            if kept:
+                items.append(("anthropic-beta", ", ".join(kept)))
+            local.headers = Headers(items)
+        handler = self.routes.get((local.method if local.method != "HEAD" else "GET", local.path)) or \
+            self._match_prefix(local)
+        if handler is None or handler == self.amp_provider:
+            raise GatewayError(404, "no route for %s %s" % (req.method, req.path), "not_found")
+        resp = await handler(local)
+        return amp_restore_model(resp, *restore) if restore else resp
+
+    @staticmethod
+    def _amp_model(req):
+        """(model, found in the body) of an Amp call: the JSON `model`, else the path's /models/<model>[:action]."""
+        if req.body:
+            data = json_or_none(req.body)
+            if isinstance(data, dict) and isinstance(data.get("model"), str):
+                return data["model"], True
+        if "/models/" in req.path:
+            return req.path.split("/models/", 1)[1].split(":", 1)[0], False
+        return None, False
+
+    @staticmethod
+    def _amp_rewrite(req, model, target, in_body):
+        if in_body:
+            data = json.loads(req.body)
+            data["model"] = target
+            req.body = json_bytes(data)
+            req._json = None
+        else:
+            head, _, tail = req.path.partition("/models/" + model)
+            req.path = head + "/models/" + target + tail
+            req.target = req.path + ("?" + req.query_string if req.query_string else "")
+
+    async def _models_for(self, req, family):
+        ids = [mid for mid, _ in self.model_entries(req)]
+        if family == "anthropic":
+            return json_response({"data": [self._anthropic_model(mid) for mid in ids], "has_more": False,
+                                  "first_id": ids[0] if ids else None, "last_id": ids[-1] if ids else None})
+        if family == "gemini":
+            return json_response({"models": [Gemini.model_entry(mid) for mid in ids]})
+        return json_response({"object": "list", "data": [{"id": mid, "object": "model", "created": int(
+            self.gw.started), "owned_by": owner} for mid, owner in self.model_entries(req)]})
+
+    async def amp_proxy(self, req):
+        """Amp's account, thread and telemetry calls (and models no local account serves), reverse-proxied to
+        ampcode.upstream-url with Amp's key; loopback callers only unless restrict-management-to-localhost is
+        false."""
+        amp = self.gw.cfg.ampcode
+        if not amp["upstream-url"]:
+            return json_response({"error": "amp upstream proxy not available", "message": "set "
+                                  "ampcode.upstream-url to reach Amp's own service"}, 503)
+        if amp["restrict-management-to-localhost"] and not is_loopback_host(req.peer):
+            return json_response({"error": "Access denied: management routes restricted to localhost"}, 403)
+        if req.method == "OPTIONS":
+            return json_response({"error": "CORS is not offered on Amp routes"}, 403)
+        key = amp_api_key(amp)
+        hop = {"connection", "keep-alive", "transfer-encoding", "upgrade", "host", "content-length", "te",
+               "trailer", "proxy-authorization", "proxy-connection", "authorization", "x-api-key"}
+        headers = [(k, v) for k, v in req.headers.items if k not in hop]
+        if key:
+            headers += [("X-Api-Key", key), ("Authorization", "Bearer " + key)]
+        url = amp["upstream-url"].rstrip("/") + req.target
+        try:
+            up = await self.gw.client.request(req.method, url, headers, req.body or None, timeout=30,
+                                              stream_timeout=self.gw.cfg.stream_timeout)
+        except UpstreamError as e:
+            log.warning("amp upstream %s: %s", redact_url(url), e.message)
+            return json_response({"error": "amp_upstream_proxy_error", "message": "Failed to reach Amp upstream"},
+                                 502)
+        out = [(k, v) for k, v in up.headers.items if k not in hop and not k.startswith("access-control-")]
+        ctype = up.headers.get("content-type") or ""
+        if 200 <= up.status < 300 and "text/event-stream" not in ctype:
+            body = await up.read()
+            if body[:2] == b"\x1f\x8b" and not up.headers.get("content-encoding"):
+                try:  # Amp's service sometimes gzips without saying so; its CLI does not expect that
+                    body = zlib.decompress(body, 47)
+                except zlib.error:
+                    pass
+            return Response(up.status, body, out, None)
+        return StreamResponse(up.iter_bytes(), up.status, out, None)
 
     # -- Anthropic ------------------------------------------------------------------------------------------------
     async def messages(self, req):
