@@ -3141,6 +3141,9 @@ class HttpServer:
                          (time.monotonic() - req.received_at) * 1000, req.peer)
 
     async def _run_websocket(self, ch, req, resp):
+        # The socket notices a lost connection itself (a read ends with 1006) and ends its turn in order, so the
+        # handler is not cancelled from under a relayed stream.
+        ch.on_lost = None
         ch.write(self._head(101, resp.headers, True, ""))
         ws = WebSocket(ch, **self.websocket_options)
         self.websockets.add(ws)

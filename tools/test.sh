@@ -31,6 +31,11 @@ if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then
   apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# The Codex CLI (from the npm registry) for the test of the Responses API over a WebSocket.
+if ! command -v codex >/dev/null && command -v npm >/dev/null && [ "$(id -u)" = 0 ]; then
+  npm install -g --silent @openai/codex@0.171.0 >/dev/null 2>&1 || echo "could not install the Codex CLI; its test is skipped"
+fi
+
 # PostgreSQL on 127.0.0.1:5432 (trust auth, database test) for the tests of the PostgreSQL backend.
 if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ] && ! pg_isready -q -h 127.0.0.1 2>/dev/null; then
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main start || true
