@@ -8524,10 +8524,12 @@ class Credential:
 
     __slots__ = ("id", "provider_id", "label", "api_key", "base_url", "proxy_url", "headers", "in_flight", "uses",
                  "usage_score", "usage_at", "states", "until_all", "disabled", "last_error", "path", "meta",
-                 "refresh_task", "refresh_after", "refresh_error", "stamp", "project", "quota", "last_refresh")
+                 "refresh_task", "refresh_after", "refresh_error", "stamp", "project", "quota", "last_refresh",
+                 "transport")
 
     def __init__(self, id, provider_id, label, api_key="", base_url="", proxy_url="", headers=()):
         self.quota = {}  # window -> what the upstream last reported about it ({used_percent, resets_at, at})
+        self.transport = None  # what carries its requests when not the HTTP client (a browser relay session)
         self.last_refresh = None  # epoch of this process's last successful token refresh
         self.path = None  # a credential file in auth-dir, for OAuth accounts
         self.meta = {}  # that file's JSON (tokens, expiry, email, ...)
@@ -9294,6 +9296,11 @@ class Provider:
         """The quota windows an answer's headers report ({window: {used, resets_at, ...}}), for the credential
         health view; {} when the provider reports none."""
         return {}
+
+    def transport(self, cred):
+        """What performs this credential's requests: None for the shared HTTP client; a provider whose requests
+        travel another way (a browser relay) returns an object with the same `request` method."""
+        return None
 
     async def probe_quota(self, cred, client):
         """Ask the upstream's quota endpoint now ({window: {...}}); None when the provider has no such endpoint."""
@@ -11098,6 +11105,187 @@ def jwt_rs256(claims, key, kid=None):
     return signing_input.decode("ascii") + "." + b64url(key.sign_sha256(signing_input))
 
 
+# -- AI Studio through a browser relay (gateway.md §8) -------------------------------------------------------------
+
+class RelayResponse:
+    """An upstream answer that arrives over a relay socket, read like an UpstreamResponse (`read`, `json`,
+    `iter_bytes`): whole (`http_response`) or as chunks (`stream_chunk` ... `stream_end`)."""
+
+    def __init__(self, status, headers, body=None, queue=None, idle_timeout=600.0, on_close=None):
+        self.status, self.headers = status, headers
+        self._body, self._queue, self._idle = body, queue, idle_timeout
+        self._on_close = on_close
+
+    def close(self):
+        """The call is over: answers still arriving for it are dropped."""
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
+
+    async def iter_bytes(self):
+        if self._body is not None:
+            body, self._body = self._body, b""
+            if body:
+                yield body
+            return
+        while True:
+            try:
+                kind, payload = await asyncio.wait_for(self._queue.get(), self._idle)
+            except asyncio.TimeoutError:
+                raise UpstreamError("timeout", "the relay sent nothing for %ds" % self._idle)
+            if kind == "stream_chunk":
+                data = payload.get("data", "")
+                yield data.encode("utf-8") if isinstance(data, str) else bytes(data)
+            elif kind in ("stream_end", "http_response"):
+                return
+            elif kind == "error":
+                raise UpstreamError("upstream", relay_error_text(payload))
+
+    async def read(self, limit=None):
+        parts, size = [], 0
+        async for piece in self.iter_bytes():
+            size += len(piece)
+            if limit and size > limit:
+                raise UpstreamError("too-large", "relay answer larger than %d bytes" % limit)
+            parts.append(piece)
+        return b"".join(parts)
+
+    async def json(self):
+        try:
+            return json.loads(await self.read())
+        except ValueError as e:
+            raise UpstreamError("protocol", "the relay's answer is not JSON: %s" % e)
+
+
+def relay_error_text(payload):
+    return "%s (status=%s)" % (payload.get("error") or "relay error", payload.get("status") or 502)
+
+
+def relay_headers(raw):
+    items = []
+    for name, value in (raw or {}).items() if isinstance(raw, dict) else ():
+        for v in value if isinstance(value, list) else [value]:
+            items.append((str(name).lower(), str(v)))
+    return Headers(items)
+
+
+class RelaySession:
+    """One browser relay connected to `/v1/ws`: the gateway's upstream requests go to it as `http_request`
+    messages and its answers come back by id — `http_response`, or `stream_start` / `stream_chunk` / `stream_end`,
+    or `error` — as JSON text frames or llm-mux's binary frames (type byte 1 chunk, 2 end, 3 start; 2-byte id
+    length; id; data). A slow reader holds the socket back (back-pressure), nothing is dropped; a closing socket
+    fails whatever is pending."""
+
+    BINARY = {1: "stream_chunk", 2: "stream_end", 3: "stream_start"}
+
+    def __init__(self, ws, channel, idle_timeout=600.0, answer_timeout=120.0):
+        self.ws, self.channel = ws, channel
+        self.idle_timeout, self.answer_timeout = idle_timeout, answer_timeout
+        self.pending = {}  # request id -> bounded queue of (kind, payload)
+        self.closed = None
+        self.authenticated = False
+
+    async def request(self, method, url, headers, body, proxy_url=""):
+        if self.closed is not None:
+            raise UpstreamError("connect", "the relay %s is gone (%s)" % (self.channel, self.closed))
+        rid = new_id("", 16)
+        queue = self.pending[rid] = asyncio.Queue(64)
+        grouped = {}
+        for k, v in headers:
+            grouped.setdefault(k, []).append(v)
+        try:
+            await self.ws.send_json({"id": rid, "type": "http_request", "payload": {
+                "method": method, "url": url, "headers": grouped,
+                "body": (body or b"").decode("utf-8", "replace"), "sent_at": rfc3339(time.time())}})
+            kind, payload = await asyncio.wait_for(queue.get(), self.answer_timeout)
+        except asyncio.TimeoutError:
+            self.pending.pop(rid, None)
+            raise UpstreamError("timeout", "the relay %s did not answer within %ds" % (self.channel,
+                                                                                     self.answer_timeout))
+        except WebSocketClosed as e:
+            self.pending.pop(rid, None)
+            raise UpstreamError("connect", "the relay %s closed (%d)" % (self.channel, e.code))
+        status = payload.get("status")
+        status = int(status) if str(status).isdigit() and 100 <= int(status) < 600 else 200
+        if kind == "error":
+            self.pending.pop(rid, None)
+            raise UpstreamError("upstream", relay_error_text(payload))
+        if kind == "http_response":
+            self.pending.pop(rid, None)
+            body = payload.get("body", "")
+            return RelayResponse(status, relay_headers(payload.get("headers")),
+                                 body=body.encode("utf-8") if isinstance(body, str) else bytes(body or b""))
+        forget = functools.partial(self.pending.pop, rid, None)
+        if kind == "stream_start":
+            return RelayResponse(status, relay_headers(payload.get("headers")), queue=queue,
+                                 idle_timeout=self.idle_timeout, on_close=forget)
+        queue.put_nowait((kind, payload))  # a chunk before any start: it is the body's first piece
+        return RelayResponse(status, Headers(), queue=queue, idle_timeout=self.idle_timeout, on_close=forget)
+
+    async def run(self):
+        """Read the socket until it closes; hand each answer to its request."""
+        try:
+            while True:
+                message = await self.ws.receive()
+                if isinstance(message, bytes):
+                    if len(message) < 3:
+                        continue
+                    kind = self.BINARY.get(message[0])
+                    n = struct.unpack("!H", message[1:3])[0]
+                    rid, data = message[3:3 + n].decode("utf-8", "replace"), message[3 + n:]
+                    payload = {"data": data} if kind != "stream_start" else {}
+                else:
+                    try:
+                        msg = json.loads(message)
+                        kind, rid, payload = msg.get("type"), msg.get("id"), msg.get("payload") or {}
+                    except (ValueError, AttributeError):
+                        continue
+                    if kind == "ping":
+                        await self.ws.send_json({"id": rid, "type": "pong"})
+                        continue
+                queue = self.pending.get(rid)
+                if queue is None or kind not in ("http_response", "stream_start", "stream_chunk", "stream_end",
+                                                 "error") or not isinstance(payload, dict):
+                    continue  # an answer for a request nobody waits for any more
+                await queue.put((kind, payload))
+                if kind in ("http_response", "stream_end", "error"):
+                    self.pending.pop(rid, None)
+        except WebSocketClosed as e:
+            self.close("closed (%d%s)" % (e.code, ": " + e.reason if e.reason else ""))
+
+    def close(self, why):
+        if self.closed is None:
+            self.closed = why
+        for rid, queue in list(self.pending.items()):
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(("error", {"error": "the relay %s" % why, "status": 502}))
+        self.pending.clear()
+
+
+class AIStudioProvider(GeminiProvider):
+    """AI Studio through a browser relay (gateway.md §8): each page connected to `/v1/ws` is a temporary
+    credential whose requests — the Gemini API's own — travel over that socket and are performed by the page with
+    its signed-in session. The models are what the page's session lists (or the usual Gemini models)."""
+
+    file_type = "aistudio"
+    provider_id = "aistudio"
+    display_name = "AI Studio (relay)"
+    config_type = None
+
+    def transport(self, cred):
+        return cred.transport
+
+    def _headers(self, cred):
+        return [("Content-Type", "application/json")]
+
+    def model_list(self, excluded=False):
+        found = sorted({m for c in self.credentials for m in c.meta.get("models") or ()})
+        if not found:
+            return GeminiProvider.model_list(self, excluded)
+        return [(m, m) for m in found
+                if any(glob_match(p, m) for p in self.entry.excluded) == excluded]
+
+
 class VertexProvider(GeminiProvider):
     """Vertex AI with a service-account credential file (`type: vertex`), providers.md §G: an RS256 JWT signed with
     the account's key is exchanged for an access token, renewed before it expires."""
@@ -11725,7 +11913,8 @@ class Call:
         method, url, headers, body = spec
         self.method, self.url = method, redact_url(url)
         try:
-            resp = await self.router.client.request(method, url, headers, body, self.cred.proxy_url)
+            transport = self.provider.transport(self.cred) or self.router.client
+            resp = await transport.request(method, url, headers, body, self.cred.proxy_url)
             self.status, self.first_byte = resp.status, self.router.clock.now()
             windows = self.provider.quota_windows(resp.headers)
             if windows:
@@ -12952,6 +13141,7 @@ class Gateway:
             self.sync = StoreSync(self, self.store)
             self.router.observers.append(self.sync.observe)
         self.store_warned = False
+        self.runtime = {}  # channel -> the Credential of a connected browser relay
         self.usage = None
         self.usage_target = None  # ("sqlite", path) or ("postgres", url) while usage is recorded
         self.recent = {}  # credential id -> (epoch, tokens, failed) of its recent calls (the quota view)
@@ -12960,7 +13150,7 @@ class Gateway:
 
     def apply_files(self, files, push=True):
         """A new set of credential files (added, changed or removed ones); the registry is rebuilt around it."""
-        self.registry = Registry(self.cfg, self.registry, files)
+        self.registry = Registry(self.cfg, self.registry, self._with_runtime(files))
         self._adopt_live_files(files)
         self.save_rejections()
         if push and self.sync is not None:
@@ -13034,15 +13224,57 @@ class Gateway:
         """Swap in a new snapshot; requests already running keep the objects they hold."""
         if self.registry is not None and cfg.auth_dir != self.cfg.auth_dir:
             self.files = load_credential_files(cfg.auth_dir)
+        if cfg.ws_auth and not getattr(self.cfg, "ws_auth", True):
+            for cred in list(getattr(self, "runtime", {}).values()):  # relays let in without a key: out now
+                if not cred.transport.authenticated:
+                    asyncio.ensure_future(cred.transport.ws.close(1008, "ws-auth turned on: reconnect with a key"))
         self.cfg = cfg
         self.limits = ServerLimits(cfg)
-        self.registry = Registry(cfg, self.registry, self.files)
+        self.registry = Registry(cfg, self.registry, self._with_runtime(self.files))
         self._adopt_live_files(self.files)
         log.setLevel(logging.DEBUG if cfg.debug or self.debug else logging.INFO)
         log_to_file(os.path.join(logs_dir(cfg), "llm-mux.log") if cfg.logging_to_file else None)
         if self.registry is not None and getattr(self, "started", None):
             self.save_rejections()
 
+
+    def _with_runtime(self, files):
+        """Credential files plus the runtime-only credentials (browser relays), which have no file."""
+        runtime = getattr(self, "runtime", None)
+        return dict(files, **runtime) if runtime else files
+
+    async def relay(self, ws, authenticated):
+        """A browser relay on /v1/ws for as long as its socket is open: a temporary `aistudio` credential whose
+        requests travel over the socket. Its models are asked of the page (15 s), else the usual Gemini list."""
+        channel = "aistudio-" + "".join("abcdefghijklmnopqrstuvwxyz0123456789"[b % 36] for b in os.urandom(16))
+        session = RelaySession(ws, channel, idle_timeout=float(self.cfg.stream_timeout))
+        session.authenticated = authenticated
+        cred = Credential(channel, "aistudio", channel)
+        cred.meta = {"email": channel, "runtime_only": True}
+        cred.transport = session
+        self.runtime[channel] = cred
+        reader = asyncio.ensure_future(session.run())
+        log.info("relay %s connected", channel)
+        try:
+            try:
+                resp = await asyncio.wait_for(session.request(
+                    "GET", "https://generativelanguage.googleapis.com/v1beta/models", [], b""), 15)
+                data = await resp.json() if resp.status == 200 else {}
+                models = [str(m.get("name", "")).split("/", 1)[-1] for m in (data.get("models") or [])
+                          if isinstance(m, dict) and m.get("name")]
+                if models:
+                    cred.meta["models"] = models
+            except (UpstreamError, asyncio.TimeoutError, AttributeError) as e:
+                log.info("relay %s: its models are not known (%s); serving the usual Gemini models", channel,
+                         getattr(e, "message", None) or type(e).__name__)
+            self.apply_files(self.files, push=False)
+            await reader
+        finally:
+            reader.cancel()
+            session.close("disconnected")
+            self.runtime.pop(channel, None)
+            self.apply_files(self.files, push=False)
+            log.info("relay %s disconnected", channel)
 
     async def admit(self, req):
         """A client key's model permission and limits, before any upstream call. With a shared store the limits
@@ -15001,6 +15233,7 @@ class App:
             ("POST", "/v1/completions"): self.completions,
             ("POST", "/v1/responses"): self.responses,
             ("GET", "/v1/responses"): self.responses_websocket,
+            ("GET", "/v1/ws"): self.relay_websocket,
             ("POST", "/v1/messages"): self.messages,
             ("POST", "/v1/messages/count_tokens"): self.messages_count_tokens,
             ("POST", "/v1/embeddings"): self.embeddings,
@@ -15048,6 +15281,8 @@ class App:
                         self.management.check_key(req, False)
                     except ManagementError as e:
                         raise GatewayError(e.status, e.message, "authentication" if e.status == 401 else "permission")
+            elif req.path == "/v1/ws":
+                self._relay_auth(req)
             elif req.path not in self.public:
                 self.authenticate(req)
             return await handler(req)
@@ -15260,6 +15495,24 @@ class App:
                 history[completed.get("id")] = body["input"] + list(completed.get("output") or [])
                 while len(history) > 16:
                     history.popitem(last=False)
+
+    def _relay_auth(self, req):
+        """/v1/ws takes a page that will see prompts: with ws-auth the API key (from anywhere), without it this
+        machine only (llm-mux let anyone in when ws-auth was off)."""
+        if self.gw.cfg.ws_auth:
+            if not self.gw.cfg.api_keys:
+                raise GatewayError(403, "ws-auth is on but no api-keys are configured", "permission")
+            self.authenticate(req)
+        elif not is_loopback_host(req.peer):
+            raise GatewayError(403, "the relay accepts this machine only unless ws-auth is on (then the API key "
+                               "from anywhere)", "permission")
+
+    async def relay_websocket(self, req):
+        """GET /v1/ws: a browser page logged into AI Studio becomes an upstream (gateway.md §8)."""
+        if not is_websocket_request(req):
+            raise GatewayError(400, "GET /v1/ws is a WebSocket endpoint: send an upgrade")
+        authenticated = bool(self.gw.cfg.ws_auth)
+        return WebSocketResponse(req, lambda ws: self.gw.relay(ws, authenticated))
 
     @staticmethod
     async def _relay_sse(ws, resp):
@@ -15881,7 +16134,7 @@ async def serve_forever(cfg, ready=None, config_path=None, debug=False, listen=N
     log.info("stopped")
 
 
-NOT_YET_SUPPORTED = (("ws-auth", lambda cfg: cfg.ws_auth),)
+NOT_YET_SUPPORTED = ()  # settings accepted but without effect yet: (name, is_set(cfg))
 
 
 def log_next_steps(cfg, gw, port):
