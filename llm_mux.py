@@ -2250,6 +2250,10 @@ class LimitExceeded(Exception):
     """More bytes than allowed arrived before the separator."""
 
 
+class BadFraming(Exception):
+    """Bytes that may not appear before the separator arrived (a bare LF in an HTTP head)."""
+
+
 class Channel(asyncio.Protocol):
     """One TCP or TLS connection as a byte buffer with awaitable reads and flow-controlled writes.
 
@@ -2358,10 +2362,15 @@ class Channel(asyncio.Protocol):
             self._read_paused = False
             self.transport.resume_reading()
 
-    async def read_until(self, sep, limit, deadline=None):
-        """Bytes up to and including `sep`; LimitExceeded if `limit` bytes arrive without it."""
+    async def read_until(self, sep, limit, deadline=None, forbid=None):
+        """Bytes up to and including `sep`; LimitExceeded if `limit` bytes arrive without it, BadFraming as soon as
+        the bytes before it match `forbid` (a compiled pattern)."""
         start = 0
         while True:
+            if forbid is not None:
+                k = self.buf.find(sep)
+                if forbid.search(self.buf, 0, k if k >= 0 else len(self.buf)):
+                    raise BadFraming()
             k = self.buf.find(sep, start)
             if k >= 0:
                 end = k + len(sep)
@@ -2880,24 +2889,28 @@ def body_framing(req):
     if te:
         if cl:
             raise HttpError(400, "both Content-Length and Transfer-Encoding")
-        codings = [c.strip().lower() for v in te for c in v.split(",")]
+        # Only SP and HTAB are optional whitespace (RFC 9110 §5.6.3): str.strip() would also remove \xa0 and \x85
+        # and turn "\xa0chunked" into "chunked" where other servers see something else (request smuggling).
+        codings = [c.strip(" \t").lower() for v in te for c in v.split(",")]
         if req.version < (1, 1):
             raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
         if codings != ["chunked"]:
             raise HttpError(400, "unsupported transfer coding")
         return "chunked", None
     if cl:
-        values = set(v.strip() for item in cl for v in item.split(","))
+        values = set(v.strip(" \t") for item in cl for v in item.split(","))
         if len(values) != 1:
             raise HttpError(400, "conflicting Content-Length values")
         value = values.pop()
-        if not value.isdigit() or len(value) > 18:
+        if not _DIGITS.match(value) or len(value) > 18:  # ASCII digits only: "²".isdigit() is True
             raise HttpError(400, "invalid Content-Length")
         return "length", int(value)
     return "length", 0
 
 
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\r\n]*)?\Z")
+_DIGITS = re.compile(r"[0-9]+\Z")
+BARE_LF = re.compile(rb"(?<!\r)\n")  # HTTP/1.1 lines end in CRLF; a lone LF is refused at once, not waited on
 
 
 async def read_chunked(ch, limit, deadline_fn, header_limit=MAX_HEADER_BYTES):
@@ -2906,9 +2919,11 @@ async def read_chunked(ch, limit, deadline_fn, header_limit=MAX_HEADER_BYTES):
     total = 0
     while True:
         try:
-            line = await ch.read_until(b"\r\n", 4096, deadline_fn())
+            line = await ch.read_until(b"\r\n", 4096, deadline_fn(), BARE_LF)
         except LimitExceeded:
             raise HttpError(400, "chunk size line too long")
+        except BadFraming:
+            raise HttpError(400, "chunk lines must end in CRLF")
         m = _CHUNK_SIZE.match(line[:-2])
         if m is None:
             raise HttpError(400, "malformed chunk size")
@@ -3048,7 +3063,11 @@ class HttpServer:
                     break
                 deadline = loop.time() + limits.header_timeout
                 try:
-                    head = await ch.read_until(b"\r\n\r\n", MAX_REQUEST_LINE + MAX_HEADER_BYTES + 4, deadline)
+                    head = await ch.read_until(b"\r\n\r\n", MAX_REQUEST_LINE + MAX_HEADER_BYTES + 4, deadline,
+                                               BARE_LF)
+                except BadFraming:
+                    self._write_error(ch, HttpError(400, "lines must end in CRLF, not a bare LF"))
+                    break
                 except LimitExceeded:
                     first = bytes(ch.buf[:MAX_REQUEST_LINE + 2])
                     status = 414 if b"\r\n" not in first else 431
@@ -16206,7 +16225,21 @@ def cmd_init(args):
     return 0
 
 
+def raise_fd_limit():
+    """Raise the soft open-files limit to the hard one: every connection, upstream call and file costs one, and a
+    soft limit of 1024 is reached long before the machine is busy."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ImportError, ValueError, OSError):
+        pass  # not POSIX, or not allowed: keep what we have
+
+
 def cmd_serve(args):
+    raise_fd_limit()
     cfg, path, created = load_config_for_cli(args.config)
     if created:
         print("First run: created config at %s" % path, file=sys.stderr)
