@@ -2845,7 +2845,10 @@ def parse_request_head(head, peer):
     if not (target.startswith("/") or target == "*" or target.startswith(("http://", "https://"))):
         raise HttpError(400, "invalid request target")
     if target.startswith(("http://", "https://")):
-        parts = urllib.parse.urlsplit(target)
+        try:
+            parts = urllib.parse.urlsplit(target)
+        except ValueError:  # "Invalid IPv6 URL" and the like
+            raise HttpError(400, "invalid request target")
         target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
     items = []
     if line_end >= 0:
