@@ -150,7 +150,21 @@ def redact_url(url):
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(pairs)))
 
 
-LOG_FORMAT = logging.Formatter("[%(asctime)s] [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+class OneLineFormatter(logging.Formatter):
+    """`[time] [level] message`, one line per event whatever the message holds: control characters that came in
+    with a request (a path with %0A, a model name with a newline) are escaped, so nobody can forge log lines. A
+    traceback, which the gateway itself writes, keeps its lines."""
+
+    CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+
+    def formatMessage(self, record):
+        message = record.message
+        if self.CONTROL.search(message):
+            record.message = self.CONTROL.sub(lambda m: repr(m.group())[1:-1] if m.group() != "\t" else " ", message)
+        return logging.Formatter.formatMessage(self, record)
+
+
+LOG_FORMAT = OneLineFormatter("[%(asctime)s] [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
 
 
 class LogRing(logging.Handler):
@@ -574,6 +588,9 @@ class ConfigError(Exception):
     """A configuration problem, already worded for the user (with file:line:column where known)."""
 
 
+YAML_MAX_DEPTH = 100  # no config is this deep; deeper would only exhaust the parser's recursion
+
+
 class YamlError(ConfigError):
     def __init__(self, message, line, col, filename="<string>"):
         self.line, self.col, self.filename = line, col, filename
@@ -731,6 +748,8 @@ class YamlReader:
         if found is None:
             return None
         _, ind, content = found
+        if len(path) > YAML_MAX_DEPTH:
+            self._fail("nested more than %d levels deep" % YAML_MAX_DEPTH, self.i, ind)
         if content.startswith("? ") or content == "?":
             self._fail("complex mapping keys ('? ') are not supported", self.i, ind)
         if content == "-" or content.startswith("- "):
@@ -1130,6 +1149,8 @@ class _FlowParser:
         self._ws()
         if self.k >= len(self.s):
             self._fail("unexpected end of flow collection")
+        if len(path) > YAML_MAX_DEPTH:
+            self._fail("nested more than %d levels deep" % YAML_MAX_DEPTH)
         c = self.s[self.k]
         if c == "[":
             return self._seq(path)
@@ -2030,6 +2051,20 @@ class Config:
                             for i, k in enumerate(data["api-keys"])]
         self.amp_mappings = self._amp_mappings(data["ampcode"]["model-mappings"], locate, path)
         self.api_keys = [k.secret for k in self.client_keys]
+        if not 0 <= data["port"] <= 65535:
+            raise ConfigError("%s: port must be between 0 and 65535" % (locate(("port",)) if locate else path))
+        for src, dst in data["upstream-overrides"].items():
+            for url in (src, dst):
+                try:
+                    parts = urllib.parse.urlsplit(url)
+                    parts.port  # raises ValueError for a port out of range or not a number
+                except ValueError as e:
+                    parts = None
+                    reason = str(e)
+                if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+                    raise ConfigError("%s: upstream-overrides: %r is not an http(s) URL%s" % (
+                        locate(("upstream-overrides", src)) if locate else path, url,
+                        " (%s)" % reason if parts is None else ""))
         self.overrides = {}
         for src, dst in data["upstream-overrides"].items():
             self.overrides[normalize_origin(src)] = dst.rstrip("/")

@@ -1,0 +1,51 @@
+"""Hostile or careless input that used to escape error handling: forged log lines through a request path or a
+model name, config that crashed start-up with a traceback (deep nesting, ports out of range)."""
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+import llm_mux
+from harness import ROOT, openai_provider_config
+
+
+def test_nothing_a_client_sends_can_forge_a_log_line(gateway, upstream):
+    up = upstream()
+    gw = gateway(openai_provider_config(up.url))
+    forged = "[2026-01-01 00:00:00] [ERROR] FORGED"
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(gw.url + "/x%0A" + forged.replace(" ", "%20") + "%0D%0A", timeout=10)
+    with pytest.raises(openai.NotFoundError):
+        openai.OpenAI(base_url=gw.url + "/v1", api_key="k", max_retries=0).chat.completions.create(
+            model="evil\n" + forged, messages=[{"role": "user", "content": "x"}])
+    lines = gw.output().splitlines()
+    assert not [line for line in lines if line.startswith("[2026-01-01")]
+    assert any("\\n[2026-01-01 00:00:00] [ERROR] FORGED" in line for line in lines)
+
+
+@pytest.mark.parametrize("text, says", [
+    ("port: 99999999999999999999999\n", "t.yaml:1:1: port must be between 0 and 65535"),
+    ("port: -1\n", "port must be between 0 and 65535"),
+    ('upstream-overrides: {"https://api.openai.com": "http://127.0.0.1:99999"}\n', "not an http(s) URL"),
+    ('upstream-overrides: {"ftp://x": "http://127.0.0.1:1"}\n', "'ftp://x' is not an http(s) URL"),
+    ("x: " + "[" * 2000 + "]" * 2000 + "\n", "t.yaml:1:104: nested more than 100 levels deep"),
+    ("a:\n" + "".join("  " * (i + 1) + "k%d:\n" % i for i in range(300)), "nested more than 100 levels deep"),
+])
+def test_config_that_used_to_crash_start_up_is_one_line_with_the_place(text, says):
+    with pytest.raises(llm_mux.ConfigError) as e:
+        llm_mux.Config.from_text(text, "t.yaml", environ={})
+    assert says in str(e.value)
+
+
+def test_the_command_line_says_it_in_one_line(tmp_path):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("port: 99999999999999999999999\n")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "llm_mux.py"), "serve", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=60, env=dict(os.environ, XDG_CONFIG_HOME=str(tmp_path)))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert [line for line in r.stderr.splitlines() if line.strip()] == [
+        "llm-mux: %s:1:1: port must be between 0 and 65535" % cfg]
