@@ -48,7 +48,8 @@ def test_a_wrong_base_url_is_a_configuration_error_not_a_cooldown(caplog):
 
 def test_a_first_run_says_what_to_do_next(gateway, tmp_path):
     gw = gateway("")
-    out = gw.output()
+    from harness import wait_until
+    out = wait_until(lambda: "point tools at" in gw.output() and gw.output(), what="the start-up lines")
     assert "no models to serve yet" in out and "login <provider>" in out and "claude" in out
     assert "point tools at: OpenAI-compatible http://127.0.0.1:%d/v1" % gw.port in out
     assert "not supported yet" not in out  # every accepted setting now does what it says
