@@ -8687,6 +8687,47 @@ def load_credential_files(auth_dir):
             for c in credentials_from_file(name, meta, stamp, auth_dir)}
 
 
+def recover_auth_dir(auth_dir):
+    """At start: tighten a readable-by-others auth dir to 0700, and settle the temp files a process killed in the
+    middle of writing a credential left behind (`<name>.json.tmp-<pid>-<hex>`). A complete one (a JSON credential)
+    newer than the file it was meant to replace holds the latest tokens — a refresh that rotated them — and is put in
+    place; anything else is deleted. Each is logged."""
+    try:
+        st = os.stat(auth_dir)
+    except OSError:
+        return
+    if st.st_mode & 0o077:
+        try:
+            os.chmod(auth_dir, 0o700)
+            log.warning("auth dir %s was readable by others (mode %o): tightened to 0700", auth_dir,
+                        st.st_mode & 0o777)
+        except OSError as e:
+            log.warning("auth dir %s is readable by others (mode %o) and cannot be tightened: %s", auth_dir,
+                        st.st_mode & 0o777, e.strerror or e)
+    for name in sorted(os.listdir(auth_dir)):
+        m = re.match(r"(.+\.json)\.tmp-\d+-[0-9a-f]+\Z", name)
+        if m is None:
+            continue
+        tmp, target = os.path.join(auth_dir, name), os.path.join(auth_dir, m.group(1))
+        try:
+            meta, _ = read_credential_file(tmp)
+            newer = not os.path.exists(target) or os.stat(tmp).st_mtime_ns >= os.stat(target).st_mtime_ns
+        except (ValueError, OSError):
+            meta, newer = None, False
+        try:
+            if meta is not None and newer:
+                os.chmod(tmp, 0o600)
+                os.replace(tmp, target)
+                log.warning("auth dir: %s was left half-installed by a process that stopped; it is complete and newer "
+                            "than %s, so it is now in place (its tokens are the latest)", name, m.group(1))
+            else:
+                os.unlink(tmp)
+                log.warning("auth dir: deleted %s, left by a process that stopped while writing %s (%s)", name,
+                            m.group(1), "incomplete" if meta is None else "older than the file")
+        except OSError as e:
+            log.warning("auth dir: cannot settle %s: %s", name, e.strerror or e)
+
+
 def auth_dir_listing(auth_dir):
     """{file name: (mtime_ns, size)} of the *.json files in auth_dir (hidden files excepted)."""
     out = {}
@@ -16137,6 +16178,7 @@ def listen_url(cfg):
 async def serve_forever(cfg, ready=None, config_path=None, debug=False, listen=None):
     """Run the gateway until SIGTERM/SIGINT, then drain in-flight responses for up to shutdown-timeout."""
     os.makedirs(cfg.auth_dir, mode=0o700, exist_ok=True)
+    recover_auth_dir(cfg.auth_dir)
     gw = Gateway(cfg, debug=debug, config_file=ConfigFile(config_path) if config_path else None)
     app = App(gw)
     watcher = ConfigWatcher(config_path, gw.adopt, clock=gw.clock, own_digest=lambda: gw.config_file.own_digest) \

@@ -49,3 +49,27 @@ def test_the_command_line_says_it_in_one_line(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert [line for line in r.stderr.splitlines() if line.strip()] == [
         "llm-mux: %s:1:1: port must be between 0 and 65535" % cfg]
+
+
+def test_leftovers_of_a_killed_refresh_are_settled_at_start(gateway, tmp_path):
+    import json
+    import time
+    auth = tmp_path / "auth"
+    auth.mkdir()
+    os.chmod(str(auth), 0o755)
+    old = {"type": "claude", "email": "a@x", "access_token": "at-old", "refresh_token": "rt-old",
+           "expired": "2099-01-01T00:00:00Z"}
+    (auth / "claude-a.json").write_text(json.dumps(old))
+    rotated = dict(old, access_token="at-new", refresh_token="rt-new")
+    (auth / "claude-a.json.tmp-4242-ab12cd34").write_text(json.dumps(rotated))  # complete, newer: the only rt-new
+    now = time.time_ns()
+    os.utime(str(auth / "claude-a.json"), ns=(now - 10 ** 9, now - 10 ** 9))
+    (auth / "claude-b.json").write_text(json.dumps(dict(old, email="b@x")))
+    (auth / "claude-b.json.tmp-4243-ee11ff22").write_text('{"type": "claude", "access_tok')  # cut off
+    gw = gateway("auth-dir: %s\n" % auth)
+    assert json.loads((auth / "claude-a.json").read_text())["refresh_token"] == "rt-new"
+    assert sorted(os.listdir(str(auth))) == ["claude-a.json", "claude-b.json"]
+    assert oct(os.stat(str(auth)).st_mode & 0o777) == "0o700"
+    out = gw.output()
+    assert "now in place" in out and "deleted claude-b.json.tmp-4243-ee11ff22" in out and "tightened to 0700" in out
+    assert "rt-new" not in out and "at-new" not in out
