@@ -3476,10 +3476,15 @@ class UpstreamResponse:
     async def iter_bytes(self):
         """Decoded body bytes as they arrive; each wait is bounded by stream-timeout."""
         completed = False
+        total = 0
         try:
             async for raw in self._raw_chunks():
                 out = self._decode(raw)
                 if out:
+                    total += len(out)
+                    if self._max_size and total > self._max_size:  # streams too: an endless one is cut
+                        raise UpstreamError("too-large", "upstream response exceeds max-response-size (%d bytes)"
+                                            % self._max_size)
                     yield out
             tail = self._decode(b"", final=True)
             if tail:
@@ -3839,33 +3844,37 @@ class HttpClient:
 
 
 class SSEParser:
-    """Incremental `text/event-stream` parser (WHATWG rules): feed bytes, get (event, data) pairs."""
+    """Incremental `text/event-stream` parser (WHATWG rules): feed bytes, get (event, data) pairs. Linear in the
+    input however it is split (a line is searched once, never re-scanned), and bounded: a line or an event larger
+    than MAX_EVENT is an UpstreamError, not a buffer that grows until memory runs out."""
 
-    __slots__ = ("_buf", "_event", "_data")
+    __slots__ = ("_buf", "_scan", "_event", "_data", "_size")
+    MAX_EVENT = 16 << 20
 
     def __init__(self):
-        self._buf = b""
+        self._buf = bytearray()
+        self._scan = 0  # bytes of _buf already known to hold no newline
         self._event = None
         self._data = []
+        self._size = 0
 
     def feed(self, chunk):
-        buf = self._buf + chunk if self._buf else chunk
+        buf = self._buf
+        buf += chunk
         out = []
         start = 0
-        n = len(buf)
-        while start < n:
-            k = buf.find(b"\n", start)
+        while True:
+            k = buf.find(b"\n", max(start, self._scan))
             if k < 0:
                 break
-            line = buf[start:k]
+            line = bytes(buf[start:k])
             start = k + 1
             if line.endswith(b"\r"):
                 line = line[:-1]
             if not line:
                 if self._data:
                     out.append((self._event, "\n".join(self._data)))
-                self._event = None
-                self._data = []
+                self._event, self._data, self._size = None, [], 0
                 continue
             if line[0] == 0x3A:  # ':' comment
                 continue
@@ -3873,20 +3882,27 @@ class SSEParser:
             if sep and value.startswith(b" "):
                 value = value[1:]
             if name == b"data":
+                self._size += len(value)
+                if self._size > self.MAX_EVENT:
+                    raise UpstreamError("too-large", "an upstream event is larger than %d bytes" % self.MAX_EVENT)
                 self._data.append(value.decode("utf-8", "replace"))
             elif name == b"event":
                 self._event = value.decode("utf-8", "replace")
-        self._buf = buf[start:]
+        if start:
+            del buf[:start]
+        self._scan = len(buf)
+        if self._scan > self.MAX_EVENT:
+            raise UpstreamError("too-large", "an upstream line is longer than %d bytes" % self.MAX_EVENT)
         return out
 
     def finish(self):
         """Flush an event that was not followed by a blank line (some upstreams end that way)."""
         out = []
-        if self._buf.strip():
+        if bytes(self._buf).strip():
             out = self.feed(b"\n\n")
         elif self._data:
             out = [(self._event, "\n".join(self._data))]
-        self._buf, self._event, self._data = b"", None, []
+        self._buf, self._scan, self._event, self._data, self._size = bytearray(), 0, None, [], 0
         return out
 
 

@@ -73,3 +73,34 @@ def test_leftovers_of_a_killed_refresh_are_settled_at_start(gateway, tmp_path):
     out = gw.output()
     assert "now in place" in out and "deleted claude-b.json.tmp-4243-ee11ff22" in out and "tightened to 0700" in out
     assert "rt-new" not in out and "at-new" not in out
+
+
+def test_sse_parsing_is_split_independent_and_bounded():
+    import random
+    data = b"".join(b"event: e%d\r\ndata: {\"i\": %d}\ndata: second line\n\n: comment\n" % (i, i) for i in range(300))
+    whole = llm_mux.SSEParser().feed(data)
+    rng = random.Random(1)
+    p, pieces, i = llm_mux.SSEParser(), [], 0
+    while i < len(data):
+        n = rng.randint(1, 40)
+        pieces += p.feed(data[i:i + n])
+        i += n
+    assert pieces == whole and len(whole) == 300 and whole[5] == ("e5", '{"i": 5}\nsecond line')
+    p = llm_mux.SSEParser()
+    with pytest.raises(llm_mux.UpstreamError) as e:
+        for _ in range(400):  # 25 MB without a newline
+            p.feed(b"x" * 65536)
+    assert e.value.kind == "too-large"
+
+
+def test_an_endless_upstream_stream_is_cut_at_max_response_size(gateway, upstream):
+    from fakes import Reply, openai_stream_events
+    up = upstream(lambda r: Reply("sse", events=openai_stream_events(pieces=["word "] * 400)))
+    gw = gateway(openai_provider_config(up.url) + "max-response-size: 4000\n")
+    c = openai.OpenAI(base_url=gw.url + "/v1", api_key="k", max_retries=0)
+    with pytest.raises(openai.APIError) as e:
+        for _ in c.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "x"}],
+                                           stream=True):
+            pass
+    assert "max-response-size" in str(e.value)
+    assert c.models.list().data  # and the gateway carries on
