@@ -3391,8 +3391,8 @@ class UpstreamResponse:
             self._mode, self._remaining = "none", 0
         elif "chunked" in te:
             self._mode, self._remaining = "chunked", 0
-        elif cl is not None and cl.strip().isdigit():
-            self._mode, self._remaining = "length", int(cl.strip())
+        elif cl is not None and re.match(r"[0-9]{1,18}\Z", cl.strip(" \t")):  # ASCII digits ("²".isdigit())
+            self._mode, self._remaining = "length", int(cl.strip(" \t"))
         else:
             self._mode, self._remaining = "close", 0
             self._keep = False
@@ -10384,10 +10384,24 @@ class AwsEventStream:
 
     @staticmethod
     def headers(data):
+        """The header block of a frame; an UpstreamError when it is cut off (its CRCs can be valid even so)."""
+        try:
+            return AwsEventStream._headers(data)
+        except IndexError:
+            raise UpstreamError("protocol", "event stream: a frame's header block is cut off")
+
+    @staticmethod
+    def _headers(data):
         out = {}
         pos = 0
-        while pos < len(data):
+        end = len(data)
+
+        def need(n):
+            if pos + n > end:
+                raise UpstreamError("protocol", "event stream: a frame's header block is cut off")
+        while pos < end:
             n = data[pos]
+            need(1 + n + 1)
             name = data[pos + 1:pos + 1 + n].decode("utf-8", "replace")
             pos += 1 + n
             kind = data[pos]
@@ -10396,10 +10410,13 @@ class AwsEventStream:
                 value = kind == 0
             elif kind in (2, 3, 4, 5, 8, 9):
                 size = {2: 1, 3: 2, 4: 4, 5: 8, 8: 8, 9: 16}[kind]
+                need(size)
                 value = data[pos:pos + size]
                 pos += size
             elif kind in (6, 7):
+                need(2)
                 size = int.from_bytes(data[pos:pos + 2], "big")
+                need(2 + size)
                 value = data[pos + 2:pos + 2 + size]
                 if kind == 7:
                     value = value.decode("utf-8", "replace")

@@ -104,3 +104,23 @@ def test_an_endless_upstream_stream_is_cut_at_max_response_size(gateway, upstrea
             pass
     assert "max-response-size" in str(e.value)
     assert c.models.list().data  # and the gateway carries on
+
+
+def test_an_event_stream_frame_with_valid_crcs_and_a_cut_off_header_block_is_an_upstream_error():
+    import struct
+    import zlib
+    headers = bytes([11]) + b":event-type" + bytes([7]) + struct.pack("!H", 200) + b"short"  # says 200, has 5
+    payload = b'{"content": "x"}'
+    total = 12 + len(headers) + len(payload) + 4
+    prelude = struct.pack("!II", total, len(headers))
+    message = prelude + struct.pack("!I", zlib.crc32(prelude)) + headers + payload
+    frame = message + struct.pack("!I", zlib.crc32(message))
+    with pytest.raises(llm_mux.UpstreamError) as e:
+        llm_mux.AwsEventStream().feed(frame)
+    assert e.value.kind == "protocol"
+    cut = bytes([11]) + b":event-type" + bytes([7])  # the value type, then nothing
+    total = 12 + len(cut) + 4
+    prelude = struct.pack("!II", total, len(cut))
+    message = prelude + struct.pack("!I", zlib.crc32(prelude)) + cut
+    with pytest.raises(llm_mux.UpstreamError):
+        llm_mux.AwsEventStream().feed(message + struct.pack("!I", zlib.crc32(message)))
