@@ -15304,6 +15304,10 @@ def amp_restore_model(resp, served, asked):
     return resp
 
 
+def _refuse_json_constant(name):
+    raise ValueError("%s is not JSON" % name)
+
+
 def format_for_path(path):
     """Which API family an endpoint belongs to, so errors come back in the shape its clients parse."""
     if path.startswith("/api/provider/"):  # Amp: /api/provider/<vendor>/<the vendor's own path>
@@ -15486,14 +15490,26 @@ class App:
 
     @staticmethod
     def read_json(req):
+        """The body as JSON, strictly: NaN and Infinity are not JSON (they would be forwarded as such), nesting is
+        bounded (a RecursionError is a 400, not a crash), a lone surrogate escape (\\ud800) cannot become text."""
         if not req.body:
             raise BadRequest("the request body is empty; a JSON object is required")
         try:
-            return json.loads(req.body)
-        except ValueError as e:
-            raise BadRequest("malformed JSON in the request body: %s" % e)
+            data = json.loads(req.body, parse_constant=_refuse_json_constant)
+        except RecursionError:
+            raise BadRequest("the request body's JSON is nested too deeply")
         except UnicodeDecodeError:
             raise BadRequest("the request body is not UTF-8")
+        except ValueError as e:
+            raise BadRequest("malformed JSON in the request body: %s" % e)
+        if b"\\u" in req.body and re.search(rb"\\u[dD][89a-fA-F]", req.body):
+            try:
+                json.dumps(data, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequest("the request body has a lone surrogate escape (\\ud800-\\udfff without its pair)")
+            except RecursionError:
+                raise BadRequest("the request body's JSON is nested too deeply")
+        return data
 
     # -- model lists ----------------------------------------------------------------------------------------------
     async def root(self, req):

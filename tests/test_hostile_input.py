@@ -124,3 +124,23 @@ def test_an_event_stream_frame_with_valid_crcs_and_a_cut_off_header_block_is_an_
     message = prelude + struct.pack("!I", zlib.crc32(prelude)) + cut
     with pytest.raises(llm_mux.UpstreamError):
         llm_mux.AwsEventStream().feed(message + struct.pack("!I", zlib.crc32(message)))
+
+
+@pytest.mark.parametrize("body, says", [
+    (b'{"model": "gpt-test", "messages": ' + b"[" * 100000 + b"]" * 100000 + b"}", "nested too deeply"),
+    (b'{"model": "gpt-test", "temperature": NaN, "messages": [{"role": "user", "content": "x"}]}', "NaN is not JSON"),
+    (b'{"model": "gpt-test", "messages": [{"role": "user", "content": "\\ud800"}]}', "lone surrogate"),
+])
+def test_json_that_is_not_quite_json_is_a_400_in_the_clients_shape(gateway, upstream, body, says):
+    up = upstream()
+    gw = gateway(openai_provider_config(up.url))
+    req = urllib.request.Request(gw.url + "/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    import json
+    err = json.loads(e.value.read())
+    assert e.value.code == 400 and says in err["error"]["message"]
+    ok = openai.OpenAI(base_url=gw.url + "/v1", api_key="k", max_retries=0).chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "a pair is fine: 😀"}])  # sent as \\ud83d\\ude00
+    assert ok.choices[0].message.content and up.requests[-1].json["messages"][0]["content"].endswith("😀")
