@@ -3136,6 +3136,7 @@ class HttpServer:
                         req.body = await ch.read_exactly(length, body_deadline)
                 except HttpError as e:
                     self._write_error(ch, e, req and req.path)
+                    await self._linger(ch)
                     break
                 except asyncio.TimeoutError:
                     self._write_error(ch, HttpError(408, "request body not received in time"), req.path)
@@ -3267,6 +3268,28 @@ class HttpServer:
                     except Exception:
                         log.exception("closing a stream failed")
         return sent
+
+    LINGER_SECONDS = 5.0  # after refusing a request whose body is still arriving
+    LINGER_BYTES = 64 << 20
+
+    async def _linger(self, ch):
+        """A lingering close, as nginx does: the error is sent and our side shut for writing, then what the client
+        is still sending is read and discarded for a bounded time and size, so a client that writes its whole
+        body before reading (urllib, curl without Expect) sees the 413 instead of a reset."""
+        try:
+            await ch.drain()
+            if ch.transport.can_write_eof():
+                ch.transport.write_eof()
+            loop = asyncio.get_running_loop()
+            deadline, discarded = loop.time() + self.LINGER_SECONDS, 0
+            ch.buf.clear()
+            while discarded < self.LINGER_BYTES and not self.draining:
+                data = await ch.read_some(1 << 20, deadline)
+                if not data:
+                    return
+                discarded += len(data)
+        except (asyncio.TimeoutError, ChannelClosed, ConnectionError, OSError, RuntimeError):
+            pass
 
     def _write_error(self, ch, err, path=None):
         resp = self.error_page(err.status, err.message, path)

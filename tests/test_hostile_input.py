@@ -144,3 +144,15 @@ def test_json_that_is_not_quite_json_is_a_400_in_the_clients_shape(gateway, upst
     ok = openai.OpenAI(base_url=gw.url + "/v1", api_key="k", max_retries=0).chat.completions.create(
         model="gpt-test", messages=[{"role": "user", "content": "a pair is fine: 😀"}])  # sent as \\ud83d\\ude00
     assert ok.choices[0].message.content and up.requests[-1].json["messages"][0]["content"].endswith("😀")
+
+
+def test_a_client_that_writes_its_whole_body_first_sees_the_413(gateway, upstream):
+    up = upstream()
+    gw = gateway(openai_provider_config(up.url) + "max-request-size: 1048576\n")
+    body = b'{"model": "gpt-test", "messages": [{"role": "user", "content": "' + b"x" * (8 << 20) + b'"}]}'
+    req = urllib.request.Request(gw.url + "/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:  # not a BrokenPipeError or ConnectionResetError
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 413 and b"too large" in e.value.read()
+    assert up.requests == []
