@@ -978,18 +978,22 @@ class YamlReader:
         while lines and lines[-1] is None:
             lines.pop()
             self.i -= 1
+        # the last content line is the text's very last one and no line break follows it
+        final_break = not (self.i == len(self.lines) and self.lines and self.lines[-1] != "")
         trailing = 0
         j = self.i
-        while j < len(self.lines) and not self.lines[j].strip(" "):
+        # the "" after the text's final newline is not a line: it must not count as a kept empty line
+        real_end = len(self.lines) - (1 if self.lines and self.lines[-1] == "" else 0)
+        while j < real_end and not self.lines[j].strip(" "):
             trailing += 1
             j += 1
-        self.i = j
+        self.i = max(j, self.i)
         if not lines:
             return "\n" * trailing if chomp == "+" else ""
-        return self._fold_block(lines, style, chomp, trailing)
+        return self._fold_block(lines, style, chomp, trailing, final_break)
 
     @staticmethod
-    def _fold_block(lines, style, chomp, trailing):
+    def _fold_block(lines, style, chomp, trailing, final_break=True):
         """A block scalar's text from its content lines (None for an empty line): literal keeps the breaks,
         folded joins adjacent non-indented lines with a space; then chomping."""
         chunks = []
@@ -998,6 +1002,9 @@ class YamlReader:
         first = True
         leading_non_space = True
         idx = 0
+        while idx < len(lines) and lines[idx] is None:  # empty lines before the first content are kept as breaks
+            breaks.append("\n")
+            idx += 1
         while idx < len(lines):
             text = lines[idx]
             if not first:
@@ -1016,7 +1023,7 @@ class YamlReader:
             while idx < len(lines) and lines[idx] is None:
                 breaks.append("\n")
                 idx += 1
-        if chomp != "-":
+        if chomp != "-" and final_break:
             chunks.append(line_break)
         if chomp == "+":
             chunks.extend(breaks)

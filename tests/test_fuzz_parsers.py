@@ -1,0 +1,136 @@
+"""Fuzz targets for more parsers of outside bytes — the YAML reader (config files, management PUTs), chunked
+request bodies, SSE and the AWS event stream (upstream bytes): a seeded mutator over valid inputs; each parser
+returns or raises its own error type, never another exception. LLM_MUX_FUZZ_CASES raises the count."""
+import asyncio
+import os
+import random
+import struct
+import zlib
+
+import llm_mux
+
+CASES = int(os.environ.get("LLM_MUX_FUZZ_CASES", "3000"))
+
+
+def mutate(rng, data, extra):
+    data = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        op = rng.randrange(5)
+        if op == 0 and data:
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        elif op == 1:
+            i = rng.randrange(len(data) + 1)
+            data[i:i] = rng.choice(extra)
+        elif op == 2 and data:
+            i = rng.randrange(len(data))
+            del data[i:i + rng.randint(1, 8)]
+        elif op == 3 and data:
+            del data[rng.randrange(len(data)):]
+        elif data:
+            i = rng.randrange(len(data))
+            data[i:i + 1] = data[i:i + 1] * rng.randint(2, 40)
+    return bytes(data)
+
+
+YAML_SEEDS = [b"port: 8317\nproviders:\n  - type: openai\n    base-url: http://x/v1\n    api-keys: [a, 'b']\n",
+              b"routing:\n  aliases: {a: b, \"c\": d}\n  fallbacks:\n    m: [x, y]\nnotes: |\n  line\n  two\n",
+              b"api-keys:\n  - {key: k, rpm: 5, models: ['gpt-*']}\n# comment\nusage: {enabled: true}\n"]
+YAML_EXTRA = [b"[", b"]", b"{", b"}", b":", b"- ", b"\n  ", b"'", b'"', b"\t", b"#", b"|", b">", b"&a", b"*a", b"? ",
+              b"\\", b"---", b"!!", b"%"]
+
+
+def test_yaml_reader_raises_only_config_errors():
+    rng = random.Random(1001)
+    for _ in range(CASES):
+        text = mutate(rng, rng.choice(YAML_SEEDS), YAML_EXTRA).decode("utf-8", "replace")
+        try:
+            llm_mux.yaml_load(text, "f.yaml")
+        except llm_mux.ConfigError:
+            pass
+
+
+CHUNKED = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+
+
+def test_chunked_bodies_raise_only_http_errors():
+    rng = random.Random(1002)
+
+    async def one(data):
+        ch = llm_mux.Channel()
+        ch.buf += data
+        ch.eof = True
+        try:
+            await llm_mux.read_chunked(ch, 1 << 16, lambda: None)
+        except (llm_mux.HttpError, llm_mux.ChannelClosed):
+            pass
+
+    async def run():
+        ch = llm_mux.Channel()
+        ch.buf += CHUNKED
+        assert await llm_mux.read_chunked(ch, 1 << 16, lambda: None) == b"hello world"
+        for _ in range(CASES):
+            await one(mutate(rng, CHUNKED, [b"\r\n", b"\n", b";", b"ffffffffffffffffff", b"-1", b"0x5", b" "]))
+    asyncio.run(run())
+
+
+SSE = (b"event: message_start\ndata: {\"a\": 1}\n\n: ping\r\ndata: x\ndata: y\r\n\r\nid: 3\nretry: 10\n"
+       b"data:no-space\n\n")
+
+
+def test_sse_raises_only_upstream_errors():
+    rng = random.Random(1003)
+    for _ in range(CASES):
+        p = llm_mux.SSEParser()
+        data = mutate(rng, SSE, [b"\n", b"\r", b"\r\n\r\n", b":", b"data: ", b"\xff\xfe", b"event:"])
+        try:
+            for i in range(0, len(data), rng.randint(1, 16)):
+                p.feed(data[i:i + 16])
+            p.finish()
+        except llm_mux.UpstreamError:
+            pass
+
+
+def aws_frame(event, payload):
+    name = b":event-type"
+    headers = bytes([len(name)]) + name + bytes([7]) + struct.pack("!H", len(event)) + event
+    total = 12 + len(headers) + len(payload) + 4
+    prelude = struct.pack("!II", total, len(headers))
+    message = prelude + struct.pack("!I", zlib.crc32(prelude)) + headers + payload
+    return message + struct.pack("!I", zlib.crc32(message))
+
+
+def test_aws_event_stream_raises_only_upstream_errors():
+    rng = random.Random(1004)
+    seed = aws_frame(b"assistantResponseEvent", b'{"content": "hi"}') + aws_frame(b"meteringEvent", b"{}")
+    assert llm_mux.AwsEventStream().feed(seed)[0] == ("assistantResponseEvent", '{"content": "hi"}')
+    for _ in range(CASES):
+        data = mutate(rng, seed, [b"\x00\x00\x00\x10", b"\x07", b"\xff\xff"])
+        try:
+            s = llm_mux.AwsEventStream()
+            s.feed(data)
+            s.finish()
+        except llm_mux.UpstreamError:
+            pass
+    # mutations that keep both CRCs valid reach the header parser
+    for _ in range(CASES):
+        event = mutate(rng, b"assistantResponseEvent", [b"\x00", b"\xff"])
+        frame = bytearray(aws_frame(event, b"{}"))
+        hlen = struct.unpack("!I", frame[4:8])[0]
+        cut = rng.randrange(1, hlen + 1)
+        headers = bytes(frame[12:12 + hlen])[:cut]
+        total = 12 + len(headers) + 2 + 4
+        prelude = struct.pack("!II", total, len(headers))
+        message = prelude + struct.pack("!I", zlib.crc32(prelude)) + headers + b"{}"
+        try:
+            llm_mux.AwsEventStream().feed(message + struct.pack("!I", zlib.crc32(message)))
+        except llm_mux.UpstreamError:
+            pass
+
+
+def test_block_scalar_edge_cases_found_by_the_fuzzer_agree_with_pyyaml():
+    import yaml
+    cases = ["note: |\n\n  two\n", "note: >\n\n\n  a\n  b\n\n  c\n", "n: |+\n\n  x\n\n", "n: |+\n  x\n\n",
+             "n: |+\n  x\n\n\nm: 1\n", "n: |+\n  x\n  \n", "n: >+\n  x\n\n", "n: |\n  x\n\n\n", "n: |-\n  x\n\n",
+             "n: |+\n  x", "n: |\n  x", "a: |\n  x\nb: 2\n"]
+    for text in cases:
+        assert llm_mux.yaml_load(text)[0] == yaml.safe_load(text), text
