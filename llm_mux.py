@@ -1560,7 +1560,8 @@ CONFIG_SCHEMA = {
     "ca-file": ("str", ""),
     "cors": ({"enable": ("bool", False), "allow-origins": (("list", "str"), ["*"])}, None),
     "server": ({"header-timeout": ("num", 10), "keepalive-timeout": ("num", 75),
-                "shutdown-timeout": ("num", 30)}, None),
+                "shutdown-timeout": ("num", 30), "max-connections": ("int", 4096),
+                "max-buffered-body": ("int", 268435456)}, None),
 }
 
 _TYPE_NAMES = {"str": "a string", "int": "an integer", "bool": "true or false", "num": "a number"}
@@ -3031,10 +3032,13 @@ def parse_multipart(body, content_type):
 class ServerLimits:
     """The knobs the HTTP server reads per connection, taken from the config snapshot of the moment."""
 
-    __slots__ = ("max_body", "header_timeout", "keepalive_timeout", "body_timeout", "cors", "cors_origins")
+    __slots__ = ("max_body", "header_timeout", "keepalive_timeout", "body_timeout", "cors", "cors_origins",
+                 "max_connections", "max_buffered")
 
     def __init__(self, cfg):
         self.max_body = cfg.max_request_size if cfg.max_request_size > 0 else 52428800
+        self.max_connections = max(1, cfg.server["max-connections"])
+        self.max_buffered = max(self.max_body, cfg.server["max-buffered-body"])
         self.header_timeout = float(cfg.server["header-timeout"])
         self.keepalive_timeout = float(cfg.server["keepalive-timeout"])
         self.body_timeout = max(60.0, self.header_timeout)
@@ -3057,6 +3061,11 @@ class HttpServer:
         self.websockets = set()
         self.websocket_options = {}  # WebSocket(max_message=, ping_interval=, idle_timeout=)
         self.draining = False
+        # async (request) -> Response or None, run on the head before any body byte is read: the app refuses an
+        # unauthenticated request there, so a stranger cannot make the server hold a large body
+        self.head_check = None
+        self.buffered = 0  # body bytes being held by requests in flight (bounded by max-buffered-body)
+        self.refused_at = 0.0
 
     async def listen(self, host, port, ssl_context=None, sock=None, reuse_port=False):
         """Listen on host:port, or on an already bound socket `sock` (a worker inherits its parent's)."""
@@ -3075,6 +3084,18 @@ class HttpServer:
         return ch
 
     def _start(self, ch):
+        limits = self.limits_fn()
+        if len(self.connections) >= limits.max_connections:
+            now = time.monotonic()
+            if now - self.refused_at > 10:  # once per burst, not once per connection
+                log.warning("%d connections open (server.max-connections): refusing new ones with 503",
+                            len(self.connections))
+            self.refused_at = now
+            resp = self.error_page(503, "too many connections; retry shortly", None)
+            ch.write(self._head(503, resp.headers + [("Retry-After", "1")], False,
+                                "Content-Length: %d\r\n" % len(resp.body or b"")) + (resp.body or b""))
+            ch.close()
+            return
         task = asyncio.get_running_loop().create_task(self._serve(ch))
         self.connections.add(task)
         task.add_done_callback(self.connections.discard)
@@ -3124,6 +3145,7 @@ class HttpServer:
                 except ChannelClosed:
                     break
                 req = None
+                reserved = 0
                 try:
                     req = parse_request_head(head[:-4], peer)
                     req.secure = secure
@@ -3131,6 +3153,18 @@ class HttpServer:
                     kind, length = body_framing(req)
                     if kind == "length" and length > limits.max_body:
                         raise HttpError(413, "request body too large (limit %d bytes)" % limits.max_body)
+                    if self.head_check is not None and (kind == "chunked" or length):
+                        early = await self.head_check(req)
+                        if early is not None:  # refused on its head: the body is never read
+                            self._write_refusal(ch, req, early)
+                            await self._linger(ch)
+                            break
+                    if kind == "length" and length:
+                        if self.buffered + length > limits.max_buffered:
+                            raise HttpError(503, "too many request bodies in flight (server.max-buffered-body); "
+                                                 "retry shortly")
+                        reserved = length
+                        self.buffered += length
                     expect = req.headers.get("expect")
                     if expect is not None:
                         if expect.lower() != "100-continue":
@@ -3142,15 +3176,24 @@ class HttpServer:
                     elif length:
                         req.body = await ch.read_exactly(length, body_deadline)
                 except HttpError as e:
+                    self.buffered -= reserved
                     self._write_error(ch, e, req and req.path)
                     await self._linger(ch)
                     break
                 except asyncio.TimeoutError:
+                    self.buffered -= reserved
                     self._write_error(ch, HttpError(408, "request body not received in time"), req.path)
                     break
                 except ChannelClosed:
+                    self.buffered -= reserved
                     break
-                keep = await self._dispatch(ch, req, limits)
+                except BaseException:
+                    self.buffered -= reserved
+                    raise
+                try:
+                    keep = await self._dispatch(ch, req, limits)
+                finally:
+                    self.buffered -= reserved
                 if not keep:
                     break
         except asyncio.CancelledError:
@@ -3275,6 +3318,13 @@ class HttpServer:
                     except Exception:
                         log.exception("closing a stream failed")
         return sent
+
+    def _write_refusal(self, ch, req, resp):
+        body = resp.body or b""
+        ch.write(self._head(resp.status, resp.headers, False, "Content-Length: %d\r\n" % len(body)) + body)
+        if self.access_log:
+            log.info("%s %s %d (refused before its body) %s", req.method, redact_url(req.target), resp.status,
+                     req.peer)
 
     LINGER_SECONDS = 5.0  # after refusing a request whose body is still arriving
     LINGER_BYTES = 64 << 20
@@ -15427,6 +15477,20 @@ class App:
         started = time.time()
         return self.gw.request_log.capture(req, await self.dispatch(req), started)
 
+    async def check_head(self, req):
+        """Before the body is read: refuse a client-API request that fails its key check (401/403 in the client's
+        own format), so only authenticated callers can make the server hold a body. Management calls, public and
+        loopback-only paths are left to dispatch (their bodies are small or their checks need more)."""
+        if self.management.handles(req.path) or req.path in self.public or req.path in self.loopback_public or \
+                req.path == "/v1/ws" or req.path.startswith(AMP_PROXY_PATHS):
+            return None
+        try:
+            self.authenticate(req)
+        except GatewayError as e:
+            log.info("%s %s -> %d before its body: %s", req.method, req.path, e.status, e.message)
+            return error_response(format_for_path(req.path), e)
+        return None
+
     async def dispatch(self, req):
         fmt = format_for_path(req.path)
         try:
@@ -16264,6 +16328,7 @@ async def serve_forever(cfg, ready=None, config_path=None, debug=False, listen=N
         if config_path else None
     auth_watcher = AuthDirWatcher(lambda: gw.cfg.auth_dir, lambda: gw.files, gw.apply_files, clock=gw.clock)
     server = HttpServer(app, lambda: gw.limits, error_page=http_error_page)
+    server.head_check = app.check_head
     ctx = server_ssl_context(cfg)
     if gw.sync is not None:
         await gw.sync.start()  # serve with the shared credentials from the first request

@@ -156,3 +156,56 @@ def test_a_client_that_writes_its_whole_body_first_sees_the_413(gateway, upstrea
         urllib.request.urlopen(req, timeout=60)
     assert e.value.code == 413 and b"too large" in e.value.read()
     assert up.requests == []
+
+
+def raw_exchange(gw, head, body=b"", read=True):
+    import socket
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=20)
+    s.sendall(head + body)
+    out = b""
+    while read and b"\r\n\r\n" not in out:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        out += chunk
+    return s, out
+
+
+def test_without_a_key_a_body_is_never_read_and_100_continue_never_sent(gateway, upstream):
+    up = upstream()
+    gw = gateway(openai_provider_config(up.url) + "api-keys: [sk-gw]\n")
+    # 40 MB announced, nothing sent: the 401 comes at once (the server never waits for the body)
+    s, out = raw_exchange(gw, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                              b"Content-Length: 41943040\r\nExpect: 100-continue\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 401") and b"100 Continue" not in out
+    assert b'"type":"error"' in out.replace(b" ", b"") or b"authentication" in out  # Anthropic's shape
+    s.close()
+    # with the key, 100 Continue comes first
+    s, out = raw_exchange(gw, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-gw\r\n"
+                              b"Content-Type: application/json\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 100 Continue")
+    s.close()
+
+
+def test_connections_and_buffered_bodies_are_capped(gateway, upstream):
+    up = upstream()
+    gw = gateway(openai_provider_config(up.url) + "api-keys: [sk-gw]\nmax-request-size: 1048576\n"
+                 "server: {max-connections: 3, max-buffered-body: 1572864}\n")
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-gw\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n")
+    first, _ = raw_exchange(gw, head, b"x" * 1000, read=False)  # holds 1 MB of budget while it trickles
+    from harness import wait_until
+
+    def second_refused():
+        s, out = raw_exchange(gw, head, b"x" * 10)
+        s.close()
+        return out.startswith(b"HTTP/1.1 503") and b"max-buffered-body" in out
+    wait_until(second_refused, what="the second large body refused")
+    idle = [raw_exchange(gw, b"", read=False)[0] for _ in range(2)]  # with `first`: 3 connections open
+    wait_until(lambda: raw_exchange(gw, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")[1].startswith(b"HTTP/1.1 503"),
+               what="a fourth connection refused")
+    for s in idle + [first]:
+        s.close()
+    wait_until(lambda: raw_exchange(gw, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")[1].startswith(b"HTTP/1.1 200"),
+               what="connections accepted again")
+    assert "server.max-connections" in gw.output()
