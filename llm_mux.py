@@ -37,6 +37,7 @@ import binascii
 import bisect
 import collections
 import contextlib
+import errno
 import fnmatch
 import functools
 import hashlib
@@ -3687,6 +3688,8 @@ class HttpClient:
         except ssl.SSLError as e:
             raise UpstreamError("tls", "TLS handshake with %s:%d failed: %s" % (host, port, e))
         except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS):  # our shortage, not the upstream's fault
+                raise UpstreamError("local", "the gateway is out of file descriptors (%s)" % (e.strerror or e))
             raise UpstreamError("connect", "cannot connect to %s:%d: %s" % (host, port, e.strerror or e))
         sock = ch.transport.get_extra_info("socket")
         if sock is not None:
@@ -9233,7 +9236,7 @@ class StoreTokens(FileTokens):
 class UpstreamFailure:
     """A classified upstream error: what the client sees, and how routing treats the credential.
     category: user_error | auth_revoked | auth_error | quota | permission | not_found | transient | midstream |
-    unknown (gateway.md §6.8); scope: "model" or "credential" (every model of the credential cools down)."""
+    unknown (gateway.md §6.8) | local (the gateway's own shortage, e.g. file descriptors: never the credential's); scope: "model" or "credential" (every model of the credential cools down)."""
 
     __slots__ = ("status", "message", "type", "category", "retry_after", "scope", "disable", "retryable", "code")
 
@@ -11870,7 +11873,7 @@ class Router:
         breaker = self.breaker(route.provider.id)
         if call.outcome == "failed":
             failure = call.failure
-            breaker.record(failure.category in ("user_error", "not_found"), now)
+            breaker.record(failure.category in ("user_error", "not_found", "local"), now)
             self.cool(cred, route.model, failure, now, route.provider)
         elif call.outcome != "refreshed" and call.status is not None and call.status < 300:
             # A client that goes away mid-stream is not the upstream's fault.
@@ -11890,7 +11893,7 @@ class Router:
             log.error("credential %s disabled (%s): %s", cred.label, cat, failure.message[:300])
             failure.retryable = True  # the next credential may well work
             return
-        if cat in ("user_error", "midstream", "config"):
+        if cat in ("user_error", "midstream", "config", "local"):
             return
         st = cred.states.get(model)
         if st is None:
@@ -12114,6 +12117,8 @@ class Call:
 
     def network_failure(self, e):
         """An UpstreamError (connect, TLS, timeout, broken framing) as a classified failure."""
+        if e.kind == "local":  # the gateway's own shortage: no cooldown, no breaker count for the upstream
+            return UpstreamFailure(503, e.message, "server", "local")
         timeout = e.kind == "timeout"
         return UpstreamFailure(504 if timeout else 502, "upstream %s: %s" % (self.provider.name, e.message),
                                "timeout" if timeout else "upstream", "transient" if timeout else "unknown")
@@ -12818,6 +12823,8 @@ class Metrics:
         self._family(out, "llm_mux_process_cpu_seconds_total", "counter", "CPU time used.", (),
                      {(): round(sum(os.times()[:2]), 3)})
         self._family(out, "llm_mux_process_open_fds", "gauge", "Open file descriptors.", (), {(): open_fds()})
+        self._family(out, "llm_mux_fd_exhaustion_total", "counter", "Connections not accepted for want of file "
+                     "descriptors.", (), {(): getattr(gw, "fd_exhaustions", 0)})
         return "".join(out).replace("{}", "")
 
 
@@ -13352,6 +13359,8 @@ class Gateway:
             self.sync = StoreSync(self, self.store)
             self.router.observers.append(self.sync.observe)
         self.store_warned = False
+        self.fd_exhaustions = 0  # accept() failures for want of file descriptors (metrics)
+        self.fd_warned = 0.0
         self.runtime = {}  # channel -> the Credential of a connected browser relay
         self.usage = None
         self.usage_target = None  # ("sqlite", path) or ("postgres", url) while usage is recorded
@@ -16354,6 +16363,7 @@ async def serve_forever(cfg, ready=None, config_path=None, debug=False, listen=N
         tls_reloader.start()
     gw.start()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(functools.partial(loop_exception_handler, server, gw))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
@@ -16375,6 +16385,24 @@ async def serve_forever(cfg, ready=None, config_path=None, debug=False, listen=N
     gw.stop_usage()
     gw.client.close_idle()
     log.info("stopped")
+
+
+def loop_exception_handler(server, gw, loop, context):
+    """asyncio reports running out of file descriptors once per failed accept — up to a thousand a second, each
+    with a traceback. Here it is one warning per episode, a count in the metrics, and idle keep-alive connections
+    closed to give descriptors back (asyncio itself pauses accepting for a second)."""
+    if str(context.get("message", "")).startswith("socket.accept() out of system resource"):
+        gw.fd_exhaustions += 1
+        now = time.monotonic()
+        if now - gw.fd_warned > 30:
+            gw.fd_warned = now
+            log.warning("out of file descriptors (%s): pausing new connections and closing %d idle keep-alive "
+                        "ones; raise the open-files limit (LimitNOFILE) if this recurs", context.get("exception"),
+                        len(server.idle))
+        for task in list(server.idle):
+            task.cancel()
+        return
+    loop.default_exception_handler(context)
 
 
 NOT_YET_SUPPORTED = ()  # settings accepted but without effect yet: (name, is_set(cfg))

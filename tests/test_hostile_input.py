@@ -209,3 +209,65 @@ def test_connections_and_buffered_bodies_are_capped(gateway, upstream):
     wait_until(lambda: raw_exchange(gw, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")[1].startswith(b"HTTP/1.1 200"),
                what="connections accepted again")
     assert "server.max-connections" in gw.output()
+
+
+def test_running_out_of_file_descriptors_is_one_warning_not_a_flood(tmp_path):
+    import resource
+    import socket
+    from fakes import free_port
+    from harness import wait_until
+    port = free_port()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("port: %d\nauth-dir: %s\n" % (port, tmp_path / "auth"))
+    log_path = tmp_path / "log.txt"
+    with open(str(log_path), "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "llm_mux.py"), "serve", "--config", str(cfg)],
+                                stdout=log_file, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, XDG_CONFIG_HOME=str(tmp_path)),
+                                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+    socks = []
+    try:
+        wait_until(lambda: b"listening on" in log_path.read_bytes(), what="the gateway")
+        for _ in range(120):  # far more than 64 descriptors' worth
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        wait_until(lambda: b"out of file descriptors" in log_path.read_bytes(), what="the warning")
+        for s in socks:
+            s.close()
+        socks = []
+
+        def metrics():
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            out = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+            s.close()
+            return out.decode()
+        text = wait_until(lambda: "llm_mux_fd_exhaustion_total" in metrics() and metrics(), timeout=30,
+                          what="serving again", ignore=(OSError,))
+        count = [line for line in text.splitlines() if line.startswith("llm_mux_fd_exhaustion_total ")][0]
+        assert int(float(count.split()[1])) > 0
+        log_text = log_path.read_text()
+        assert log_text.count("out of file descriptors") == 1 and "Traceback" not in log_text
+        assert len(log_text.splitlines()) < 40
+    finally:
+        for s in socks:
+            s.close()
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_a_failure_of_the_gateways_own_is_never_the_credentials():
+    gw = __import__("harness").GatewayThread(
+        "providers:\n  - type: openai\n    base-url: http://127.0.0.1:1/v1\n    api-key: sk-x\n    models: [m]\n")
+    try:
+        cred = gw.cred("sk-x")
+        route = gw.gateway.registry.resolve("m")[0]
+        failure = llm_mux.UpstreamFailure(503, "the gateway is out of file descriptors", "server", "local")
+        gw.gateway.router.cool(cred, "m", failure, gw.clock.now(), route.provider)
+        assert cred.states == {} and cred.disabled is None and cred.until_all == 0
+    finally:
+        gw.stop()
