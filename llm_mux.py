@@ -1528,6 +1528,7 @@ CONFIG_SCHEMA = {
     "request-retry": ("int", 3),
     "max-retry-interval": ("int", 30),
     "stream-timeout": ("int", 600),
+    "response-header-timeout": ("int", 45),
     "connect-timeout": ("int", 15),
     "disable-cooling": ("bool", False),
     "quota-window": ("int", 300),
@@ -2957,6 +2958,7 @@ def body_framing(req):
 
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\r\n]*)?\Z")
 _DIGITS = re.compile(r"[0-9]+\Z")
+NOT_HTTP = re.compile(rb"\A(?!HTTP/)[\s\S]{5}")  # an answer whose first five bytes are not "HTTP/"
 BARE_LF = re.compile(rb"(?<!\r)\n")  # HTTP/1.1 lines end in CRLF; a lone LF is refused at once, not waited on
 
 
@@ -3826,7 +3828,7 @@ class HttpClient:
 
     # -- requests -----------------------------------------------------------------------------------------------
     async def request(self, method, url, headers=(), body=None, proxy_url="", timeout=None, stream_timeout=None,
-                      max_size=None):
+                      max_size=None, head_timeout=None):
         """Send one request; returns an UpstreamResponse once the status and headers are in.
 
         `headers` are name/value pairs sent as given (Host, Content-Length, Accept-Encoding and User-Agent are
@@ -3881,7 +3883,7 @@ class HttpClient:
             ch = conn.ch
             try:
                 ch.write(payload)
-                resp = await self._read_head(conn, method, url, stream_timeout, max_size)
+                resp = await self._read_head(conn, method, url, stream_timeout, max_size, head_timeout)
                 return resp
             except ChannelClosed:
                 ch.close()
@@ -3891,19 +3893,24 @@ class HttpClient:
                 raise UpstreamError("protocol", "upstream closed the connection before answering")
             except asyncio.TimeoutError:
                 ch.close()
-                raise UpstreamError("timeout", "upstream sent no response headers within %ss" % stream_timeout)
+                raise UpstreamError("timeout", "upstream sent no response headers within %ss"
+                                    % (head_timeout or stream_timeout))
+            except BadFraming:
+                ch.close()
+                raise UpstreamError("protocol", "upstream answered with something that is not HTTP")
             except BaseException:
                 ch.close()
                 raise
         raise UpstreamError("protocol", "upstream closed the connection before answering")
 
-    async def _read_head(self, conn, method, url, stream_timeout, max_size):
+    async def _read_head(self, conn, method, url, stream_timeout, max_size, head_timeout=None):
         ch = conn.ch
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + stream_timeout if stream_timeout else None
+        wait = head_timeout or stream_timeout
+        deadline = loop.time() + wait if wait else None
         while True:
-            try:
-                head = await ch.read_until(b"\r\n\r\n", MAX_REQUEST_LINE + MAX_HEADER_BYTES, deadline)
+            try:  # garbage fails at once (NOT_HTTP), not after a timeout
+                head = await ch.read_until(b"\r\n\r\n", MAX_REQUEST_LINE + MAX_HEADER_BYTES, deadline, NOT_HTTP)
             except LimitExceeded:
                 raise UpstreamError("protocol", "upstream response headers too large")
             lines = head[:-4].split(b"\r\n")
@@ -12130,7 +12137,15 @@ class Call:
         self.method, self.url = method, redact_url(url)
         try:
             transport = self.provider.transport(self.cred) or self.router.client
-            resp = await transport.request(method, url, headers, body, self.cred.proxy_url)
+            if transport is self.router.client:
+                # A stream's headers come at once from a healthy upstream: a stuck one fails over after
+                # response-header-timeout. A whole answer may take minutes to start: it has stream-timeout.
+                head = self.router.settings().response_header_timeout if (
+                    getattr(self.req, "stream", False) or self.provider.stream_only) else None
+                resp = await transport.request(method, url, headers, body, self.cred.proxy_url,
+                                               head_timeout=head or None)
+            else:
+                resp = await transport.request(method, url, headers, body, self.cred.proxy_url)
             self.status, self.first_byte = resp.status, self.router.clock.now()
             windows = self.provider.quota_windows(resp.headers)
             if windows:

@@ -271,3 +271,43 @@ def test_a_failure_of_the_gateways_own_is_never_the_credentials():
         assert cred.states == {} and cred.disabled is None and cred.until_all == 0
     finally:
         gw.stop()
+
+
+def test_a_stuck_or_babbling_upstream_fails_over_instead_of_holding_the_request(gateway, upstream):
+    import socket
+    import threading
+    from fakes import Reply, openai_stream_events
+
+    def handler(r):
+        if r.headers.get("authorization") == "Bearer k-stuck":
+            return Reply("hang")
+        return Reply("sse", events=openai_stream_events(pieces=("ok",)))
+    up = upstream(handler)
+    babbler = socket.socket()
+    babbler.bind(("127.0.0.1", 0))
+    babbler.listen(16)
+
+    def babble():
+        while True:
+            try:
+                conn, _ = babbler.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.sendall(b"garbage that is not HTTP at all")  # and then nothing: no CRLF, no close
+    threading.Thread(target=babble, daemon=True).start()
+    try:
+        gw = gateway("response-header-timeout: 1\nrequest-retry: 3\nproviders:\n"
+                     "  - type: openai\n    name: stuck\n    base-url: %s/v1\n    api-key: k-stuck\n    models: [m]\n"
+                     "  - type: openai\n    name: babble\n    base-url: http://127.0.0.1:%d/v1\n    api-key: k-b\n"
+                     "    models: [m]\n"
+                     "  - type: openai\n    name: good\n    base-url: %s/v1\n    api-key: k-good\n    models: [m]\n"
+                     "routing: {provider-priority: {stuck: 1, babble: 2, good: 3}}\n"
+                     % (up.url, babbler.getsockname()[1], up.url))
+        c = openai.OpenAI(base_url=gw.url + "/v1", api_key="k", max_retries=0, timeout=60)
+        chunks = list(c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], stream=True))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "ok"
+        out = gw.output()
+        assert "no response headers within 1s" in out and "not HTTP" in out
+    finally:
+        babbler.close()
