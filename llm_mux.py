@@ -151,6 +151,35 @@ def redact_url(url):
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(pairs)))
 
 
+class SecretMask:
+    """Every secret the gateway holds — upstream keys, OAuth access, refresh and id tokens, client keys — masked
+    wherever text leaves the gateway (client error bodies, stream error events, log lines), whichever credential
+    an upstream's error text happens to echo. The Gateway keeps the set current."""
+
+    def __init__(self):
+        self.secrets = frozenset()
+        self.pattern = None
+
+    def update(self, secrets):
+        found = frozenset(x for x in secrets if isinstance(x, str) and len(x) >= 8 and not x.startswith("sha256:"))
+        if found != self.secrets:
+            self.secrets = found
+            self.pattern = re.compile("|".join(re.escape(x) for x in sorted(found, key=len, reverse=True))) \
+                if found else None
+
+    def add(self, *secrets):
+        """Secrets learnt between rebuilds (a refreshed token)."""
+        self.update(self.secrets | {x for x in secrets if isinstance(x, str)})
+
+    def __call__(self, text):
+        if self.pattern is None or not isinstance(text, str):
+            return text
+        return self.pattern.sub(lambda m: mask_secret(m.group()), text)
+
+
+SECRET_MASK = SecretMask()
+
+
 class OneLineFormatter(logging.Formatter):
     """`[time] [level] message`, one line per event whatever the message holds: control characters that came in
     with a request (a path with %0A, a model name with a newline) are escaped, so nobody can forge log lines. A
@@ -159,7 +188,7 @@ class OneLineFormatter(logging.Formatter):
     CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
 
     def formatMessage(self, record):
-        message = record.message
+        message = record.message = SECRET_MASK(record.message)
         if self.CONTROL.search(message):
             record.message = self.CONTROL.sub(lambda m: repr(m.group())[1:-1] if m.group() != "\t" else " ", message)
         return logging.Formatter.formatMessage(self, record)
@@ -5072,6 +5101,7 @@ class ErrorEvent:
     kind = "error"
 
     def __init__(self, status, message, type="server_error", code=None):
+        message = SECRET_MASK(message)
         self.status, self.message, self.type, self.code = status, message, type, error_code(status, message, code)
 
     def error(self):
@@ -5099,6 +5129,7 @@ class GatewayError(Exception):
     server_error, timeout, upstream. `code` is the IR error code (see error_code)."""
 
     def __init__(self, status, message, type="invalid_request", param=None, headers=None, code=None):
+        message = SECRET_MASK(message)
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type, param
         self.headers = headers or []
@@ -8968,6 +8999,7 @@ class FileTokens:
         write_file_atomic(cred.path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n", 0o600)
         st = os.stat(cred.path)
         cred.meta, cred.stamp = meta, (st.st_mtime_ns, st.st_size)
+        SECRET_MASK.add(*(meta.get(k) for k in ("access_token", "refresh_token", "id_token", "api_key")))
 
 
 class SealedBox:
@@ -13386,6 +13418,7 @@ class Gateway:
     def apply_files(self, files, push=True):
         """A new set of credential files (added, changed or removed ones); the registry is rebuilt around it."""
         self.registry = Registry(self.cfg, self.registry, self._with_runtime(files))
+        self._known_secrets()
         self._adopt_live_files(files)
         self.save_rejections()
         if push and self.sync is not None:
@@ -13466,12 +13499,26 @@ class Gateway:
         self.cfg = cfg
         self.limits = ServerLimits(cfg)
         self.registry = Registry(cfg, self.registry, self._with_runtime(self.files))
+        self._known_secrets()
         self._adopt_live_files(self.files)
         log.setLevel(logging.DEBUG if cfg.debug or self.debug else logging.INFO)
         log_to_file(os.path.join(logs_dir(cfg), "llm-mux.log") if cfg.logging_to_file else None)
         if self.registry is not None and getattr(self, "started", None):
             self.save_rejections()
 
+
+    def _known_secrets(self):
+        """Refresh SECRET_MASK with every secret the running gateway holds."""
+        secrets = [k.secret for k in self.cfg.client_keys]
+        for p in self.registry.providers:
+            for c in p.credentials:
+                secrets.append(c.api_key)
+                secrets += [c.meta.get(k) for k in ("access_token", "refresh_token", "id_token", "api_key")]
+                token = c.meta.get("token")
+                if isinstance(token, dict):
+                    secrets += [token.get(k) for k in ("access_token", "refresh_token")]
+        secrets += [self.cfg.store["encryption-key"], self.cfg.data["remote-management"]["secret-key"]]
+        SECRET_MASK.update(secrets)
 
     def _with_runtime(self, files):
         """Credential files plus the runtime-only credentials (browser relays), which have no file."""

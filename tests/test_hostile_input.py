@@ -311,3 +311,28 @@ def test_a_stuck_or_babbling_upstream_fails_over_instead_of_holding_the_request(
         assert "no response headers within 1s" in out and "not HTTP" in out
     finally:
         babbler.close()
+
+
+def test_an_upstream_that_echoes_another_credentials_secret_reveals_nothing(gateway, upstream, tmp_path):
+    import json
+    from fakes import Reply
+    auth = tmp_path / "auth"
+    auth.mkdir()
+    (auth / "claude-a.json").write_text(json.dumps({
+        "type": "claude", "email": "a@x", "access_token": "at-OTHER-SECRET-0001", "refresh_token": "rt-OTHER-0002",
+        "expired": "2099-01-01T00:00:00Z"}))
+    # the upstream of key A echoes key B and the Claude account's tokens (a shared proxy, a verbose error page)
+    up = upstream(lambda r: Reply(status=400, body={"error": {"message": "bad request; also tried sk-KEY-B-SECRET-77 "
+                                                               "and at-OTHER-SECRET-0001 / rt-OTHER-0002",
+                                                               "type": "invalid_request_error"}}))
+    gw = gateway("auth-dir: %s\napi-keys: [sk-CLIENT-KEY-0042]\nproviders:\n  - type: openai\n    base-url: %s/v1\n"
+                 "    api-keys: [sk-KEY-A-SECRET-11]\n    models: [m]\n  - type: openai\n    name: b\n"
+                 "    base-url: http://127.0.0.1:1/v1\n    api-key: sk-KEY-B-SECRET-77\n    models: [other]\n"
+                 % (auth, up.url))
+    with pytest.raises(openai.BadRequestError) as e:
+        openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-CLIENT-KEY-0042", max_retries=0).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}])
+    seen = str(e.value.body) + gw.output()
+    for secret in ("sk-KEY-B-SECRET-77", "at-OTHER-SECRET-0001", "rt-OTHER-0002", "sk-CLIENT-KEY-0042"):
+        assert secret not in seen, secret
+    assert "sk-K...T-77" in str(e.value.body)  # masked the usual way: ends kept to tell keys apart
