@@ -5510,6 +5510,18 @@ OPENAI_ERROR_TYPES = {"invalid_request": "invalid_request_error", "authenticatio
                       "timeout": "timeout_error", "upstream": "upstream_error"}
 
 
+def _guard_client_parser(fn, codec_name):
+    @functools.wraps(fn)
+    def guarded(cls, *args, **kw):
+        try:
+            return fn(cls, *args, **kw)
+        except (TypeError, AttributeError, KeyError, IndexError, ValueError, RecursionError) as e:
+            log.info("%s request rejected: %s: %s", codec_name, type(e).__name__, e)
+            raise BadRequest("invalid request body: a field has the wrong type or shape (%s)" % (
+                str(e)[:200] if not isinstance(e, KeyError) else "missing %s" % e))
+    return guarded
+
+
 class Codec:
     """One API format, translated to and from the IR in both directions. A codec reads and writes only its own
     format's fields and tokens (reasoning state of other families goes through pack_reasoning). Each implements:
@@ -5524,6 +5536,17 @@ class Codec:
 
     name = "?"
     file_store = None  # the family whose uploaded files this format's upstreams can read by id
+    CLIENT_PARSERS = ("parse_request", "parse_embeddings")
+
+    def __init_subclass__(cls, **kw):
+        """The contract for client input: a codec's parsers raise BadRequest (400) and nothing else. A body of
+        the wrong shape that slips past a parser's own checks (a list where an object belongs, a null in a list)
+        is turned into a 400 naming what was wrong, never a 500."""
+        super().__init_subclass__(**kw)
+        for name in cls.CLIENT_PARSERS:
+            fn = cls.__dict__.get(name)
+            if isinstance(fn, classmethod):
+                setattr(cls, name, classmethod(_guard_client_parser(fn.__func__, cls.__name__)))
 
     @classmethod
     def file_ref(cls, part):
@@ -8432,7 +8455,9 @@ class Ollama(Codec):
             raise BadRequest("%s.images must be an array of base64 strings" % where, "images")
         out = []
         for b64 in imgs:
-            if isinstance(b64, str) and b64:
+            if not isinstance(b64, str):
+                raise BadRequest("%s.images must be an array of base64 strings" % where, "images")
+            if b64:
                 split = data_url_split(b64)
                 out.append(Image(split[0], split[1]) if split else Image(sniff_image_mime(b64), b64))
         return out

@@ -1,0 +1,134 @@
+"""Fuzz target for every codec's client-request parser: valid bodies of each format with values swapped for
+wrong types (null, numbers, strings, lists, objects, deep nesting) at random paths. A parser returns a request or
+raises a GatewayError (a 400 in the client's format) — never another exception, which would be a 500."""
+import copy
+import os
+import random
+
+import llm_mux
+
+CASES = int(os.environ.get("LLM_MUX_FUZZ_CASES", "3000"))
+
+IMG = "data:image/png;base64,iVBORw0KGgo="
+SEEDS = {
+    "openai": {"model": "m", "stream": True, "temperature": 0.2, "max_tokens": 10, "stop": ["x"],
+               "messages": [{"role": "system", "content": "s"},
+                            {"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                         {"type": "image_url", "image_url": {"url": IMG}}]},
+                            {"role": "assistant", "content": None, "tool_calls": [
+                                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                            {"role": "tool", "tool_call_id": "c1", "content": "r"}],
+               "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+               "tool_choice": "auto", "response_format": {"type": "json_object"}, "reasoning_effort": "low"},
+    "responses": {"model": "m", "instructions": "s", "stream": True, "max_output_tokens": 10,
+                  "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"},
+                                                         {"type": "input_image", "image_url": IMG}]},
+                            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                            {"type": "function_call_output", "call_id": "c1", "output": "r"}],
+                  "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+                  "reasoning": {"effort": "low"}, "text": {"format": {"type": "text"}}},
+    "anthropic": {"model": "m", "max_tokens": 10, "system": [{"type": "text", "text": "s"}], "stream": True,
+                  "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {
+                      "type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}}]},
+                      {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+                      {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "r"}]}],
+                  "tools": [{"name": "f", "input_schema": {"type": "object"}}], "tool_choice": {"type": "auto"},
+                  "thinking": {"type": "enabled", "budget_tokens": 1024}},
+    "gemini": {"contents": [{"role": "user", "parts": [{"text": "hi"}, {"inlineData": {
+                   "mimeType": "image/png", "data": "iVBO"}}]},
+                            {"role": "model", "parts": [{"functionCall": {"name": "f", "args": {}}}]},
+                            {"role": "user", "parts": [{"functionResponse": {"name": "f", "response": {}}}]}],
+               "systemInstruction": {"parts": [{"text": "s"}]},
+               "tools": [{"functionDeclarations": [{"name": "f", "parameters": {"type": "object"}}]}],
+               "generationConfig": {"maxOutputTokens": 10, "thinkingConfig": {"thinkingBudget": 100}}},
+    "ollama": {"model": "m", "stream": False, "options": {"temperature": 0.1, "num_predict": 5},
+               "messages": [{"role": "user", "content": "hi", "images": ["iVBO"]},
+                            {"role": "assistant", "content": "", "tool_calls": [
+                                {"function": {"name": "f", "arguments": {}}}]},
+                            {"role": "tool", "content": "r"}],
+               "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]},
+}
+WEIRD = [None, 0, -1, 1.5, True, "", "x", [], [None], {}, {"a": None}, [[[[[]]]]], "\ud800"[:0], 10 ** 30]
+
+
+def paths(obj, prefix=()):
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from paths(v, prefix + (i,))
+
+
+def mutate(rng, body):
+    body = copy.deepcopy(body)
+    for _ in range(rng.randint(1, 3)):
+        options = [p for p in paths(body) if p]
+        if not options:
+            return body
+        path = rng.choice(options)
+        holder = body
+        for step in path[:-1]:
+            holder = holder[step]
+        if rng.random() < 0.15 and isinstance(holder, dict):
+            holder.pop(path[-1], None)
+        else:
+            holder[path[-1]] = copy.deepcopy(rng.choice(WEIRD))
+    return body
+
+
+def parse(fmt, body):
+    if fmt == "openai":
+        return llm_mux.OpenAIChat.parse_request(body)
+    if fmt == "responses":
+        return llm_mux.Responses.parse_request(body)
+    if fmt == "anthropic":
+        return llm_mux.Anthropic.parse_request(body)
+    if fmt == "gemini":
+        return llm_mux.Gemini.parse_request(body, "m")
+    return llm_mux.Ollama.parse_request(body)
+
+
+def test_every_codec_parser_raises_only_gateway_errors():
+    rng = random.Random(400)
+    for fmt, seed in SEEDS.items():
+        assert parse(fmt, copy.deepcopy(seed)) is not None, fmt  # the seeds are valid
+    for _ in range(CASES):
+        fmt = rng.choice(sorted(SEEDS))
+        body = mutate(rng, SEEDS[fmt])
+        try:
+            parse(fmt, body)
+        except llm_mux.GatewayError as e:
+            assert 400 <= e.status < 500, (fmt, body, e.message)
+    for fmt in SEEDS:  # not even an object
+        for body in ([], "x", None, 3):
+            try:
+                parse(fmt, body)
+            except llm_mux.GatewayError as e:
+                assert e.status == 400
+
+
+def test_wrong_shapes_are_a_400_in_each_apis_own_shape(gateway, upstream):
+    import json
+    import urllib.error
+    import urllib.request
+    from harness import openai_provider_config
+    up = upstream()
+    gw = gateway(openai_provider_config(up.url))
+    cases = [("/v1/messages", {"model": "gpt-test", "max_tokens": 5, "messages": [None]},
+              lambda b: b["type"] == "error" and b["error"]["type"] == "invalid_request_error"),
+             ("/v1beta/models/gpt-test:generateContent", {"contents": [{"parts": "not a list"}]},
+              lambda b: b["error"]["status"] == "INVALID_ARGUMENT"),
+             ("/api/chat", {"model": "gpt-test", "messages": [{"role": "user", "content": "x", "images": [7]}]},
+              lambda b: isinstance(b["error"], str)),
+             ("/v1/chat/completions", {"model": "gpt-test", "messages": [{"role": "user", "content": [None]}]},
+              lambda b: b["error"]["type"] == "invalid_request_error")]
+    for path, body, shape in cases:
+        req = urllib.request.Request(gw.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with __import__("pytest").raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        got = json.loads(e.value.read())
+        assert e.value.code == 400 and shape(got), (path, got)
+    assert "Traceback" not in gw.output() and up.requests == []
