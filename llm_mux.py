@@ -12243,7 +12243,8 @@ class Call:
             return collector.result()
         try:
             data = await self.response.json()
-            answer = (self.provider.parse_embeddings if self.kind == "embed" else self.provider.parse_response)(data)
+            answer = self._guard(self.provider.parse_embeddings if self.kind == "embed" else
+                                 self.provider.parse_response, data)
         except UpstreamError as e:
             failure = self.fail(self.network_failure(e))
             raise GatewayError(failure.status, failure.message, failure.type)
@@ -12283,15 +12284,23 @@ class Call:
 
     def _decode(self, decoder, frames, final=False):
         for event, data in frames:
-            for ev in decoder.feed(event, data):
+            for ev in self._guard(decoder.feed, event, data):
                 if ev.kind in ("usage", "error"):
                     self._note(ev)
                 yield ev
         if final:
-            for ev in decoder.close():
+            for ev in self._guard(decoder.close):
                 if ev.kind in ("usage", "error"):
                     self._note(ev)
                 yield ev
+
+    def _guard(self, fn, *args):
+        """An upstream event of the wrong shape (`{"choices": [null]}`) is the upstream's protocol error — an
+        error event for the client, never a crash or a silently cut stream."""
+        try:
+            return fn(*args)
+        except (TypeError, AttributeError, KeyError, IndexError, ValueError, RecursionError) as e:
+            raise UpstreamError("protocol", "malformed event or answer (%s: %s)" % (type(e).__name__, str(e)[:160]))
 
     def _note(self, ev):
         if ev.kind == "usage":

@@ -132,3 +132,26 @@ def test_wrong_shapes_are_a_400_in_each_apis_own_shape(gateway, upstream):
         got = json.loads(e.value.read())
         assert e.value.code == 400 and shape(got), (path, got)
     assert "Traceback" not in gw.output() and up.requests == []
+
+
+def test_upstream_events_and_answers_of_the_wrong_shape_are_error_events_not_crashes(gateway, upstream):
+    import openai
+    import pytest
+    from fakes import Reply
+    from harness import openai_provider_config
+    answers = {"stream": Reply("sse", events=['{"id": "x", "choices": [null]}', "[DONE]"]),
+               "json": Reply(body={"id": "x", "choices": [{"message": 7}]})}
+    up = upstream(lambda r: answers["stream" if r.json.get("stream") else "json"])
+    gw = gateway(openai_provider_config(up.url) + "request-retry: 0\n")
+    c = openai.OpenAI(base_url=gw.url + "/v1", api_key="k", max_retries=0)
+    with pytest.raises(openai.APIError) as e:
+        for _ in c.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "x"}],
+                                           stream=True):
+            pass
+    assert "malformed event" in str(e.value)
+    gw2 = gateway(openai_provider_config(up.url) + "request-retry: 0\n")  # the first one now cools that upstream
+    c = openai.OpenAI(base_url=gw2.url + "/v1", api_key="k", max_retries=0)
+    with pytest.raises(openai.APIStatusError) as e:
+        c.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 502 and "malformed" in str(e.value)
+    assert "Traceback" not in gw.output()
