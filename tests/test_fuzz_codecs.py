@@ -7,7 +7,7 @@ import random
 
 import llm_mux
 
-CASES = int(os.environ.get("LLM_MUX_FUZZ_CASES", "3000"))
+CASES = int(os.environ.get("LLM_MUX_FUZZ_CASES", "20000"))
 
 IMG = "data:image/png;base64,iVBORw0KGgo="
 SEEDS = {

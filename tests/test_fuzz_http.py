@@ -6,7 +6,7 @@ import random
 
 import llm_mux
 
-CASES = int(os.environ.get("LLM_MUX_FUZZ_CASES", "5000"))
+CASES = int(os.environ.get("LLM_MUX_FUZZ_CASES", "50000"))
 
 SEEDS = [
     b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n",

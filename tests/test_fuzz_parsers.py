@@ -9,7 +9,7 @@ import zlib
 
 import llm_mux
 
-CASES = int(os.environ.get("LLM_MUX_FUZZ_CASES", "3000"))
+CASES = int(os.environ.get("LLM_MUX_FUZZ_CASES", "20000"))
 
 
 def mutate(rng, data, extra):

@@ -11,7 +11,7 @@ import struct
 
 import llm_mux
 
-CASES = int(os.environ.get("LLM_MUX_FUZZ_CASES", "3000"))
+CASES = int(os.environ.get("LLM_MUX_FUZZ_CASES", "20000"))
 
 
 def msg(kind, payload=b""):

@@ -8,7 +8,7 @@ import struct
 
 import llm_mux
 
-CASES = int(os.environ.get("LLM_MUX_FUZZ_CASES", "3000"))
+CASES = int(os.environ.get("LLM_MUX_FUZZ_CASES", "20000"))
 
 
 def frame(opcode, payload, fin=True):
