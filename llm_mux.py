@@ -1558,6 +1558,7 @@ CONFIG_SCHEMA = {
     "max-retry-interval": ("int", 30),
     "stream-timeout": ("int", 600),
     "response-header-timeout": ("int", 45),
+    "request-timeout": ("int", 0),
     "connect-timeout": ("int", 15),
     "disable-cooling": ("bool", False),
     "quota-window": ("int", 300),
@@ -3497,6 +3498,7 @@ class UpstreamResponse:
         self._stream_timeout = stream_timeout
         self._max_size = max_size
         self._done = False
+        self.ends_at = self.total_timeout = None  # the whole request's end (request-timeout), in loop time
         te = (headers.get("transfer-encoding") or "").lower()
         cl = headers.get("content-length")
         if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
@@ -3519,7 +3521,11 @@ class UpstreamResponse:
             self._decoder = "unsupported:" + enc
 
     def _deadline(self):
-        return asyncio.get_running_loop().time() + self._stream_timeout if self._stream_timeout else None
+        """The next wait's deadline: stream-timeout of silence, and never past the whole request's end."""
+        idle = asyncio.get_running_loop().time() + self._stream_timeout if self._stream_timeout else None
+        if self.ends_at is None:
+            return idle
+        return self.ends_at if idle is None else min(idle, self.ends_at)
 
     async def _raw_chunks(self):
         ch = self._conn.ch
@@ -3603,6 +3609,9 @@ class UpstreamResponse:
                 yield tail
             completed = True
         except asyncio.TimeoutError:
+            if self.ends_at is not None and asyncio.get_running_loop().time() >= self.ends_at:
+                raise UpstreamError("timeout", "the upstream answer took longer than request-timeout (%ss)"
+                                    % self.total_timeout)
             raise UpstreamError("timeout", "upstream sent nothing for %ss" % self._stream_timeout)
         except ChannelClosed:
             raise UpstreamError("protocol", "upstream closed the connection mid-body")
@@ -3857,7 +3866,7 @@ class HttpClient:
 
     # -- requests -----------------------------------------------------------------------------------------------
     async def request(self, method, url, headers=(), body=None, proxy_url="", timeout=None, stream_timeout=None,
-                      max_size=None, head_timeout=None):
+                      max_size=None, head_timeout=None, total_timeout=None):
         """Send one request; returns an UpstreamResponse once the status and headers are in.
 
         `headers` are name/value pairs sent as given (Host, Content-Length, Accept-Encoding and User-Agent are
@@ -3904,6 +3913,7 @@ class HttpClient:
         lines.append("\r\n")
         payload = "".join(lines).encode("latin-1") + body
         key = (scheme, host, port, proxy.url if proxy else "")
+        started = asyncio.get_running_loop().time()
         for attempt in (0, 1):
             conn = self._acquire_idle(key) if attempt == 0 else None
             if conn is None:
@@ -3912,7 +3922,11 @@ class HttpClient:
             ch = conn.ch
             try:
                 ch.write(payload)
+                if total_timeout:
+                    head_timeout = min(head_timeout or stream_timeout or total_timeout, total_timeout)
                 resp = await self._read_head(conn, method, url, stream_timeout, max_size, head_timeout)
+                if total_timeout:
+                    resp.ends_at, resp.total_timeout = started + total_timeout, total_timeout
                 return resp
             except ChannelClosed:
                 ch.close()
@@ -12200,7 +12214,8 @@ class Call:
                 head = self.router.settings().response_header_timeout if (
                     getattr(self.req, "stream", False) or self.provider.stream_only) else None
                 resp = await transport.request(method, url, headers, body, self.cred.proxy_url,
-                                               head_timeout=head or None)
+                                               head_timeout=head or None,
+                                               total_timeout=self.router.settings().request_timeout or None)
             else:
                 resp = await transport.request(method, url, headers, body, self.cred.proxy_url)
             self.status, self.first_byte = resp.status, self.router.clock.now()

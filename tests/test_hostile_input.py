@@ -336,3 +336,18 @@ def test_an_upstream_that_echoes_another_credentials_secret_reveals_nothing(gate
     for secret in ("sk-KEY-B-SECRET-77", "at-OTHER-SECRET-0001", "rt-OTHER-0002", "sk-CLIENT-KEY-0042"):
         assert secret not in seen, secret
     assert "sk-K...T-77" in str(e.value.body)  # masked the usual way: ends kept to tell keys apart
+
+
+def test_request_timeout_bounds_a_whole_upstream_answer(gateway, upstream):
+    from fakes import Reply
+    slow = ['{"id": "x", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "a"}}]}',
+            0.4] * 20  # a chunk every 0.4 s: never silent long enough for stream-timeout, but 8 s in all
+    up = upstream(lambda r: Reply("sse", events=slow))
+    gw = gateway(openai_provider_config(up.url) + "request-timeout: 2\nrequest-retry: 0\n")
+    c = openai.OpenAI(base_url=gw.url + "/v1", api_key="k", max_retries=0, timeout=60)
+    got = []
+    with pytest.raises(openai.APIError) as e:
+        for chunk in c.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "x"}],
+                                               stream=True):
+            got.append(chunk)
+    assert "request-timeout (2s)" in str(e.value)  # cut long before the upstream's 8 s
