@@ -3205,7 +3205,14 @@ class HttpServer:
                         if req.version >= (1, 1) and (kind == "chunked" or length > 0) and not ch.buf:
                             ch.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                     if kind == "chunked":
+                        # its size is known only once read: bounded by max-request-size while it arrives, then
+                        # counted against max-buffered-body like any other body while the request runs
                         req.body = await read_chunked(ch, limits.max_body, lambda: body_deadline)
+                        if self.buffered + len(req.body) > limits.max_buffered:
+                            raise HttpError(503, "too many request bodies in flight (server.max-buffered-body); "
+                                                 "retry shortly")
+                        reserved = len(req.body)
+                        self.buffered += reserved
                     elif length:
                         req.body = await ch.read_exactly(length, body_deadline)
                 except HttpError as e:
