@@ -4238,7 +4238,22 @@ class PgResult:
         return int(last) if last.isdigit() else -1
 
 
-class PgConnection:
+class PgQueries:
+    """The result shapes callers want, over `execute(sql, *args, timeout=)` (a connection's or a pool's)."""
+
+    async def fetch(self, sql, *args, timeout=None):
+        return (await self.execute(sql, *args, timeout=timeout)).rows
+
+    async def fetchrow(self, sql, *args, timeout=None):
+        rows = (await self.execute(sql, *args, timeout=timeout)).rows
+        return rows[0] if rows else None
+
+    async def fetchval(self, sql, *args, timeout=None):
+        row = await self.fetchrow(sql, *args, timeout=timeout)
+        return row[0] if row else None
+
+
+class PgConnection(PgQueries):
     """One server connection. Statements run one at a time (a lock serialises callers); asynchronous
     notifications that arrive on it are handed to `on_notify(channel, payload, pid)`."""
 
@@ -4492,17 +4507,6 @@ class PgConnection:
             except Exception:
                 log.exception("PostgreSQL notification handler failed")
 
-    async def fetch(self, sql, *args, timeout=None):
-        return (await self.execute(sql, *args, timeout=timeout)).rows
-
-    async def fetchrow(self, sql, *args, timeout=None):
-        rows = (await self.execute(sql, *args, timeout=timeout)).rows
-        return rows[0] if rows else None
-
-    async def fetchval(self, sql, *args, timeout=None):
-        row = await self.fetchrow(sql, *args, timeout=timeout)
-        return row[0] if row else None
-
     @contextlib.asynccontextmanager
     async def transaction(self):
         """BEGIN ... COMMIT, or ROLLBACK when the block raises."""
@@ -4592,7 +4596,7 @@ class PgScram:
         self.verified = True
 
 
-class PgPool:
+class PgPool(PgQueries):
     """A few connections shared by callers on one event loop. Connections are opened on demand up to `size`;
     a broken one is dropped and replaced next time; after a failed connect, new attempts wait an exponential
     back-off (0.2 s doubling to 10 s) and fail fast meanwhile, so a dead database costs callers no waiting."""
@@ -4697,17 +4701,6 @@ class PgPool:
     async def execute(self, sql, *args, timeout=None):
         async with self.connection() as conn:
             return await conn.execute(sql, *args, timeout=timeout)
-
-    async def fetch(self, sql, *args, timeout=None):
-        return (await self.execute(sql, *args, timeout=timeout)).rows
-
-    async def fetchrow(self, sql, *args, timeout=None):
-        rows = (await self.execute(sql, *args, timeout=timeout)).rows
-        return rows[0] if rows else None
-
-    async def fetchval(self, sql, *args, timeout=None):
-        row = await self.fetchrow(sql, *args, timeout=timeout)
-        return row[0] if row else None
 
     def close(self):
         self.closed = True

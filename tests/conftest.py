@@ -2,6 +2,7 @@
 import pytest
 
 from harness import FakeUpstream, Gateway
+from pgkit import fresh_database, need_shared
 
 
 def pytest_configure(config):
@@ -35,3 +36,12 @@ def upstream():
     yield start
     for u in started:
         u.stop()
+
+
+@pytest.fixture
+def pgdb():
+    """A fresh database on the machine's PostgreSQL for one test, dropped after it."""
+    need_shared()
+    url, drop = fresh_database()
+    yield url
+    drop()

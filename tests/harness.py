@@ -92,6 +92,30 @@ def openai_provider(url, keys, models=("m",), name="p", extra=""):
     return "\n".join(lines) + "\n" + extra
 
 
+class NullTransport:
+    """A transport that swallows writes, for feeding a parser fixed bytes through an llm_mux.Channel."""
+
+    def write(self, data):
+        pass
+
+    def is_closing(self):
+        return False
+
+    def close(self):
+        pass
+
+    abort = pause_reading = resume_reading = close
+
+
+def channel_with(data):
+    """An llm_mux.Channel holding `data` and then the end of the stream (a short read ends, never waits)."""
+    ch = llm_mux.Channel()
+    ch.transport = NullTransport()
+    ch.buf += data
+    ch.eof = True
+    return ch
+
+
 def wait_until(predicate, timeout=15.0, what="the condition", ignore=()):
     """Poll `predicate` until it returns something true, and return that. Exceptions of the types in `ignore`
     count as not yet. Fails (never passes) at the deadline, a guard against hangs, not a speed requirement."""

@@ -10,6 +10,7 @@ import random
 import struct
 
 import llm_mux
+from harness import channel_with
 
 CASES = int(os.environ.get("LLM_MUX_FUZZ_CASES", "20000"))
 
@@ -94,29 +95,8 @@ def mutate(rng, data):
     return bytes(data)
 
 
-class NullTransport:
-    def write(self, data):
-        pass
-
-    def is_closing(self):
-        return False
-
-    def close(self):
-        pass
-
-    def pause_reading(self):
-        pass
-
-    def resume_reading(self):
-        pass
-
-
 def feed(conn, data):
-    ch = llm_mux.Channel()
-    ch.transport = NullTransport()
-    ch.buf += data
-    ch.eof = True  # the server says nothing more: a short reply ends in ChannelClosed, not a wait
-    conn.ch = ch
+    conn.ch = channel_with(data)  # the server says nothing more: a short reply ends in ChannelClosed, not a wait
 
 
 async def one(kind, data, notes):

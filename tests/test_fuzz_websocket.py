@@ -7,6 +7,7 @@ import random
 import struct
 
 import llm_mux
+from harness import channel_with
 
 CASES = int(os.environ.get("LLM_MUX_FUZZ_CASES", "20000"))
 
@@ -26,20 +27,6 @@ SEEDS = [
     frame(8, struct.pack("!H", 1000) + b"bye"),
     frame(1, "☃".encode()[:2], fin=False) + frame(0, "☃".encode()[2:]) + frame(8, b""),
 ]
-
-
-class Sink:
-    def write(self, data):
-        pass
-
-    def is_closing(self):
-        return False
-
-    def close(self):
-        pass
-
-    def abort(self):
-        pass
 
 
 def mutate(rng, data):
@@ -62,11 +49,7 @@ def mutate(rng, data):
 
 
 async def one(data):
-    ch = llm_mux.Channel()
-    ch.transport = Sink()
-    ch.buf += data
-    ch.eof = True
-    ws = llm_mux.WebSocket(ch, max_message=1 << 16, ping_interval=0)
+    ws = llm_mux.WebSocket(channel_with(data), max_message=1 << 16, ping_interval=0)
     got = []
     try:
         while True:

@@ -22,18 +22,9 @@ from cryptography.hazmat.primitives import hmac as crypto_hmac
 import llm_mux
 from fakes import FakeUpstream, Reply, openai_completion
 from harness import ROOT, Gateway, openai_provider_config, wait_until
-from pgkit import fresh_database, need_shared
 
 MODEL = "claude-sonnet-4-5-20250929"
 KEY = "4f1e0c9a8b7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f"
-
-
-@pytest.fixture
-def pgdb():
-    need_shared()
-    url, drop = fresh_database()
-    yield url
-    drop()
 
 
 def pg(url, sql, *args):

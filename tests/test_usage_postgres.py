@@ -6,19 +6,10 @@ import time
 
 import openai
 import psycopg
-import pytest
 
 import llm_mux
 from harness import openai_provider_config, wait_until
-from pgkit import PrivateCluster, fresh_database, need_shared
-
-
-@pytest.fixture
-def pgdb():
-    need_shared()
-    url, drop = fresh_database()
-    yield url
-    drop()
+from pgkit import PrivateCluster
 
 
 def pg_rows(url, sql="SELECT * FROM usage_records ORDER BY id"):
