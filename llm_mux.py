@@ -2442,11 +2442,9 @@ class Channel(asyncio.Protocol):
         the bytes before it match `forbid` (a compiled pattern)."""
         start = 0
         while True:
-            if forbid is not None:
-                k = self.buf.find(sep)
-                if forbid.search(self.buf, 0, k if k >= 0 else len(self.buf)):
-                    raise BadFraming()
             k = self.buf.find(sep, start)
+            if forbid is not None and forbid.search(self.buf, 0, k if k >= 0 else len(self.buf)):
+                raise BadFraming()
             if k >= 0:
                 end = k + len(sep)
                 if end > limit:
@@ -11477,7 +11475,9 @@ class RelaySession:
         self.closed = None
         self.authenticated = False
 
-    async def request(self, method, url, headers, body, proxy_url=""):
+    async def request(self, method, url, headers, body, proxy_url="", head_timeout=None, total_timeout=None):
+        """The HTTP client's `request`, over the socket: the page's first answer is awaited for head_timeout (or
+        answer_timeout); proxy_url and total_timeout do not apply to a page."""
         if self.closed is not None:
             raise UpstreamError("connect", "the relay %s is gone (%s)" % (self.channel, self.closed))
         rid = new_id("", 16)
@@ -11489,11 +11489,11 @@ class RelaySession:
             await self.ws.send_json({"id": rid, "type": "http_request", "payload": {
                 "method": method, "url": url, "headers": grouped,
                 "body": (body or b"").decode("utf-8", "replace"), "sent_at": rfc3339(time.time())}})
-            kind, payload = await asyncio.wait_for(queue.get(), self.answer_timeout)
+            wait = head_timeout or self.answer_timeout
+            kind, payload = await asyncio.wait_for(queue.get(), wait)
         except asyncio.TimeoutError:
             self.pending.pop(rid, None)
-            raise UpstreamError("timeout", "the relay %s did not answer within %ds" % (self.channel,
-                                                                                     self.answer_timeout))
+            raise UpstreamError("timeout", "the relay %s did not answer within %ds" % (self.channel, wait))
         except WebSocketClosed as e:
             self.pending.pop(rid, None)
             raise UpstreamError("connect", "the relay %s closed (%d)" % (self.channel, e.code))
@@ -12208,16 +12208,13 @@ class Call:
         self.method, self.url = method, redact_url(url)
         try:
             transport = self.provider.transport(self.cred) or self.router.client
-            if transport is self.router.client:
-                # A stream's headers come at once from a healthy upstream: a stuck one fails over after
-                # response-header-timeout. A whole answer may take minutes to start: it has stream-timeout.
-                head = self.router.settings().response_header_timeout if (
-                    getattr(self.req, "stream", False) or self.provider.stream_only) else None
-                resp = await transport.request(method, url, headers, body, self.cred.proxy_url,
-                                               head_timeout=head or None,
-                                               total_timeout=self.router.settings().request_timeout or None)
-            else:
-                resp = await transport.request(method, url, headers, body, self.cred.proxy_url)
+            # A stream's headers come at once from a healthy upstream: a stuck one fails over after
+            # response-header-timeout. A whole answer may take minutes to start: it has stream-timeout.
+            settings = self.router.settings()
+            head = settings.response_header_timeout if (
+                getattr(self.req, "stream", False) or self.provider.stream_only) else None
+            resp = await transport.request(method, url, headers, body, self.cred.proxy_url,
+                                           head_timeout=head or None, total_timeout=settings.request_timeout or None)
             self.status, self.first_byte = resp.status, self.router.clock.now()
             windows = self.provider.quota_windows(resp.headers)
             if windows:
