@@ -2,7 +2,6 @@
 while the database is down that drains when it returns, and a bounded spool."""
 import signal
 import sqlite3
-import time
 
 import openai
 import psycopg
@@ -69,7 +68,8 @@ def test_the_report_is_the_same_from_sqlite_and_postgres(tmp_path, pgdb):
     pg.write(records[:10])  # written twice (a drained spool after a crash): stored once
     assert pg.count() == 40
     pg.close()
-    args = (time.mktime((2026, 11, 1, 0, 0, 0, 0, 0, 0)) - 86400, time.mktime((2026, 12, 1, 0, 0, 0, 0, 0, 0)))
+    import calendar
+    args = (calendar.timegm((2026, 11, 1, 0, 0, 0)) - 86400, calendar.timegm((2026, 12, 1, 0, 0, 0)))  # UTC
     for filters in ({}, {"provider": "p1"}, {"key": "key2", "model": "m0"}):
         a = llm_mux.usage_report(("sqlite", str(tmp_path / "u.db")), *args, filters)
         b = llm_mux.usage_report(("postgres", pgdb), *args, filters)
@@ -87,9 +87,7 @@ def test_postgres_down_spools_locally_and_drains_when_it_returns(gateway, upstre
         chat(gw, 3)
         wait_until(lambda: len(pg_rows(url)) == 3, what="records in PostgreSQL", ignore=(psycopg.Error,))
         cluster.stop()
-        started = time.monotonic()
-        chat(gw, 7)  # requests are served while the database is down
-        assert time.monotonic() - started < 30
+        chat(gw, 7)  # requests are served while the database is down (each would raise otherwise)
         wait_until(lambda: spool.exists() and sqlite3.connect(str(spool)).execute(
             "SELECT count(*) FROM usage_records").fetchone()[0] == 7, what="records in the spool")
         metrics = gw.get_text("/metrics")
