@@ -415,16 +415,28 @@ class Clock:
         await asyncio.sleep(max(0.0, seconds))
 
 
+_malloc_trim = []  # glibc's malloc_trim once looked up, or None where there is none
+
+
+def trim_heap():
+    """Hand the heap's free pages back to the OS. glibc keeps freed memory for reuse, so without this a burst of
+    large request bodies leaves the process hundreds of MB larger for good. A no-op where malloc is not glibc's."""
+    if not _malloc_trim:
+        try:
+            import ctypes
+            _malloc_trim.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (ImportError, OSError, AttributeError):
+            _malloc_trim.append(None)  # not glibc: nothing to trim, nothing lost
+    if _malloc_trim[0] is not None:
+        _malloc_trim[0](0)
+
+
 def release_startup_memory():
-    """Give the heap that compiling this large file left behind back to the OS (glibc keeps it otherwise; about
-    15 MB). A script run as __main__ is always compiled from source, so this matters for `python llm_mux.py`."""
+    """Give the heap that compiling this large file left behind back to the OS (about 15 MB). A script run as
+    __main__ is always compiled from source, so this matters for `python llm_mux.py`."""
     import gc
     gc.collect()
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (ImportError, OSError, AttributeError):
-        pass  # not glibc: nothing to trim, nothing lost
+    trim_heap()
 
 
 def read_json_file(*parts):
@@ -2466,6 +2478,24 @@ class Channel(asyncio.Protocol):
         self._consumed()
         return data
 
+    async def read_into(self, out, n, deadline=None):
+        """Append exactly `n` bytes to the bytearray `out`, moving them out of this buffer as they arrive: a large
+        body is copied once, straight to where it stays, and never piles up here whole."""
+        while n:
+            if not self.buf:
+                await self._wait(deadline)
+                continue
+            if n >= len(self.buf):
+                n -= len(self.buf)
+                out += self.buf
+                self.buf = bytearray()
+            else:
+                with memoryview(self.buf) as view:
+                    out += view[:n]
+                del self.buf[:n]
+                n = 0
+            self._consumed()
+
     async def read_some(self, max_bytes=1 << 16, deadline=None):
         """Whatever is buffered (up to max_bytes), waiting for at least one byte; b"" at end of stream."""
         if not self.buf:
@@ -2496,18 +2526,33 @@ class Channel(asyncio.Protocol):
         if not self.lost:
             self.transport.write(data)
 
-    async def drain(self):
+    async def drain(self, deadline=None):
         if self.lost:
             raise ChannelClosed("connection lost")
         if self._write_paused:
-            fut = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
             self._drain_waiter = fut
+            timer = loop.call_at(deadline, _expire_future, fut) if deadline is not None else None
             try:
                 await fut
             finally:
                 self._drain_waiter = None
+                if timer is not None:
+                    timer.cancel()
             if self.lost:
                 raise ChannelClosed("connection lost")
+
+    async def write_all(self, data, deadline=None):
+        """Write `data` in slices as the peer takes them (TimeoutError past `deadline`): the transport's buffer
+        copies at most one slice of a large body, never the whole of it."""
+        if len(data) <= self.HIGH_WATER:
+            self.write(data)
+            return
+        view = memoryview(data)
+        for i in range(0, len(view), self.HIGH_WATER):
+            self.write(view[i:i + self.HIGH_WATER])
+            await self.drain(deadline)
 
     def close(self):
         if self.transport is not None and not self.transport.is_closing():
@@ -2991,8 +3036,8 @@ BARE_LF = re.compile(rb"(?<!\r)\n")  # HTTP/1.1 lines end in CRLF; a lone LF is 
 
 
 async def read_chunked(ch, limit, deadline_fn, header_limit=MAX_HEADER_BYTES):
-    """Decode a chunked body. Refuses malformed sizes (400) and bodies over `limit` (413)."""
-    parts = []
+    """Decode a chunked body into one bytearray. Refuses malformed sizes (400) and bodies over `limit` (413)."""
+    body = bytearray()
     total = 0
     while True:
         try:
@@ -3017,16 +3062,15 @@ async def read_chunked(ch, limit, deadline_fn, header_limit=MAX_HEADER_BYTES):
                 if seen > header_limit:
                     raise HttpError(431, "trailer section too large")
                 if t == b"\r\n":
-                    return b"".join(parts)
+                    return body
                 if t[:1] in (b" ", b"\t") or b":" not in t or _BAD_VALUE_BYTES.search(t[:-2]):
                     raise HttpError(400, "malformed trailer")
         total += size
         if total > limit:
             raise HttpError(413, "request body too large")
-        data = await ch.read_exactly(size + 2, deadline_fn())
-        if data[-2:] != b"\r\n":
+        await ch.read_into(body, size, deadline_fn())
+        if await ch.read_exactly(2, deadline_fn()) != b"\r\n":
             raise HttpError(400, "chunk data not followed by CRLF")
-        parts.append(data[:-2])
 
 
 def parse_multipart(body, content_type):
@@ -3079,6 +3123,8 @@ class ServerLimits:
 
 class HttpServer:
     """Serves an `app(request) -> Response | StreamResponse` coroutine over HTTP/1.1 (optionally TLS)."""
+
+    TRIM_AFTER = 4 << 20  # request bodies at least this large give their memory back to the OS when done
 
     def __init__(self, app, limits_fn, access_log=True, error_page=None):
         self.app = app
@@ -3212,7 +3258,8 @@ class HttpServer:
                         reserved = len(req.body)
                         self.buffered += reserved
                     elif length:
-                        req.body = await ch.read_exactly(length, body_deadline)
+                        req.body = bytearray()
+                        await ch.read_into(req.body, length, body_deadline)
                 except HttpError as e:
                     self.buffered -= reserved
                     self._write_error(ch, e, req and req.path)
@@ -3232,6 +3279,8 @@ class HttpServer:
                     keep = await self._dispatch(ch, req, limits)
                 finally:
                     self.buffered -= reserved
+                    if reserved >= self.TRIM_AFTER and not self.buffered:
+                        trim_heap()  # the last large body in flight is done: give its memory back
                 if not keep:
                     break
         except asyncio.CancelledError:
@@ -3323,7 +3372,12 @@ class HttpServer:
         no_body = req.method == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200
         extra = "" if resp.status in (204, 304) else "Content-Length: %d\r\n" % len(body)
         head = self._head(resp.status, resp.headers, keep, extra)
-        ch.write(head if no_body else head + body)
+        if no_body or len(body) > 65536:  # a large body is written after its head, not copied onto it
+            ch.write(head)
+            if not no_body:
+                ch.write(body)
+        else:
+            ch.write(head + body)
         return 0 if no_body else len(body)
 
     async def _write_stream(self, ch, req, resp, keep):
@@ -3916,7 +3970,9 @@ class HttpClient:
         if absolute_form and proxy.basic_auth():
             lines.append("Proxy-Authorization: %s\r\n" % proxy.basic_auth())
         lines.append("\r\n")
-        payload = "".join(lines).encode("latin-1") + body
+        payload = "".join(lines).encode("latin-1")
+        if len(body) <= 65536:  # one write; a larger body follows the head in slices (write_all), never copied
+            payload, body = payload + body, b""
         key = (scheme, host, port, proxy.url if proxy else "")
         started = asyncio.get_running_loop().time()
         for attempt in (0, 1):
@@ -3927,6 +3983,9 @@ class HttpClient:
             ch = conn.ch
             try:
                 ch.write(payload)
+                if body:
+                    wait = head_timeout or stream_timeout or total_timeout
+                    await ch.write_all(body, started + wait if wait else None)
                 if total_timeout:
                     head_timeout = min(head_timeout or stream_timeout or total_timeout, total_timeout)
                 resp = await self._read_head(conn, method, url, stream_timeout, max_size, head_timeout)
@@ -15699,10 +15758,11 @@ class App:
                                "authentication")
         req.principal = matched.name  # a name for usage and metrics, never the key itself
 
-    @staticmethod
-    def read_json(req):
+    def read_json(self, req):
         """The body as JSON, strictly: NaN and Infinity are not JSON (they would be forwarded as such), nesting is
-        bounded (a RecursionError is a 400, not a crash), a lone surrogate escape (\\ud800) cannot become text."""
+        bounded (a RecursionError is a 400, not a crash), a lone surrogate escape (\\ud800) cannot become text.
+        Once parsed, the raw bytes are let go (unless the request log wants them): a large request is not held
+        twice while its upstream call runs."""
         if not req.body:
             raise BadRequest("the request body is empty; a JSON object is required")
         try:
@@ -15720,6 +15780,8 @@ class App:
                 raise BadRequest("the request body has a lone surrogate escape (\\ud800-\\udfff without its pair)")
             except RecursionError:
                 raise BadRequest("the request body's JSON is nested too deeply")
+        if not self.gw.cfg.request_log:
+            req.body = b""
         return data
 
     # -- model lists ----------------------------------------------------------------------------------------------
