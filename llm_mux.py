@@ -5581,15 +5581,90 @@ OPENAI_ERROR_TYPES = {"invalid_request": "invalid_request_error", "authenticatio
                       "timeout": "timeout_error", "upstream": "upstream_error"}
 
 
-def _guard_client_parser(fn, codec_name):
+# The shapes of client request bodies, for errors that name the field a parser tripped over. A shape is a type
+# ("str", "int", "num", "bool", "object", "array", "any"), an object's fields as a dict (fields it does not name
+# are not looked at; null counts as absent; a camelCase name also matches its snake_case spelling, as Gemini's
+# protobuf JSON allows), [item shape] for an array, or a tuple of alternatives. They are consulted only after a
+# parser failed on something its own checks missed, so they cost nothing on the way in and can refuse nothing.
+_SHAPE_TYPES = {"str": (str, "a string"), "int": (int, "an integer"), "num": ((int, float), "a number"),
+                "bool": (bool, "a boolean"), "object": (dict, "an object"), "array": (list, "an array")}
+
+
+def _json_kind(value):
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _shape_name(shape):
+    if isinstance(shape, tuple):
+        return " or ".join(_shape_name(s) for s in shape)
+    if isinstance(shape, dict):
+        return "an object"
+    if isinstance(shape, list):
+        return "an array"
+    return _SHAPE_TYPES[shape][1]
+
+
+def _fits_kind(value, shape):
+    """Whether `value` is the kind of thing `shape` describes, before looking inside it."""
+    if isinstance(shape, dict):
+        return isinstance(value, dict)
+    if isinstance(shape, list):
+        return isinstance(value, list)
+    if shape == "any":
+        return True
+    types = _SHAPE_TYPES[shape][0]
+    return isinstance(value, types) and (shape == "bool" or not isinstance(value, bool))
+
+
+def shape_problem(value, shape, path=()):
+    """(path, expected, found) for the first place `value` departs from `shape`, or None where it fits."""
+    if isinstance(shape, tuple):
+        fitting = [s for s in shape if _fits_kind(value, s)]
+        if not fitting:
+            return path, _shape_name(shape), _json_kind(value)
+        problems = [shape_problem(value, s, path) for s in fitting]
+        return None if None in problems else max(problems, key=lambda p: len(p[0]))
+    if not _fits_kind(value, shape):
+        return path, _shape_name(shape), _json_kind(value)
+    if isinstance(shape, dict):
+        for key, sub in shape.items():
+            v = value.get(key)
+            if v is None and key not in value:
+                key = re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), key)  # as the client spelt it
+                v = value.get(key)
+            if v is not None:
+                problem = shape_problem(v, sub, path + (key,))
+                if problem is not None:
+                    return problem
+    elif isinstance(shape, list):
+        for i, item in enumerate(value):
+            problem = shape_problem(item, shape[0], path + (i,))
+            if problem is not None:
+                return problem
+    return None
+
+
+def _guard_client_parser(fn):
     @functools.wraps(fn)
     def guarded(cls, *args, **kw):
         try:
             return fn(cls, *args, **kw)
         except (TypeError, AttributeError, KeyError, IndexError, ValueError, RecursionError) as e:
-            log.info("%s request rejected: %s: %s", codec_name, type(e).__name__, e)
-            raise BadRequest("invalid request body: a field has the wrong type or shape (%s)" % (
-                str(e)[:200] if not isinstance(e, KeyError) else "missing %s" % e))
+            log.info("%s request rejected: %s: %s", cls.__name__, type(e).__name__, e)
+            shape = cls.REQUEST_SHAPES.get(fn.__name__)
+            problem = shape_problem(args[0], shape) if shape is not None and args else None
+            if problem is None:
+                raise BadRequest("invalid request body: a field has the wrong type or shape (%s)" % (
+                    str(e)[:200] if not isinstance(e, KeyError) else "missing %s" % e))
+            path, expected, found = problem
+            field = cls.field_path(path)
+            raise BadRequest("%s: expected %s, got %s" % (field, expected, found), field)
     return guarded
 
 
@@ -5608,6 +5683,12 @@ class Codec:
     name = "?"
     file_store = None  # the family whose uploaded files this format's upstreams can read by id
     CLIENT_PARSERS = ("parse_request", "parse_embeddings")
+    REQUEST_SHAPES = {}  # parser name -> the shape of its body (see shape_problem), to name a field at fault
+
+    @staticmethod
+    def field_path(path):
+        """A field's place in a request body as this format's errors write it: messages[2].content[0].text."""
+        return "".join("[%d]" % k if isinstance(k, int) else ("." if i else "") + k for i, k in enumerate(path))
 
     def __init_subclass__(cls, **kw):
         """The contract for client input: a codec's parsers raise BadRequest (400) and nothing else. A body of
@@ -5617,7 +5698,7 @@ class Codec:
         for name in cls.CLIENT_PARSERS:
             fn = cls.__dict__.get(name)
             if isinstance(fn, classmethod):
-                setattr(cls, name, classmethod(_guard_client_parser(fn.__func__, cls.__name__)))
+                setattr(cls, name, classmethod(_guard_client_parser(fn.__func__)))
 
     @classmethod
     def file_ref(cls, part):
@@ -5697,6 +5778,29 @@ class OpenAIChat(Codec):
     """OpenAI Chat Completions (`/v1/chat/completions`), formats.md §2.2–2.4."""
     name = "openai"
     file_store = "openai"
+    PART_SHAPE = {"type": "str", "text": "str", "refusal": "str", "image_url": ("str", {"url": "str", "detail": "str"}),
+                  "input_audio": {"data": "str", "format": "str"},
+                  "file": {"file_id": "str", "file_data": "str", "filename": "str"}}
+    FUNCTION_SHAPE = {"name": "str", "description": "str", "parameters": "object", "strict": "bool"}
+    TOOL_SHAPE = {"type": "str", "function": FUNCTION_SHAPE, "custom": {"name": "str", "description": "str"}}
+    REQUEST_SHAPES = {
+        "parse_request": {
+            "model": "str", "messages": [{
+                "role": "str", "content": ("str", [("str", PART_SHAPE)]), "name": "str", "tool_call_id": "str",
+                "tool_calls": [{"id": "str", "type": "str", "custom": {"name": "str"},
+                                "function": {"name": "str", "arguments": ("str", "object", "array")},
+                                "extra_content": {"google": {"thought_signature": "str"}}}],
+                "function_call": {"name": "str", "arguments": "str"}}],
+            "tools": [TOOL_SHAPE], "functions": [FUNCTION_SHAPE],
+            "tool_choice": ("str", {"type": "str", "name": "str", "function": {"name": "str"},
+                                    "custom": {"name": "str"}, "allowed_tools": {"mode": "str"}}),
+            "function_call": ("str", {"name": "str"}), "stream": "bool", "stream_options": "object",
+            "max_tokens": "int", "max_completion_tokens": "int", "temperature": "num", "top_p": "num", "n": "int",
+            "presence_penalty": "num", "frequency_penalty": "num", "seed": "int", "stop": ("str", ["str"]),
+            "user": "str", "metadata": "object", "parallel_tool_calls": "bool", "reasoning_effort": "str",
+            "response_format": {"type": "str", "json_schema": {"name": "str", "schema": "object"}}},
+        "parse_embeddings": {"model": "str", "input": ("str", ["str"]), "encoding_format": "str",
+                             "dimensions": "int"}}
 
     # -- embeddings -----------------------------------------------------------------------------------------------
     @classmethod
@@ -6304,6 +6408,22 @@ class Anthropic(Codec):
     """Anthropic Messages (`/v1/messages`), formats.md §3."""
     name = "anthropic"
     file_store = "anthropic"
+    SOURCE_SHAPE = {"type": "str", "media_type": "str", "data": "str", "url": "str", "file_id": "str"}
+    MEDIA_SHAPE = {"type": "str", "text": "str", "source": SOURCE_SHAPE, "title": "str"}
+    BLOCK_SHAPE = dict(MEDIA_SHAPE, id="str", name="str", tool_use_id="str", content=("str", [MEDIA_SHAPE]),
+                       thinking="str", signature="str", data="str", cache_control="object")
+    REQUEST_SHAPES = {"parse_request": {
+        "model": "str", "max_tokens": "int", "messages": [{"role": "str", "content": ("str", [BLOCK_SHAPE])}],
+        "system": ("str", [{"type": "str", "text": "str", "cache_control": "object"}]), "stream": "bool",
+        "temperature": "num", "top_p": "num", "top_k": "num", "stop_sequences": ["str"], "metadata": "object",
+        "tools": [{"name": "str", "type": "str", "description": "str", "input_schema": "object"}],
+        "tool_choice": {"type": "str", "name": "str"}, "thinking": {"type": "str", "display": "str"},
+        "output_config": {"effort": "str", "format": {"type": "str", "schema": "object"}}}}
+
+    @staticmethod
+    def field_path(path):
+        """Anthropic writes a field's place with dots throughout: messages.2.content.0.text."""
+        return ".".join(str(k) for k in path)
 
     @staticmethod
     def error_body(err):
@@ -7146,6 +7266,23 @@ class Gemini(Codec):
     """Gemini Generative Language API (`/v1beta/models/{m}:generateContent` ...), formats.md §4."""
     name = "gemini"
     file_store = "gemini"
+    PART_SHAPE = {"text": "str", "thoughtSignature": "str", "inlineData": {"mimeType": "str", "data": "str"},
+                  "fileData": {"mimeType": "str", "fileUri": "str"}, "functionCall": {"name": "str", "id": "str"},
+                  "functionResponse": {"name": "str", "id": "str"}}
+    CONTENT_SHAPE = {"role": "str", "parts": [PART_SHAPE]}
+    GENERATE_SHAPE = {
+        "contents": [CONTENT_SHAPE], "systemInstruction": ("str", {"parts": [PART_SHAPE]}),
+        "tools": [{"functionDeclarations": [{"name": "str", "description": "str", "parameters": "object",
+                                             "parametersJsonSchema": "object"}]}],
+        "toolConfig": {"functionCallingConfig": {"mode": "str", "allowedFunctionNames": ["str"]}},
+        "generationConfig": {"temperature": "num", "topP": "num", "topK": "num", "maxOutputTokens": "int",
+                             "stopSequences": ["str"], "candidateCount": "int", "presencePenalty": "num",
+                             "frequencyPenalty": "num", "seed": "int", "responseMimeType": "str",
+                             "thinkingConfig": {"thinkingLevel": "str", "thinkingBudget": "int"}},
+        "safetySettings": ["object"]}
+    EMBED_SHAPE = {"content": {"parts": [PART_SHAPE]}, "outputDimensionality": "int", "taskType": "str"}
+    REQUEST_SHAPES = {"parse_request": dict(GENERATE_SHAPE, generateContentRequest=GENERATE_SHAPE),
+                      "parse_embeddings": dict(EMBED_SHAPE, requests=[EMBED_SHAPE])}
 
     @staticmethod
     def error_body(err):
@@ -7799,6 +7936,18 @@ class Responses(Codec):
     """OpenAI Responses API (`/v1/responses`), formats.md §2.6–2.8. Stateless: history comes in `input`."""
     name = "responses"
     file_store = OpenAIChat.file_store  # uploads to the same OpenAI account serve both APIs
+    PART_SHAPE = {"type": "str", "text": "str", "refusal": "str", "image_url": "str", "detail": "str",
+                  "file_data": "str", "file_url": "str", "file_id": "str", "filename": "str"}
+    ITEM_SHAPE = {"type": "str", "role": "str", "content": ("str", [PART_SHAPE]), "id": "str", "call_id": "str",
+                  "name": "str", "arguments": "str", "input": "str", "output": ("str", [PART_SHAPE]),
+                  "summary": [{"type": "str", "text": "str"}], "encrypted_content": "str"}
+    REQUEST_SHAPES = {"parse_request": {
+        "model": "str", "instructions": "str", "input": ("str", [("str", ITEM_SHAPE)]), "stream": "bool",
+        "max_output_tokens": "int", "temperature": "num", "top_p": "num", "user": "str", "metadata": "object",
+        "safety_identifier": "str", "parallel_tool_calls": "bool", "reasoning": {"effort": "str", "summary": "str"},
+        "text": {"format": {"type": "str", "name": "str", "schema": "object"}},
+        "tools": [{"type": "str", "name": "str", "description": "str", "parameters": "object"}],
+        "tool_choice": ("str", {"type": "str", "name": "str", "mode": "str"}), "include": ["str"]}}
 
     # -- request: wire -> IR --------------------------------------------------------------------------------------
     @classmethod
@@ -8467,6 +8616,18 @@ class Ollama(Codec):
     tool-call arguments as objects, model names with or without `:latest`."""
     name = "ollama"
     stream_content_type = "application/x-ndjson"
+    CLIENT_PARSERS = Codec.CLIENT_PARSERS + ("parse_generate",)
+    OPTIONS_SHAPE = {"temperature": "num", "top_p": "num", "top_k": "num", "num_predict": "int", "seed": "int",
+                     "presence_penalty": "num", "frequency_penalty": "num", "stop": ("str", ["str"])}
+    COMMON_SHAPE = {"model": "str", "options": OPTIONS_SHAPE, "format": ("str", "object"), "think": ("bool", "str"),
+                    "stream": "bool", "images": ["str"]}
+    REQUEST_SHAPES = {
+        "parse_request": dict(COMMON_SHAPE, tools=[OpenAIChat.TOOL_SHAPE], messages=[{
+            "role": "str", "content": "str", "images": ["str"], "thinking": "str", "tool_name": "str", "name": "str",
+            "tool_call_id": "str", "tool_calls": [{"id": "str", "function": {"name": "str",
+                                                                            "arguments": ("str", "object")}}]}]),
+        "parse_generate": dict(COMMON_SHAPE, prompt="str", system="str", suffix="str"),
+        "parse_embeddings": {"model": "str", "input": ("str", ["str"]), "prompt": "str"}}
 
     @staticmethod
     def error_body(err):
@@ -8713,6 +8874,9 @@ class Ollama(Codec):
 class Completions(Codec):
     """OpenAI legacy Completions (`/v1/completions`): a prompt in, text out, served through the chat IR."""
     name = "completions"
+    REQUEST_SHAPES = {"parse_request": {"model": "str", "prompt": ("str", ["str"]), "stream": "bool", "max_tokens": "int",
+                                        "temperature": "num", "top_p": "num", "n": "int", "stop": ("str", ["str"]),
+                                        "user": "str", "suffix": "str"}}
 
 
     @classmethod

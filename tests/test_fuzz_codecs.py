@@ -101,6 +101,9 @@ def test_every_codec_parser_raises_only_gateway_errors():
             parse(fmt, body)
         except llm_mux.GatewayError as e:
             assert 400 <= e.status < 500, (fmt, body, e.message)
+            # every refusal says which field (not "a field has the wrong type", nor a Python error's words)
+            assert "wrong type or shape" not in e.message and "object has no attribute" not in e.message, \
+                (fmt, body, e.message)
     for fmt in SEEDS:  # not even an object
         for body in ([], "x", None, 3):
             try:
@@ -124,7 +127,21 @@ def test_wrong_shapes_are_a_400_in_each_apis_own_shape(gateway, upstream):
               lambda b: isinstance(b["error"], str)),
              ("/v1/chat/completions", {"model": "gpt-test", "messages": [{"role": "user", "content": [None]}]},
               lambda b: b["error"]["type"] == "invalid_request_error")]
-    for path, body, shape in cases:
+    # fields a parser used to trip over (a Python error's words in the 400): now the 400 names the field
+    named = [("/v1/chat/completions", {"model": "gpt-test", "messages": [{"role": "assistant", "tool_calls": [
+                 {"id": "c", "function": True}]}]}, "messages[0].tool_calls[0].function: expected an object, got a "
+                                                    "boolean", lambda b: b["error"]["message"] if b["error"]["param"] == "messages[0].tool_calls[0].function" else ""),
+             ("/v1/messages", {"model": "gpt-test", "max_tokens": 5, "messages": [{"role": "user", "content": [
+                 {"type": "image", "source": [1]}]}]}, "messages.0.content.0.source: expected an object, got an "
+                                                       "array", lambda b: b["error"]["message"]),
+             ("/v1beta/models/gpt-test:generateContent", {"contents": [{"parts": [{"inline_data": "x"}]}]},
+              "contents[0].parts[0].inline_data: expected an object, got a string", lambda b: b["error"]["message"]),
+             ("/api/chat", {"model": "gpt-test", "messages": [{"role": ["user"], "content": "x"}]},
+              "messages[0].role: expected a string, got an array", lambda b: b["error"]),
+             ("/v1/responses", {"model": "gpt-test", "input": [{"type": "reasoning", "summary": 5}]},
+              "input[0].summary: expected an array, got a number", lambda b: b["error"]["message"])]
+    for path, body, shape in cases + [(p, b, lambda got, says=says, where=where: says in where(got))
+                                      for p, b, says, where in named]:
         req = urllib.request.Request(gw.url + path, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         with __import__("pytest").raises(urllib.error.HTTPError) as e:
