@@ -2957,7 +2957,7 @@ def parse_request_head(head, peer):
     major, minor = int(m.group(3)), int(m.group(4))
     if major != 1:
         raise HttpError(505, "only HTTP/1.x is supported")
-    if any(c < 0x21 or c == 0x7F for c in target):
+    if any(c < 0x21 or c > 0x7E for c in target):  # visible ASCII only (RFC 3986; others are percent-encoded)
         raise HttpError(400, "invalid request target")
     target = target.decode("latin-1")
     if not (target.startswith("/") or target == "*" or target.startswith(("http://", "https://"))):
@@ -3029,10 +3029,15 @@ def body_framing(req):
     return "length", 0
 
 
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\r\n]*)?\Z")
+# Leading zeros are fine (RFC 9112 §7.1: 1*HEXDIG); whitespace before an extension is not (h11 and others refuse
+# it, and a parser pair that disagrees on where a chunk starts is how requests are smuggled).
+_CHUNK_SIZE = re.compile(rb"0*([0-9A-Fa-f]{1,16})(?:;[^\r\n]*)?\Z")
 _DIGITS = re.compile(r"[0-9]+\Z")
 NOT_HTTP = re.compile(rb"\A(?!HTTP/)[\s\S]{5}")  # an answer whose first five bytes are not "HTTP/"
 BARE_LF = re.compile(rb"(?<!\r)\n")  # HTTP/1.1 lines end in CRLF; a lone LF is refused at once, not waited on
+# A request head with a bare LF, or whose first byte (after the empty lines a server ignores) cannot begin a method:
+# refused as soon as it is seen, not after the header timeout.
+BAD_REQUEST_HEAD = re.compile(rb"(?<!\r)\n|\A(?:\r\n)*[^\r\n!#$%&'*+\-.^_`|~0-9A-Za-z]")
 
 
 async def read_chunked(ch, limit, deadline_fn, header_limit=MAX_HEADER_BYTES):
@@ -3207,9 +3212,10 @@ class HttpServer:
                 deadline = loop.time() + limits.header_timeout
                 try:
                     head = await ch.read_until(b"\r\n\r\n", MAX_REQUEST_LINE + MAX_HEADER_BYTES + 4, deadline,
-                                               BARE_LF)
+                                               BAD_REQUEST_HEAD)
                 except BadFraming:
-                    self._write_error(ch, HttpError(400, "lines must end in CRLF, not a bare LF"))
+                    self._write_error(ch, HttpError(400, "malformed request: lines must end in CRLF, not a bare "
+                                                         "LF, and a request begins with its method"))
                     break
                 except LimitExceeded:
                     first = bytes(ch.buf[:MAX_REQUEST_LINE + 2])
