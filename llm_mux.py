@@ -4829,9 +4829,13 @@ class PgListener:
 # parts, tools, sampling, thinking), the non-streamed response, the stream events, usage and errors. Plain classes
 # with __slots__: they sit on the hot path. No wire format appears here.
 
+OPT_STR = (str, type(None))  # FIELD_TYPES: the types a field of IR built from upstream bytes may hold (ir_problem)
+
+
 class Text:
     __slots__ = ("text", "cache_control")
     kind = "text"
+    FIELD_TYPES = {"text": str}
 
     def __init__(self, text, cache_control=None):
         self.text, self.cache_control = text, cache_control
@@ -4862,6 +4866,7 @@ class ToolCall:
     per-call token (Gemini thoughtSignature) back to the family (`source`) that issued it."""
     __slots__ = ("id", "name", "arguments", "tool_kind", "signature", "source")
     kind = "tool_call"
+    FIELD_TYPES = {"id": str, "name": str, "arguments": str, "signature": OPT_STR, "source": OPT_STR}
 
     def __init__(self, id, name, arguments="{}", tool_kind="function", signature=None, source=None):
         self.id, self.name, self.arguments = id, name, arguments
@@ -4893,6 +4898,7 @@ class Thinking:
     `encrypted` (Responses encrypted_content) are opaque and go back byte-exact only to `source`."""
     __slots__ = ("text", "signature", "redacted", "encrypted", "source", "item_id")
     kind = "thinking"
+    FIELD_TYPES = dict.fromkeys(("text", "signature", "redacted", "encrypted", "item_id"), OPT_STR)
 
     def __init__(self, text="", signature=None, redacted=None, encrypted=None, source=None, item_id=None):
         self.text, self.signature, self.redacted = text, signature, redacted
@@ -5052,6 +5058,7 @@ class ChatRequest:
 class Usage:
     """Token counts. input includes cache reads and writes; output includes reasoning (formats.md §6.9)."""
     __slots__ = ("input_tokens", "output_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens")
+    FIELD_TYPES = dict.fromkeys(__slots__, (int, float))
 
     def __init__(self, input_tokens=0, output_tokens=0, cached_tokens=0, cache_write_tokens=0, reasoning_tokens=0):
         self.input_tokens, self.output_tokens = input_tokens, output_tokens
@@ -5113,6 +5120,7 @@ class ChatResponse:
 class Start:
     __slots__ = ("id", "model", "created")
     kind = "start"
+    FIELD_TYPES = {"id": OPT_STR, "model": OPT_STR}
 
     def __init__(self, id=None, model=None, created=None):
         self.id, self.model, self.created = id, model, created
@@ -5121,6 +5129,7 @@ class Start:
 class TextDelta:
     __slots__ = ("text",)
     kind = "text"
+    FIELD_TYPES = {"text": str}
 
     def __init__(self, text):
         self.text = text
@@ -5134,6 +5143,7 @@ class ThinkingDelta(Thinking):
 class ToolCallStart:
     __slots__ = ("index", "id", "name", "tool_kind", "signature", "source")
     kind = "tool_start"
+    FIELD_TYPES = {"index": int, "id": str, "name": str, "signature": OPT_STR}
 
     def __init__(self, index, id, name, tool_kind="function", signature=None, source=None):
         self.index, self.id, self.name = index, id, name
@@ -5143,6 +5153,7 @@ class ToolCallStart:
 class ToolCallDelta:
     __slots__ = ("index", "arguments")
     kind = "tool_delta"
+    FIELD_TYPES = {"index": int, "arguments": str}
 
     def __init__(self, index, arguments):
         self.index, self.arguments = index, arguments
@@ -5151,6 +5162,7 @@ class ToolCallDelta:
 class ToolCallEnd:
     __slots__ = ("index",)
     kind = "tool_end"
+    FIELD_TYPES = {"index": int}
 
     def __init__(self, index):
         self.index = index
@@ -5159,6 +5171,7 @@ class ToolCallEnd:
 class UsageEvent:
     __slots__ = ("usage",)
     kind = "usage"
+    FIELD_TYPES = {"usage": Usage}
 
     def __init__(self, usage):
         self.usage = usage
@@ -5167,6 +5180,7 @@ class UsageEvent:
 class Finish:
     __slots__ = ("reason", "stop_sequence")
     kind = "finish"
+    FIELD_TYPES = {"reason": str, "stop_sequence": OPT_STR}
 
     def __init__(self, reason="stop", stop_sequence=None):
         self.reason, self.stop_sequence = reason, stop_sequence
@@ -5176,6 +5190,7 @@ class ErrorEvent:
     """A failure inside a stream (or before it started): HTTP-like status, message, IR error type and code."""
     __slots__ = ("status", "message", "type", "code")
     kind = "error"
+    FIELD_TYPES = {"status": int, "message": str}
 
     def __init__(self, status, message, type="server_error", code=None):
         message = SECRET_MASK(message)
@@ -5183,6 +5198,23 @@ class ErrorEvent:
 
     def error(self):
         return GatewayError(self.status, self.message, self.type, code=self.code)
+
+
+def ir_problem(value):
+    """What is wrong with IR built from upstream bytes (stream events, or a ChatResponse and its parts): the first
+    field whose type is not the IR's (a name that is an object, a usage count that is a string), or None. A decoder
+    copies values through; this is the one check that they are what every encoder may assume."""
+    if isinstance(value, list):
+        return next((p for p in map(ir_problem, value) if p), None)
+    if isinstance(value, ChatResponse):
+        return ir_problem(value.parts) or (ir_problem(value.usage) if value.usage is not None else None)
+    for field, types in getattr(value, "FIELD_TYPES", {}).items():
+        v = getattr(value, field)
+        if isinstance(v, bool) or not isinstance(v, types):  # no IR field is a boolean
+            return "%s.%s is %s" % (type(value).__name__, field, type(v).__name__)
+        if isinstance(v, Usage):
+            return ir_problem(v)
+    return None
 
 
 CONTEXT_OVERFLOW = "context_length_exceeded"
@@ -12539,9 +12571,13 @@ class Call:
         """An upstream event of the wrong shape (`{"choices": [null]}`) is the upstream's protocol error — an
         error event for the client, never a crash or a silently cut stream."""
         try:
-            return fn(*args)
+            out = fn(*args)
         except (TypeError, AttributeError, KeyError, IndexError, ValueError, RecursionError) as e:
             raise UpstreamError("protocol", "malformed event or answer (%s: %s)" % (type(e).__name__, str(e)[:160]))
+        problem = ir_problem(out)
+        if problem:
+            raise UpstreamError("protocol", "malformed event or answer (%s)" % problem)
+        return out
 
     def _note(self, ev):
         if ev.kind == "usage":
