@@ -405,3 +405,27 @@ def test_large_bodies_are_held_once_and_their_memory_is_given_back(gateway, upst
     from harness import wait_until
     wait_until(lambda: _status_mb(pid, "VmRSS") < base + 16, what="memory given back (RSS %.0f MB, base %.0f MB)"
                % (_status_mb(pid, "VmRSS"), base))
+
+
+def test_errors_the_server_answers_itself_come_in_the_routes_own_shape(gateway, upstream):
+    """A 413 (and any other error the HTTP layer answers before an API handler runs, a handler crash's 500
+    included: the same error page) is written in the format of the API its path belongs to."""
+    up = upstream()
+    gw = gateway(openai_provider_config(up.url) + "max-request-size: 1024\n")
+    shapes = {"/v1/messages": lambda b: b["type"] == "error" and b["error"]["type"] == "request_too_large",
+              "/v1beta/models/gpt-test:generateContent": lambda b: b["error"]["code"] == 413 and
+              b["error"]["status"],
+              "/api/chat": lambda b: isinstance(b["error"], str) and "too large" in b["error"],
+              "/v1/chat/completions": lambda b: b["error"]["type"] == "invalid_request_error"}
+    for path, shape in shapes.items():
+        s, out = raw_exchange(gw, b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                  b"Content-Length: 4096\r\n\r\n" % path.encode())
+        while not out.endswith(b"}"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            out += chunk
+        s.close()
+        head, _, body = out.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413"), (path, head)
+        assert shape(json.loads(body)), (path, body)
