@@ -84,12 +84,40 @@ RESP_A_STREAM = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfe
                  + ANTHROPIC_STREAM)
 
 
+SLOW_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def slow_chunk(i):
+    """One event of a slow stream; its text carries the upstream's monotonic clock, so the client can tell how long
+    the gateway held it (CLOCK_MONOTONIC is one clock for every process on the machine)."""
+    frame = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"bench-slow","choices":[' \
+            b'{"index":0,"delta":{"content":"T%.6f "},"finish_reason":null}]}\n\n' % time.monotonic()
+    return b"%x\r\n%s\r\n" % (len(frame), frame)
+
+
+SLOW_END = (lambda f: b"%x\r\n%s\r\n0\r\n\r\n" % (len(f), f))(
+    b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"bench-slow","choices":[{"index":0,'
+    b'"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":30,"total_tokens":31}}'
+    b'\n\ndata: [DONE]\n\n')
+
+
 class UpstreamProtocol(asyncio.Protocol):
-    """Answers every complete request at once; `"stream":true` in the body selects the 64-chunk stream."""
+    """Answers every complete request at once; `"stream":true` in the body selects the 64-chunk stream, and the
+    model `bench-slow` a stream of SLOW_CHUNKS events 100 ms apart (10 chunks/s)."""
+    SLOW_CHUNKS = 30
 
     def connection_made(self, transport):
         self.t = transport
         self.buf = b""
+
+    def _slow(self, i):
+        if self.t.is_closing():
+            return
+        if i == self.SLOW_CHUNKS:
+            self.t.write(SLOW_END)
+            return
+        self.t.write((SLOW_HEAD if i == 0 else b"") + slow_chunk(i))
+        asyncio.get_running_loop().call_later(0.1, self._slow, i + 1)
 
     def data_received(self, data):
         self.buf += data
@@ -105,7 +133,9 @@ class UpstreamProtocol(asyncio.Protocol):
             body = self.buf[i + 4:i + 4 + n]
             self.buf = self.buf[i + 4 + n:]
             stream = b'"stream":true' in body or b'"stream": true' in body
-            if b"/v1/messages" in head:
+            if b'"bench-slow"' in body:
+                self._slow(0)
+            elif b"/v1/messages" in head:
                 self.t.write(RESP_A_STREAM if stream else RESP_A_JSON)
             else:
                 self.t.write(RESP_STREAM if stream else RESP_JSON)
@@ -160,7 +190,7 @@ wrk.body = '%s'
 def wrk(url, body, conns, seconds, tmp):
     script = os.path.join(tmp, "post-%d.lua" % abs(hash(body)))
     with open(script, "w") as f:
-        f.write(LUA % body.replace("'", "\\'"))
+        f.write(LUA % body.replace("\\", "\\\\").replace("'", "\\'"))  # a Lua string: escape \ and '
     out = subprocess.run(["wrk", "-t", "1" if conns == 1 else "2", "-c", str(conns), "-d", "%ds" % seconds,
                           "--latency", "-s", script, url], capture_output=True, text=True)
     text = out.stdout
@@ -177,15 +207,198 @@ def wrk(url, body, conns, seconds, tmp):
             "errors": int(errors.group(1)) if errors else 0, "socket_errors": sock_err.group(1) if sock_err else ""}
 
 
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid %(tmp)s/nginx.pid;
+error_log %(tmp)s/nginx-error.log warn;
+events { worker_connections 16384; }
+http {
+    access_log off;
+    client_body_temp_path %(tmp)s/nginx-body;
+    proxy_temp_path %(tmp)s/nginx-proxy;
+    client_max_body_size 64m;
+    client_body_buffer_size 2m;
+    upstream fake { server 127.0.0.1:%(up)d; keepalive 256; }
+    server {
+        listen 127.0.0.1:%(port)d backlog=4096;
+        location / {
+            proxy_pass http://fake;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+    }
+}
+"""
+
+
+def start_nginx(up_port, tmp):
+    """nginx as a plain one-hop reverse proxy in front of the same fake upstream, one worker process like the
+    gateway: the floor every gateway figure is printed against. (None, None) when nginx is not installed."""
+    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if binary is None:
+        print("nginx is not installed (apt-get install nginx-light): no one-hop floor in this run", file=sys.stderr)
+        return None, None
+    port = free_port()
+    conf = os.path.join(tmp, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(NGINX_CONF % {"tmp": tmp, "up": up_port, "port": port})
+    proc = subprocess.Popen([binary, "-c", conf, "-p", tmp], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc, port
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds a process has used (from /proc/<pid>/stat)."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def claude_code_request(size=200 * 1024):
+    """An Anthropic request shaped like Claude Code's: a long system prompt, a dozen tools with JSON schemas and a
+    history of tool calls and results, about `size` bytes in all."""
+    tools = [{"name": "tool_%d" % i, "description": "Does thing %d. " % i * 20, "input_schema": {
+        "type": "object", "properties": {"path": {"type": "string", "description": "a file path"},
+                                         "limit": {"type": "integer"}, "flags": {"type": "array",
+                                                                                 "items": {"type": "string"}}},
+        "required": ["path"]}} for i in range(12)]
+    messages, i = [], 0
+    body = {"model": "bench-model", "max_tokens": 4096, "system": [{"type": "text", "text": "You are a coding agent. "
+                                                                     * 200}], "tools": tools, "messages": messages}
+    while len(json.dumps(body)) < size:
+        messages.append({"role": "user", "content": [{"type": "text", "text": "Please look at file %d. " % i * 10}]})
+        messages.append({"role": "assistant", "content": [
+            {"type": "text", "text": "Reading it."},
+            {"type": "tool_use", "id": "toolu_%04d" % i, "name": "tool_%d" % (i % 12), "input": {"path": "/src/f%d.py"
+                                                                                              % i}}]})
+        messages.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_%04d" % i,
+                                                      "content": "def f%d():\n    return %d\n" % (i, i) * 40}]})
+        i += 1
+    messages.append({"role": "user", "content": "Now summarise."})
+    return json.dumps(body)
+
+
+def openai_request(size=1 << 20):
+    return json.dumps({"model": "bench-model", "messages": [{"role": "user", "content": "x" * size}]})
+
+
+class StreamClient(asyncio.Protocol):
+    """One slow stream read by the benchmark: notes the delay of every chunk (now minus the upstream's stamp)."""
+
+    def __init__(self, request, delays, done):
+        self.request, self.delays, self.done = request, delays, done
+        self.tail = b""
+
+    def connection_made(self, transport):
+        transport.write(self.request)
+
+    def data_received(self, data):
+        now = time.monotonic()
+        data = self.tail + data
+        for m in re.finditer(rb"T(\d+\.\d+) ", data):
+            self.delays.append(now - float(m.group(1)))
+        self.tail = data[-40:]
+        if b"[DONE]" in data or data.endswith(b"0\r\n\r\n"):
+            if not self.done.done():
+                self.done.set_result(True)
+
+    def connection_lost(self, exc):
+        if not self.done.done():
+            self.done.set_result(False)
+
+
+async def run_slow_streams(port, n, ramp=2.0):
+    """n concurrent 30-chunk streams at 10 chunks/s through the gateway, opened over `ramp` seconds."""
+    loop = asyncio.get_running_loop()
+    body = json.dumps({"model": "bench-slow", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer bench\r\n"
+               b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body.encode()))
+    delays, waits, transports = [], [], []
+    for i in range(n):
+        done = loop.create_future()
+        waits.append(done)
+        try:
+            t, _ = await loop.create_connection(lambda: StreamClient(request, delays, done), "127.0.0.1", port)
+            transports.append(t)
+        except OSError:
+            done.set_result(False)
+        if i % 50 == 49:
+            await asyncio.sleep(ramp * 50 / n)
+    results = await asyncio.wait_for(asyncio.gather(*waits), 120)
+    for t in transports:
+        t.close()
+    return sum(1 for r in results if r), delays
+
+
+def bench_slow_streams(counts):
+    """For each N: N concurrent slow streams through one gateway process: completed streams, chunk delay p50/p99,
+    the gateway's CPU share while they run and its peak RSS."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    tmp = tempfile.mkdtemp(prefix="llm-mux-bench-streams-")
+    print("Concurrent slow streams (30 chunks at 10 chunks/s each, OpenAI client and upstream), one gateway "
+          "process per N:")
+    print("  %6s | %9s | %12s %12s | %13s | %12s" % ("N", "completed", "delay p50", "delay p99", "gateway CPU",
+                                                      "peak RSS"))
+    for n in counts:
+        up_port, gw_port = free_port(), free_port()
+        upstream = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-upstream", str(up_port)])
+        cfg = os.path.join(tmp, "config-%d.yaml" % n)
+        with open(cfg, "w") as f:
+            f.write("port: %d\nauth-dir: %s\napi-keys: [bench]\nserver: {max-connections: 20000}\nproviders:\n"
+                    "  - type: openai\n    name: bench\n    base-url: http://127.0.0.1:%d/v1\n    api-key: k\n"
+                    "    models:\n      - name: bench-slow\n" % (gw_port, os.path.join(tmp, "auth-%d" % n), up_port))
+        gateway = subprocess.Popen([sys.executable, os.path.join(ROOT, "llm_mux.py"), "serve", "--config", cfg],
+                                   env=dict(os.environ, XDG_CONFIG_HOME=tmp), stdout=subprocess.DEVNULL,
+                                   stderr=open(os.path.join(tmp, "gw-%d.log" % n), "w"))
+        try:
+            wait_port(up_port)
+            wait_port(gw_port)
+            time.sleep(0.5)
+            cpu0, t0 = cpu_seconds(gateway.pid), time.monotonic()
+            completed, delays = asyncio.run(run_slow_streams(gw_port, n))
+            cpu = (cpu_seconds(gateway.pid) - cpu0) / (time.monotonic() - t0)
+            peak = peak_rss_mb(gateway.pid)
+        finally:
+            gateway.send_signal(signal.SIGTERM)
+            upstream.send_signal(signal.SIGINT)
+            gateway.wait(30)
+            upstream.wait(10)
+        delays.sort()
+
+        def pct(p):
+            return delays[min(len(delays) - 1, int(len(delays) * p))] * 1000 if delays else float("nan")
+        print("  %6d | %4d/%-4d | %9.1f ms %9.1f ms | %10.0f %% | %9.1f MB" % (
+            n, completed, n, pct(0.5), pct(0.99), cpu * 100, peak))
+    print("  (the client, the fake upstream and the gateway share the machine's cores; delay = client receipt "
+          "minus the upstream's send stamp)")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=int, default=8, help="duration of each measured run")
     p.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--only", choices=["workers"], help="run one part only: 'workers' (serve --workers 1 against 2)")
+    p.add_argument("--only", choices=["workers", "streams"],
+                   help="run one part only: 'workers' (serve --workers 1 against 2), 'streams' (slow streams)")
+    p.add_argument("--streams", default="1000,5000", help="the N of concurrent slow streams, comma-separated")
     args = p.parse_args(argv)
     if args.serve_upstream:
         serve_upstream(args.serve_upstream)
         return 0
+    if args.only == "streams":
+        return bench_slow_streams([int(n) for n in args.streams.split(",")])
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     if args.only == "workers":
@@ -204,6 +417,7 @@ def main(argv=None):
     gateway = subprocess.Popen([sys.executable, os.path.join(ROOT, "llm_mux.py"), "serve", "--config", cfg],
                                env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "gw.log"), "w"))
     results = []
+    nginx, ng_port = start_nginx(up_port, tmp)
     try:
         wait_port(up_port)
         wait_port(gw_port)
@@ -216,14 +430,27 @@ def main(argv=None):
         up_url = "http://127.0.0.1:%d/v1/chat/completions" % up_port
         wrk(gw_url, body, 50, 2, tmp)  # warm-up
         warm = rss_mb(gateway.pid)
+        ng_url = "http://127.0.0.1:%d/v1/chat/completions" % ng_port if ng_port else None
+        if ng_url:
+            wrk(ng_url, body, 50, 2, tmp)  # warm-up
         for label, b, conns in (("non-stream", body, 1), ("non-stream", body, 50), ("64-chunk stream", sbody, 1),
                                 ("64-chunk stream", sbody, 50)):
             direct = wrk(up_url, b, conns, max(3, args.seconds // 2), tmp)
+            floor = wrk(ng_url, b, conns, args.seconds, tmp) if ng_url else None
             via = wrk(gw_url, b, conns, args.seconds, tmp)
-            results.append((label, conns, direct, via))
+            results.append((label, conns, direct, floor, via))
+        # Large bodies at c=1 (p50): a Claude-Code-like Anthropic request translated to OpenAI, and a 1 MB
+        # OpenAI request passed through, beside nginx carrying the same bodies.
+        big = claude_code_request()
+        meg = openai_request()
+        a_url = "http://127.0.0.1:%d/v1/messages" % gw_port
+        bodies = [("%d KB Anthropic -> OpenAI" % (len(big) // 1024), wrk(a_url, big, 1, args.seconds, tmp),
+                   wrk(up_url, big, 1, max(3, args.seconds // 2), tmp), None),
+                  ("%d KB OpenAI -> OpenAI" % (len(meg) // 1024), wrk(gw_url, meg, 1, args.seconds, tmp),
+                   wrk(up_url, meg, 1, max(3, args.seconds // 2), tmp),
+                   wrk(ng_url, meg, 1, args.seconds, tmp) if ng_url else None)]
         # Translation cost: each client format on each upstream format, against the same-format pair.
         translation = []
-        a_url = "http://127.0.0.1:%d/v1/messages" % gw_port
         for label, stream in (("non-stream", False), ("64-chunk stream", True)):
             def body_for(client, model):
                 if client == "openai":
@@ -270,16 +497,31 @@ def main(argv=None):
     finally:
         gateway.send_signal(signal.SIGTERM)
         upstream.send_signal(signal.SIGINT)
+        if nginx is not None:
+            nginx.send_signal(signal.SIGQUIT)
+            nginx.wait(10)
         gateway.wait(30)
         upstream.wait(10)
-    print("llm-mux benchmark (%s, Python %s, %d cores)" % (time.strftime("%Y-%m-%d"), sys.version.split()[0],
-                                                             os.cpu_count()))
-    print("%-16s %4s | %10s %9s %9s | %10s %9s %9s | %9s" % ("load", "conc", "direct r/s", "p50 ms", "p99 ms",
-                                                             "gateway r/s", "p50 ms", "p99 ms", "added p50"))
-    for label, conns, d, g in results:
-        print("%-16s %4d | %10.0f %9.3f %9.3f | %10.0f %9.3f %9.3f | %8.3fms%s" % (
-            label, conns, d["rps"], d["p50"], d["p99"], g["rps"], g["p50"], g["p99"], g["p50"] - d["p50"],
+    print("llm-mux benchmark (%s, Python %s, %d cores, uvloop %s)" % (
+        time.strftime("%Y-%m-%d"), sys.version.split()[0], os.cpu_count(), "installed" if _has_uvloop() else "not "
+        "installed"))
+    print("%-16s %4s | %10s %8s | %10s %8s %8s | %10s %8s %8s | %8s %9s" % (
+        "load", "conc", "direct r/s", "p50 ms", "nginx r/s", "p50 ms", "p99 ms", "gateway r/s", "p50 ms", "p99 ms",
+        "vs nginx", "added p50"))
+    for label, conns, d, n, g in results:
+        n = n or {"rps": float("nan"), "p50": float("nan"), "p99": float("nan")}
+        print("%-16s %4d | %10.0f %8.3f | %10.0f %8.3f %8.3f | %10.0f %8.3f %8.3f | %7.2fx %7.3fms%s" % (
+            label, conns, d["rps"], d["p50"], n["rps"], n["p50"], n["p99"], g["rps"], g["p50"], g["p99"],
+            g["rps"] / n["rps"], g["p50"] - d["p50"],
             "  (errors: %d %s)" % (g["errors"], g["socket_errors"]) if g["errors"] or g["socket_errors"] else ""))
+    print("  (vs nginx: the gateway's requests/s as a share of nginx's as a plain one-hop proxy; added p50: over "
+          "direct)")
+    print()
+    print("Large bodies at concurrency 1, p50:")
+    for label, g, d, n in bodies:
+        print("  %-28s gateway %7.3f ms | direct %7.3f ms | nginx %s | added over direct %7.3f ms%s" % (
+            label, g["p50"], d["p50"], "%7.3f ms" % n["p50"] if n else "    n/a  ", g["p50"] - d["p50"],
+            " (%.2fx nginx's time)" % (g["p50"] / n["p50"]) if n else ""))
     print()
     print("Translation at concurrency 50 (client format -> upstream format), requests/s:")
     for label, runs in translation:
@@ -298,6 +540,11 @@ def main(argv=None):
     print("Usage records at c=50 (non-stream, four alternated runs each): on %.0f r/s, off %.0f r/s (on is %.0f %% "
           "of off)" % (on, off, on / off * 100))
     return 0
+
+
+def _has_uvloop():
+    import importlib.util
+    return importlib.util.find_spec("uvloop") is not None
 
 
 def bench_workers(seconds):
