@@ -2361,6 +2361,7 @@ class Channel(asyncio.Protocol):
         self._drain_waiter = None
         self.on_lost = None
         self.lost = False
+        self._corked = None  # writes waiting for the end of this loop iteration (write_soon)
 
     # -- protocol callbacks ---------------------------------------------------------------------------------------
     def connection_made(self, transport):
@@ -2512,6 +2513,10 @@ class Channel(asyncio.Protocol):
         self._consumed()
         return data
 
+    async def fill(self, deadline=None):
+        """Wait for more bytes to be buffered (TimeoutError past `deadline`, ChannelClosed at the end)."""
+        await self._wait(deadline)
+
     async def wait_readable(self, deadline=None):
         """Wait until at least one byte is buffered. False on timeout or close."""
         while not self.buf:
@@ -2523,8 +2528,27 @@ class Channel(asyncio.Protocol):
 
     # -- writes -------------------------------------------------------------------------------------------------
     def write(self, data):
+        if self._corked is not None:
+            self._uncork()
         if not self.lost:
             self.transport.write(data)
+
+    def write_soon(self, data):
+        """Write `data` together with whatever else is written in this turn of the event loop: a stream's events
+        decoded from one upstream read leave in one send instead of one each (a system call per event was most of
+        a stream's cost). Nothing waits longer than the current loop iteration."""
+        if self.lost:
+            return
+        if self._corked is None:
+            self._corked = [data]
+            asyncio.get_running_loop().call_soon(self._uncork)
+        else:
+            self._corked.append(data)
+
+    def _uncork(self):
+        corked, self._corked = self._corked, None
+        if corked and not self.lost:
+            self.transport.write(corked[0] if len(corked) == 1 else b"".join(corked))
 
     async def drain(self, deadline=None):
         if self.lost:
@@ -2555,6 +2579,8 @@ class Channel(asyncio.Protocol):
             await self.drain(deadline)
 
     def close(self):
+        if self._corked is not None:
+            self._uncork()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
@@ -3389,7 +3415,7 @@ class HttpServer:
     async def _write_stream(self, ch, req, resp, keep):
         chunked = req.version >= (1, 1)
         extra = "Transfer-Encoding: chunked\r\n" if chunked else ""
-        ch.write(self._head(resp.status, resp.headers, keep and chunked, extra))
+        ch.write_soon(self._head(resp.status, resp.headers, keep and chunked, extra))
         sent = 0
         agen = resp.chunks
         try:
@@ -3399,14 +3425,12 @@ class HttpServer:
             async for piece in agen:
                 if not piece:
                     continue
-                if chunked:
-                    ch.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-                else:
-                    ch.write(piece)
+                # pieces produced in one loop turn (one upstream read's events) go out in one send
+                ch.write_soon(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
                 sent += len(piece)
                 await ch.drain()
             if chunked:
-                ch.write(b"0\r\n\r\n")
+                ch.write_soon(b"0\r\n\r\n")
             await ch.drain()
         finally:
             for close in (getattr(agen, "aclose", None), resp.on_close):
@@ -3612,31 +3636,63 @@ class UpstreamResponse:
                 if not data:
                     return
                 yield data
-        while True:  # chunked
+        # Chunked: every complete chunk already buffered is decoded in one pass and handed on as one piece (a
+        # stream's upstream read of many events costs one pass through the pipeline, not one per HTTP chunk).
+        left = 0  # > 0: data bytes of the current chunk still to come; -1: its CRLF is next; 0: a size line
+        trailer = -1  # bytes of the trailer section seen once the last chunk came (-1 before it)
+        while True:
+            buf = ch.buf
+            n, pos, out = len(buf), 0, []
+            while pos < n:
+                if left > 0:
+                    take = min(left, n - pos)
+                    out.append(bytes(buf[pos:pos + take]))
+                    pos += take
+                    left -= take
+                    if not left:
+                        left = -1
+                elif left < 0:
+                    if n - pos < 2:
+                        break
+                    if buf[pos:pos + 2] != b"\r\n":
+                        raise UpstreamError("protocol", "upstream chunk not followed by CRLF")
+                    pos += 2
+                    left = 0
+                else:
+                    k = buf.find(b"\r\n", pos, pos + 4096)
+                    if k < 0:
+                        if n - pos >= 4096:
+                            raise UpstreamError("protocol", "upstream sent a malformed chunk")
+                        break
+                    if trailer >= 0:  # the trailer section after the last chunk, up to its blank line
+                        trailer += k + 2 - pos
+                        if trailer > MAX_HEADER_BYTES:
+                            raise UpstreamError("protocol", "upstream trailer section too large")
+                        blank = k == pos
+                        pos = k + 2
+                        if blank:
+                            del buf[:pos]
+                            ch._consumed()
+                            if out:
+                                yield b"".join(out)
+                            return
+                        continue
+                    m = _CHUNK_SIZE.match(buf, pos, k)
+                    if m is None:
+                        raise UpstreamError("protocol", "upstream sent a malformed chunk size")
+                    left = int(m.group(1), 16)
+                    pos = k + 2
+                    if not left:
+                        trailer = 0
+            if pos:
+                del buf[:pos]
+                ch._consumed()
+            if out:
+                yield out[0] if len(out) == 1 else b"".join(out)
             try:
-                line = await ch.read_until(b"\r\n", 4096, self._deadline())
-            except LimitExceeded:
-                raise UpstreamError("protocol", "upstream sent a malformed chunk")
+                await ch.fill(self._deadline())
             except ChannelClosed:
                 raise UpstreamError("protocol", "upstream closed the connection mid-body")
-            m = _CHUNK_SIZE.match(line[:-2])
-            if m is None:
-                raise UpstreamError("protocol", "upstream sent a malformed chunk size")
-            size = int(m.group(1), 16)
-            if size == 0:
-                while True:
-                    t = await ch.read_until(b"\r\n", MAX_HEADER_BYTES, self._deadline())
-                    if t == b"\r\n":
-                        return
-            while size > 0:
-                data = await ch.read_some(size, self._deadline())
-                if not data:
-                    raise UpstreamError("protocol", "upstream closed the connection mid-chunk")
-                size -= len(data)
-                yield data
-            crlf = await ch.read_exactly(2, self._deadline())
-            if crlf != b"\r\n":
-                raise UpstreamError("protocol", "upstream chunk not followed by CRLF")
 
     def _decode(self, data, final=False):
         d = self._decoder
