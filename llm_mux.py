@@ -49,6 +49,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import signal
 import socket
@@ -80,9 +81,15 @@ def now_s():
     return int(time.time())
 
 
+_ids = random.Random(os.urandom(32))
+if hasattr(os, "register_at_fork"):  # each worker process draws its own ids
+    os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))
+
+
 def new_id(prefix, nbytes=12):
-    """A random id such as `chatcmpl-3f9a...`; the prefix carries the API's own convention."""
-    return prefix + binascii.hexlify(os.urandom(nbytes)).decode()
+    """A random id such as `chatcmpl-3f9a...`; the prefix carries the API's own convention. Ids are unique, not
+    secret (a generator seeded from the OS, no system call per id); secrets come from `secrets` / os.urandom."""
+    return prefix + "%0*x" % (nbytes * 2, _ids.getrandbits(nbytes * 8))
 
 
 _json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
@@ -187,6 +194,13 @@ class OneLineFormatter(logging.Formatter):
 
     CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
 
+    def format(self, record):
+        # Every handler (stderr, the ring, a file) shares this formatter: a record is formatted once, not per handler.
+        line = record.__dict__.get("_llm_mux_line")
+        if line is None:
+            line = record._llm_mux_line = logging.Formatter.format(self, record)
+        return line
+
     def formatMessage(self, record):
         message = record.message = SECRET_MASK(record.message)
         if self.CONTROL.search(message):
@@ -223,6 +237,10 @@ LOG_RING = LogRing()
 
 def setup_logging(debug=False, stream=None):
     """One line per event: `[YYYY-MM-DD HH:MM:SS] [level] message`, to stderr and the in-memory LOG_RING."""
+    # What the records of a line-per-request log need not carry (the logging HOWTO's "Optimization"): no caller
+    # lookup (a stack walk per line), no thread or process names.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(LOG_FORMAT)
     log.handlers[:] = [handler, LOG_RING]
@@ -2612,7 +2630,8 @@ HTTP_REASONS = {
     504: "Gateway Timeout", 417: "Expectation Failed", 505: "HTTP Version Not Supported", 529: "Overloaded",
 }
 
-_TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # a header field name (RFC 9110 §5.6.2)
+_VISIBLE_ASCII = re.compile(rb"[\x21-\x7e]*\Z")
 _BAD_VALUE_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (\S+) HTTP/(\d)\.(\d)\Z")
 MAX_REQUEST_LINE = 8 * 1024
@@ -2983,7 +3002,7 @@ def parse_request_head(head, peer):
     major, minor = int(m.group(3)), int(m.group(4))
     if major != 1:
         raise HttpError(505, "only HTTP/1.x is supported")
-    if any(c < 0x21 or c > 0x7E for c in target):  # visible ASCII only (RFC 3986; others are percent-encoded)
+    if not _VISIBLE_ASCII.match(target):  # visible ASCII only (RFC 3986; others are percent-encoded)
         raise HttpError(400, "invalid request target")
     target = target.decode("latin-1")
     if not (target.startswith("/") or target == "*" or target.startswith(("http://", "https://"))):
@@ -3011,7 +3030,7 @@ def parse_request_head(head, peer):
             if colon <= 0:
                 raise HttpError(400, "malformed header line")
             name = raw[:colon]
-            if not all(c in _TOKEN_CHARS for c in name):
+            if not _TOKEN.match(name):
                 raise HttpError(400, "invalid header name")
             value = raw[colon + 1:].strip(b" \t")
             if _BAD_VALUE_BYTES.search(value):
@@ -5260,17 +5279,24 @@ def ir_problem(value):
     """What is wrong with IR built from upstream bytes (stream events, or a ChatResponse and its parts): the first
     field whose type is not the IR's (a name that is an object, a usage count that is a string), or None. A decoder
     copies values through; this is the one check that they are what every encoder may assume."""
-    if isinstance(value, list):
-        return next((p for p in map(ir_problem, value) if p), None)
-    if isinstance(value, ChatResponse):
+    if value.__class__ is list:
+        for item in value:
+            problem = ir_problem(item)
+            if problem:
+                return problem
+        return None
+    if value.__class__ is ChatResponse:
         return ir_problem(value.parts) or (ir_problem(value.usage) if value.usage is not None else None)
-    for field, types in getattr(value, "FIELD_TYPES", {}).items():
+    for field, types in getattr(value.__class__, "FIELD_TYPES", _NO_FIELDS).items():
         v = getattr(value, field)
-        if isinstance(v, bool) or not isinstance(v, types):  # no IR field is a boolean
+        if v.__class__ is bool or not isinstance(v, types):  # no IR field is a boolean
             return "%s.%s is %s" % (type(value).__name__, field, type(v).__name__)
-        if isinstance(v, Usage):
+        if v.__class__ is Usage:
             return ir_problem(v)
     return None
+
+
+_NO_FIELDS = {}
 
 
 CONTEXT_OVERFLOW = "context_length_exceeded"
