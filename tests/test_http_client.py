@@ -298,3 +298,86 @@ def test_sse_parser_handles_split_frames_comments_and_crlf():
     assert out == [("a", '{"x":1}'), (None, "line1\nline2"), (None, "nospace")]
     assert p.feed(b"data: tail") == []
     assert p.finish() == [(None, "tail")]
+
+
+def _raw_server(payload_for, splits):
+    """A one-shot TCP server on 127.0.0.1 that answers each request with payload_for() sent in pieces of the given
+    sizes (cycled), flushing each, so a chunked body arrives cut at arbitrary places."""
+    import itertools
+    import socket
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(4096)
+                payload, i = payload_for(), 0
+                for size in itertools.cycle(splits):
+                    if i >= len(payload):
+                        break
+                    conn.sendall(payload[i:i + size])
+                    i += size
+    threading.Thread(target=serve, daemon=True).start()
+    return srv
+
+
+@pytest.mark.parametrize("splits", [(1,), (2, 3, 5), (7, 1, 64), (4096,)])
+def test_a_chunked_body_is_decoded_the_same_however_it_is_cut(splits):
+    """The client decodes every complete chunk already received in one pass: chunk sizes with extensions and
+    leading zeros, a trailer section, a body cut at any byte (between the CR and LF of a size line too)."""
+    import random
+    rng = random.Random(len(splits))
+    pieces = [bytes(rng.randrange(256) for _ in range(rng.choice([1, 3, 17, 300]))) for _ in range(40)]
+    body = b"".join(b"%s%x%s\r\n%s\r\n" % (b"00" if i % 3 == 0 else b"", len(p), b";ext=1" if i % 5 == 0 else b"",
+                                          p) for i, p in enumerate(pieces))
+    payload = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: application/octet-stream\r\n\r\n"
+               + body + b"0\r\nX-Trailer: yes\r\nX-Other: 1\r\n\r\n")
+    srv = _raw_server(lambda: payload, splits)
+    try:
+        async def go():
+            c = make_client()
+            resp = await c.request("GET", "http://127.0.0.1:%d/" % srv.getsockname()[1])
+            return [chunk async for chunk in resp.iter_bytes()]
+        got = run(go())
+        assert b"".join(got) == b"".join(pieces)
+    finally:
+        srv.close()
+
+
+def test_writes_made_in_one_turn_of_the_loop_leave_in_one_send():
+    from harness import NullTransport
+
+    class Recorder(NullTransport):
+        def __init__(self):
+            self.out = []
+
+        def write(self, data):
+            self.out.append(bytes(data))
+
+    async def go():
+        ch = llm_mux.Channel()
+        ch.transport = t = Recorder()
+        for piece in (b"a", b"b", b"c"):
+            ch.write_soon(piece)
+        assert t.out == []  # nothing sent until this turn of the loop ends
+        await asyncio.sleep(0)
+        assert t.out == [b"abc"]
+        ch.write_soon(b"d")
+        ch.write(b"e")  # an immediate write sends what was waiting first: order kept
+        assert t.out == [b"abc", b"d", b"e"]
+        ch.write_soon(b"f")
+        ch.close()  # and so does closing
+        assert t.out[-1] == b"f"
+        await asyncio.sleep(0)
+        assert t.out == [b"abc", b"d", b"e", b"f"]
+    run(go())
