@@ -105,6 +105,8 @@ def test_cookie_login_and_cookie_renewal(tmp_path, ifl, gateway):
     saved["expired"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime(time.time() + 30 * 3600))  # within 48 h
     path.write_text(json.dumps(saved))
     gw = gateway(ifl.config(auth))
+    # the start-up sweep renews a cookie key due within 48 h; until it has, the old key (still valid) serves
+    wait_until(lambda: json.loads(path.read_text())["api_key"] == "sk-cookie-POST", what="the cookie renewal")
     assert chat(gw) == "served with sk-cookie-POST"
     bad = subprocess.run([sys.executable, LLM_MUX, "login", "iflow", "--config", str(cfg), "--cookie", "nope=1"],
                          capture_output=True, text=True, timeout=30)
