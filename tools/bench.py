@@ -170,10 +170,11 @@ def wait_port(port, timeout=15):
     raise SystemExit("port %d did not open" % port)
 
 
-def rss_mb(pid):
+def rss_mb(pid, field="VmRSS"):
+    """A process's resident memory in MB (VmHWM: its peak so far)."""
     with open("/proc/%d/status" % pid) as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024.0
     return float("nan")
 
@@ -254,14 +255,6 @@ def cpu_seconds(pid):
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def peak_rss_mb(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def claude_code_request(size=200 * 1024):
@@ -369,7 +362,7 @@ def bench_slow_streams(counts):
             cpu0, t0 = cpu_seconds(gateway.pid), time.monotonic()
             completed, delays = asyncio.run(run_slow_streams(gw_port, n))
             cpu = (cpu_seconds(gateway.pid) - cpu0) / (time.monotonic() - t0)
-            peak = peak_rss_mb(gateway.pid)
+            peak = rss_mb(gateway.pid, "VmHWM")
         finally:
             gateway.send_signal(signal.SIGTERM)
             upstream.send_signal(signal.SIGINT)
