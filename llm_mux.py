@@ -5119,15 +5119,26 @@ class ChatRequest:
         change as the conversation grows), so one conversation keeps one credential and its prompt cache."""
         if self.cache_key:
             return "k:" + str(self.cache_key)
-        h = hashlib.sha256(self.system_text().encode("utf-8", "replace"))
+        h = hashlib.sha256()
+        _digest_text(h, self.system_text())
         for m in self.messages[:2]:
             h.update(b"\x00" + m.role.encode() + b"\x00")
             for p in m.parts:
                 if p.kind == "text":
-                    h.update(p.text.encode("utf-8", "replace"))
+                    _digest_text(h, p.text)
                 elif p.kind == "tool_call":
-                    h.update(p.name.encode() + p.arguments.encode("utf-8", "replace"))
+                    h.update(p.name.encode())
+                    _digest_text(h, p.arguments)
         return "h:" + h.hexdigest()[:32]
+
+
+def _digest_text(h, text, edge=4096):
+    """Feed a text to a conversation hash by its length and its first and last `edge` characters: a 1 MB prompt is
+    not hashed whole on every request, and two conversations that differ only in their middle are rare enough
+    (and would merely share a credential)."""
+    if len(text) > 2 * edge:
+        text = "%d\x00%s\x00%s" % (len(text), text[:edge], text[-edge:])
+    h.update(text.encode("utf-8", "replace"))
 
 
 class Usage:
@@ -16046,6 +16057,8 @@ class App:
                                "authentication")
         req.principal = matched.name  # a name for usage and metrics, never the key itself
 
+    _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
     def read_json(self, req):
         """The body as JSON, strictly: NaN and Infinity are not JSON (they would be forwarded as such), nesting is
         bounded (a RecursionError is a 400, not a crash), a lone surrogate escape (\\ud800) cannot become text.
@@ -16061,7 +16074,7 @@ class App:
             raise BadRequest("the request body is not UTF-8")
         except ValueError as e:
             raise BadRequest("malformed JSON in the request body: %s" % e)
-        if b"\\u" in req.body and re.search(rb"\\u[dD][89a-fA-F]", req.body):
+        if req.body.find(b"\\") >= 0 and self._SURROGATE_ESCAPE.search(req.body):  # memchr first: most bodies skip
             try:
                 json.dumps(data, ensure_ascii=False).encode("utf-8")
             except UnicodeEncodeError:
