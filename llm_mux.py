@@ -92,7 +92,9 @@ def new_id(prefix, nbytes=12):
     return prefix + "%0*x" % (nbytes * 2, _ids.getrandbits(nbytes * 8))
 
 
-_json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# No circular-reference bookkeeping: what the gateway encodes is built from JSON it parsed or from the IR, never
+# cyclic (a cycle would still end in an error, RecursionError instead of ValueError); a third off every encode.
+_json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
 json_dumps = _json_encoder.encode
 
 
