@@ -4,11 +4,11 @@
 Starts three processes: a fake OpenAI-compatible upstream (a minimal asyncio protocol server, so it is not the
 bottleneck), the gateway (`llm_mux.py serve`), and `wrk` as the load generator. Prints requests/s and latency
 p50/p99 at concurrency 1 and 50, for non-streaming requests and for 64-chunk streams, gateway beside direct,
-plus the gateway's RSS when idle and its growth over 20,000 requests in mixed formats, and throughput with
+plus the gateway's RSS when idle and its growth over 100,000 requests in mixed formats (--mixed), and throughput with
 usage records on against off.
 
 Targets (one gateway process, 2 cores): >= 3,000 non-streaming req/s at c=50; <= 0.5 ms added p50 at c=1;
->= 300 64-chunk streams/s; idle RSS <= 40 MB; RSS growth <= 10 % over 20,000 requests.
+>= 300 64-chunk streams/s; idle RSS <= 40 MB; RSS growth <= 10 % over 100,000 requests.
 """
 import argparse
 import asyncio
@@ -386,6 +386,7 @@ def main(argv=None):
     p.add_argument("--only", choices=["workers", "streams"],
                    help="run one part only: 'workers' (serve --workers 1 against 2), 'streams' (slow streams)")
     p.add_argument("--streams", default="1000,5000", help="the N of concurrent slow streams, comma-separated")
+    p.add_argument("--mixed", type=int, default=100000, help="requests in mixed formats over which RSS is watched")
     args = p.parse_args(argv)
     if args.serve_upstream:
         serve_upstream(args.serve_upstream)
@@ -458,12 +459,12 @@ def main(argv=None):
                 for upstream_fmt, model in (("openai", "bench-model"), ("anthropic", "bench-claude")):
                     runs[(client, upstream_fmt)] = wrk(url, body_for(client, model), 50, args.seconds, tmp)
             translation.append((label, runs))
-        # RSS over 20,000 more requests in mixed formats (after the warm-up above).
+        # RSS over --mixed more requests in mixed formats (after the warm-up above).
         before = rss_mb(gateway.pid)
         done = 0
         mixed = ((gw_url, body), (a_url, body_for("anthropic", "bench-claude")), (gw_url, body_for("openai",
                                                                                                "bench-claude")))
-        while done < 20000:
+        while done < args.mixed:
             for url, b in mixed:
                 done += wrk(url, b, 50, 1, tmp)["total"]
         after = rss_mb(gateway.pid)
@@ -527,7 +528,7 @@ def main(argv=None):
         if bad:
             print("    errors in: %s" % bad)
     print()
-    print("RSS idle: %.1f MB; after warm-up: %.1f MB; before 20k: %.1f MB; after %d more requests in mixed "
+    print("RSS idle: %.1f MB; after warm-up: %.1f MB; before the mixed run: %.1f MB; after %d more requests in mixed "
           "formats: %.1f MB (growth %.1f %%)" % (idle, warm, before, done, after, (after - before) / before * 100.0))
     on, off = sum(usage_runs["on"]) / 4, sum(usage_runs["off"]) / 4
     print("Usage records at c=50 (non-stream, four alternated runs each): on %.0f r/s, off %.0f r/s (on is %.0f %% "
