@@ -502,6 +502,17 @@ def emsa_pkcs1_sha256(message, size):
     return b"\x00\x01" + b"\xff" * (size - len(t) - 3) + b"\x00" + t
 
 
+def pem_block(text):
+    """(label, DER bytes) of the first PEM block in `text`; ValueError when there is none or it is not base64."""
+    m = re.search(r"-----BEGIN ([A-Z ]+)-----(.*?)-----END \1-----", text, re.S)
+    if not m:
+        raise ValueError("no PEM block found")
+    try:
+        return m.group(1), base64.b64decode("".join(m.group(2).split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("PEM body is not base64")
+
+
 class RsaKey:
     """An RSA private key from PEM (PKCS#8 `PRIVATE KEY` or PKCS#1 `RSA PRIVATE KEY`), enough to sign."""
 
@@ -544,15 +555,7 @@ class RsaKey:
 
     @classmethod
     def from_pem(cls, pem):
-        text = pem.replace("\\n", "\n") if "\\n" in pem else pem  # keys pasted with escaped newlines
-        m = re.search(r"-----BEGIN ([A-Z ]+)-----(.*?)-----END \1-----", text, re.S)
-        if not m:
-            raise ValueError("no PEM block found")
-        try:
-            der = base64.b64decode("".join(m.group(2).split()), validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("PEM body is not base64")
-        kind = m.group(1)
+        kind, der = pem_block(pem.replace("\\n", "\n") if "\\n" in pem else pem)  # pasted with escaped newlines
         if kind == "RSA PRIVATE KEY":
             return cls._pkcs1(der)
         if kind == "PRIVATE KEY":  # PKCS#8: SEQUENCE { version, AlgorithmIdentifier, OCTET STRING { PKCS#1 } }
@@ -591,22 +594,16 @@ class RsaPublicKey:
 
     @classmethod
     def from_pem(cls, pem):
-        m = re.search(r"-----BEGIN ([A-Z ]+)-----(.*?)-----END \1-----", pem, re.S)
-        if not m:
-            raise ValueError("no PEM block found")
-        try:
-            der = base64.b64decode("".join(m.group(2).split()), validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("PEM body is not base64")
-        if m.group(1) == "PUBLIC KEY":  # SEQUENCE { AlgorithmIdentifier, BIT STRING { RSAPublicKey } }
+        kind, der = pem_block(pem)
+        if kind == "PUBLIC KEY":  # SEQUENCE { AlgorithmIdentifier, BIT STRING { RSAPublicKey } }
             _, seq, _ = RsaKey._der(der, 0, 0x30)
             _, alg, pos = RsaKey._der(seq, 0, 0x30)
             if RSA_ENCRYPTION_OID not in alg:
                 raise ValueError("not an RSA key")
             _, bits, _ = RsaKey._der(seq, pos, 0x03)
             der = bits[1:]  # the unused-bits byte
-        elif m.group(1) != "RSA PUBLIC KEY":
-            raise ValueError("unsupported PEM block %r" % m.group(1))
+        elif kind != "RSA PUBLIC KEY":
+            raise ValueError("unsupported PEM block %r" % kind)
         _, seq, _ = RsaKey._der(der, 0, 0x30)
         _, n, pos = RsaKey._der(seq, 0, 0x02)
         _, e, _ = RsaKey._der(seq, pos, 0x02)
@@ -4906,13 +4903,9 @@ class PgListener:
 # parts, tools, sampling, thinking), the non-streamed response, the stream events, usage and errors. Plain classes
 # with __slots__: they sit on the hot path. No wire format appears here.
 
-OPT_STR = (str, type(None))  # FIELD_TYPES: the types a field of IR built from upstream bytes may hold (ir_problem)
-
-
 class Text:
     __slots__ = ("text", "cache_control")
     kind = "text"
-    FIELD_TYPES = {"text": str}
 
     def __init__(self, text, cache_control=None):
         self.text, self.cache_control = text, cache_control
@@ -4943,7 +4936,6 @@ class ToolCall:
     per-call token (Gemini thoughtSignature) back to the family (`source`) that issued it."""
     __slots__ = ("id", "name", "arguments", "tool_kind", "signature", "source")
     kind = "tool_call"
-    FIELD_TYPES = {"id": str, "name": str, "arguments": str, "signature": OPT_STR, "source": OPT_STR}
 
     def __init__(self, id, name, arguments="{}", tool_kind="function", signature=None, source=None):
         self.id, self.name, self.arguments = id, name, arguments
@@ -4975,7 +4967,6 @@ class Thinking:
     `encrypted` (Responses encrypted_content) are opaque and go back byte-exact only to `source`."""
     __slots__ = ("text", "signature", "redacted", "encrypted", "source", "item_id")
     kind = "thinking"
-    FIELD_TYPES = dict.fromkeys(("text", "signature", "redacted", "encrypted", "item_id"), OPT_STR)
 
     def __init__(self, text="", signature=None, redacted=None, encrypted=None, source=None, item_id=None):
         self.text, self.signature, self.redacted = text, signature, redacted
@@ -5146,7 +5137,6 @@ def _digest_text(h, text, edge=4096):
 class Usage:
     """Token counts. input includes cache reads and writes; output includes reasoning (formats.md §6.9)."""
     __slots__ = ("input_tokens", "output_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens")
-    FIELD_TYPES = dict.fromkeys(__slots__, (int, float))
 
     def __init__(self, input_tokens=0, output_tokens=0, cached_tokens=0, cache_write_tokens=0, reasoning_tokens=0):
         self.input_tokens, self.output_tokens = input_tokens, output_tokens
@@ -5208,7 +5198,6 @@ class ChatResponse:
 class Start:
     __slots__ = ("id", "model", "created")
     kind = "start"
-    FIELD_TYPES = {"id": OPT_STR, "model": OPT_STR}
 
     def __init__(self, id=None, model=None, created=None):
         self.id, self.model, self.created = id, model, created
@@ -5217,7 +5206,6 @@ class Start:
 class TextDelta:
     __slots__ = ("text",)
     kind = "text"
-    FIELD_TYPES = {"text": str}
 
     def __init__(self, text):
         self.text = text
@@ -5231,7 +5219,6 @@ class ThinkingDelta(Thinking):
 class ToolCallStart:
     __slots__ = ("index", "id", "name", "tool_kind", "signature", "source")
     kind = "tool_start"
-    FIELD_TYPES = {"index": int, "id": str, "name": str, "signature": OPT_STR}
 
     def __init__(self, index, id, name, tool_kind="function", signature=None, source=None):
         self.index, self.id, self.name = index, id, name
@@ -5241,7 +5228,6 @@ class ToolCallStart:
 class ToolCallDelta:
     __slots__ = ("index", "arguments")
     kind = "tool_delta"
-    FIELD_TYPES = {"index": int, "arguments": str}
 
     def __init__(self, index, arguments):
         self.index, self.arguments = index, arguments
@@ -5250,7 +5236,6 @@ class ToolCallDelta:
 class ToolCallEnd:
     __slots__ = ("index",)
     kind = "tool_end"
-    FIELD_TYPES = {"index": int}
 
     def __init__(self, index):
         self.index = index
@@ -5259,7 +5244,6 @@ class ToolCallEnd:
 class UsageEvent:
     __slots__ = ("usage",)
     kind = "usage"
-    FIELD_TYPES = {"usage": Usage}
 
     def __init__(self, usage):
         self.usage = usage
@@ -5268,7 +5252,6 @@ class UsageEvent:
 class Finish:
     __slots__ = ("reason", "stop_sequence")
     kind = "finish"
-    FIELD_TYPES = {"reason": str, "stop_sequence": OPT_STR}
 
     def __init__(self, reason="stop", stop_sequence=None):
         self.reason, self.stop_sequence = reason, stop_sequence
@@ -5278,7 +5261,6 @@ class ErrorEvent:
     """A failure inside a stream (or before it started): HTTP-like status, message, IR error type and code."""
     __slots__ = ("status", "message", "type", "code")
     kind = "error"
-    FIELD_TYPES = {"status": int, "message": str}
 
     def __init__(self, status, message, type="server_error", code=None):
         message = SECRET_MASK(message)
@@ -5286,6 +5268,19 @@ class ErrorEvent:
 
     def error(self):
         return GatewayError(self.status, self.message, self.type, code=self.code)
+
+
+_OPT_STR = (str, type(None))
+# The types each field of IR built from upstream bytes may hold (what every encoder assumes), by class.
+IR_FIELD_TYPES = {
+    Text: {"text": str}, TextDelta: {"text": str},
+    ToolCall: {"id": str, "name": str, "arguments": str, "signature": _OPT_STR, "source": _OPT_STR},
+    Thinking: dict.fromkeys(("text", "signature", "redacted", "encrypted", "item_id"), _OPT_STR),
+    Usage: dict.fromkeys(Usage.__slots__, (int, float)), Start: {"id": _OPT_STR, "model": _OPT_STR},
+    ToolCallStart: {"index": int, "id": str, "name": str, "signature": _OPT_STR},
+    ToolCallDelta: {"index": int, "arguments": str}, ToolCallEnd: {"index": int}, UsageEvent: {"usage": Usage},
+    Finish: {"reason": str, "stop_sequence": _OPT_STR}, ErrorEvent: {"status": int, "message": str}}
+IR_FIELD_TYPES[ThinkingDelta] = IR_FIELD_TYPES[Thinking]
 
 
 def ir_problem(value):
@@ -5300,7 +5295,7 @@ def ir_problem(value):
         return None
     if value.__class__ is ChatResponse:
         return ir_problem(value.parts) or (ir_problem(value.usage) if value.usage is not None else None)
-    for field, types in getattr(value.__class__, "FIELD_TYPES", _NO_FIELDS).items():
+    for field, types in IR_FIELD_TYPES.get(value.__class__, _NO_FIELDS).items():
         v = getattr(value, field)
         if v.__class__ is bool or not isinstance(v, types):  # no IR field is a boolean
             return "%s.%s is %s" % (type(value).__name__, field, type(v).__name__)
@@ -14890,14 +14885,17 @@ class Management:
             return entry
         raise bad_request("an API key is a string or an object with \"key\", got %s" % type(entry).__name__)
 
-    async def put_api_keys(self, req):
-        items = [self._check_key_entry(e) for e in self._items(management_json(req, "a list of API keys"),
-                                                               "API keys")]
+    async def _replace_list(self, req, key, what, check):
+        """PUT of a whole list setting: every entry checked; a masked secret sent back keeps the file's value."""
+        items = [check(e) for e in self._items(management_json(req, "a list of " + what), what)]
 
         def change(data):
-            data["api-keys"] = unmask({"api-keys": items}, {"api-keys": data.get("api-keys") or []})["api-keys"]
-        await self.persist(req, "api-keys replaced (%d keys)" % len(items), change)
+            data[key] = unmask({key: items}, {key: data.get(key) or []})[key]
+        await self.persist(req, "%s replaced (%d %s)" % (key, len(items), what), change)
         return {"status": "ok"}
+
+    async def put_api_keys(self, req):
+        return await self._replace_list(req, "api-keys", "API keys", self._check_key_entry)
 
     async def patch_api_keys(self, req):
         body = management_json(req, '{"index": i, "value": key} or {"old": key, "new": key}')
@@ -15008,13 +15006,7 @@ class Management:
         return {k: v for k, v in p.items() if k != "index"}
 
     async def put_providers(self, req):
-        items = [self._check_provider(p) for p in self._items(management_json(req, "a list of providers"),
-                                                              "providers")]
-
-        def change(data):
-            data["providers"] = unmask({"p": items}, {"p": data.get("providers") or []})["p"]
-        await self.persist(req, "providers replaced (%d entries)" % len(items), change)
-        return {"status": "ok"}
+        return await self._replace_list(req, "providers", "providers", self._check_provider)
 
     async def patch_providers(self, req):
         body = management_json(req, '{"index": i, "value": provider}')
