@@ -3241,90 +3241,12 @@ class HttpServer:
         try:
             while not self.draining:
                 limits = self.limits_fn()
-                # Idle keep-alive: wait for the first byte quietly; then the whole head must arrive in time.
-                if not ch.buf:
-                    me = asyncio.current_task()
-                    self.idle.add(me)
-                    try:
-                        readable = await ch.wait_readable(loop.time() + limits.keepalive_timeout)
-                    finally:
-                        self.idle.discard(me)
-                    if not readable:
-                        break
-                if self.draining:
+                head = await self._next_head(ch, limits, loop)
+                if head is None:
                     break
-                deadline = loop.time() + limits.header_timeout
-                try:
-                    head = await ch.read_until(b"\r\n\r\n", MAX_REQUEST_LINE + MAX_HEADER_BYTES + 4, deadline,
-                                               BAD_REQUEST_HEAD)
-                except BadFraming:
-                    self._write_error(ch, HttpError(400, "malformed request: lines must end in CRLF, not a bare "
-                                                         "LF, and a request begins with its method"))
+                req, reserved = await self._read_request(ch, head, peer, secure, limits, loop)
+                if req is None:
                     break
-                except LimitExceeded:
-                    first = bytes(ch.buf[:MAX_REQUEST_LINE + 2])
-                    status = 414 if b"\r\n" not in first else 431
-                    self._write_error(ch, HttpError(status, HTTP_REASONS[status].lower()))
-                    break
-                except asyncio.TimeoutError:
-                    self._write_error(ch, HttpError(408, "request headers not received in time"))
-                    break
-                except ChannelClosed:
-                    break
-                req = None
-                reserved = 0
-                try:
-                    req = parse_request_head(head[:-4], peer)
-                    req.secure = secure
-                    body_deadline = loop.time() + limits.body_timeout
-                    kind, length = body_framing(req)
-                    if kind == "length" and length > limits.max_body:
-                        raise HttpError(413, "request body too large (limit %d bytes)" % limits.max_body)
-                    if self.head_check is not None and (kind == "chunked" or length):
-                        early = await self.head_check(req)
-                        if early is not None:  # refused on its head: the body is never read
-                            self._write_refusal(ch, req, early)
-                            await self._linger(ch)
-                            break
-                    if kind == "length" and length:
-                        if self.buffered + length > limits.max_buffered:
-                            raise HttpError(503, "too many request bodies in flight (server.max-buffered-body); "
-                                                 "retry shortly")
-                        reserved = length
-                        self.buffered += length
-                    expect = req.headers.get("expect")
-                    if expect is not None:
-                        if expect.lower() != "100-continue":
-                            raise HttpError(417, "unsupported Expect header")
-                        if req.version >= (1, 1) and (kind == "chunked" or length > 0) and not ch.buf:
-                            ch.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                    if kind == "chunked":
-                        # its size is known only once read: bounded by max-request-size while it arrives, then
-                        # counted against max-buffered-body like any other body while the request runs
-                        req.body = await read_chunked(ch, limits.max_body, lambda: body_deadline)
-                        if self.buffered + len(req.body) > limits.max_buffered:
-                            raise HttpError(503, "too many request bodies in flight (server.max-buffered-body); "
-                                                 "retry shortly")
-                        reserved = len(req.body)
-                        self.buffered += reserved
-                    elif length:
-                        req.body = bytearray()
-                        await ch.read_into(req.body, length, body_deadline)
-                except HttpError as e:
-                    self.buffered -= reserved
-                    self._write_error(ch, e, req and req.path)
-                    await self._linger(ch)
-                    break
-                except asyncio.TimeoutError:
-                    self.buffered -= reserved
-                    self._write_error(ch, HttpError(408, "request body not received in time"), req.path)
-                    break
-                except ChannelClosed:
-                    self.buffered -= reserved
-                    break
-                except BaseException:
-                    self.buffered -= reserved
-                    raise
                 try:
                     keep = await self._dispatch(ch, req, limits)
                 finally:
@@ -3339,6 +3261,92 @@ class HttpServer:
             log.exception("connection handler failed")
         finally:
             ch.close()
+
+    async def _next_head(self, ch, limits, loop):
+        """The next request's head, or None when the connection is to end: an idle keep-alive connection timed
+        out or closed, or a malformed, oversize or late head (already answered)."""
+        if not ch.buf:  # idle keep-alive: wait for the first byte quietly; then the whole head must arrive in time
+            me = asyncio.current_task()
+            self.idle.add(me)
+            try:
+                readable = await ch.wait_readable(loop.time() + limits.keepalive_timeout)
+            finally:
+                self.idle.discard(me)
+            if not readable:
+                return None
+        if self.draining:
+            return None
+        try:
+            return await ch.read_until(b"\r\n\r\n", MAX_REQUEST_LINE + MAX_HEADER_BYTES + 4,
+                                       loop.time() + limits.header_timeout, BAD_REQUEST_HEAD)
+        except BadFraming:
+            self._write_error(ch, HttpError(400, "malformed request: lines must end in CRLF, not a bare LF, and a "
+                                                 "request begins with its method"))
+        except LimitExceeded:
+            status = 414 if b"\r\n" not in bytes(ch.buf[:MAX_REQUEST_LINE + 2]) else 431
+            self._write_error(ch, HttpError(status, HTTP_REASONS[status].lower()))
+        except asyncio.TimeoutError:
+            self._write_error(ch, HttpError(408, "request headers not received in time"))
+        except ChannelClosed:
+            pass
+        return None
+
+    async def _read_request(self, ch, head, peer, secure, limits, loop):
+        """(request with its body read, body bytes counted against max-buffered-body), or (None, 0) when the
+        connection is to end: refused on its head, a framing or size error, a late body (each already answered)."""
+        req = None
+        reserved = 0
+        try:
+            req = parse_request_head(head[:-4], peer)
+            req.secure = secure
+            body_deadline = loop.time() + limits.body_timeout
+            kind, length = body_framing(req)
+            if kind == "length" and length > limits.max_body:
+                raise HttpError(413, "request body too large (limit %d bytes)" % limits.max_body)
+            if self.head_check is not None and (kind == "chunked" or length):
+                early = await self.head_check(req)
+                if early is not None:  # refused on its head: the body is never read
+                    self._write_refusal(ch, req, early)
+                    await self._linger(ch)
+                    return None, 0
+            if kind == "length" and length:
+                if self.buffered + length > limits.max_buffered:
+                    raise HttpError(503, "too many request bodies in flight (server.max-buffered-body); retry "
+                                         "shortly")
+                reserved = length
+                self.buffered += length
+            expect = req.headers.get("expect")
+            if expect is not None:
+                if expect.lower() != "100-continue":
+                    raise HttpError(417, "unsupported Expect header")
+                if req.version >= (1, 1) and (kind == "chunked" or length > 0) and not ch.buf:
+                    ch.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if kind == "chunked":
+                # its size is known only once read: bounded by max-request-size while it arrives, then
+                # counted against max-buffered-body like any other body while the request runs
+                req.body = await read_chunked(ch, limits.max_body, lambda: body_deadline)
+                if self.buffered + len(req.body) > limits.max_buffered:
+                    raise HttpError(503, "too many request bodies in flight (server.max-buffered-body); retry "
+                                         "shortly")
+                reserved = len(req.body)
+                self.buffered += reserved
+            elif length:
+                req.body = bytearray()
+                await ch.read_into(req.body, length, body_deadline)
+            return req, reserved
+        except HttpError as e:
+            self.buffered -= reserved
+            self._write_error(ch, e, req and req.path)
+            await self._linger(ch)
+        except asyncio.TimeoutError:
+            self.buffered -= reserved
+            self._write_error(ch, HttpError(408, "request body not received in time"), req.path)
+        except ChannelClosed:
+            self.buffered -= reserved
+        except BaseException:
+            self.buffered -= reserved
+            raise
+        return None, 0
 
     async def _dispatch(self, ch, req, limits):
         """Run the app for one request and write its response. Returns whether to keep the connection."""
