@@ -4044,21 +4044,8 @@ class HttpClient:
             body = b""
         elif isinstance(body, str):
             body = body.encode("utf-8")
-        lines = ["%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target, hostport)]
-        present = set()
-        for k, v in headers:
-            present.add(k.lower())
-            lines.append("%s: %s\r\n" % (k, v))
-        if "user-agent" not in present:
-            lines.append("User-Agent: %s\r\n" % USER_AGENT)
-        if "accept-encoding" not in present:
-            lines.append("Accept-Encoding: gzip, deflate\r\n")
-        if body or method in ("POST", "PUT", "PATCH"):
-            lines.append("Content-Length: %d\r\n" % len(body))
-        if absolute_form and proxy.basic_auth():
-            lines.append("Proxy-Authorization: %s\r\n" % proxy.basic_auth())
-        lines.append("\r\n")
-        payload = "".join(lines).encode("latin-1")
+        payload = self._request_head(method, target, hostport, headers, body,
+                                     proxy.basic_auth() if absolute_form else None)
         if len(body) <= 65536:  # one write; a larger body follows the head in slices (write_all), never copied
             payload, body = payload + body, b""
         key = (scheme, host, port, proxy.url if proxy else "")
@@ -4097,6 +4084,26 @@ class HttpClient:
                 ch.close()
                 raise
         raise UpstreamError("protocol", "upstream closed the connection before answering")
+
+    @staticmethod
+    def _request_head(method, target, hostport, headers, body, proxy_auth=None):
+        """The request line and header block: `headers` as given, plus Host, User-Agent, Accept-Encoding and
+        Content-Length where the caller did not set them (and Proxy-Authorization for an HTTP proxy)."""
+        lines = ["%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target, hostport)]
+        present = set()
+        for k, v in headers:
+            present.add(k.lower())
+            lines.append("%s: %s\r\n" % (k, v))
+        if "user-agent" not in present:
+            lines.append("User-Agent: %s\r\n" % USER_AGENT)
+        if "accept-encoding" not in present:
+            lines.append("Accept-Encoding: gzip, deflate\r\n")
+        if body or method in ("POST", "PUT", "PATCH"):
+            lines.append("Content-Length: %d\r\n" % len(body))
+        if proxy_auth:
+            lines.append("Proxy-Authorization: %s\r\n" % proxy_auth)
+        lines.append("\r\n")
+        return "".join(lines).encode("latin-1")
 
     async def _read_head(self, conn, method, url, stream_timeout, max_size, head_timeout=None):
         ch = conn.ch
