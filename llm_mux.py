@@ -17001,6 +17001,28 @@ def cmd_serve(args):
     return 0
 
 
+def workers_listen(cfg):
+    """How the workers listen: each on its own SO_REUSEPORT socket ({"reuse_port": True}, after checking here,
+    once, that the port is free), or, without SO_REUSEPORT or for port 0, on one inherited socket ({"sock": s})."""
+    if hasattr(socket, "SO_REUSEPORT") and cfg.port != 0:
+        probe = socket.socket(socket.AF_INET6 if ":" in (cfg.host or "") else socket.AF_INET, socket.SOCK_STREAM)
+        try:  # the probe is closed before the workers bind
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            probe.bind((cfg.host or "0.0.0.0", cfg.port))
+        except OSError as e:
+            raise CliError("cannot listen on %s:%d: %s" % (cfg.host, cfg.port, e.strerror or e))
+        finally:
+            probe.close()
+        return {"reuse_port": True}
+    try:
+        shared = socket.create_server((cfg.host or "", cfg.port), reuse_port=False, backlog=1024)
+    except OSError as e:
+        raise CliError("cannot listen on %s:%d: %s" % (cfg.host, cfg.port, e.strerror or e))
+    shared.set_inheritable(True)
+    return {"sock": shared}
+
+
 def serve_workers(cfg, n, config_path, debug):
     """`serve --workers N`: N worker processes on one port. Each worker binds its own socket with SO_REUSEPORT,
     so the kernel spreads connections over them (where SO_REUSEPORT is missing, or for port 0, the workers share
@@ -17009,30 +17031,11 @@ def serve_workers(cfg, n, config_path, debug):
     to every worker, each drains its requests, and the parent exits when all have."""
     if not hasattr(os, "fork"):
         raise CliError("--workers needs a system with fork(); run one process per port instead")
-    reuse_port = hasattr(socket, "SO_REUSEPORT") and cfg.port != 0
-    shared = None
-    if reuse_port:  # fail here, once, if the port is taken; the probe socket is closed before the workers bind
-        family = socket.AF_INET6 if ":" in (cfg.host or "") else socket.AF_INET
-        probe = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            probe.bind((cfg.host or "0.0.0.0", cfg.port))
-        except OSError as e:
-            raise CliError("cannot listen on %s:%d: %s" % (cfg.host, cfg.port, e.strerror or e))
-        finally:
-            probe.close()
-    else:
-        try:
-            shared = socket.create_server((cfg.host or "", cfg.port), reuse_port=False, backlog=1024)
-        except OSError as e:
-            raise CliError("cannot listen on %s:%d: %s" % (cfg.host, cfg.port, e.strerror or e))
-        shared.set_inheritable(True)
+    listen = workers_listen(cfg)
     if any(k.rpm is not None or k.tpm is not None or k.max_budget is not None for k in cfg.client_keys) and \
             not cfg.store["postgres-url"]:
         log.warning("--workers %d without a shared store: each worker counts client-key limits on its own "
                     "(set store.postgres-url for limits that hold across workers)", n)
-    listen = {"sock": shared} if shared is not None else {"reuse_port": True}
     children = {}  # pid -> worker number
     stopping = []
 
@@ -17390,6 +17393,28 @@ def replace_file(path, data, mode):
             os.close(dfd)
 
 
+def download_release(release, cfg):
+    """The file a signed release manifest names, downloaded and checked against the manifest's size and SHA-256
+    (ReleaseError otherwise)."""
+    async def fetch(url, limit):
+        client = HttpClient(lambda: cfg)
+        try:
+            resp = await client.request("GET", url, [("User-Agent", USER_AGENT)], None, timeout=30,
+                                        stream_timeout=120)
+            if resp.status != 200:
+                raise ReleaseError("the download %s answered %d" % (redact_url(url), resp.status))
+            return await resp.read(limit)
+        finally:
+            client.close_idle()
+    data = asyncio.run(fetch(release["url"], release["size"] + 1))
+    if len(data) != release["size"]:
+        raise ReleaseError("the download is %d bytes, the manifest says %d (truncated?): not installing"
+                           % (len(data), release["size"]))
+    if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), release["sha256"]):
+        raise ReleaseError("the download's SHA-256 does not match the signed manifest: not installing")
+    return data
+
+
 def cmd_update(args):
     """`llm-mux update [--check] [--yes] [--rollback] [--allow-downgrade] [--url URL]`."""
     target = os.path.abspath(args.target) if getattr(args, "target", None) else installed_file()
@@ -17410,17 +17435,6 @@ def cmd_update(args):
         client = HttpClient(lambda: cfg)
         try:
             return await fetch_release(client, url)
-        finally:
-            client.close_idle()
-
-    async def fetch(u, limit):
-        client = HttpClient(lambda: cfg)
-        try:
-            resp = await client.request("GET", u, [("User-Agent", USER_AGENT)], None, timeout=30,
-                                        stream_timeout=120)
-            if resp.status != 200:
-                raise ReleaseError("the download %s answered %d" % (redact_url(u), resp.status))
-            return await resp.read(limit)
         finally:
             client.close_idle()
 
@@ -17449,12 +17463,7 @@ def cmd_update(args):
             if input("Install %s over %s? [y/N] " % (latest, target)).strip().lower() not in ("y", "yes"):
                 print("Not installed.")
                 return 1
-        data = asyncio.run(fetch(release["url"], release["size"] + 1))
-        if len(data) != release["size"]:
-            raise ReleaseError("the download is %d bytes, the manifest says %d (truncated?): not installing"
-                               % (len(data), release["size"]))
-        if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), release["sha256"]):
-            raise ReleaseError("the download's SHA-256 does not match the signed manifest: not installing")
+        data = download_release(release, cfg)
         new = data if zipfile_like(target) else release_source(data, latest)
         if zipfile_like(target):
             release_source(data, latest)  # check it is the version it claims to be
