@@ -13403,12 +13403,34 @@ def usage_report(target, since, until, filters):
 class KeyLimits:
     """Per client key: requests and tokens in the last minute and spend over the budget period, checked before any
     upstream call (gateway clock). Fed by every usage record; rebuilt from the usage store at start, so a restart
-    resets nothing. Spend is the API-equivalent cost: API-key spend plus what subscriptions saved."""
+    resets nothing. Spend is the API-equivalent cost: API-key spend plus what subscriptions saved. Counts are kept
+    per second (a bucket [second, amounts...]), so memory follows the seconds with traffic, not the requests: a
+    day's budget at 2,000 requests a second is at most 86,400 buckets, not 170 million entries."""
 
     def __init__(self, clock):
         self.clock = clock
-        self.requests = {}  # key name -> deque of request times (last minute)
-        self.spent = {}  # key name -> deque of (time, tokens, usd)
+        self.requests = {}  # key name -> deque of [second, requests] (last minute)
+        self.spent = {}  # key name -> deque of [second, tokens, usd] (the longer of a minute and the budget period)
+
+    @staticmethod
+    def _window(table, name, horizon, now):
+        """`name`'s buckets, those `horizon` seconds old or older dropped."""
+        buckets = table.get(name)
+        if buckets is None:
+            buckets = table[name] = collections.deque()
+        while buckets and buckets[0][0] <= now - horizon:
+            buckets.popleft()
+        return buckets
+
+    @staticmethod
+    def _add(buckets, when, *amounts):
+        second = int(when)
+        last = buckets[-1] if buckets else None
+        if last is not None and last[0] == second:
+            for i, amount in enumerate(amounts, 1):
+                last[i] += amount
+        else:
+            buckets.append([second] + list(amounts))
 
     def admit(self, cfg, req):
         key = next((k for k in cfg.client_keys if k.name == req.client_key), None)
@@ -13417,38 +13439,33 @@ class KeyLimits:
         if not key.allows(req.model):
             raise GatewayError(403, "API key %s may not use model '%s'" % (key.name, req.model), "permission", "model")
         now = self.clock.wall()
-        import collections
-        times = self.requests.setdefault(key.name, collections.deque())
-        while times and times[0] <= now - 60:
-            times.popleft()
-        if key.rpm is not None and len(times) >= key.rpm:
-            self.limited(key, "%d requests per minute" % key.rpm, times[0] + 60 - now)
-        spent = self.spent.setdefault(key.name, collections.deque())
-        while spent and spent[0][0] <= now - max(60.0, key.budget_seconds):
-            spent.popleft()
+        times = self._window(self.requests, key.name, 60, now)
+        if key.rpm is not None and sum(b[1] for b in times) >= key.rpm:
+            self.limited(key, "%d requests per minute" % key.rpm, times[0][0] + 60 - now)
+        spent = self._window(self.spent, key.name, max(60.0, key.budget_seconds), now)
         if key.tpm is not None:
-            minute = [e for e in spent if e[0] > now - 60]
-            if minute and sum(e[1] for e in minute) >= key.tpm:
+            minute = [b for b in spent if b[0] > now - 60]
+            if minute and sum(b[1] for b in minute) >= key.tpm:
                 self.limited(key, "%d tokens per minute" % key.tpm, minute[0][0] + 60 - now)
         if key.max_budget is not None:
-            window = [e for e in spent if e[0] > now - key.budget_seconds]
-            if window and sum(e[2] for e in window) >= key.max_budget:
+            window = [b for b in spent if b[0] > now - key.budget_seconds]
+            if window and sum(b[2] for b in window) >= key.max_budget:
                 self.limited(key, "a budget of %s USD per %s" % (key.max_budget, format_seconds(key.budget_seconds)),
                               window[0][0] + key.budget_seconds - now)
-        times.append(now)
+        self._add(times, now, 1)
 
     def snapshot(self, key):
         """What a key has used: requests and tokens in the last minute, spend in its budget period."""
         now = self.clock.wall()
-        times = [t for t in self.requests.get(key.name, ()) if t > now - 60]
         spent = list(self.spent.get(key.name, ()))
-        return {"requests_last_minute": len(times),
-                "tokens_last_minute": sum(e[1] for e in spent if e[0] > now - 60),
-                "spent_usd": round(sum(e[2] for e in spent if e[0] > now - key.budget_seconds), 6)}
+        return {"requests_last_minute": sum(b[1] for b in self.requests.get(key.name, ()) if b[0] > now - 60),
+                "tokens_last_minute": sum(b[1] for b in spent if b[0] > now - 60),
+                "spent_usd": round(sum(b[2] for b in spent if b[0] > now - key.budget_seconds), 6)}
 
     def note_request(self, name):
         """A request admitted elsewhere (the shared store): counted here too, for this replica's own view."""
-        self.requests.setdefault(name, collections.deque()).append(self.clock.wall())
+        now = self.clock.wall()
+        self._add(self._window(self.requests, name, 60, now), now, 1)
 
     @staticmethod
     def limited(key, what, wait):
@@ -13459,9 +13476,9 @@ class KeyLimits:
     def account(self, record, when):
         """Count a usage record's tokens and cost against its key."""
         if record["api_key"]:
-            import collections
             usd = (record.get("cost_usd") or 0) + (record.get("subscription_value_usd") or 0)
-            self.spent.setdefault(record["api_key"], collections.deque()).append((when, record["total_tokens"], usd))
+            self._add(self.spent.setdefault(record["api_key"], collections.deque()), when, record["total_tokens"],
+                      usd)
 
     def rebuild(self, target, horizon):
         """Spend and tokens of the last `horizon` seconds from the usage store (at start, before serving)."""
@@ -13477,7 +13494,7 @@ class KeyLimits:
                                    time.strptime(at, "%Y-%m-%d %H:%M:%S"))
             self.account({"api_key": name, "total_tokens": tokens, "cost_usd": usd}, when)
             if when > now - 60:  # attempts of the last minute count towards rpm (close to the requests)
-                self.requests.setdefault(name, collections.deque()).append(when)
+                self._add(self.requests.setdefault(name, collections.deque()), when, 1)
 
 
 class RequestLog:

@@ -123,3 +123,32 @@ def test_spend_survives_a_restart(gateway, upstream, tmp_path):
     with pytest.raises(openai.RateLimitError):
         openai.OpenAI(base_url=again.url + "/v1", api_key="sk-b", max_retries=0).chat.completions.create(
             model="gpt-test", messages=[{"role": "user", "content": "x"}])
+
+
+def test_limits_keep_a_bucket_per_second_not_an_entry_per_request():
+    """5,000 requests in five seconds and a day's budget: the counters hold five buckets each (memory follows the
+    seconds with traffic, not the requests), the figures stay exact, and the limits still bite and expire."""
+    from harness import FakeClock
+    clock = FakeClock(wall=1_700_000_000.25)
+    limits = llm_mux.KeyLimits(clock)
+    cfg = llm_mux.Config.from_text("api-keys:\n  - {key: sk-a, name: a, rpm: 5000, max-budget: 6, "
+                                   "budget-duration: 1d}\n", "t.yaml", environ={})
+    req = llm_mux.ChatRequest("m")
+    req.client_key = "a"
+    for i in range(5000):
+        clock.t += 0.001
+        limits.admit(cfg, req)
+        limits.account({"api_key": "a", "total_tokens": 10, "cost_usd": 0.001}, clock.wall())
+    assert len(limits.requests["a"]) <= 6 and len(limits.spent["a"]) <= 6
+    key = cfg.client_keys[0]
+    assert limits.snapshot(key) == {"requests_last_minute": 5000, "tokens_last_minute": 50000, "spent_usd": 5.0}
+    with pytest.raises(llm_mux.GatewayError) as e:  # the 5,001st request within the minute
+        limits.admit(cfg, req)
+    assert e.value.status == 429 and 55 <= int(dict(e.value.headers)["Retry-After"]) <= 60
+    clock.t += 61  # a minute on: the rate limit has passed, the day's spend has not
+    limits.admit(cfg, req)
+    assert limits.snapshot(key)["requests_last_minute"] == 1 and limits.snapshot(key)["spent_usd"] == 5.0
+    limits.account({"api_key": "a", "total_tokens": 10, "cost_usd": 1.0}, clock.wall())
+    with pytest.raises(llm_mux.GatewayError) as e:
+        limits.admit(cfg, req)
+    assert "budget of 6" in e.value.message
