@@ -57,8 +57,10 @@ def start_login(tmp_path, token_server, *extra):
     return proc, url, port, auth
 
 
-def wait_port(port):
-    deadline = time.time() + 10
+def wait_port(port, timeout=60):
+    """Until the login's callback server answers (a 404 for an unknown path): a process that compiles this file
+    from source on a loaded machine can take many seconds to get there."""
+    deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             urllib.request.urlopen("http://127.0.0.1:%d/nothing" % port, timeout=1)
@@ -66,6 +68,17 @@ def wait_port(port):
             return
         except OSError:
             time.sleep(0.05)
+    raise AssertionError("the login's callback server on port %d never answered" % port)
+
+
+def finished(proc, timeout=60):
+    """(stdout, stderr) once the process has ended; its output in the failure if it does not end in time."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError("login still running after %d s\nstdout: %s\nstderr: %s" % (timeout, out, err))
 
 
 def test_browser_login_writes_the_credential_file(tmp_path, token_server):
@@ -116,12 +129,12 @@ def test_manual_code_hash_state_format(tmp_path, token_server):
 
 def test_timeout_and_ctrl_c_leave_nothing_behind(tmp_path, token_server):
     proc, url, port, auth = start_login(tmp_path, token_server, "--timeout", "1")
-    out, err = proc.communicate(timeout=20)
+    out, err = finished(proc)
     assert proc.returncode == 1 and "no answer from the browser within 1 s" in err
     proc, url, port, auth = start_login(tmp_path, token_server)
     wait_port(port)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=20)
+    out, err = finished(proc)
     assert proc.returncode == 130 and "nothing was written" in err
     assert not auth.exists() or not any(auth.iterdir())
     assert token_server.seen == []
