@@ -41,9 +41,13 @@ def start_login(tmp_path, token_server, *extra):
     cfg.write_text('auth-dir: %s\nupstream-overrides:\n  "https://platform.claude.com": "%s"\n' % (auth, token_server.url))
     port = free_port()
     env = dict(os.environ, BROWSER="true", PYTHONUNBUFFERED="1")
+    # Ctrl-C in a terminal: the login starts with SIGINT's default disposition even when the suite itself runs
+    # with SIGINT ignored (started in the background by a non-interactive shell, or under nohup), which a child
+    # would otherwise inherit and then never see the test's SIGINT.
     proc = subprocess.Popen([sys.executable, LLM_MUX, "login", "claude", "--config", str(cfg), "--callback-port",
                              str(port)] + list(extra), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     url = None
     deadline = time.time() + 15
