@@ -244,3 +244,30 @@ def overrides_config(url, hosts, auth=None, extra=""):
     """Config lines sending each of `hosts` to the fake upstream at `url` (and the auth dir, when given)."""
     text = ("auth-dir: %s\n" % auth if auth else "") + "upstream-overrides:\n"
     return text + "".join('  "%s": "%s"\n' % (h, url) for h in hosts) + extra
+
+
+def mutate_bytes(rng, data, inserts, others=(), max_ops=4):
+    """A fuzzer's mutation of `data`: 1..max_ops of byte flips, insertions of `inserts`, deletions, a slice of one
+    of `others` spliced in (or, without others, a cut tail), a byte repeated."""
+    data = bytearray(data)
+    for _ in range(rng.randint(1, max_ops)):
+        op = rng.randrange(5)
+        if op == 0 and data:
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        elif op == 1:
+            i = rng.randrange(len(data) + 1)
+            data[i:i] = rng.choice(inserts)
+        elif op == 2 and data:
+            i = rng.randrange(len(data))
+            del data[i:i + rng.randint(1, 8)]
+        elif op == 3 and others:
+            other = rng.choice(others)
+            i, j = sorted(rng.randrange(len(other) + 1) for _ in range(2))
+            k = rng.randrange(len(data) + 1)
+            data[k:k] = other[i:j]
+        elif op == 3 and data:
+            del data[rng.randrange(len(data)):]
+        elif data:
+            i = rng.randrange(len(data))
+            data[i:i + 1] = data[i:i + 1] * rng.randint(2, 50)
+    return bytes(data)

@@ -5,6 +5,7 @@ import os
 import random
 
 import llm_mux
+from harness import mutate_bytes
 
 CASES = int(os.environ.get("LLM_MUX_FUZZ_CASES", "50000"))
 
@@ -19,34 +20,11 @@ INTERESTING = [b"\r\n", b"\n", b":", b" ", b"\t", b"\x00", b"\xa0", b"\x85", b"\
                b"Content-Length: ", b"Transfer-Encoding: ", b"Host: y\r\n", b"HTTP/1.1", b"%00", b"\xb2"]
 
 
-def mutate(rng, data):
-    data = bytearray(data)
-    for _ in range(rng.randint(1, 5)):
-        op = rng.randrange(5)
-        if op == 0 and data:
-            data[rng.randrange(len(data))] = rng.randrange(256)
-        elif op == 1:
-            i = rng.randrange(len(data) + 1)
-            data[i:i] = rng.choice(INTERESTING)
-        elif op == 2 and data:
-            i = rng.randrange(len(data))
-            del data[i:i + rng.randint(1, 8)]
-        elif op == 3:
-            other = rng.choice(SEEDS)
-            i, j = sorted(rng.randrange(len(other) + 1) for _ in range(2))
-            k = rng.randrange(len(data) + 1)
-            data[k:k] = other[i:j]
-        elif data:
-            i = rng.randrange(len(data))
-            data[i:i + 1] = data[i:i + 1] * rng.randint(2, 50)
-    return bytes(data)
-
-
 def test_mutated_heads_raise_only_http_errors():
     rng = random.Random(9112)
     parsed = 0
     for _ in range(CASES):
-        head = mutate(rng, rng.choice(SEEDS)).rstrip(b"\r\n")
+        head = mutate_bytes(rng, rng.choice(SEEDS), INTERESTING, SEEDS, max_ops=5).rstrip(b"\r\n")
         try:
             req = llm_mux.parse_request_head(head, "127.0.0.1")
             kind, length = llm_mux.body_framing(req)

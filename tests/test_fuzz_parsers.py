@@ -8,28 +8,9 @@ import struct
 import zlib
 
 import llm_mux
+from harness import mutate_bytes
 
 CASES = int(os.environ.get("LLM_MUX_FUZZ_CASES", "20000"))
-
-
-def mutate(rng, data, extra):
-    data = bytearray(data)
-    for _ in range(rng.randint(1, 4)):
-        op = rng.randrange(5)
-        if op == 0 and data:
-            data[rng.randrange(len(data))] = rng.randrange(256)
-        elif op == 1:
-            i = rng.randrange(len(data) + 1)
-            data[i:i] = rng.choice(extra)
-        elif op == 2 and data:
-            i = rng.randrange(len(data))
-            del data[i:i + rng.randint(1, 8)]
-        elif op == 3 and data:
-            del data[rng.randrange(len(data)):]
-        elif data:
-            i = rng.randrange(len(data))
-            data[i:i + 1] = data[i:i + 1] * rng.randint(2, 40)
-    return bytes(data)
 
 
 YAML_SEEDS = [b"port: 8317\nproviders:\n  - type: openai\n    base-url: http://x/v1\n    api-keys: [a, 'b']\n",
@@ -42,7 +23,7 @@ YAML_EXTRA = [b"[", b"]", b"{", b"}", b":", b"- ", b"\n  ", b"'", b'"', b"\t", b
 def test_yaml_reader_raises_only_config_errors():
     rng = random.Random(1001)
     for _ in range(CASES):
-        text = mutate(rng, rng.choice(YAML_SEEDS), YAML_EXTRA).decode("utf-8", "replace")
+        text = mutate_bytes(rng, rng.choice(YAML_SEEDS), YAML_EXTRA).decode("utf-8", "replace")
         try:
             llm_mux.yaml_load(text, "f.yaml")
         except llm_mux.ConfigError:
@@ -69,7 +50,7 @@ def test_chunked_bodies_raise_only_http_errors():
         ch.buf += CHUNKED
         assert await llm_mux.read_chunked(ch, 1 << 16, lambda: None) == b"hello world"
         for _ in range(CASES):
-            await one(mutate(rng, CHUNKED, [b"\r\n", b"\n", b";", b"ffffffffffffffffff", b"-1", b"0x5", b" "]))
+            await one(mutate_bytes(rng, CHUNKED, [b"\r\n", b"\n", b";", b"ffffffffffffffffff", b"-1", b"0x5", b" "]))
     asyncio.run(run())
 
 
@@ -81,7 +62,7 @@ def test_sse_raises_only_upstream_errors():
     rng = random.Random(1003)
     for _ in range(CASES):
         p = llm_mux.SSEParser()
-        data = mutate(rng, SSE, [b"\n", b"\r", b"\r\n\r\n", b":", b"data: ", b"\xff\xfe", b"event:"])
+        data = mutate_bytes(rng, SSE, [b"\n", b"\r", b"\r\n\r\n", b":", b"data: ", b"\xff\xfe", b"event:"])
         try:
             for i in range(0, len(data), rng.randint(1, 16)):
                 p.feed(data[i:i + 16])
@@ -104,7 +85,7 @@ def test_aws_event_stream_raises_only_upstream_errors():
     seed = aws_frame(b"assistantResponseEvent", b'{"content": "hi"}') + aws_frame(b"meteringEvent", b"{}")
     assert llm_mux.AwsEventStream().feed(seed)[0] == ("assistantResponseEvent", '{"content": "hi"}')
     for _ in range(CASES):
-        data = mutate(rng, seed, [b"\x00\x00\x00\x10", b"\x07", b"\xff\xff"])
+        data = mutate_bytes(rng, seed, [b"\x00\x00\x00\x10", b"\x07", b"\xff\xff"])
         try:
             s = llm_mux.AwsEventStream()
             s.feed(data)
@@ -113,7 +94,7 @@ def test_aws_event_stream_raises_only_upstream_errors():
             pass
     # mutations that keep both CRCs valid reach the header parser
     for _ in range(CASES):
-        event = mutate(rng, b"assistantResponseEvent", [b"\x00", b"\xff"])
+        event = mutate_bytes(rng, b"assistantResponseEvent", [b"\x00", b"\xff"])
         frame = bytearray(aws_frame(event, b"{}"))
         hlen = struct.unpack("!I", frame[4:8])[0]
         cut = rng.randrange(1, hlen + 1)
