@@ -5765,6 +5765,17 @@ def _fits_kind(value, shape):
     return isinstance(value, types) and (shape == "bool" or not isinstance(value, bool))
 
 
+_SNAKE = {}
+
+
+def snake_case(camel):
+    """`inlineData` -> `inline_data` (cached): protobuf JSON accepts both spellings of a field."""
+    snake = _SNAKE.get(camel)
+    if snake is None:
+        snake = _SNAKE[camel] = re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), camel)
+    return snake
+
+
 def shape_problem(value, shape, path=()):
     """(path, expected, found) for the first place `value` departs from `shape`, or None where it fits."""
     if isinstance(shape, tuple):
@@ -5779,7 +5790,7 @@ def shape_problem(value, shape, path=()):
         for key, sub in shape.items():
             v = value.get(key)
             if v is None and key not in value:
-                key = re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), key)  # as the client spelt it
+                key = snake_case(key)  # as the client spelt it
                 v = value.get(key)
             if v is not None:
                 problem = shape_problem(v, sub, path + (key,))
@@ -7392,17 +7403,13 @@ GEMINI_STORES = ("generativelanguage.googleapis.com", "www.youtube.com", "youtub
 GEMINI_DEFAULT_SAFETY = [{"category": c, "threshold": "OFF"} for c in (
     "HARM_CATEGORY_HARASSMENT", "HARM_CATEGORY_HATE_SPEECH", "HARM_CATEGORY_SEXUALLY_EXPLICIT",
     "HARM_CATEGORY_DANGEROUS_CONTENT")] + [{"category": "HARM_CATEGORY_CIVIC_INTEGRITY", "threshold": "BLOCK_NONE"}]
-_SNAKE = {}
 
 
 def gget(obj, camel, default=None):
     """A Gemini field in either spelling (requests are protobuf JSON: `inlineData` or `inline_data`)."""
     if camel in obj:
         return obj[camel]
-    snake = _SNAKE.get(camel)
-    if snake is None:
-        snake = _SNAKE[camel] = re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), camel)
-    return obj.get(snake, default)
+    return obj.get(snake_case(camel), default)
 
 
 class Gemini(Codec):
