@@ -5285,6 +5285,16 @@ class ErrorEvent:
         return GatewayError(self.status, self.message, self.type, code=self.code)
 
 
+class RawFrame:
+    """A frame of the client's own format, relayed as the upstream sent it (FrameRelay): `data` is the bytes the
+    client receives; `lead` marks a frame that carried nothing but the stream's start."""
+    __slots__ = ("data", "lead")
+    kind = "raw"
+
+    def __init__(self, data, lead=False):
+        self.data, self.lead = data, lead
+
+
 _OPT_STR = (str, type(None))
 # The types each field of IR built from upstream bytes may hold (what every encoder assumes), by class.
 IR_FIELD_TYPES = {
@@ -5869,6 +5879,29 @@ class Codec:
         return {"error": {"message": err.message, "type": OPENAI_ERROR_TYPES.get(err.type, err.type),
                           "param": err.param, "code": err.code}}
 
+    # -- same-format pass-through (FrameRelay) ---------------------------------------------------------------------
+    relays = False  # its streams can be relayed frame by frame to a client of the same format
+    RELAY_MODEL_KEY = "model"  # the frame field naming the model: the relay writes the asked model there
+    RELAY_TALLY = None  # a field whose last value counts (usage repeated in every frame): its last frame is decoded
+
+    @staticmethod
+    def relay_watch(event, data):
+        """Whether a frame may carry what the gateway must observe (usage, the finish, an error): such frames are
+        decoded as well as relayed. A cheap test on the raw frame; a false alarm only costs a decode."""
+        return True
+
+    @staticmethod
+    def relay_edit(req, event, data):
+        """The frame's data as the client should get it (None: drop the frame)."""
+        return data
+
+    @classmethod
+    def relay(cls, req, provider):
+        """A FrameRelay when `provider` streams this very format, else None."""
+        if cls.relays and provider.codec is cls and provider.relays_frames:
+            return FrameRelay(cls, req, provider.stream_decoder(req))
+        return None
+
 
 class EventDecoder:
     """Base of every codec's StreamDecoder: upstream frames in, IR events out.
@@ -5926,6 +5959,86 @@ class EventEncoder:
 
     def close(self):
         return b""
+
+
+class FrameRelay(EventDecoder):
+    """Same-format pass-through: when the client and the upstream speak one format, each upstream frame reaches
+    the client as it came instead of being decoded into the IR and encoded again. The relay is the Call's decoder;
+    its `encoder` (a RelayEncoder) writes the response. What the gateway must still observe is decoded by the
+    format's own StreamDecoder: every frame until the first content (so a failure before any content is still an
+    HTTP error status, as on the general path), then only the frames the codec's `relay_watch` picks (usage, the
+    finish, errors: a few per stream). An upstream error frame is not relayed: the format's encoder renders it,
+    masked, as it renders every error. The model field names the model the client asked for, as the encoders
+    write it; the codec may edit a frame (`relay_edit`)."""
+
+    _model_fields = {}  # '"model"' -> the pattern of that field and its JSON string value
+
+    def __init__(self, codec, req, decoder):
+        EventDecoder.__init__(self, req)
+        self.codec, self.decoder = codec, decoder
+        self.encoder = RelayEncoder(codec, req)
+        self.lead = True  # no content relayed yet: every frame is decoded
+        self.tally = None  # the last relayed frame carrying codec.RELAY_TALLY that was not decoded
+        self.model_key = '"%s"' % codec.RELAY_MODEL_KEY
+        self.model_json = json_dumps(req.model)
+        pattern = self._model_fields.get(self.model_key)
+        if pattern is None:  # the first `"model": "..."` of a frame is the frame's own (values are escaped)
+            pattern = self._model_fields[self.model_key] = re.compile(
+                r'(%s\s*:\s*)"(?:[^"\\]|\\.)*"' % re.escape(self.model_key))
+        self.model_field = pattern
+
+    def feed(self, event, data):
+        codec = self.codec
+        if not self.lead and not codec.relay_watch(event, data):
+            if codec.RELAY_TALLY is not None and codec.RELAY_TALLY in data:
+                self.tally = (event, data)
+            return [RawFrame(self.frame(event, data))]
+        self.tally = None
+        events = self.decoder.feed(event, data)
+        lead = self.lead = self.lead and all(ev.kind == "start" for ev in events)
+        if any(ev.kind == "error" for ev in events):
+            return events  # rendered by the encoder, like every error
+        data = codec.relay_edit(self.req, event, data)
+        if data is not None:
+            events.append(RawFrame(self.frame(event, data), lead))
+        return events
+
+    def close(self):
+        """The end of the upstream body: the last tally frame decoded, then what the decoder still owes."""
+        events = []
+        if self.tally is not None:
+            events = [ev for ev in self.decoder.feed(*self.tally) if ev.kind in ("usage", "error")]
+        return events + self.decoder.close()
+
+    def frame(self, event, data):
+        if self.model_key in data:
+            data = self.model_field.sub(lambda m: m.group(1) + self.model_json, data, 1)
+        if "\n" in data:
+            data = data.replace("\n", "\ndata: ")
+        if event:
+            return ("event: %s\ndata: %s\n\n" % (event, data)).encode()
+        return ("data: %s\n\n" % data).encode()
+
+
+class RelayEncoder(EventEncoder):
+    """The response side of a FrameRelay: relayed frames as they are, errors in the format's own error frame;
+    decoded events only inform the Call."""
+
+    def __init__(self, codec, req):
+        EventEncoder.__init__(self, req)
+        self.codec = codec
+
+    def encode(self, ev):
+        if ev.kind == "raw":
+            return ev.data
+        if ev.kind == "error":
+            return self.error(ev.error())
+        return b""
+
+    def error_frame(self, err):
+        encoder = self.codec.StreamEncoder(self.req)
+        encoder.started = True  # the upstream's own start frames were relayed
+        return encoder.error_frame(err)
 
 
 class OpenAIChat(Codec):
@@ -6376,6 +6489,25 @@ class OpenAIChat(Codec):
         return out
 
     # -- streams --------------------------------------------------------------------------------------------------
+    relays = True
+
+    @staticmethod
+    def relay_watch(event, data):
+        # A chunk is plain content while its finish_reason is null; usage and errors are objects.
+        return ('"finish_reason":null' not in data and '"finish_reason": null' not in data) or \
+            '"usage":{' in data or '"usage": {' in data or '"error"' in data
+
+    @staticmethod
+    def relay_edit(req, event, data):
+        """The gateway always asks the upstream for usage; a client that did not ask does not get the usage chunk."""
+        if req.include_usage or ('"usage":{' not in data and '"usage": {' not in data):
+            return data
+        obj = json_or_none(data)
+        if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
+            return data
+        del obj["usage"]
+        return json_dumps(obj) if obj.get("choices") else None
+
     class StreamDecoder(EventDecoder):
         """OpenAI chat SSE payloads -> IR events. Feed each `data:` payload (already split by SSEParser)."""
 
@@ -7052,6 +7184,12 @@ class Anthropic(Codec):
                 "usage": cls.wire_usage(resp.usage)}
 
     # -- streams --------------------------------------------------------------------------------------------------
+    relays = True
+
+    @staticmethod
+    def relay_watch(event, data):
+        return event not in ("content_block_delta", "content_block_start", "content_block_stop", "ping")
+
     class StreamDecoder(EventDecoder):
         """Anthropic SSE -> IR events."""
 
@@ -7950,6 +8088,14 @@ class Gemini(Codec):
                 "supportedGenerationMethods": ["generateContent", "countTokens"]}
 
     # -- streams --------------------------------------------------------------------------------------------------
+    relays = True  # to a client reading SSE (alt=sse)
+    RELAY_MODEL_KEY = "modelVersion"
+    RELAY_TALLY = '"usageMetadata"'  # cumulative, in many chunks: the last one counts
+
+    @staticmethod
+    def relay_watch(event, data):
+        return '"finishReason"' in data or '"error"' in data or '"promptFeedback"' in data
+
     class StreamDecoder(EventDecoder):
         """Gemini SSE (`alt=sse`) -> IR events."""
 
@@ -8459,6 +8605,12 @@ class Responses(Codec):
         return "incomplete" if finish in ("length", "content_filter") else "completed"
 
     # -- streams --------------------------------------------------------------------------------------------------
+    relays = True
+
+    @staticmethod
+    def relay_watch(event, data):
+        return not event or event in ("response.completed", "response.incomplete", "response.failed", "error")
+
     class StreamDecoder(EventDecoder):
         """Responses SSE (type inside each data object) -> IR events."""
 
@@ -9927,6 +10079,7 @@ class Provider:
     quota_groups = False  # a quota error on one model cools every model of its family (claude-*, gemini-*, ...)
     inline_media = False  # the upstream cannot fetch image/file URLs: the gateway downloads them and sends them inline
     refresh_lead = None  # seconds before expiry to refresh an OAuth token (providers.md §1.2); None: no refresh
+    relays_frames = True  # its stream is its codec's format as is: a same-format client gets it relayed
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -10578,6 +10731,7 @@ class GeminiCLIProvider(GeminiProvider):
 
     official_tool = "Gemini CLI"
     embeddings = False  # Cloud Code has no embeddings API
+    relays_frames = False  # its frames are Gemini's wrapped in the Code Assist envelope
     file_type = "gemini-cli"
     file_aliases = ("gemini",)
     display_name = "Gemini CLI"
@@ -11023,6 +11177,7 @@ class KiroProvider(Provider):
     file_type = login_name = "kiro"
     display_name = "Kiro"
     codec = OpenAIChat  # only for the error shape; requests and answers are Kiro's own (below)
+    relays_frames = False
     default_base_url = "https://codewhisperer.us-east-1.amazonaws.com"
     refresh_lead = 300  # providers.md §1.2 (llm-mux's lead)
     stream_only = True
@@ -12640,11 +12795,12 @@ class Call:
         self.finish("ok")
         return answer
 
-    async def events(self):
+    async def events(self, relay=None):
         """IR events of the upstream stream, ending at the first error event (a network failure becomes one).
         The call is finished before an error event is handed on, so routing has learnt of the failure before the
-        client can see it. Closing the generator early (the client went away) finishes it as client_gone."""
-        decoder = self.provider.stream_decoder(self.req)
+        client can see it. Closing the generator early (the client went away) finishes it as client_gone. With a
+        FrameRelay as the decoder, the events are relayed frames plus what the relay decoded."""
+        decoder = relay or self.provider.stream_decoder(self.req)
         parser = self.provider.frame_parser(self.response)
         outcome = "client_gone"
         try:
@@ -16445,7 +16601,7 @@ class App:
         ir.include_usage = True
         sse = req.query.get("alt") == "sse" or req.query.get("$alt") == "sse"
         return await self.serve_chat(req, Gemini, ir, encoder=lambda r: Gemini.StreamEncoder(r, sse),
-                                     content_type="text/event-stream" if sse else "application/json")
+                                     content_type="text/event-stream" if sse else "application/json", relay=sse)
 
     async def health(self, req):
         """Alive: the process answers (no key, nothing secret)."""
@@ -16552,29 +16708,32 @@ class App:
                                      render=lambda resp, r: Ollama.build_response(resp, r, True, started),
                                      content_type="application/x-ndjson")
 
-    async def serve_chat(self, http_req, codec, ir, encoder=None, render=None, content_type=None):
+    async def serve_chat(self, http_req, codec, ir, encoder=None, render=None, content_type=None, relay=True):
+        """Answer a chat request in `codec`'s format. A stream whose upstream speaks that format too is relayed
+        frame by frame (FrameRelay) unless `relay` is False (a client reading another framing of it)."""
         ir.client_key = http_req.principal
         await self.gw.admit(ir)
         call = await self.gw.call(ir)
         if not ir.stream:
             answer = await call.answer()
             return json_response(render(answer, ir) if render else codec.build_response(answer, ir))
-        events = call.events()
+        relay = codec.relay(ir, call.provider) if relay else None
+        events = call.events(relay)
         first = []
         try:
             # Decide success or failure before committing to 200: wait for the first real event.
             async for ev in events:
                 first.append(ev)
-                if ev.kind != "start":
+                if ev.kind != "start" and not (ev.kind == "raw" and ev.lead):
                     break
         except BaseException:
             await events.aclose()
             raise
-        if first and first[-1].kind == "error" and len(first) <= 2:
+        if first and first[-1].kind == "error":
             await events.aclose()
             ev = first[-1]
             raise ev.error()
-        enc = encoder(ir) if encoder else codec.StreamEncoder(ir)
+        enc = relay.encoder if relay else encoder(ir) if encoder else codec.StreamEncoder(ir)
         resp = StreamResponse(self._encode_stream(first, events, enc), 200,
                               content_type=content_type or getattr(codec, "stream_content_type", "text/event-stream"))
         resp.on_close = events.aclose  # the Call finishes even when the body is never written

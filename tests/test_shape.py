@@ -102,7 +102,9 @@ def test_serves_under_python_3_9_when_available(tmp_path):
         assert chat["choices"][0]["message"]["content"] == "py39 ok"
         stream = post("/v1/chat/completions", {"model": "m", "stream": True,
                                                "messages": [{"role": "user", "content": "x"}]})
-        assert '"content":"a"' in stream and stream.rstrip().endswith("data: [DONE]")
+        chunks = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")]
+        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "ab"
+        assert stream.rstrip().endswith("data: [DONE]")
         msg = json.loads(post("/v1/messages", {"model": "m", "max_tokens": 5,
                                                "messages": [{"role": "user", "content": "x"}]}))
         assert msg["content"][0]["text"] == "py39 ok"
