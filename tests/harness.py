@@ -84,6 +84,19 @@ class GatewayThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
+class Observed:
+    """Records every finished Call; counts how often each one was reported."""
+
+    def __init__(self, gateway):
+        self.calls = []
+        gateway.router.observers.append(self.calls.append)
+
+    def one(self):
+        assert len(self.calls) == 1, [(c.outcome, c.status) for c in self.calls]
+        assert len(set(map(id, self.calls))) == len(self.calls)
+        return self.calls[0]
+
+
 def openai_provider(url, keys, models=("m",), name="p", extra=""):
     """A `providers:` entry of type openai pointing at a fake upstream."""
     lines = ["  - type: openai", "    name: %s" % name, "    base-url: %s/v1" % url, "    api-keys:"]

@@ -8,20 +8,7 @@ import pytest
 
 import llm_mux
 from fakes import FakeUpstream, Reply, free_port, openai_completion, openai_stream_events
-from harness import GatewayThread, openai_provider, wait_until
-
-
-class Observed:
-    """Records every finished Call; counts how often each one was reported."""
-
-    def __init__(self, gateway):
-        self.calls = []
-        gateway.router.observers.append(self.calls.append)
-
-    def one(self):
-        assert len(self.calls) == 1, [(c.outcome, c.status) for c in self.calls]
-        assert len(set(map(id, self.calls))) == len(self.calls)
-        return self.calls[0]
+from harness import GatewayThread, Observed, openai_provider, wait_until
 
 
 @pytest.fixture

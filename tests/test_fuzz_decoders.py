@@ -166,3 +166,29 @@ def test_every_upstream_decoder_raises_only_protocol_errors_and_emits_writable_e
         for codec in ENCODERS:
             codec.build_response(resp, request())
     assert refused < CASES  # most mutations decode (or are skipped) rather than end the stream
+
+
+def test_the_same_format_relay_raises_only_protocol_errors_and_writes_bytes():
+    """FrameRelay (same-format pass-through) over the same mutated streams: it raises only what Call._guard turns
+    into an error event, and its encoder turns every event it emits into bytes (relayed frames, error frames)."""
+    rng = random.Random(17)
+    for _ in range(CASES // 2):
+        family = rng.choice(sorted(CODECS))
+        frames = copy.deepcopy(STREAMS[family])
+        k = rng.randrange(len(frames))
+        name, data = frames[k]
+        frames[k] = (name, mutate(rng, data) if rng.random() < 0.9 else rng.choice([[], 7, "x"]))
+        req = request()
+        req.include_usage = rng.random() < 0.5
+        relay = llm_mux.FrameRelay(CODECS[family], req, CODECS[family].StreamDecoder(req))
+        events = []
+        try:
+            for n, d in frames:
+                events.extend(relay.feed(n or None, json.dumps(d) if rng.random() < 0.97 else json.dumps(d)[:9]))
+            events.extend(relay.close())
+        except GUARDED:
+            continue
+        if llm_mux.ir_problem(events):
+            continue
+        for ev in events:
+            assert isinstance(relay.encoder.encode(ev), bytes)

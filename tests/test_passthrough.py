@@ -1,0 +1,224 @@
+"""Same-format pass-through: a stream whose client and upstream speak one format (OpenAI chat, Anthropic, Gemini
+SSE, Responses) reaches the client frame by frame as the upstream sent it — only the model field names the model
+the client asked for — while the Call still observes usage, the finish and errors, and an error is still answered
+in the client's format (an HTTP status before any content, the format's error frame after)."""
+import http.client
+import json
+import re
+import socket
+
+import pytest
+
+import llm_mux
+import upstreams
+from fakes import FakeUpstream, Reply
+from harness import GatewayThread, Observed, wait_until
+
+PROMPT = "hello SCENARIO:%s"
+FAMILIES = {
+    # family: (path, asked model, request body, the upstream's own reply for a scenario, is a frame content?)
+    "openai": ("/v1/chat/completions", "up-openai",
+               lambda sc: {"model": "up-openai", "stream": True, "messages": [{"role": "user", "content": PROMPT % sc}]},
+               lambda sc: upstreams.OPENAI(sc, True), lambda ev: '"content": "Hello ' in ev),
+    "anthropic": ("/v1/messages", "up-anthropic",
+                  lambda sc: {"model": "up-anthropic", "max_tokens": 50, "stream": True,
+                              "messages": [{"role": "user", "content": PROMPT % sc}]},
+                  lambda sc: upstreams.ANTHROPIC(sc, True), lambda ev: ev[0] == "content_block_delta"),
+    "gemini": ("/v1beta/models/up-gemini:streamGenerateContent?alt=sse", "up-gemini",
+               lambda sc: {"contents": [{"role": "user", "parts": [{"text": PROMPT % sc}]}]},
+               lambda sc: upstreams.GEMINI(sc, True), lambda ev: '"Hell"' in ev),
+    "responses": ("/v1/responses", "up-codex",
+                  lambda sc: {"model": "up-codex", "stream": True, "input": PROMPT % sc},
+                  lambda sc: upstreams.CODEX(sc), lambda ev: ev[0] == "response.output_text.delta"),
+}
+
+
+@pytest.fixture
+def env():
+    made = []
+
+    def _env(handler=upstreams.handler):
+        up = FakeUpstream(handler).start()
+        gw = GatewayThread(upstreams.CONFIG.format(url=up.url), fake_clock=False)
+        made.append((gw, up))
+        return gw, up, Observed(gw.gateway)
+    yield _env
+    for gw, up in made:
+        gw.stop()
+        up.stop()
+
+
+def post(gw, path, body):
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=20)
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = resp.read().decode()
+    conn.close()
+    return resp.status, data
+
+
+def frames(text):
+    """(event or None, data) for every SSE frame of a body."""
+    out = []
+    for block in re.split(r"\r?\n\r?\n", text):
+        event = None
+        data = []
+        for line in block.splitlines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data.append(line[6:])
+        if data:
+            out.append((event, "\n".join(data)))
+    return out
+
+
+def upstream_frames(events):
+    return [ev if isinstance(ev, tuple) else (None, ev) for ev in events if not isinstance(ev, (int, float))]
+
+
+def as_asked(frame, model):
+    """The upstream's frame with its model field naming the asked model, as the relay writes it."""
+    event, data = frame
+    return event, re.sub(r'"(model|modelVersion)": "[^"]*"', lambda m: '"%s": "%s"' % (m.group(1), model), data,
+                         count=1)
+
+
+def finished(gw, seen):
+    call = wait_until(lambda: seen.calls and seen.calls[0], what="the call to finish")
+    assert sum(c.in_flight for p in gw.gateway.registry.providers for c in p.credentials) == 0
+    return call
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("scenario", ["text", "tools", "thinking"])
+def test_same_format_streams_reach_the_client_as_the_upstream_sent_them(env, family, scenario):
+    gw, _, seen = env()
+    path, model, body, reply, _ = FAMILIES[family]
+    status, text = post(gw, path, body(scenario))
+    assert status == 200
+    expected = [as_asked(f, model) for f in upstream_frames(reply(scenario).events)]
+    if family == "openai":  # usage the client did not ask for (the gateway always asks the upstream)
+        expected = [f for f in expected if '"choices": [], "usage"' not in f[1]]
+    # byte-for-byte: the upstream's own spacing (json.dumps's ", " and ": "), ids and event names
+    assert frames(text) == expected
+    call = finished(gw, seen)
+    thoughts = 3 if family == "gemini" and scenario == "thinking" else 0  # Gemini counts thoughts apart
+    assert (call.outcome, call.usage.input_tokens, call.usage.output_tokens) == ("ok", 10, 5 + thoughts)
+    if family != "anthropic":  # Anthropic reports no reasoning count
+        assert call.usage.reasoning_tokens == (3 if scenario == "thinking" else 0)
+
+
+def test_openai_usage_chunk_relayed_when_the_client_asks_for_it(env):
+    gw, _, seen = env()
+    body = FAMILIES["openai"][2]("text")
+    body["stream_options"] = {"include_usage": True}
+    status, text = post(gw, "/v1/chat/completions", body)
+    got = frames(text)
+    assert status == 200 and got == [as_asked(f, "up-openai") for f in upstream_frames(upstreams.OPENAI(
+        "text", True).events)]
+    assert json.loads(got[-2][1])["usage"]["prompt_tokens"] == 10
+    assert finished(gw, seen).usage.output_tokens == 5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_relayed_frames_are_not_decoded(env, monkeypatch, family):
+    """Frames are decoded until the first content, then only where usage, finish or errors may be: a stream of
+    60 content frames costs the same handful of decodes as one of 2."""
+    path, model, body, reply, is_content = FAMILIES[family]
+    decoder = {"openai": llm_mux.OpenAIChat, "anthropic": llm_mux.Anthropic, "gemini": llm_mux.Gemini,
+               "responses": llm_mux.Responses}[family].StreamDecoder
+    decoded = []
+    feed = decoder.feed
+    monkeypatch.setattr(decoder, "feed", lambda self, event, data: decoded.append(data) or feed(self, event, data))
+
+    def long_stream(rec):
+        events = reply("text").events
+        at = next(i for i, ev in enumerate(events) if is_content(ev))
+        return Reply("sse", events=events[:at] + [events[at]] * 60 + events[at + 1:])
+    gw, _, seen = env(long_stream)
+    status, text = post(gw, path, body("text"))
+    assert status == 200 and len(frames(text)) > 60
+    assert len(decoded) <= 7, decoded
+    assert finished(gw, seen).usage.output_tokens == 5
+
+
+@pytest.mark.parametrize("family", ["openai", "anthropic", "gemini"])
+@pytest.mark.parametrize("scenario", ["midstreamerr", "midfail"])
+def test_an_error_after_content_ends_the_relayed_stream_with_the_formats_error_frame(env, family, scenario):
+    gw, _, seen = env()
+    path, model, body, reply, _ = FAMILIES[family]
+    status, text = post(gw, path, body(scenario))
+    assert status == 200
+    got = frames(text)
+    assert any("Hel" in data for _, data in got[:-1])  # the content before the failure was relayed
+    event, data = got[-1]
+    err = json.loads(data)
+    if family == "anthropic":
+        assert event == "error" and err["type"] == "error" and err["error"]["message"]
+    else:  # OpenAI's and Gemini's error objects, as the gateway writes them
+        assert set(err["error"]) >= ({"message", "type", "param", "code"} if family == "openai"
+                                     else {"code", "message", "status"})
+    call = finished(gw, seen)
+    assert call.outcome == "failed" and call.status == 200 and call.failure.status >= 500
+
+
+def test_a_responses_stream_failing_mid_way_ends_with_response_failed(env):
+    gw, _, seen = env()
+    status, text = post(gw, "/v1/responses", FAMILIES["responses"][2]("midfail"))
+    got = frames(text)
+    assert status == 200 and got[-2][0] == "response.output_text.delta"
+    assert got[-1][0] == "response.failed" and json.loads(got[-1][1])["response"]["error"]["message"]
+    assert finished(gw, seen).outcome == "failed"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_error_before_any_content_is_an_http_error_in_the_clients_format(env, family):
+    gw, _, seen = env()
+    path, model, body, reply, _ = FAMILIES[family]
+    status, text = post(gw, path, body("overflowstream"))
+    assert status == 400
+    err = json.loads(text)
+    message = err["error"]["message"]
+    assert message.lower().startswith("prompt is too long") if family == "anthropic" else \
+        err["error"]["code"] in ("context_length_exceeded", 400)
+    call = finished(gw, seen)
+    assert call.outcome == "failed" and call.failure.status == 400
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_client_leaving_mid_stream_finishes_the_call(env, family):
+    path, model, body, reply, is_content = FAMILIES[family]
+
+    def stalling(rec):
+        events = reply("text").events
+        at = next(i for i, ev in enumerate(events) if is_content(ev))
+        return Reply("sse", events=events[:at + 1] + [30] + events[at + 1:])
+    gw, up, seen = env(stalling)
+    raw = json.dumps(body("text")).encode()
+    with socket.create_connection(("127.0.0.1", gw.port)) as s:
+        s.sendall(b"POST %s HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                  % (path.encode(), len(raw), raw))
+        got = b""
+        while b"Hel" not in got:
+            chunk = s.recv(65536)
+            assert chunk, got
+            got += chunk
+    call = finished(gw, seen)
+    assert call.outcome in ("client_gone", "cancelled") and call.status == 200
+
+
+def test_other_pairs_and_framings_are_translated_not_relayed(env):
+    gw, _, seen = env()
+    # an Anthropic client on an OpenAI upstream: the gateway's own Anthropic events
+    status, text = post(gw, "/v1/messages", dict(FAMILIES["anthropic"][2]("text"), model="up-openai"))
+    got = frames(text)
+    assert status == 200 and got[0][0] == "message_start" and '"model":"up-openai"' in got[0][1]
+    assert "".join(json.loads(d)["delta"].get("text", "") for e, d in got if e == "content_block_delta") == \
+        "Hello from openai"
+    # a Gemini client reading the JSON-array framing gets an array, not the upstream's SSE
+    status, text = post(gw, "/v1beta/models/up-gemini:streamGenerateContent", FAMILIES["gemini"][2]("text"))
+    chunks = json.loads(text)
+    assert status == 200 and "".join(p.get("text", "") for c in chunks for p in c["candidates"][0]["content"]
+                                     ["parts"]) == "Hello from gemini"
+    assert [c.outcome for c in seen.calls] == ["ok", "ok"]
