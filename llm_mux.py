@@ -5986,6 +5986,7 @@ class FrameRelay(EventDecoder):
             pattern = self._model_fields[self.model_key] = re.compile(
                 r'(%s\s*:\s*)"(?:[^"\\]|\\.)*"' % re.escape(self.model_key))
         self.model_field = pattern
+        self.model_seen = self.model_out = None
 
     def feed(self, event, data):
         codec = self.codec
@@ -6012,7 +6013,14 @@ class FrameRelay(EventDecoder):
 
     def frame(self, event, data):
         if self.model_key in data:
-            data = self.model_field.sub(lambda m: m.group(1) + self.model_json, data, 1)
+            seen = self.model_seen  # the field as the last frame wrote it: usually every frame writes it alike
+            if seen is not None and seen in data:
+                data = data.replace(seen, self.model_out, 1)
+            else:
+                m = self.model_field.search(data)
+                if m is not None:
+                    self.model_seen, self.model_out = m.group(0), m.group(1) + self.model_json
+                    data = data[:m.start()] + self.model_out + data[m.end():]
         if "\n" in data:
             data = data.replace("\n", "\ndata: ")
         if event:

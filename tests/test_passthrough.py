@@ -222,3 +222,14 @@ def test_other_pairs_and_framings_are_translated_not_relayed(env):
     assert status == 200 and "".join(p.get("text", "") for c in chunks for p in c["candidates"][0]["content"]
                                      ["parts"]) == "Hello from gemini"
     assert [c.outcome for c in seen.calls] == ["ok", "ok"]
+
+
+def test_only_the_frames_own_model_field_is_renamed():
+    req = llm_mux.ChatRequest("asked", [llm_mux.Message("user", [llm_mux.Text("x")])])
+    relay = llm_mux.FrameRelay(llm_mux.OpenAIChat, req, llm_mux.OpenAIChat.StreamDecoder(req))
+    text = json.dumps('say {"model": "up"} and "model":"up"')  # the field's text inside content is escaped
+    for data in ('{"model": "up", "choices": [{"delta": {"content": %s}}]}' % text,
+                 '{"id": 1, "model":"up-2", "choices": [{"delta": {"content": %s}}]}' % text,  # spelt differently
+                 '{"model": "up", "choices": [{"delta": {"content": %s}}]}' % text):
+        out = json.loads(relay.frame(None, data)[6:])
+        assert out["model"] == "asked" and out["choices"][0]["delta"]["content"] == json.loads(text)
