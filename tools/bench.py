@@ -255,11 +255,32 @@ def start_nginx(up_port, tmp):
     return proc, port
 
 
+def process_tree(pid):
+    """`pid` and its descendants (a gateway with --workers is a supervisor and its worker processes)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir("/proc/%d/task" % p):
+                with open("/proc/%d/task/%s/children" % (p, task)) as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
 def cpu_seconds(pid):
-    """User + system CPU seconds a process has used (from /proc/<pid>/stat)."""
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds a process and its live descendants have used (from /proc/<pid>/stat)."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open("/proc/%d/stat" % p) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def claude_code_request(size=200 * 1024):
@@ -338,15 +359,15 @@ async def run_slow_streams(port, n, ramp=2.0):
     return sum(1 for r in results if r), delays
 
 
-def bench_slow_streams(counts):
-    """For each N: N concurrent slow streams through one gateway process: completed streams, chunk delay p50/p99,
-    the gateway's CPU share while they run and its peak RSS."""
+def bench_slow_streams(counts, workers=1):
+    """For each N: N concurrent slow streams through one gateway (`workers` processes): completed streams, chunk
+    delay p50/p99, the gateway's CPU share while they run and its peak RSS (summed over its processes)."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     tmp = tempfile.mkdtemp(prefix="llm-mux-bench-streams-")
-    print("Concurrent slow streams (30 chunks at 10 chunks/s each, OpenAI client and upstream), one gateway "
-          "process per N:")
+    print("Concurrent slow streams (30 chunks at 10 chunks/s each, OpenAI client and upstream), a new gateway "
+          "per N, --workers %d:" % workers)
     print("  %6s | %9s | %12s %12s | %13s | %12s" % ("N", "completed", "delay p50", "delay p99", "gateway CPU",
                                                       "peak RSS"))
     for n in counts:
@@ -357,17 +378,18 @@ def bench_slow_streams(counts):
             f.write("port: %d\nauth-dir: %s\napi-keys: [bench]\nserver: {max-connections: 20000}\nproviders:\n"
                     "  - type: openai\n    name: bench\n    base-url: http://127.0.0.1:%d/v1\n    api-key: k\n"
                     "    models:\n      - name: bench-slow\n" % (gw_port, os.path.join(tmp, "auth-%d" % n), up_port))
-        gateway = subprocess.Popen([sys.executable, os.path.join(ROOT, "llm_mux.py"), "serve", "--config", cfg],
+        gateway = subprocess.Popen([sys.executable, os.path.join(ROOT, "llm_mux.py"), "serve", "--config", cfg,
+                                    "--workers", str(workers)],
                                    env=dict(os.environ, XDG_CONFIG_HOME=tmp), stdout=subprocess.DEVNULL,
                                    stderr=open(os.path.join(tmp, "gw-%d.log" % n), "w"))
         try:
             wait_port(up_port)
             wait_port(gw_port)
-            time.sleep(0.5)
+            time.sleep(0.5 + workers)
             cpu0, t0 = cpu_seconds(gateway.pid), time.monotonic()
             completed, delays = asyncio.run(run_slow_streams(gw_port, n))
             cpu = (cpu_seconds(gateway.pid) - cpu0) / (time.monotonic() - t0)
-            peak = rss_mb(gateway.pid, "VmHWM")
+            peak = sum(rss_mb(p, "VmHWM") for p in process_tree(gateway.pid))
         finally:
             gateway.send_signal(signal.SIGTERM)
             upstream.send_signal(signal.SIGINT)
@@ -380,7 +402,8 @@ def bench_slow_streams(counts):
         print("  %6d | %4d/%-4d | %9.1f ms %9.1f ms | %10.0f %% | %9.1f MB" % (
             n, completed, n, pct(0.5), pct(0.99), cpu * 100, peak))
     print("  (the client, the fake upstream and the gateway share the machine's cores; delay = client receipt "
-          "minus the upstream's send stamp)")
+          "minus the upstream's send stamp%s)" % ("; RSS summed over the supervisor and its workers, pages they "
+                                                 "share counted in each" if workers > 1 else ""))
     return 0
 
 
@@ -391,13 +414,14 @@ def main(argv=None):
     p.add_argument("--only", choices=["workers", "streams"],
                    help="run one part only: 'workers' (serve --workers 1 against 2), 'streams' (slow streams)")
     p.add_argument("--streams", default="1000,5000", help="the N of concurrent slow streams, comma-separated")
+    p.add_argument("--workers", type=int, default=1, help="worker processes for --only streams")
     p.add_argument("--mixed", type=int, default=100000, help="requests in mixed formats over which RSS is watched")
     args = p.parse_args(argv)
     if args.serve_upstream:
         serve_upstream(args.serve_upstream)
         return 0
     if args.only == "streams":
-        return bench_slow_streams([int(n) for n in args.streams.split(",")])
+        return bench_slow_streams([int(n) for n in args.streams.split(",")], args.workers)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     if args.only == "workers":
@@ -547,48 +571,59 @@ def _has_uvloop():
 
 
 def bench_workers(seconds):
-    """req/s at c=50 (non-streaming) for `serve --workers 1` and `--workers 2`, alternated, side by side."""
+    """The main loads (non-streaming and 64-chunk streams, c=1 and c=50) through `serve --workers 1` and
+    `--workers 2`, alternated, side by side with the fake upstream direct."""
     tmp = tempfile.mkdtemp(prefix="llm-mux-bench-workers-")
     up_port = free_port()
     upstream = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-upstream", str(up_port)])
     body = json.dumps({"model": "bench-model", "messages": [{"role": "user", "content": "Hello"}]})
+    sbody = json.dumps({"model": "bench-model", "messages": [{"role": "user", "content": "Hello"}], "stream": True})
+    loads = [("non-stream", body, 1), ("non-stream", body, 50), ("64-chunk stream", sbody, 1),
+             ("64-chunk stream", sbody, 50)]
     env = dict(os.environ, XDG_CONFIG_HOME=tmp)
-    gateways, runs = {}, {1: [], 2: []}
+    gateways, rows = {}, []
     try:
         wait_port(up_port)
         for n in (1, 2):
             port = free_port()
             cfg = os.path.join(tmp, "config-%d.yaml" % n)
             with open(cfg, "w") as f:
-                f.write("port: %d\nauth-dir: %s\napi-keys: [bench]\nusage: {enabled: false}\nproviders:\n"
+                f.write("port: %d\nauth-dir: %s\napi-keys: [bench]\nproviders:\n"
                         "  - type: openai\n    name: bench\n    base-url: http://127.0.0.1:%d/v1\n    api-key: k\n"
-                        "    models:\n      - name: bench-model\n" % (port, os.path.join(tmp, "auth"), up_port))
+                        "    models:\n      - name: bench-model\n" % (port, os.path.join(tmp, "auth-%d" % n), up_port))
             gateways[n] = (port, subprocess.Popen(
                 [sys.executable, os.path.join(ROOT, "llm_mux.py"), "serve", "--config", cfg, "--workers", str(n)],
                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             wait_port(port)
         time.sleep(1.0)
+        url = "http://127.0.0.1:%d/v1/chat/completions"
         for n, (port, _) in gateways.items():
-            wrk("http://127.0.0.1:%d/v1/chat/completions" % port, body, 50, 2, tmp)  # warm-up
-        for i in range(4):  # alternated, the order swapped each round: this machine's speed drifts
-            for n in (1, 2) if i % 2 == 0 else (2, 1):
-                url = "http://127.0.0.1:%d/v1/chat/completions" % gateways[n][0]
-                runs[n].append(wrk(url, body, 50, seconds, tmp)["rps"])
-        direct = wrk("http://127.0.0.1:%d/v1/chat/completions" % up_port, body, 50, seconds, tmp)["rps"]
+            wrk(url % port, body, 50, 2, tmp)  # warm-up
+        for name, b, conns in loads:
+            runs = {1: [], 2: []}
+            for i in range(2):  # alternated, the order swapped each round: this machine's speed drifts
+                for n in (1, 2) if i % 2 == 0 else (2, 1):
+                    runs[n].append(wrk(url % gateways[n][0], b, conns, seconds, tmp))
+            direct = wrk(url % up_port, b, conns, max(3, seconds // 2), tmp)
+            rows.append((name, conns, direct, runs))
     finally:
         for _, proc in gateways.values():
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
         upstream.send_signal(signal.SIGINT)
         upstream.wait(10)
-    one, two = sum(runs[1]) / 4, sum(runs[2]) / 4
-    print("llm-mux workers benchmark (%s, Python %s, %d cores; non-stream, c=50, four alternated runs each)"
+    print("llm-mux workers benchmark (%s, Python %s, %d cores; two alternated runs of each)"
           % (time.strftime("%Y-%m-%d"), sys.version.split()[0], os.cpu_count()))
-    print("  direct (fake upstream) %8.0f r/s" % direct)
-    print("  --workers 1            %8.0f r/s   runs: %s" % (one, " ".join("%.0f" % r for r in runs[1])))
-    print("  --workers 2            %8.0f r/s   runs: %s  (%.2fx)" % (two, " ".join("%.0f" % r for r in runs[2]),
-                                                                     two / one))
-    print("  (the load generator and the fake upstream share the same cores)")
+    print("%-16s %4s | %10s | %12s %8s | %12s %8s | %s" % ("load", "conc", "direct r/s", "--workers 1", "p50 ms",
+                                                          "--workers 2", "p50 ms", "2 / 1"))
+    for name, conns, direct, runs in rows:
+        one = sum(r["rps"] for r in runs[1]) / len(runs[1])
+        two = sum(r["rps"] for r in runs[2]) / len(runs[2])
+        p50 = {n: sum(r["p50"] for r in runs[n]) / len(runs[n]) for n in runs}
+        print("%-16s %4d | %10.0f | %12.0f %8.3f | %12.0f %8.3f | %.2fx" % (
+            name, conns, direct["rps"], one, p50[1], two, p50[2], two / one))
+    print("  (the load generator and the fake upstream share the same cores; --only streams --workers 2 runs the "
+          "slow streams through 2 workers)")
     return 0
 
 
