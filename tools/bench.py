@@ -441,6 +441,9 @@ def main(argv=None):
                                env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "gw.log"), "w"))
     results = []
     nginx, ng_port = start_nginx(up_port, tmp)
+    py_port = free_port()  # the pure-Python floor: the least a Python one-hop proxy does (tools/floor_proxy.py)
+    py_floor = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "floor_proxy.py"), str(py_port),
+                                 str(up_port)])
     try:
         wait_port(up_port)
         wait_port(gw_port)
@@ -461,7 +464,8 @@ def main(argv=None):
             direct = wrk(up_url, b, conns, max(3, args.seconds // 2), tmp)
             floor = wrk(ng_url, b, conns, args.seconds, tmp) if ng_url else None
             via = wrk(gw_url, b, conns, args.seconds, tmp)
-            results.append((label, conns, direct, floor, via))
+            py = wrk("http://127.0.0.1:%d/v1/chat/completions" % py_port, b, conns, args.seconds, tmp)
+            results.append((label, conns, direct, floor, via, py))
         # Large bodies at c=1 (p50): a Claude-Code-like Anthropic request translated to OpenAI, and a 1 MB
         # OpenAI request passed through, beside nginx carrying the same bodies.
         big = claude_code_request()
@@ -520,6 +524,8 @@ def main(argv=None):
     finally:
         gateway.send_signal(signal.SIGTERM)
         upstream.send_signal(signal.SIGINT)
+        py_floor.send_signal(signal.SIGINT)
+        py_floor.wait(10)
         if nginx is not None:
             nginx.send_signal(signal.SIGQUIT)
             nginx.wait(10)
@@ -531,7 +537,7 @@ def main(argv=None):
     print("%-16s %4s | %10s %8s | %10s %8s %8s | %10s %8s %8s | %8s %9s" % (
         "load", "conc", "direct r/s", "p50 ms", "nginx r/s", "p50 ms", "p99 ms", "gateway r/s", "p50 ms", "p99 ms",
         "vs nginx", "added p50"))
-    for label, conns, d, n, g in results:
+    for label, conns, d, n, g, _ in results:
         n = n or {"rps": float("nan"), "p50": float("nan"), "p99": float("nan")}
         print("%-16s %4d | %10.0f %8.3f | %10.0f %8.3f %8.3f | %10.0f %8.3f %8.3f | %7.2fx %7.3fms%s" % (
             label, conns, d["rps"], d["p50"], n["rps"], n["p50"], n["p99"], g["rps"], g["p50"], g["p99"],
@@ -539,6 +545,12 @@ def main(argv=None):
             "  (errors: %d %s)" % (g["errors"], g["socket_errors"]) if g["errors"] or g["socket_errors"] else ""))
     print("  (vs nginx: the gateway's requests/s as a share of nginx's as a plain one-hop proxy; added p50: over "
           "direct)")
+    print()
+    print("The pure-Python floor (tools/floor_proxy.py: asyncio Protocols relaying bytes over pooled keep-alive "
+          "connections, nothing else):")
+    for label, conns, _, n, g, py in results:
+        print("  %-16s c=%-3d %8.0f r/s, p50 %6.3f ms  = %5.2fx nginx | the gateway is %5.2fx this floor" % (
+            label, conns, py["rps"], py["p50"], py["rps"] / n["rps"] if n else float("nan"), g["rps"] / py["rps"]))
     print()
     print("Large bodies at concurrency 1, p50:")
     for label, g, d, n in bodies:
