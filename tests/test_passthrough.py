@@ -233,3 +233,30 @@ def test_only_the_frames_own_model_field_is_renamed():
                  '{"model": "up", "choices": [{"delta": {"content": %s}}]}' % text):
         out = json.loads(relay.frame(None, data)[6:])
         assert out["model"] == "asked" and out["choices"][0]["delta"]["content"] == json.loads(text)
+
+
+def test_gemini_usage_from_the_last_frame_that_carried_it():
+    """Gemini repeats cumulative usageMetadata in many chunks: the relay decodes only the last one it relayed."""
+    req = llm_mux.ChatRequest("asked", [llm_mux.Message("user", [llm_mux.Text("x")])])
+    relay = llm_mux.FrameRelay(llm_mux.Gemini, req, llm_mux.Gemini.StreamDecoder(req))
+
+    def chunk(text, out):
+        return json.dumps({"candidates": [{"content": {"role": "model", "parts": [{"text": text}]}}],
+                           "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": out}})
+    events = []
+    for i in range(1, 6):
+        events += relay.feed(None, chunk("t%d" % i, i))
+    events += relay.close()  # no finishReason chunk: the stream simply ended
+    usage = [ev.usage for ev in events if ev.kind == "usage"]
+    assert [(u.input_tokens, u.output_tokens) for u in usage] == [(4, 5)]
+    assert sum(ev.kind == "raw" for ev in events) == 5 and events[-1].kind == "finish"
+
+
+def test_openai_usage_riding_on_a_content_chunk_is_taken_off_for_a_client_that_did_not_ask():
+    req = llm_mux.ChatRequest("m", [llm_mux.Message("user", [llm_mux.Text("x")])])
+    data = json.dumps({"id": "c", "model": "m", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}})
+    edited = json.loads(llm_mux.OpenAIChat.relay_edit(req, None, data))
+    assert "usage" not in edited and edited["choices"][0]["finish_reason"] == "stop"
+    req.include_usage = True
+    assert llm_mux.OpenAIChat.relay_edit(req, None, data) == data
