@@ -5885,10 +5885,10 @@ class Codec:
     RELAY_TALLY = None  # a field whose last value counts (usage repeated in every frame): its last frame is decoded
 
     @staticmethod
-    def relay_watch(event, data):
-        """Whether a frame may carry what the gateway must observe (usage, the finish, an error): such frames are
-        decoded as well as relayed. A cheap test on the raw frame; a false alarm only costs a decode."""
-        return True
+    def relay_plain(frame):
+        """Whether a frame (its bytes, blank line included) surely carries nothing the gateway must observe (usage,
+        the finish, an error): such frames are relayed undecoded. A cheap test; a false "no" only costs a decode."""
+        return False
 
     @staticmethod
     def relay_edit(req, event, data):
@@ -5961,15 +5961,21 @@ class EventEncoder:
         return b""
 
 
+_SSE_FRAME_END = re.compile(rb"\r?\n\r?\n")
+RELAYED = "relayed"  # the event name FrameRelay.split gives a run of frames relayed without decoding
+
+
 class FrameRelay(EventDecoder):
-    """Same-format pass-through: when the client and the upstream speak one format, each upstream frame reaches
-    the client as it came instead of being decoded into the IR and encoded again. The relay is the Call's decoder;
-    its `encoder` (a RelayEncoder) writes the response. What the gateway must still observe is decoded by the
-    format's own StreamDecoder: every frame until the first content (so a failure before any content is still an
-    HTTP error status, as on the general path), then only the frames the codec's `relay_watch` picks (usage, the
-    finish, errors: a few per stream). An upstream error frame is not relayed: the format's encoder renders it,
-    masked, as it renders every error. The model field names the model the client asked for, as the encoders
-    write it; the codec may edit a frame (`relay_edit`)."""
+    """Same-format pass-through: when the client and the upstream speak one format, the upstream's frames reach
+    the client as they came instead of being decoded into the IR and encoded again. The relay is the Call's frame
+    parser (`split`, `split_end`) and its decoder (`feed`, `close`); its `encoder` (a RelayEncoder) writes the
+    response. Frames are cut from the upstream bytes and looked at as bytes: a frame the codec calls plain
+    (`relay_plain`: no usage, finish or error can be in it) joins a run that goes out in one piece; any other
+    frame, and every frame before the first content (so a failure before any content is still an HTTP error
+    status, as on the general path), is decoded by the format's own StreamDecoder, which tells the Call what it
+    must know. An upstream error frame is not relayed: the format's encoder renders it, masked, as it renders every
+    error. The model field names the model the client asked for, as the encoders write it; the codec may edit a
+    decoded frame (`relay_edit`)."""
 
     _model_fields = {}  # '"model"' -> the pattern of that field and its JSON string value
 
@@ -5977,50 +5983,93 @@ class FrameRelay(EventDecoder):
         EventDecoder.__init__(self, req)
         self.codec, self.decoder = codec, decoder
         self.encoder = RelayEncoder(codec, req)
+        self.sse = SSEParser()  # for the frames that are decoded
+        self.pending = bytearray()  # bytes after the last complete frame
         self.lead = True  # no content relayed yet: every frame is decoded
-        self.tally = None  # the last relayed frame carrying codec.RELAY_TALLY that was not decoded
+        self.tally = None  # the last relayed frame carrying codec.RELAY_TALLY (its last value counts)
         self.model_key = '"%s"' % codec.RELAY_MODEL_KEY
+        self.model_key_bytes = self.model_key.encode()
         self.model_json = json_dumps(req.model)
         pattern = self._model_fields.get(self.model_key)
         if pattern is None:  # the first `"model": "..."` of a frame is the frame's own (values are escaped)
             pattern = self._model_fields[self.model_key] = re.compile(
                 r'(%s\s*:\s*)"(?:[^"\\]|\\.)*"' % re.escape(self.model_key))
         self.model_field = pattern
-        self.model_seen = self.model_out = None
+        self.model_seen = self.model_out = None  # the field as the upstream writes it, and as the client gets it
+        self.seen_bytes = self.out_bytes = None
 
+    # -- the parser's side: upstream bytes -> runs of relayed frames and frames to decode -------------------------
+    def split(self, chunk):
+        """Yields SSE frames to decode as (event, data) and each run of plain frames as (RELAYED, bytes). A
+        generator: a frame is judged after the frames before it were decoded (the first content ends the lead)."""
+        buf = self.pending
+        buf += chunk
+        if len(buf) > SSEParser.MAX_EVENT and not _SSE_FRAME_END.search(buf):
+            raise UpstreamError("too-large", "an upstream event is larger than %d bytes" % SSEParser.MAX_EVENT)
+        run, start = [], 0
+        try:
+            for m in _SSE_FRAME_END.finditer(buf):
+                frame = bytes(buf[start:m.end()])
+                start = m.end()
+                plain = not self.lead and self.codec.relay_plain(frame) and self._rename(frame)
+                if plain:
+                    run.append(plain)
+                    continue
+                if run:
+                    yield RELAYED, b"".join(run)
+                    run = []
+                yield from self.sse.feed(frame)
+            if run:
+                yield RELAYED, b"".join(run)
+        finally:
+            del buf[:start]
+
+    def split_end(self):
+        """The end of the upstream body: a last frame not followed by a blank line is decoded."""
+        rest, self.pending = bytes(self.pending), bytearray()
+        return self.sse.feed(rest) + self.sse.finish()
+
+    def _rename(self, frame):
+        """The frame with the asked model in its model field; None when it writes the field another way (then it
+        is decoded and framed again, which learns the new way)."""
+        if self.model_key_bytes in frame:
+            if self.seen_bytes is None or self.seen_bytes not in frame:
+                return None
+            frame = frame.replace(self.seen_bytes, self.out_bytes, 1)
+        if self.codec.RELAY_TALLY is not None and self.codec.RELAY_TALLY in frame:
+            self.tally = frame
+        return frame
+
+    # -- the decoder's side: frames -> events for the Call and the response ---------------------------------------
     def feed(self, event, data):
-        codec = self.codec
-        if not self.lead and not codec.relay_watch(event, data):
-            if codec.RELAY_TALLY is not None and codec.RELAY_TALLY in data:
-                self.tally = (event, data)
-            return [RawFrame(self.frame(event, data))]
-        self.tally = None
+        if event is RELAYED:
+            return [RawFrame(data)]
+        self.tally = None  # the decoder now holds the newest tally
         events = self.decoder.feed(event, data)
         lead = self.lead = self.lead and all(ev.kind == "start" for ev in events)
         if any(ev.kind == "error" for ev in events):
             return events  # rendered by the encoder, like every error
-        data = codec.relay_edit(self.req, event, data)
+        data = self.codec.relay_edit(self.req, event, data)
         if data is not None:
             events.append(RawFrame(self.frame(event, data), lead))
         return events
 
     def close(self):
-        """The end of the upstream body: the last tally frame decoded, then what the decoder still owes."""
+        """What the decoder still owes, after the last relayed tally frame (decoded now, for its value)."""
         events = []
         if self.tally is not None:
-            events = [ev for ev in self.decoder.feed(*self.tally) if ev.kind in ("usage", "error")]
+            for event, data in SSEParser().feed(self.tally + b"\n\n"):
+                events += [ev for ev in self.decoder.feed(event, data) if ev.kind in ("usage", "error")]
         return events + self.decoder.close()
 
     def frame(self, event, data):
+        """A decoded frame written again for the client, its model field renamed."""
         if self.model_key in data:
-            seen = self.model_seen  # the field as the last frame wrote it: usually every frame writes it alike
-            if seen is not None and seen in data:
-                data = data.replace(seen, self.model_out, 1)
-            else:
-                m = self.model_field.search(data)
-                if m is not None:
-                    self.model_seen, self.model_out = m.group(0), m.group(1) + self.model_json
-                    data = data[:m.start()] + self.model_out + data[m.end():]
+            m = self.model_field.search(data)
+            if m is not None:
+                self.model_seen, self.model_out = m.group(0), m.group(1) + self.model_json
+                self.seen_bytes, self.out_bytes = self.model_seen.encode(), self.model_out.encode()
+                data = data[:m.start()] + self.model_out + data[m.end():]
         if "\n" in data:
             data = data.replace("\n", "\ndata: ")
         if event:
@@ -6499,11 +6548,11 @@ class OpenAIChat(Codec):
     # -- streams --------------------------------------------------------------------------------------------------
     relays = True
 
-    @staticmethod
-    def relay_watch(event, data):
-        # A chunk is plain content while its finish_reason is null; usage and errors are objects.
-        return ('"finish_reason":null' not in data and '"finish_reason": null' not in data) or \
-            '"usage":{' in data or '"usage": {' in data or '"error"' in data
+    RELAY_MARKS = (b'"finish_reason":"', b'"finish_reason": "', b'"usage":{', b'"usage": {', b'"error"', b"[DONE]")
+
+    @classmethod
+    def relay_plain(cls, frame):
+        return not any(mark in frame for mark in cls.RELAY_MARKS)
 
     @staticmethod
     def relay_edit(req, event, data):
@@ -7195,8 +7244,8 @@ class Anthropic(Codec):
     relays = True
 
     @staticmethod
-    def relay_watch(event, data):
-        return event not in ("content_block_delta", "content_block_start", "content_block_stop", "ping")
+    def relay_plain(frame):
+        return frame.startswith((b"event: content_block_", b"event: ping\n")) and frame.count(b"\nevent:") == 0
 
     class StreamDecoder(EventDecoder):
         """Anthropic SSE -> IR events."""
@@ -8098,11 +8147,13 @@ class Gemini(Codec):
     # -- streams --------------------------------------------------------------------------------------------------
     relays = True  # to a client reading SSE (alt=sse)
     RELAY_MODEL_KEY = "modelVersion"
-    RELAY_TALLY = '"usageMetadata"'  # cumulative, in many chunks: the last one counts
+    RELAY_TALLY = b'"usageMetadata"'  # cumulative, in many chunks: the last one counts
 
-    @staticmethod
-    def relay_watch(event, data):
-        return '"finishReason"' in data or '"error"' in data or '"promptFeedback"' in data
+    RELAY_MARKS = (b'"finishReason"', b'"error"', b'"promptFeedback"')
+
+    @classmethod
+    def relay_plain(cls, frame):
+        return not any(mark in frame for mark in cls.RELAY_MARKS)
 
     class StreamDecoder(EventDecoder):
         """Gemini SSE (`alt=sse`) -> IR events."""
@@ -8616,8 +8667,11 @@ class Responses(Codec):
     relays = True
 
     @staticmethod
-    def relay_watch(event, data):
-        return not event or event in ("response.completed", "response.incomplete", "response.failed", "error")
+    def relay_plain(frame):
+        if not frame.startswith(b"event: response.") or frame.count(b"\nevent:"):
+            return False
+        name = frame[7:frame.find(b"\n")]
+        return name not in (b"response.completed", b"response.incomplete", b"response.failed")
 
     class StreamDecoder(EventDecoder):
         """Responses SSE (type inside each data object) -> IR events."""
@@ -12808,16 +12862,19 @@ class Call:
         The call is finished before an error event is handed on, so routing has learnt of the failure before the
         client can see it. Closing the generator early (the client went away) finishes it as client_gone. With a
         FrameRelay as the decoder, the events are relayed frames plus what the relay decoded."""
-        decoder = relay or self.provider.stream_decoder(self.req)
-        parser = self.provider.frame_parser(self.response)
+        if relay is not None:
+            decoder, split, split_end = relay, relay.split, relay.split_end
+        else:
+            decoder, parser = self.provider.stream_decoder(self.req), self.provider.frame_parser(self.response)
+            split, split_end = parser.feed, parser.finish
         outcome = "client_gone"
         try:
             async for chunk in self.response.iter_bytes():
-                for ev in self._decode(decoder, parser.feed(chunk)):
+                for ev in self._decode(decoder, split(chunk)):
                     yield ev
                     if self.outcome is not None:
                         return
-            for ev in self._decode(decoder, parser.finish(), final=True):
+            for ev in self._decode(decoder, split_end(), final=True):
                 yield ev
                 if self.outcome is not None:
                     return

@@ -181,10 +181,16 @@ def test_the_same_format_relay_raises_only_protocol_errors_and_writes_bytes():
         req = request()
         req.include_usage = rng.random() < 0.5
         relay = llm_mux.FrameRelay(CODECS[family], req, CODECS[family].StreamDecoder(req))
+        wire = b"".join(("%sdata: %s\n\n" % ("event: %s\n" % n if n else "", json.dumps(d) if rng.random() < 0.97
+                                               else json.dumps(d)[:9])).encode() for n, d in frames)
+        cuts = sorted(rng.sample(range(1, len(wire)), min(3, len(wire) - 1)))
         events = []
         try:
-            for n, d in frames:
-                events.extend(relay.feed(n or None, json.dumps(d) if rng.random() < 0.97 else json.dumps(d)[:9]))
+            for a, b in zip([0] + cuts, cuts + [len(wire)]):  # the bytes as an upstream's reads may cut them
+                for event, data in relay.split(wire[a:b]):
+                    events.extend(relay.feed(event, data))
+            for event, data in relay.split_end():
+                events.extend(relay.feed(event, data))
             events.extend(relay.close())
         except GUARDED:
             continue

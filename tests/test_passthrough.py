@@ -228,11 +228,22 @@ def test_only_the_frames_own_model_field_is_renamed():
     req = llm_mux.ChatRequest("asked", [llm_mux.Message("user", [llm_mux.Text("x")])])
     relay = llm_mux.FrameRelay(llm_mux.OpenAIChat, req, llm_mux.OpenAIChat.StreamDecoder(req))
     text = json.dumps('say {"model": "up"} and "model":"up"')  # the field's text inside content is escaped
-    for data in ('{"model": "up", "choices": [{"delta": {"content": %s}}]}' % text,
-                 '{"id": 1, "model":"up-2", "choices": [{"delta": {"content": %s}}]}' % text,  # spelt differently
-                 '{"model": "up", "choices": [{"delta": {"content": %s}}]}' % text):
-        out = json.loads(relay.frame(None, data)[6:])
-        assert out["model"] == "asked" and out["choices"][0]["delta"]["content"] == json.loads(text)
+    frames = ['{"model": "up", "choices": [{"index": 0, "delta": {"content": %s}, "finish_reason": null}]}' % text,
+              '{"model": "up", "choices": [{"index": 0, "delta": {"content": %s}, "finish_reason": null}]}' % text,
+              '{"id": 1, "model":"up-2", "choices": [{"index": 0, "delta": {"content": %s}}]}' % text,  # spelt anew
+              '{"model":"up-2", "choices": [{"index": 0, "delta": {"content": %s}}]}' % text]
+    names, events = [], []
+    for event, data in relay.split("".join("data: %s\n\n" % f for f in frames).encode()):
+        names.append(event)
+        events += relay.feed(event, data)
+    # the first frame is decoded (the lead), the second relayed, the third decoded (the field spelt anew, which
+    # the fourth is relayed with)
+    assert names == [None, llm_mux.RELAYED, None, llm_mux.RELAYED]
+    out = b"".join(ev.data for ev in events if ev.kind == "raw").decode()
+    chunks = [json.loads(line[6:]) for line in out.split("\n\n") if line]
+    assert len(chunks) == 4
+    for chunk in chunks:
+        assert chunk["model"] == "asked" and chunk["choices"][0]["delta"]["content"] == json.loads(text)
 
 
 def test_gemini_usage_from_the_last_frame_that_carried_it():
