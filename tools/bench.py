@@ -359,15 +359,16 @@ async def run_slow_streams(port, n, ramp=2.0):
     return sum(1 for r in results if r), delays
 
 
-def bench_slow_streams(counts, workers=1):
-    """For each N: N concurrent slow streams through one gateway (`workers` processes): completed streams, chunk
-    delay p50/p99, the gateway's CPU share while they run and its peak RSS (summed over its processes)."""
+def bench_slow_streams(counts, workers=1, floor=False):
+    """For each N: N concurrent slow streams through one gateway (`workers` processes), or with `floor` through
+    tools/floor_proxy.py: completed streams, chunk delay p50/p99, the proxy's CPU share while they run and its peak
+    RSS (summed over its processes)."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     tmp = tempfile.mkdtemp(prefix="llm-mux-bench-streams-")
-    print("Concurrent slow streams (30 chunks at 10 chunks/s each, OpenAI client and upstream), a new gateway "
-          "per N, --workers %d:" % workers)
+    print("Concurrent slow streams (30 chunks at 10 chunks/s each, OpenAI client and upstream), %s per N:" % (
+        "the pure-Python floor (tools/floor_proxy.py)" if floor else "a new gateway with --workers %d" % workers))
     print("  %6s | %9s | %12s %12s | %13s | %12s" % ("N", "completed", "delay p50", "delay p99", "gateway CPU",
                                                       "peak RSS"))
     for n in counts:
@@ -378,8 +379,10 @@ def bench_slow_streams(counts, workers=1):
             f.write("port: %d\nauth-dir: %s\napi-keys: [bench]\nserver: {max-connections: 20000}\nproviders:\n"
                     "  - type: openai\n    name: bench\n    base-url: http://127.0.0.1:%d/v1\n    api-key: k\n"
                     "    models:\n      - name: bench-slow\n" % (gw_port, os.path.join(tmp, "auth-%d" % n), up_port))
-        gateway = subprocess.Popen([sys.executable, os.path.join(ROOT, "llm_mux.py"), "serve", "--config", cfg,
-                                    "--workers", str(workers)],
+        command = [sys.executable, os.path.join(ROOT, "tools", "floor_proxy.py"), str(gw_port), str(up_port)] \
+            if floor else [sys.executable, os.path.join(ROOT, "llm_mux.py"), "serve", "--config", cfg, "--workers",
+                           str(workers)]
+        gateway = subprocess.Popen(command,
                                    env=dict(os.environ, XDG_CONFIG_HOME=tmp), stdout=subprocess.DEVNULL,
                                    stderr=open(os.path.join(tmp, "gw-%d.log" % n), "w"))
         try:
@@ -415,13 +418,14 @@ def main(argv=None):
                    help="run one part only: 'workers' (serve --workers 1 against 2), 'streams' (slow streams)")
     p.add_argument("--streams", default="1000,5000", help="the N of concurrent slow streams, comma-separated")
     p.add_argument("--workers", type=int, default=1, help="worker processes for --only streams")
+    p.add_argument("--floor", action="store_true", help="--only streams through tools/floor_proxy.py instead")
     p.add_argument("--mixed", type=int, default=100000, help="requests in mixed formats over which RSS is watched")
     args = p.parse_args(argv)
     if args.serve_upstream:
         serve_upstream(args.serve_upstream)
         return 0
     if args.only == "streams":
-        return bench_slow_streams([int(n) for n in args.streams.split(",")], args.workers)
+        return bench_slow_streams([int(n) for n in args.streams.split(",")], args.workers, args.floor)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     if args.only == "workers":
