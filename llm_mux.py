@@ -16492,18 +16492,15 @@ class App:
     @staticmethod
     async def _relay_sse(ws, resp):
         """Each SSE event of `resp` as one WebSocket message; the completed response, if the turn completed."""
-        completed, buf = None, b""
+        completed, parser = None, SSEParser()  # relayed upstream frames may end in CRLF pairs
         try:
             async for chunk in resp.chunks:
-                buf += chunk
-                while b"\n\n" in buf:
-                    frame, buf = buf.split(b"\n\n", 1)
-                    data = b"".join(line[5:].strip() for line in frame.split(b"\n") if line.startswith(b"data:"))
-                    if not data or data == b"[DONE]":
+                for _, data in parser.feed(chunk):
+                    if data == "[DONE]":
                         continue
-                    event = json.loads(data)
-                    await ws.send(data.decode("utf-8"))
-                    if event.get("type") == "response.completed":
+                    await ws.send(data)
+                    event = json_or_none(data)
+                    if isinstance(event, dict) and event.get("type") == "response.completed":
                         completed = event.get("response") or {}
         finally:
             if resp.on_close is not None:

@@ -214,3 +214,34 @@ def test_bad_handshakes(gateway, upstream):
               b"Sec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer sk-gw\r\n\r\n")
     assert s.recv(100).startswith(b"HTTP/1.1 400")
     s.close()
+
+
+def test_a_relayed_responses_stream_with_crlf_frames_over_a_websocket(gateway, upstream):
+    """A Responses upstream's frames are relayed as they came (same format), CRLF line ends included; each still
+    becomes one WebSocket message and the socket still remembers the completed turn."""
+    import upstreams
+    sse = "".join("event: %s\r\ndata: %s\r\n\r\n" % ev for ev in upstreams.CODEX("text").events)
+    up = upstream(lambda r: Reply("raw", body=sse, headers={"Content-Type": "text/event-stream"}))
+    gw = gateway("providers:\n  - type: codex\n    base-url: %s/v1\n    api-key: k\n    models: [gpt-test]\n"
+                 % up.url)
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="k")
+    with client.responses.connect() as conn:
+        conn.response.create(model="gpt-test", input="hello")
+        text, done = "", None
+        for event in conn:
+            assert event.type != "error", event
+            if event.type == "response.output_text.delta":
+                text += event.delta
+            if event.type == "response.completed":
+                done = event.response
+                break
+        assert text == "Hello from codex" and done.id == "resp_up1"
+        conn.response.create(model="gpt-test", previous_response_id=done.id, input=[{"role": "user",
+                                                                                       "content": "more"}])
+        for event in conn:
+            assert event.type != "error", event
+            if event.type == "response.completed":
+                break
+    sent = up.requests[-1].json["input"]
+    assert [item.get("role") for item in sent if item.get("type", "message") == "message"][-1] == "user"
+    assert len(sent) >= 3
