@@ -5879,16 +5879,13 @@ class Codec:
         return {"error": {"message": err.message, "type": OPENAI_ERROR_TYPES.get(err.type, err.type),
                           "param": err.param, "code": err.code}}
 
-    # -- same-format pass-through (FrameRelay) ---------------------------------------------------------------------
-    relays = False  # its streams can be relayed frame by frame to a client of the same format
+    # -- same-format pass-through (FrameRelay): a codec that declares RELAY_MARKS has its streams relayed ------------
     RELAY_MODEL_KEY = "model"  # the frame field naming the model: the relay writes the asked model there
     RELAY_TALLY = None  # a field whose last value counts (usage repeated in every frame): its last frame is decoded
 
-    @staticmethod
-    def relay_plain(frame):
-        """Whether a frame (its bytes, blank line included) surely carries nothing the gateway must observe (usage,
-        the finish, an error): such frames are relayed undecoded. A cheap test; a false "no" only costs a decode."""
-        return False
+    # Bytes in every frame that may carry what the gateway must observe (usage, the finish, an error): such frames
+    # are decoded, frames without any are relayed undecoded. A false alarm (the bytes in content) costs a decode.
+    RELAY_MARKS = ()
 
     @staticmethod
     def relay_edit(req, event, data):
@@ -5898,7 +5895,7 @@ class Codec:
     @classmethod
     def relay(cls, req, provider):
         """A FrameRelay when `provider` streams this very format, else None."""
-        if cls.relays and provider.codec is cls and provider.relays_frames:
+        if cls.RELAY_MARKS and provider.codec is cls and provider.relays_frames:
             return FrameRelay(cls, req, provider.stream_decoder(req))
         return None
 
@@ -5969,15 +5966,15 @@ class FrameRelay(EventDecoder):
     """Same-format pass-through: when the client and the upstream speak one format, the upstream's frames reach
     the client as they came instead of being decoded into the IR and encoded again. The relay is the Call's frame
     parser (`split`, `split_end`) and its decoder (`feed`, `close`); its `encoder` (a RelayEncoder) writes the
-    response. Frames are cut from the upstream bytes and looked at as bytes: a frame the codec calls plain
-    (`relay_plain`: no usage, finish or error can be in it) joins a run that goes out in one piece; any other
+    response. Frames are cut from the upstream bytes and looked at as bytes: a frame holding none of the codec's
+    RELAY_MARKS (no usage, finish or error can be in it) joins a run that goes out in one piece; any other
     frame, and every frame before the first content (so a failure before any content is still an HTTP error
     status, as on the general path), is decoded by the format's own StreamDecoder, which tells the Call what it
     must know. An upstream error frame is not relayed: the format's encoder renders it, masked, as it renders every
     error. The model field names the model the client asked for, as the encoders write it; the codec may edit a
     decoded frame (`relay_edit`)."""
 
-    _model_fields = {}  # '"model"' -> the pattern of that field and its JSON string value
+    _patterns = {}  # codec -> (its marks as one pattern, its model field and that field's JSON string value)
 
     def __init__(self, codec, req, decoder):
         EventDecoder.__init__(self, req)
@@ -5990,13 +5987,13 @@ class FrameRelay(EventDecoder):
         self.model_key = '"%s"' % codec.RELAY_MODEL_KEY
         self.model_key_bytes = self.model_key.encode()
         self.model_json = json_dumps(req.model)
-        pattern = self._model_fields.get(self.model_key)
-        if pattern is None:  # the first `"model": "..."` of a frame is the frame's own (values are escaped)
-            pattern = self._model_fields[self.model_key] = re.compile(
-                r'(%s\s*:\s*)"(?:[^"\\]|\\.)*"' % re.escape(self.model_key))
-        self.model_field = pattern
-        self.model_seen = self.model_out = None  # the field as the upstream writes it, and as the client gets it
-        self.seen_bytes = self.out_bytes = None
+        patterns = self._patterns.get(codec)
+        if patterns is None:  # the first `"model": "..."` of a frame is the frame's own (values are escaped)
+            patterns = self._patterns[codec] = (
+                re.compile(b"|".join(re.escape(mark) for mark in codec.RELAY_MARKS)),
+                re.compile(r'(%s\s*:\s*)"(?:[^"\\]|\\.)*"' % re.escape(self.model_key)))
+        self.marks, self.model_field = patterns
+        self.seen_bytes = self.out_bytes = None  # the model field as the upstream writes it, as the client gets it
 
     # -- the parser's side: upstream bytes -> runs of relayed frames and frames to decode -------------------------
     def split(self, chunk):
@@ -6011,7 +6008,7 @@ class FrameRelay(EventDecoder):
             for m in _SSE_FRAME_END.finditer(buf):
                 frame = bytes(buf[start:m.end()])
                 start = m.end()
-                plain = not self.lead and self.codec.relay_plain(frame) and self._rename(frame)
+                plain = not self.lead and self.marks.search(frame) is None and self._rename(frame)
                 if plain:
                     run.append(plain)
                     continue
@@ -6067,9 +6064,9 @@ class FrameRelay(EventDecoder):
         if self.model_key in data:
             m = self.model_field.search(data)
             if m is not None:
-                self.model_seen, self.model_out = m.group(0), m.group(1) + self.model_json
-                self.seen_bytes, self.out_bytes = self.model_seen.encode(), self.model_out.encode()
-                data = data[:m.start()] + self.model_out + data[m.end():]
+                renamed = m.group(1) + self.model_json
+                self.seen_bytes, self.out_bytes = m.group(0).encode(), renamed.encode()
+                data = data[:m.start()] + renamed + data[m.end():]
         if "\n" in data:
             data = data.replace("\n", "\ndata: ")
         if event:
@@ -6546,13 +6543,7 @@ class OpenAIChat(Codec):
         return out
 
     # -- streams --------------------------------------------------------------------------------------------------
-    relays = True
-
     RELAY_MARKS = (b'"finish_reason":"', b'"finish_reason": "', b'"usage":{', b'"usage": {', b'"error"', b"[DONE]")
-
-    @classmethod
-    def relay_plain(cls, frame):
-        return not any(mark in frame for mark in cls.RELAY_MARKS)
 
     @staticmethod
     def relay_edit(req, event, data):
@@ -7241,11 +7232,7 @@ class Anthropic(Codec):
                 "usage": cls.wire_usage(resp.usage)}
 
     # -- streams --------------------------------------------------------------------------------------------------
-    relays = True
-
-    @staticmethod
-    def relay_plain(frame):
-        return frame.startswith((b"event: content_block_", b"event: ping\n")) and frame.count(b"\nevent:") == 0
+    RELAY_MARKS = (b"message_start", b"message_delta", b"message_stop", b'"error"')
 
     class StreamDecoder(EventDecoder):
         """Anthropic SSE -> IR events."""
@@ -8145,15 +8132,9 @@ class Gemini(Codec):
                 "supportedGenerationMethods": ["generateContent", "countTokens"]}
 
     # -- streams --------------------------------------------------------------------------------------------------
-    relays = True  # to a client reading SSE (alt=sse)
     RELAY_MODEL_KEY = "modelVersion"
     RELAY_TALLY = b'"usageMetadata"'  # cumulative, in many chunks: the last one counts
-
     RELAY_MARKS = (b'"finishReason"', b'"error"', b'"promptFeedback"')
-
-    @classmethod
-    def relay_plain(cls, frame):
-        return not any(mark in frame for mark in cls.RELAY_MARKS)
 
     class StreamDecoder(EventDecoder):
         """Gemini SSE (`alt=sse`) -> IR events."""
@@ -8664,14 +8645,7 @@ class Responses(Codec):
         return "incomplete" if finish in ("length", "content_filter") else "completed"
 
     # -- streams --------------------------------------------------------------------------------------------------
-    relays = True
-
-    @staticmethod
-    def relay_plain(frame):
-        if not frame.startswith(b"event: response.") or frame.count(b"\nevent:"):
-            return False
-        name = frame[7:frame.find(b"\n")]
-        return name not in (b"response.completed", b"response.incomplete", b"response.failed")
+    RELAY_MARKS = (b"response.completed", b"response.incomplete", b"response.failed", b'"error"')
 
     class StreamDecoder(EventDecoder):
         """Responses SSE (type inside each data object) -> IR events."""
