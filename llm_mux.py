@@ -203,6 +203,15 @@ class OneLineFormatter(logging.Formatter):
             line = record._llm_mux_line = logging.Formatter.format(self, record)
         return line
 
+    def formatTime(self, record, datefmt=None):
+        # Once per second, not once per line: a busy gateway writes thousands of lines a second.
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime(self.datefmt, time.localtime(second))
+        return self._stamp
+
+    _second, _stamp = None, ""
+
     def formatMessage(self, record):
         message = record.message = SECRET_MASK(record.message)
         if self.CONTROL.search(message):
@@ -237,13 +246,52 @@ class LogRing(logging.Handler):
 LOG_RING = LogRing()
 
 
+class LoopStreamHandler(logging.StreamHandler):
+    """stderr, written once per turn of the event loop: the lines logged while the loop handles one batch of
+    ready sockets (an access line per request, under load dozens) leave in one write instead of a system call
+    each. Off the loop's thread, or with no loop running, a line is written at once; at most 256 lines wait.
+    Nothing waits longer than the current loop iteration, and `logging.shutdown` (at exit) flushes the rest."""
+
+    def __init__(self, stream):
+        logging.StreamHandler.__init__(self, stream)
+        self.pending = []
+
+    def emit(self, record):
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self.pending.append(line)
+        if len(self.pending) > 1 and len(self.pending) < 256:
+            return  # a flush is already scheduled
+        loop = asyncio._get_running_loop() if len(self.pending) == 1 else None
+        if loop is None:
+            self.flush()
+        else:
+            loop.call_soon(self.flush)
+
+    def flush(self):
+        self.acquire()
+        try:
+            if self.pending:
+                text, self.pending = "\n".join(self.pending) + "\n", []
+                try:
+                    self.stream.write(text)
+                except Exception:  # a closed or full stderr must not break the caller (logging's own rule)
+                    pass
+            logging.StreamHandler.flush(self)
+        finally:
+            self.release()
+
+
 def setup_logging(debug=False, stream=None):
     """One line per event: `[YYYY-MM-DD HH:MM:SS] [level] message`, to stderr and the in-memory LOG_RING."""
     # What the records of a line-per-request log need not carry (the logging HOWTO's "Optimization"): no caller
     # lookup (a stack walk per line), no thread or process names.
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = LoopStreamHandler(stream or sys.stderr)
     handler.setFormatter(LOG_FORMAT)
     log.handlers[:] = [handler, LOG_RING]
     log.propagate = False
@@ -5959,6 +6007,19 @@ class EventEncoder:
 
 
 _SSE_FRAME_END = re.compile(rb"\r?\n\r?\n")
+
+
+def sse_frame_ends(buf):
+    """The offsets just past each complete SSE frame (a blank line) in buf. Without a CR in buf (most upstreams)
+    the ends are found by find(), far faster than the regular expression that also knows CRLF."""
+    if buf.find(b"\r") < 0:
+        ends = []
+        k = buf.find(b"\n\n")
+        while k >= 0:
+            ends.append(k + 2)
+            k = buf.find(b"\n\n", k + 2)
+        return ends
+    return [m.end() for m in _SSE_FRAME_END.finditer(buf)]
 RELAYED = "relayed"  # the event name FrameRelay.split gives a run of frames relayed without decoding
 
 
@@ -5998,28 +6059,85 @@ class FrameRelay(EventDecoder):
     # -- the parser's side: upstream bytes -> runs of relayed frames and frames to decode -------------------------
     def split(self, chunk):
         """Yields SSE frames to decode as (event, data) and each run of plain frames as (RELAYED, bytes). A
-        generator: a frame is judged after the frames before it were decoded (the first content ends the lead)."""
+        generator: a frame is judged after the frames before it were decoded (the first content ends the lead).
+        The buffer is searched, not each frame: its frame ends and the places of the codec's marks are found by a
+        few scans of the whole read (a stream's read holds dozens of frames), then each frame is judged by where
+        its bounds fall."""
         buf = self.pending
         buf += chunk
         if len(buf) > SSEParser.MAX_EVENT and not _SSE_FRAME_END.search(buf):
             raise UpstreamError("too-large", "an upstream event is larger than %d bytes" % SSEParser.MAX_EVENT)
-        run, start = [], 0
+        ends = sse_frame_ends(buf)
+        if not ends:
+            return
+        marks = [] if self.lead and len(ends) == 1 else self._marks_in(buf, ends[-1])
+        start = 0  # where the next frame begins
+        run = -1  # where the run of plain frames under way began
+        m = 0  # the first mark not before `start`
         try:
-            for m in _SSE_FRAME_END.finditer(buf):
-                frame = bytes(buf[start:m.end()])
-                start = m.end()
-                plain = not self.lead and self.marks.search(frame) is None and self._rename(frame)
-                if plain:
-                    run.append(plain)
+            for end in ends:
+                while m < len(marks) and marks[m] < start:
+                    m += 1
+                if not self.lead and (m == len(marks) or marks[m] >= end):
+                    run = start if run < 0 else run
+                    start = end
                     continue
-                if run:
-                    yield RELAYED, b"".join(run)
-                    run = []
+                if run >= 0:
+                    yield from self._relay_run(buf, run, start)
+                    run = -1
+                frame, start = bytes(buf[start:end]), end
                 yield from self.sse.feed(frame)
-            if run:
-                yield RELAYED, b"".join(run)
+            if run >= 0:
+                yield from self._relay_run(buf, run, start)
         finally:
             del buf[:start]
+
+    def _marks_in(self, buf, stop):
+        """The sorted offsets in buf[:stop] where one of the codec's marks begins."""
+        found = []
+        for mark in self.codec.RELAY_MARKS:
+            k = buf.find(mark, 0, stop)
+            while k >= 0:
+                found.append(k)
+                k = buf.find(mark, k + 1, stop)
+        found.sort()
+        return found
+
+    def _relay_run(self, buf, begin, end):
+        """A run of plain frames, buf[begin:end], as one relayed piece with the model field renamed. Where a frame
+        writes the field otherwise than the upstream's first frame did, the run is taken frame by frame (such a
+        frame is decoded and framed again, which learns the new way)."""
+        run = bytes(buf[begin:end])
+        tally = self.codec.RELAY_TALLY
+        keys = run.count(self.model_key_bytes)
+        if keys and (self.seen_bytes is None or run.count(self.seen_bytes) != keys):
+            yield from self._relay_frames(run)
+            return
+        if keys and self.seen_bytes != self.out_bytes:
+            run = run.replace(self.seen_bytes, self.out_bytes)
+        if tally is not None:
+            k = run.rfind(tally)
+            if k >= 0:  # the frame that holds the run's last tally
+                ends = sse_frame_ends(run)
+                last = bisect.bisect_right(ends, k)
+                self.tally = run[ends[last - 1] if last else 0:ends[last]]
+        yield RELAYED, run
+
+    def _relay_frames(self, run):
+        plain = []
+        start = 0
+        for end in sse_frame_ends(run):
+            frame, start = run[start:end], end
+            renamed = self._rename(frame)
+            if renamed is not None:
+                plain.append(renamed)
+                continue
+            if plain:
+                yield RELAYED, b"".join(plain)
+                plain = []
+            yield from self.sse.feed(frame)
+        if plain:
+            yield RELAYED, b"".join(plain)
 
     def split_end(self):
         """The end of the upstream body: a last frame not followed by a blank line is decoded."""
@@ -13287,11 +13405,12 @@ class UsageWriter:
     counted (`dropped`, `errors`)."""
 
     def __init__(self, store, flush_interval=1.0, batch_size=100, retention_days=30, queue_size=10000):
-        import queue
         import threading
         self.store, self.flush_interval, self.batch_size = store, flush_interval, batch_size
-        self.retention_days = retention_days
-        self.queue = queue.Queue(queue_size)
+        self.retention_days, self.queue_size = retention_days, queue_size
+        # A deque, not a queue.Queue: append and popleft are atomic, and the writer polls on its interval, so no
+        # lock and no condition are taken per record on the event loop.
+        self.queue = collections.deque()
         self.dropped = self.errors = self.written = 0
         self.warned = set()
         self.stopping = threading.Event()
@@ -13302,9 +13421,9 @@ class UsageWriter:
         """Enqueue one usage record (the event loop never touches the disk)."""
         if not self.store.writable:
             return
-        try:
-            self.queue.put_nowait(record)
-        except Exception:  # queue.Full: the writer cannot keep up
+        if len(self.queue) < self.queue_size:
+            self.queue.append(record)
+        else:  # the writer cannot keep up
             self.dropped += 1
             self._warn("full", "usage queue full: dropping records until the writer catches up")
 
@@ -13316,15 +13435,14 @@ class UsageWriter:
     def _run(self):
         """Wake once per flush interval (not once per record: a wake-up per record would take the GIL from the
         event loop thousands of times a second), write what has queued in batches, prune once a day."""
-        import queue
         next_prune = time.monotonic() + 60
         while True:
             stopping = self.stopping.wait(self.flush_interval)
             batch = []
             while True:
                 try:
-                    batch.append(self.queue.get_nowait())
-                except queue.Empty:
+                    batch.append(self.queue.popleft())
+                except IndexError:
                     break
                 if len(batch) >= self.batch_size:
                     self._write(batch)
@@ -17275,6 +17393,7 @@ def serve_workers(cfg, n, config_path, debug):
             except BaseException:
                 log.exception("worker %d failed", number)
             finally:
+                logging.shutdown()  # os._exit skips it: the worker's last lines would be lost
                 os._exit(code)
         children[pid] = number
         log.info("worker %d started (pid %d)", number, pid)

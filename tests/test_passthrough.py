@@ -271,3 +271,53 @@ def test_openai_usage_riding_on_a_content_chunk_is_taken_off_for_a_client_that_d
     assert "usage" not in edited and edited["choices"][0]["finish_reason"] == "stop"
     req.include_usage = True
     assert llm_mux.OpenAIChat.relay_edit(req, None, data) == data
+
+
+def test_a_read_of_many_frames_leaves_in_one_piece_each_renamed():
+    """The relay judges a whole upstream read at once: a run of plain frames is one relayed piece, every frame's
+    model field names the asked model (an alias), and a frame that spells the field anew splits the run and is
+    decoded."""
+    req = llm_mux.ChatRequest("alias", [llm_mux.Message("user", [llm_mux.Text("x")])])
+    relay = llm_mux.FrameRelay(llm_mux.OpenAIChat, req, llm_mux.OpenAIChat.StreamDecoder(req))
+    text = json.dumps('quoting "model":"up" in content')
+
+    def chunk(model, i):
+        return 'data: {"id":"c","model":"%s","choices":[{"index":0,"delta":{"content":%s},' \
+               '"finish_reason":null}]}\n\n' % (model, json.dumps("%d %s" % (i, text)))
+    body = "".join(chunk("up", i) for i in range(20)) + chunk("up-v2", 20) + \
+        "".join(chunk("up-v2", i) for i in range(21, 30))
+    names, events = [], []
+    for event, data in relay.split(body.encode()):
+        names.append(event)
+        events += relay.feed(event, data)
+    assert names == [None, llm_mux.RELAYED, None, llm_mux.RELAYED]
+    out = b"".join(ev.data for ev in events if ev.kind == "raw").decode()
+    chunks = [json.loads(block[6:]) for block in out.split("\n\n") if block]
+    assert [c["model"] for c in chunks] == ["alias"] * 30
+    assert [c["choices"][0]["delta"]["content"] for c in chunks] == ["%d %s" % (i, text) for i in range(30)]
+
+
+def test_gemini_usage_from_the_last_frame_of_a_relayed_run():
+    req = llm_mux.ChatRequest("asked", [llm_mux.Message("user", [llm_mux.Text("x")])])
+    relay = llm_mux.FrameRelay(llm_mux.Gemini, req, llm_mux.Gemini.StreamDecoder(req))
+
+    def frame(text, out):
+        usage = {"usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": out}} if out else {}
+        return "data: %s\r\n\r\n" % json.dumps(dict({"candidates": [{"content": {"role": "model", "parts": [
+            {"text": text}]}}]}, **usage))
+    body = "".join(frame("t%d" % i, i if i % 3 else 0) for i in range(1, 13))  # the last tally: 11; CRLF frames
+    events = []
+    for event, data in relay.split(body.encode()):
+        events += relay.feed(event, data)
+    events += relay.close()
+    usage = [ev.usage for ev in events if ev.kind == "usage"]
+    assert [(u.input_tokens, u.output_tokens) for u in usage[-1:]] == [(4, 11)]
+    relayed = b"".join(ev.data for ev in events if ev.kind == "raw").decode()
+    assert relayed.count("\r\n\r\n") == 11 and '"t12"' in relayed  # the first (the lead) is framed anew
+
+
+def test_frame_ends_found_by_find_agree_with_the_pattern():
+    rng = __import__("random").Random(7)
+    for _ in range(3000):
+        buf = bytes(rng.choice(b"ab\n\n\r:") for _ in range(rng.randrange(0, 40)))
+        assert llm_mux.sse_frame_ends(buf) == [m.end() for m in llm_mux._SSE_FRAME_END.finditer(buf)], buf
