@@ -3720,7 +3720,7 @@ class UpstreamResponse:
             while pos < n:
                 if left > 0:
                     take = min(left, n - pos)
-                    out.append(bytes(buf[pos:pos + take]))
+                    out.append(buf[pos:pos + take])
                     pos += take
                     left -= take
                     if not left:
@@ -3758,11 +3758,17 @@ class UpstreamResponse:
                     pos = k + 2
                     if not left:
                         trailer = 0
+                    elif pos + left + 2 <= n:  # the whole chunk and its CRLF are here: take them in one step
+                        end = pos + left
+                        if buf[end:end + 2] != b"\r\n":
+                            raise UpstreamError("protocol", "upstream chunk not followed by CRLF")
+                        out.append(buf[pos:end])
+                        pos, left = end + 2, 0
             if pos:
                 del buf[:pos]
                 ch._consumed()
             if out:
-                yield out[0] if len(out) == 1 else b"".join(out)
+                yield bytes(out[0]) if len(out) == 1 else b"".join(out)
             try:
                 await ch.fill(self._deadline())
             except ChannelClosed:
