@@ -263,13 +263,11 @@ class LoopStreamHandler(logging.StreamHandler):
             self.handleError(record)
             return
         self.pending.append(line)
-        if len(self.pending) > 1 and len(self.pending) < 256:
-            return  # a flush is already scheduled
-        loop = asyncio._get_running_loop() if len(self.pending) == 1 else None
-        if loop is None:
+        loop = asyncio._get_running_loop()  # None off the loop's thread
+        if loop is None or len(self.pending) >= 256:
             self.flush()
-        else:
-            loop.call_soon(self.flush)
+        elif len(self.pending) == 1:
+            loop.call_soon(self.flush)  # else a flush is already scheduled for this turn
 
     def flush(self):
         self.acquire()
