@@ -203,14 +203,14 @@ class OneLineFormatter(logging.Formatter):
             line = record._llm_mux_line = logging.Formatter.format(self, record)
         return line
 
+    _second, _stamp = None, ""  # the second formatTime last formatted, and its text
+
     def formatTime(self, record, datefmt=None):
         # Once per second, not once per line: a busy gateway writes thousands of lines a second.
         second = int(record.created)
         if second != self._second:
             self._second, self._stamp = second, time.strftime(self.datefmt, time.localtime(second))
         return self._stamp
-
-    _second, _stamp = None, ""
 
     def formatMessage(self, record):
         message = record.message = SECRET_MASK(record.message)
@@ -6024,6 +6024,8 @@ def sse_frame_ends(buf):
             k = buf.find(b"\n\n", k + 2)
         return ends
     return [m.end() for m in _SSE_FRAME_END.finditer(buf)]
+
+
 RELAYED = "relayed"  # the event name FrameRelay.split gives a run of frames relayed without decoding
 
 
@@ -6039,7 +6041,7 @@ class FrameRelay(EventDecoder):
     error. The model field names the model the client asked for, as the encoders write it; the codec may edit a
     decoded frame (`relay_edit`)."""
 
-    _patterns = {}  # codec -> (its marks as one pattern, its model field and that field's JSON string value)
+    _model_fields = {}  # codec -> its model field and that field's JSON string value, as a pattern
 
     def __init__(self, codec, req, decoder):
         EventDecoder.__init__(self, req)
@@ -6052,12 +6054,10 @@ class FrameRelay(EventDecoder):
         self.model_key = '"%s"' % codec.RELAY_MODEL_KEY
         self.model_key_bytes = self.model_key.encode()
         self.model_json = json_dumps(req.model)
-        patterns = self._patterns.get(codec)
-        if patterns is None:  # the first `"model": "..."` of a frame is the frame's own (values are escaped)
-            patterns = self._patterns[codec] = (
-                re.compile(b"|".join(re.escape(mark) for mark in codec.RELAY_MARKS)),
-                re.compile(r'(%s\s*:\s*)"(?:[^"\\]|\\.)*"' % re.escape(self.model_key)))
-        self.marks, self.model_field = patterns
+        self.model_field = self._model_fields.get(codec)
+        if self.model_field is None:  # the first `"model": "..."` of a frame is the frame's own (values are escaped)
+            self.model_field = self._model_fields[codec] = re.compile(
+                r'(%s\s*:\s*)"(?:[^"\\]|\\.)*"' % re.escape(self.model_key))
         self.seen_bytes = self.out_bytes = None  # the model field as the upstream writes it, as the client gets it
 
     # -- the parser's side: upstream bytes -> runs of relayed frames and frames to decode -------------------------
@@ -6069,10 +6069,10 @@ class FrameRelay(EventDecoder):
         its bounds fall."""
         buf = self.pending
         buf += chunk
-        if len(buf) > SSEParser.MAX_EVENT and not _SSE_FRAME_END.search(buf):
-            raise UpstreamError("too-large", "an upstream event is larger than %d bytes" % SSEParser.MAX_EVENT)
         ends = sse_frame_ends(buf)
         if not ends:
+            if len(buf) > SSEParser.MAX_EVENT:
+                raise UpstreamError("too-large", "an upstream event is larger than %d bytes" % SSEParser.MAX_EVENT)
             return
         marks = [] if self.lead and len(ends) == 1 else self._marks_in(buf, ends[-1])
         start = 0  # where the next frame begins
