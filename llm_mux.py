@@ -247,10 +247,11 @@ LOG_RING = LogRing()
 
 
 class LoopStreamHandler(logging.StreamHandler):
-    """stderr, written once per turn of the event loop: the lines logged while the loop handles one batch of
-    ready sockets (an access line per request, under load dozens) leave in one write instead of a system call
-    each. Off the loop's thread, or with no loop running, a line is written at once; at most 256 lines wait.
-    Nothing waits longer than the current loop iteration, and `logging.shutdown` (at exit) flushes the rest."""
+    """stderr, with the access lines written once per turn of the event loop: the access lines of one batch of
+    ready sockets (one per request, under load dozens) leave in one write instead of a system call each. Only a
+    line logged with `extra=AFTER_TURN` waits, and only on the loop's thread (at most 256 wait, never longer than
+    the current loop iteration); any other line is written at once, after those waiting, so what a handler logs
+    is on stderr before its response is sent. `logging.shutdown` (at exit) flushes the rest."""
 
     def __init__(self, stream):
         logging.StreamHandler.__init__(self, stream)
@@ -264,7 +265,7 @@ class LoopStreamHandler(logging.StreamHandler):
             return
         self.pending.append(line)
         loop = asyncio._get_running_loop()  # None off the loop's thread
-        if loop is None or len(self.pending) >= 256:
+        if loop is None or len(self.pending) >= 256 or not record.__dict__.get("after_turn"):
             self.flush()
         elif len(self.pending) == 1:
             loop.call_soon(self.flush)  # else a flush is already scheduled for this turn
@@ -281,6 +282,9 @@ class LoopStreamHandler(logging.StreamHandler):
             logging.StreamHandler.flush(self)
         finally:
             self.release()
+
+
+AFTER_TURN = {"after_turn": True}  # log.info(..., extra=AFTER_TURN): a line that may wait for the loop turn's end
 
 
 def setup_logging(debug=False, stream=None):
@@ -3437,7 +3441,7 @@ class HttpServer:
             self.busy.discard(task)
             if self.access_log:
                 log.info('%s %s %d %dB %.1fms %s', req.method, redact_url(req.target), status, sent,
-                         (time.monotonic() - req.received_at) * 1000, req.peer)
+                         (time.monotonic() - req.received_at) * 1000, req.peer, extra=AFTER_TURN)
 
     async def _run_websocket(self, ch, req, resp):
         # The socket notices a lost connection itself (a read ends with 1006) and ends its turn in order, so the
@@ -3518,7 +3522,7 @@ class HttpServer:
         ch.write(self._head(resp.status, resp.headers, False, "Content-Length: %d\r\n" % len(body)) + body)
         if self.access_log:
             log.info("%s %s %d (refused before its body) %s", req.method, redact_url(req.target), resp.status,
-                     req.peer)
+                     req.peer, extra=AFTER_TURN)
 
     LINGER_SECONDS = 5.0  # after refusing a request whose body is still arriving
     LINGER_BYTES = 64 << 20

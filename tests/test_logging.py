@@ -1,4 +1,4 @@
-"""The log's stderr handler (lines of one event-loop turn leave in one write) and the usage writer's queue."""
+"""The log's stderr handler (access lines of one event-loop turn leave in one write) and the usage writer's queue."""
 import asyncio
 import io
 import logging
@@ -26,38 +26,40 @@ def make_logger():
     return logger, handler, stream
 
 
-def test_lines_of_one_loop_turn_leave_in_one_write():
+def test_access_lines_of_one_loop_turn_leave_in_one_write():
     logger, handler, stream = make_logger()
 
     async def main():
         for i in range(3):
-            logger.info("line %d", i)
+            logger.info("access %d", i, extra=llm_mux.AFTER_TURN)
         assert stream.writes == []  # still in this turn
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         assert len(stream.writes) == 1
-        logger.info("next turn")
+        logger.info("next turn", extra=llm_mux.AFTER_TURN)
         await asyncio.sleep(0)
         await asyncio.sleep(0)
     asyncio.run(main())
     lines = stream.getvalue().splitlines()
-    assert [line.split("] ", 2)[2] for line in lines] == ["line 0", "line 1", "line 2", "next turn"]
+    assert [line.split("] ", 2)[2] for line in lines] == ["access 0", "access 1", "access 2", "next turn"]
     assert len(stream.writes) == 2
 
 
-def test_without_a_running_loop_or_off_its_thread_a_line_is_written_at_once():
+def test_any_other_line_is_written_at_once_after_the_waiting_ones():
     logger, handler, stream = make_logger()
-    logger.info("no loop")
+    logger.info("no loop", extra=llm_mux.AFTER_TURN)
     assert stream.getvalue().endswith("no loop\n")
 
     async def main():
-        logger.info("on the loop")
+        logger.info("access", extra=llm_mux.AFTER_TURN)
+        logger.info("setting changed")  # what a handler logs is out before its response
+        assert [line.split("] ", 2)[2] for line in stream.getvalue().splitlines()[-2:]] == ["access", "setting changed"]
+        logger.info("access 2", extra=llm_mux.AFTER_TURN)
         done = threading.Event()
-        threading.Thread(target=lambda: (logger.info("from a thread"), done.set())).start()
+        threading.Thread(target=lambda: (logger.info("from a thread", extra=llm_mux.AFTER_TURN), done.set())).start()
         done.wait(10)
-        # the thread has no loop: its line was written at once, with the loop's pending line before it
-        assert "from a thread" in stream.getvalue()
-        assert stream.getvalue().index("on the loop") < stream.getvalue().index("from a thread")
+        # the thread has no loop: its line was written at once, with the loop's waiting line before it
+        assert stream.getvalue().index("access 2") < stream.getvalue().index("from a thread")
     asyncio.run(main())
 
 
@@ -66,7 +68,7 @@ def test_a_full_turn_is_written_without_waiting_and_shutdown_flushes_the_rest():
 
     async def main():
         for i in range(300):
-            logger.info("n%d", i)
+            logger.info("n%d", i, extra=llm_mux.AFTER_TURN)
         assert len(stream.writes) == 1 and stream.getvalue().count("\n") == 256
         handler.flush()  # what logging.shutdown() does at exit
         assert stream.getvalue().count("\n") == 300
