@@ -111,6 +111,104 @@ def json_or_none(body):
         return None
 
 
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_JSON_REUSE_CHECK = os.environ.get("LLM_MUX_CHECK_JSON_REUSE") == "1"
+
+
+class JsonSource:
+    """A JSON object as the client sent it: its parsed value and where each top-level member's value lies in the
+    client's text. `encode` writes a large member that goes upstream equal to what was parsed with the client's
+    own bytes instead of encoding it again: CPython's encoder escapes strings at ~1.5 ns a character (1.5 ms a
+    megabyte of history), a splice is a copy. Codecs treat a parsed body as read-only, so "equal to what was
+    parsed" means "as the client sent it". LLM_MUX_CHECK_JSON_REUSE=1 (the test suite sets it) splices members
+    of any size and checks every spliced body up to a megabyte against a full encode, type for type."""
+
+    REUSE_MIN = 1 if _JSON_REUSE_CHECK else 4096  # characters: below this, encoding beats comparing and splicing
+    _MARK = "\x00llm-mux-reuse-%s-%%d" % os.urandom(8).hex()  # a stand-in no client text can spell
+    __slots__ = ("text", "value", "spans")
+
+    def __init__(self, text, value, spans):
+        self.text, self.value, self.spans = text, value, spans
+
+    @classmethod
+    def parse(cls, raw, parse_constant=None):
+        """(value, source) of a JSON body, parsed exactly as `json.loads` would (its errors, for bad input);
+        source is None for a body too small to gain or not an object."""
+        if len(raw) < cls.REUSE_MIN:
+            return json.loads(raw, parse_constant=parse_constant), None
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass")  # what json.loads does with bytes
+        try:
+            value, spans = cls._members(text, json.JSONDecoder(parse_constant=parse_constant).scan_once)
+        except (ValueError, StopIteration, IndexError):  # not an object, or malformed: json.loads says why
+            return json.loads(raw, parse_constant=parse_constant), None
+        return value, cls(raw if raw.isascii() else text, value, spans)  # ASCII: byte offsets are str offsets
+
+    @staticmethod
+    def _members(text, scan):
+        """The object's members and each value's (start, end) in `text`; the last of a repeated key wins, as in
+        json.loads. Raises ValueError (or the scanner's StopIteration / IndexError) for anything else."""
+        space = _JSON_SPACE.match
+        i = space(text, 0).end()
+        if text[i] != "{":
+            raise ValueError("not an object")
+        i = space(text, i + 1).end()
+        value, spans = {}, {}
+        if text[i] == "}":
+            i += 1
+        else:
+            while True:
+                if text[i] != '"':
+                    raise ValueError("expected a key")
+                key, i = json.decoder.scanstring(text, i + 1)
+                i = space(text, i).end()
+                if text[i] != ":":
+                    raise ValueError("expected ':'")
+                start = space(text, i + 1).end()
+                value[key], i = scan(text, start)
+                spans[key] = (start, i)
+                i = space(text, i).end()
+                if text[i] == "}":
+                    i += 1
+                    break
+                if text[i] != ",":
+                    raise ValueError("expected ','")
+                i = space(text, i + 1).end()
+        if space(text, i).end() != len(text):
+            raise ValueError("extra data")
+        return value, spans
+
+    def encode(self, obj, body=None):
+        """`obj` as wire JSON bytes; the members of `body` (the dict a codec built: `obj` itself, or inside an
+        envelope) that equal what the client sent are written with the client's bytes. The value types must
+        match too: `1 == True` in Python, not on the wire."""
+        body = obj if body is None else body
+        value, reuse = self.value, []
+        for key, (start, end) in self.spans.items():
+            if end - start >= self.REUSE_MIN and key in body:
+                mine, theirs = body[key], value[key]
+                if mine is theirs or (type(mine) is type(theirs) and mine == theirs):
+                    reuse.append(key)
+        if not reuse:
+            return json_bytes(obj)
+        kept = {key: body[key] for key in reuse}
+        try:
+            for n, key in enumerate(reuse):
+                body[key] = self._MARK % n
+            out = json_bytes(obj)
+        finally:
+            body.update(kept)
+        for n, key in enumerate(reuse):
+            start, end = self.spans[key]
+            piece = self.text[start:end]
+            out = out.replace(json_bytes(self._MARK % n), piece.encode("utf-8") if isinstance(piece, str) else
+                              piece, 1)
+        if _JSON_REUSE_CHECK and len(out) <= 1 << 20:  # (bigger test bodies measure memory: no extra copies)
+            full = json.dumps(obj, sort_keys=True, ensure_ascii=False)
+            if json.dumps(json.loads(out), sort_keys=True, ensure_ascii=False) != full:
+                raise AssertionError("reusing the client's JSON changed the request: %s" % out[:500])
+        return out
+
+
 def mask_secret(value):
     """Keep only the ends of a secret so logs can tell keys apart without exposing them."""
     value = str(value)
@@ -2730,7 +2828,7 @@ class Request:
     """One parsed client request. The body is fully read (bounded by max-request-size) before the app runs."""
 
     __slots__ = ("method", "target", "path", "query_string", "version", "headers", "body", "peer", "keep_alive",
-                 "_query", "_json", "received_at", "secure", "principal")
+                 "_query", "json_source", "received_at", "secure", "principal")
 
     def __init__(self, method, target, version, headers, peer):
         self.method = method
@@ -2745,7 +2843,7 @@ class Request:
         self.peer = peer
         self.keep_alive = True
         self._query = None
-        self._json = None
+        self.json_source = None  # the body's JsonSource once the app read it as JSON
         self.received_at = time.monotonic()
         self.secure = False
 
@@ -5022,12 +5120,14 @@ class ToolCall:
 
 
 class ToolResult:
-    """The result of one tool call. `content` is a list of Text/Image/File parts."""
-    __slots__ = ("id", "name", "content", "is_error")
+    """The result of one tool call. `content` is a list of Text/Image/File parts; `plain`: the client wrote it as
+    a bare string, which a format that has both spellings writes back as one (a same-format request then goes
+    upstream as the client wrote it)."""
+    __slots__ = ("id", "name", "content", "is_error", "plain")
     kind = "tool_result"
 
-    def __init__(self, id, name=None, content=None, is_error=False):
-        self.id, self.name, self.content, self.is_error = id, name, content or [], is_error
+    def __init__(self, id, name=None, content=None, is_error=False, plain=False):
+        self.id, self.name, self.content, self.is_error, self.plain = id, name, content or [], is_error, plain
 
     def text(self):
         return "".join(p.text for p in self.content if p.kind == "text")
@@ -5045,11 +5145,12 @@ class Thinking:
 
 
 class Message:
-    """One turn. Roles: user, assistant, tool (ToolResult parts), system (a system turn after the start)."""
-    __slots__ = ("role", "parts", "name")
+    """One turn. Roles: user, assistant, tool (ToolResult parts), system (a system turn after the start).
+    `plain`: the client wrote the content as a bare string (see ToolResult)."""
+    __slots__ = ("role", "parts", "name", "plain")
 
-    def __init__(self, role, parts=None, name=None):
-        self.role, self.parts, self.name = role, parts if parts is not None else [], name
+    def __init__(self, role, parts=None, name=None, plain=False):
+        self.role, self.parts, self.name, self.plain = role, parts if parts is not None else [], name, plain
 
     def text(self):
         return "".join(p.text for p in self.parts if p.kind == "text")
@@ -5126,12 +5227,14 @@ class ChatRequest:
     """A chat request in the IR. What only an upstream of the client's own format can use is kept in fields read
     only when `client_format` matches: `passthrough` (the client's wire fields by their wire names),
     `native_tools` (tool definitions the IR cannot express: server, hosted and built-in tools), `safety_settings`
-    (Gemini) and `betas` (the anthropic-beta header). `cache_key` is the client's prompt-cache / session key."""
+    (Gemini) and `betas` (the anthropic-beta header). `cache_key` is the client's prompt-cache / session key.
+    `source` is the client's body as sent (a JsonSource), so providers can write unchanged members with its
+    bytes."""
     __slots__ = ("model", "system", "messages", "tools", "tool_choice", "parallel_tool_calls", "max_tokens",
                  "temperature", "top_p", "top_k", "stop", "n", "presence_penalty", "frequency_penalty", "seed",
                  "response_format", "thinking", "stream", "include_usage", "user", "metadata", "passthrough",
                  "native_tools", "safety_settings", "betas", "cache_key", "client_key", "request_id",
-                 "client_format")
+                 "client_format", "source")
 
     kind = "chat"
 
@@ -5165,6 +5268,12 @@ class ChatRequest:
         self.client_key = ""  # the name of the client key the request came with
         self.request_id = ""  # one id per client request, on every usage record of its attempts
         self.client_format = client_format
+        self.source = None
+
+    def encode(self, obj, body=None):
+        """The upstream body `obj` (holding the codec-built `body`, default `obj`) as wire JSON bytes, reusing the
+        client's own bytes for members passed on unchanged."""
+        return self.source.encode(obj, body) if self.source is not None else json_bytes(obj)
 
     def system_text(self):
         return "\n\n".join(p.text for p in self.system if p.kind == "text")
@@ -7033,7 +7142,8 @@ class Anthropic(Codec):
                 parts.append(call)
             elif t == "tool_result":
                 content = b.get("content")
-                if isinstance(content, str):
+                plain = isinstance(content, str)
+                if plain:
                     rparts = [Text(content)] if content else []
                 elif isinstance(content, list):
                     rparts = []
@@ -7047,7 +7157,7 @@ class Anthropic(Codec):
                 else:
                     rparts = []
                 tid = b.get("tool_use_id") or ""
-                results.append(ToolResult(tid, names.get(tid), rparts, bool(b.get("is_error"))))
+                results.append(ToolResult(tid, names.get(tid), rparts, bool(b.get("is_error")), plain))
             elif t == "thinking":
                 parts.append(thinking_from_token(b.get("thinking") or "", b.get("signature") or "", "anthropic"))
             elif t == "redacted_thinking":
@@ -7056,7 +7166,7 @@ class Anthropic(Codec):
         if results:
             req.messages.append(Message("tool", results))
         if parts or not results:
-            req.messages.append(Message(role, parts))
+            req.messages.append(Message(role, parts, plain=isinstance(m.get("content"), str)))
 
     # -- request: IR -> wire --------------------------------------------------------------------------------------
     @staticmethod
@@ -7152,8 +7262,9 @@ class Anthropic(Codec):
 
     @classmethod
     def _wire_messages(cls, req):
-        """Strictly alternating turns: tool results first in a user turn, tool uses last in an assistant turn."""
-        msgs = []
+        """Strictly alternating turns: tool results first in a user turn, tool uses last in an assistant turn. A
+        turn or tool result the client wrote as a bare string is written as one when it still is one text."""
+        msgs, plain = [], []
         for m in repair_tool_turns(req.messages):
             if m.role == "tool":
                 blocks = []
@@ -7161,7 +7272,7 @@ class Anthropic(Codec):
                     content = cls._wire_parts(r.content)
                     b = {"type": "tool_result", "tool_use_id": sanitize_tool_id(r.id)}
                     if content:
-                        b["content"] = content
+                        b["content"] = cls._plain_text(content) if r.plain else content
                     if r.is_error:
                         b["is_error"] = True
                     blocks.append(b)
@@ -7192,11 +7303,23 @@ class Anthropic(Codec):
                 else:
                     calls = [b for b in prev if b["type"] == "tool_use"]
                     msgs[-1]["content"] = [b for b in prev if b["type"] != "tool_use"] + blocks + calls
+                plain[-1] = False
                 continue
             msgs.append({"role": role, "content": blocks})
+            plain.append(m.plain)
+        for msg, was_plain in zip(msgs, plain):
+            if was_plain:
+                msg["content"] = cls._plain_text(msg["content"])
         if msgs and msgs[0]["role"] == "assistant":
             msgs.insert(0, {"role": "user", "content": [{"type": "text", "text": "(continue)"}]})
         return msgs or [{"role": "user", "content": [{"type": "text", "text": "(empty)"}]}]
+
+    @staticmethod
+    def _plain_text(blocks):
+        """One plain text block as a bare string; anything else as it is."""
+        if len(blocks) == 1 and len(blocks[0]) == 2 and blocks[0]["type"] == "text":
+            return blocks[0]["text"]
+        return blocks
 
     @staticmethod
     def _wire_thinking(req, body):
@@ -7206,8 +7329,9 @@ class Anthropic(Codec):
         thinking_on = effort not in (None, "none")
         if thinking_on:
             last_assistant = next((m for m in reversed(msgs) if m["role"] == "assistant"), None)
-            if last_assistant is not None and any(b["type"] == "tool_use" for b in last_assistant["content"]) and \
-                    last_assistant["content"][0]["type"] not in ("thinking", "redacted_thinking"):
+            content = last_assistant["content"] if last_assistant is not None else ""
+            if not isinstance(content, str) and any(b["type"] == "tool_use" for b in content) and \
+                    content[0]["type"] not in ("thinking", "redacted_thinking"):
                 # Anthropic demands a signed thinking block before the last tool use; without one, no thinking.
                 thinking_on = False
         if thinking_on:
@@ -10395,7 +10519,7 @@ class OpenAICompatProvider(Provider):
     codec = OpenAIChat
 
     def build(self, req, cred, model):
-        body = json_bytes(self.codec.build_request(req, model))
+        body = req.encode(self.codec.build_request(req, model))
         headers = [("Content-Type", "application/json"), ("User-Agent", USER_AGENT)]
         if cred.api_key:
             headers.append(("Authorization", "Bearer " + cred.api_key))
@@ -10455,7 +10579,7 @@ class AnthropicProvider(Provider):
         return headers
 
     def build(self, req, cred, model):
-        body = json_bytes(self.codec.build_request(req, model))
+        body = req.encode(self.codec.build_request(req, model))
         return "POST", self.base_url(cred) + "/v1/messages", self._headers(req, cred, req.stream), body
 
     def count_tokens(self, req, cred, model):
@@ -10491,7 +10615,7 @@ class GeminiProvider(Provider):
                 ("x-goog-api-key", cred.api_key)] + cred.headers
 
     def build(self, req, cred, model):
-        body = json_bytes(self.codec.build_request(req, model))
+        body = req.encode(self.codec.build_request(req, model))
         action = "streamGenerateContent?alt=sse" if req.stream else "generateContent"
         return "POST", self._url(cred, model, action), self._headers(cred), body
 
@@ -10555,7 +10679,7 @@ class CodexProvider(Provider):
     stream_only = True
 
     def build(self, req, cred, model):
-        body = json_bytes(self.codec.build_request(req, model))
+        body = req.encode(self.codec.build_request(req, model))
         headers = self.json_headers(cred.api_key, True, ("User-Agent", USER_AGENT), *cred.headers)
         return "POST", self.base_url(cred) + "/responses", headers, body
 
@@ -10618,7 +10742,7 @@ class ClaudeOAuthProvider(AnthropicProvider):
                 b for b in system if b.get("text") != self.identity]
         body.setdefault("metadata", {"user_id": req.user or "llm-mux-user"})
         return ("POST", self.base_url(cred) + "/v1/messages?beta=true", self._headers(req, cred, req.stream),
-                json_bytes(body))
+                req.encode(body))
 
     def count_tokens(self, req, cred, model):
         method, url, headers, body = AnthropicProvider.count_tokens(self, req, cred, model)
@@ -10785,7 +10909,7 @@ class CodexOAuthProvider(CodexProvider):
                                     ("Originator", "codex-tui"), ("Session-Id", cache_key))
         if cred.meta.get("account_id"):
             headers.append(("Chatgpt-Account-Id", cred.meta["account_id"]))
-        return "POST", self.base_url(cred) + "/responses", headers, json_bytes(body)
+        return "POST", self.base_url(cred) + "/responses", headers, req.encode(body)
 
     async def refresh(self, cred, client):
         data = await self.post_token(client, self.token_url, {
@@ -10917,9 +11041,10 @@ class GeminiCLIProvider(GeminiProvider):
                                  ("X-Goog-Api-Client", "gl-node/22.17.0"), ("Client-Metadata", self.client_metadata))
 
     def build(self, req, cred, model):
-        body = {"model": model, "project": self.project_of(cred), "request": self.codec.build_request(req, model)}
+        request = self.codec.build_request(req, model)
+        body = {"model": model, "project": self.project_of(cred), "request": request}
         action = ":streamGenerateContent?alt=sse" if req.stream else ":generateContent"
-        return "POST", self.base_url(cred) + action, self._headers(cred, req.stream), json_bytes(body)
+        return "POST", self.base_url(cred) + action, self._headers(cred, req.stream), req.encode(body, request)
 
     def count_tokens(self, req, cred, model):
         request = self.codec.build_request(req, model)
@@ -11146,7 +11271,7 @@ class AntigravityProvider(GeminiCLIProvider):
         body = {"model": model, "project": self.project_of(cred), "userAgent": "antigravity", "requestType": "agent",
                 "requestId": "agent-" + new_id("", 16), "request": request}
         action = ":streamGenerateContent?alt=sse" if req.stream else ":generateContent"
-        return "POST", self.base_url(cred) + action, self._headers(cred, req.stream), json_bytes(body)
+        return "POST", self.base_url(cred) + action, self._headers(cred, req.stream), req.encode(body, request)
 
     async def refresh(self, cred, client):
         data = await self.post_token(client, self.token_url, {
@@ -11638,7 +11763,7 @@ class IFlowProvider(OpenAICompatProvider):
         signature = hmac.new(key.encode(), ("iFlow-Cli:%s:%s" % (session, stamp)).encode(), hashlib.sha256).hexdigest()
         headers = self.json_headers(key, req.stream, ("User-Agent", "iFlow-Cli"), ("session-id", session),
                                     ("x-iflow-timestamp", stamp), ("x-iflow-signature", signature))
-        return "POST", self.base_url(cred) + "/chat/completions", headers, json_bytes(body)
+        return "POST", self.base_url(cred) + "/chat/completions", headers, req.encode(body)
 
     @classmethod
     def basic(cls):
@@ -11793,7 +11918,7 @@ class CopilotProvider(OpenAICompatProvider):
                                     ("Editor-Version", "vscode/1.104.1"), ("Editor-Plugin-Version", "copilot/1.300.0"),
                                     ("Openai-Intent", "conversation-panel"), ("Copilot-Integration-Id", "vscode-chat"),
                                     ("X-Request-Id", new_id("", 16)))
-        return "POST", self.base_url(cred) + "/chat/completions", headers, json_bytes(body)
+        return "POST", self.base_url(cred) + "/chat/completions", headers, req.encode(body)
 
     @classmethod
     async def exchange(cls, client, github_token, proxy=""):
@@ -16416,12 +16541,12 @@ class App:
     def read_json(self, req):
         """The body as JSON, strictly: NaN and Infinity are not JSON (they would be forwarded as such), nesting is
         bounded (a RecursionError is a 400, not a crash), a lone surrogate escape (\\ud800) cannot become text.
-        Once parsed, the raw bytes are let go (unless the request log wants them): a large request is not held
-        twice while its upstream call runs."""
+        A large body's text is kept as its JsonSource, so members passed upstream unchanged are not encoded again;
+        a small one's raw bytes are let go once parsed (unless the request log wants them)."""
         if not req.body:
             raise BadRequest("the request body is empty; a JSON object is required")
         try:
-            data = json.loads(req.body, parse_constant=_refuse_json_constant)
+            data, req.json_source = JsonSource.parse(req.body, _refuse_json_constant)
         except RecursionError:
             raise BadRequest("the request body's JSON is nested too deeply")
         except UnicodeDecodeError:
@@ -16673,7 +16798,7 @@ class App:
             data = json.loads(req.body)
             data["model"] = target
             req.body = json_bytes(data)
-            req._json = None
+            req.json_source = None
         else:
             head, _, tail = req.path.partition("/models/" + model)
             req.path = head + "/models/" + target + tail
@@ -16874,6 +16999,7 @@ class App:
         """Answer a chat request in `codec`'s format. A stream whose upstream speaks that format too is relayed
         frame by frame (FrameRelay) unless `relay` is False (a client reading another framing of it)."""
         ir.client_key = http_req.principal
+        ir.source = http_req.json_source
         await self.gw.admit(ir)
         call = await self.gw.call(ir)
         if not ir.stream:

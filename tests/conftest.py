@@ -1,5 +1,11 @@
 """Fixtures; the helpers they build on live in harness.py."""
-import pytest
+import os
+
+# Every request body in the suite has its unchanged members written with the client's bytes (however small) and
+# each such body checked against a full encode (llm_mux.JsonSource); gateway subprocesses inherit this.
+os.environ.setdefault("LLM_MUX_CHECK_JSON_REUSE", "1")
+
+import pytest  # noqa: E402
 
 from harness import FakeUpstream, Gateway
 from pgkit import fresh_database, need_shared
