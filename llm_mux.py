@@ -40,6 +40,7 @@ import contextlib
 import errno
 import fnmatch
 import functools
+import gc
 import hashlib
 import hmac
 import io
@@ -602,9 +603,22 @@ def trim_heap():
 def release_startup_memory():
     """Give the heap that compiling this large file left behind back to the OS (about 15 MB). A script run as
     __main__ is always compiled from source, so this matters for `python llm_mux.py`."""
-    import gc
     gc.collect()
     trim_heap()
+
+
+GC_THRESHOLDS = (50000, 20, 10)  # the collector's defaults are (700, 10, 10)
+
+
+def tune_collector():
+    """Once serving: what exists now lives as long as the process (gc.freeze: never scanned again), and the
+    young generation is collected every 50,000 new objects instead of 700. A gateway holding thousands of streams
+    keeps ~90 container objects alive per stream; with the defaults the collector made a full pass over all of
+    them (~130 ms at 5,000 streams) about once a second, took ~15 % of the CPU, and every stream's next chunk
+    waited for it (slow-stream delay p99 0.8-1.0 s -> 0.45-0.5 s, peak RSS lower). Reference cycles are still
+    collected, less often."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def read_json_file(*parts):
@@ -2527,6 +2541,8 @@ class Channel(asyncio.Protocol):
         self.on_lost = None
         self.lost = False
         self._corked = None  # writes waiting for the end of this loop iteration (write_soon)
+        self._deadline = None  # the deadline of the read under way
+        self._alarm = None  # the timer that enforces it (see _ring)
 
     # -- protocol callbacks ---------------------------------------------------------------------------------------
     def connection_made(self, transport):
@@ -2562,6 +2578,9 @@ class Channel(asyncio.Protocol):
         self.lost = True
         self.error = exc
         self._wake()
+        if self._alarm is not None:
+            self._alarm.cancel()
+            self._alarm = None
         d = self._drain_waiter
         if d is not None and not d.done():
             d.set_result(None)
@@ -2594,21 +2613,35 @@ class Channel(asyncio.Protocol):
             self._read_paused = False
             self.transport.resume_reading()
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._waiter = fut
-        timer = None
         if deadline is not None:
-            delay = deadline - loop.time()
-            if delay <= 0:
-                self._waiter = None
+            if deadline <= loop.time():
                 raise asyncio.TimeoutError()
-            timer = loop.call_at(deadline, _expire_future, fut)
+            alarm = self._alarm
+            if alarm is None or alarm.when() > deadline:
+                if alarm is not None:
+                    alarm.cancel()
+                self._alarm = loop.call_at(deadline, self._ring)
+        self._deadline = deadline
+        fut = self._waiter = loop.create_future()
         try:
             await fut
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
+
+    def _ring(self):
+        """The read alarm: times out the read under way once its deadline has come, else is set again for it. A
+        stream's reads each move the deadline on, and one timer serves them all (it is set again only when it
+        rings) instead of a timer made and cancelled per read: 5,000 streams read 50,000 times a second."""
+        self._alarm = None
+        fut, deadline = self._waiter, self._deadline
+        if fut is None or deadline is None or fut.done():
+            return
+        loop = fut.get_loop()
+        if loop.time() >= deadline:
+            self._waiter = None
+            fut.set_exception(asyncio.TimeoutError())
+        else:
+            self._alarm = loop.call_at(deadline, self._ring)
 
     def _consumed(self):
         if self._read_paused and len(self.buf) < self.HIGH_WATER // 2:
@@ -17305,6 +17338,7 @@ async def serve_forever(cfg, ready=None, config_path=None, debug=False, listen=N
     if ready is not None:
         ready(port)
     release_startup_memory()
+    tune_collector()
     if watcher is not None:
         watcher.start()
     auth_watcher.start()

@@ -1,0 +1,99 @@
+"""The Channel's read deadline: one timer (the alarm) serves every read of a connection — a stream's reads each
+move the deadline on, and the alarm is set again only when it rings — and it still times out exactly the read
+under way once that read's deadline has come. Timers fire in deadline order, so these tests depend on ordering,
+not on how fast the machine is. Also: the collector tuned for many live streams."""
+import asyncio
+
+import pytest
+
+import llm_mux
+
+
+class Transport:
+    def __init__(self):
+        self.written = []
+
+    def write(self, data):
+        self.written.append(bytes(data))
+
+    def is_closing(self):
+        return False
+
+    def close(self):
+        pass
+
+
+def channel():
+    ch = llm_mux.Channel()
+    ch.connection_made(Transport())
+    return ch
+
+
+def test_one_alarm_serves_many_reads():
+    async def run():
+        loop = asyncio.get_running_loop()
+        ch = channel()
+        alarms, first = [], loop.time() + 60
+        for i in range(20):
+            read = asyncio.ensure_future(ch.fill(first + i))  # each read moves the deadline on
+            await asyncio.sleep(0)
+            ch.data_received(b"x")
+            await read
+            alarms.append(ch._alarm)
+        assert len(set(map(id, alarms))) == 1  # made once, not once per read
+        assert alarms[0].when() == first  # it rings at the first deadline, then is set again for the newest
+        ch.connection_lost(None)
+        assert ch._alarm is None and alarms[0].cancelled()  # a closed connection holds no timer
+    asyncio.run(run())
+
+
+def test_the_alarm_times_out_the_read_under_way():
+    async def run():
+        loop = asyncio.get_running_loop()
+        ch = channel()
+        with pytest.raises(asyncio.TimeoutError):
+            await ch.fill(loop.time() + 0.01)
+        # An alarm set for an earlier read rings while a later read (with a later deadline) waits: that read goes
+        # on waiting, and the alarm is set again for its deadline.
+        first = asyncio.ensure_future(ch.fill(loop.time() + 0.01))
+        await asyncio.sleep(0)
+        ch.data_received(b"a")
+        await first
+        later = asyncio.ensure_future(ch.fill(loop.time() + 3600))
+        await asyncio.sleep(0.05)  # past the first deadline: the alarm has rung (timers fire in order)
+        assert not later.done()
+        assert ch._alarm is not None and ch._alarm.when() > loop.time() + 3000
+        ch.data_received(b"b")
+        await later
+        # A read without a deadline is never timed out by an alarm left from an earlier one.
+        short = asyncio.ensure_future(ch.fill(loop.time() + 0.01))
+        await asyncio.sleep(0)
+        ch.data_received(b"c")
+        await short
+        patient = asyncio.ensure_future(ch.fill(None))
+        await asyncio.sleep(0.05)
+        assert not patient.done()
+        ch.data_received(b"d")
+        await patient
+        # A read with an earlier deadline than the alarm's sets it earlier.
+        await_far = asyncio.ensure_future(ch.fill(loop.time() + 3600))
+        await asyncio.sleep(0)
+        ch.data_received(b"e")
+        await await_far
+        with pytest.raises(asyncio.TimeoutError):
+            await ch.fill(loop.time() + 0.01)
+    asyncio.run(run())
+
+
+def test_the_collector_is_tuned_for_many_live_streams():
+    """Serving freezes what startup made and collects the young generation every 50,000 objects (the reason is in
+    tune_collector's docstring; the numbers are in the README's benchmark)."""
+    import gc
+    old = gc.get_threshold()
+    try:
+        llm_mux.tune_collector()
+        assert gc.get_threshold() == llm_mux.GC_THRESHOLDS == (50000, 20, 10)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*old)
