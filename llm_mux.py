@@ -132,16 +132,16 @@ class JsonSource:
         self.text, self.value, self.spans = text, value, spans
 
     @classmethod
-    def parse(cls, raw, parse_constant=None):
-        """(value, source) of a JSON body, parsed exactly as `json.loads` would (its errors, for bad input);
-        source is None for a body too small to gain or not an object."""
-        if len(raw) < cls.REUSE_MIN:
-            return json.loads(raw, parse_constant=parse_constant), None
+    def parse(cls, raw, decoder=json.JSONDecoder()):
+        """(value, source) of JSON bytes, parsed exactly as `json.loads` parses bytes with `decoder`'s settings
+        (its errors, for bad input); source is None for a body too small to gain or not an object."""
         text = raw.decode(json.detect_encoding(raw), "surrogatepass")  # what json.loads does with bytes
+        if len(raw) < cls.REUSE_MIN:
+            return decoder.decode(text), None
         try:
-            value, spans = cls._members(text, json.JSONDecoder(parse_constant=parse_constant).scan_once)
-        except (ValueError, StopIteration, IndexError):  # not an object, or malformed: json.loads says why
-            return json.loads(raw, parse_constant=parse_constant), None
+            value, spans = cls._members(text, decoder.scan_once)
+        except (ValueError, StopIteration, IndexError):  # not an object, or malformed: the decoder says why
+            return decoder.decode(text), None
         return value, cls(raw if raw.isascii() else text, value, spans)  # ASCII: byte offsets are str offsets
 
     @staticmethod
@@ -16375,6 +16375,9 @@ def _refuse_json_constant(name):
     raise ValueError("%s is not JSON" % name)
 
 
+STRICT_JSON = json.JSONDecoder(parse_constant=_refuse_json_constant)  # made once: json.loads(..., kw) makes one a call
+
+
 def format_for_path(path):
     """Which API family an endpoint belongs to, so errors come back in the shape its clients parse."""
     if path.startswith("/api/provider/"):  # Amp: /api/provider/<vendor>/<the vendor's own path>
@@ -16579,7 +16582,7 @@ class App:
         if not req.body:
             raise BadRequest("the request body is empty; a JSON object is required")
         try:
-            data, req.json_source = JsonSource.parse(req.body, _refuse_json_constant)
+            data, req.json_source = JsonSource.parse(req.body, STRICT_JSON)
         except RecursionError:
             raise BadRequest("the request body's JSON is nested too deeply")
         except UnicodeDecodeError:

@@ -31,7 +31,7 @@ def outcome(fn, raw):
 
 
 def reuse_parse(raw):
-    value, source = llm_mux.JsonSource.parse(raw, llm_mux._refuse_json_constant)
+    value, source = llm_mux.JsonSource.parse(raw, llm_mux.STRICT_JSON)
     if source is not None:  # every span holds exactly its member's value
         text = source.text if isinstance(source.text, str) else source.text.decode("ascii")
         for key, (start, end) in source.spans.items():
