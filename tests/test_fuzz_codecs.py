@@ -1,6 +1,7 @@
 """Fuzz target for every codec's client-request parser: valid bodies of each format with values swapped for
 wrong types (null, numbers, strings, lists, objects, deep nesting) at random paths. A parser returns a request or
-raises a GatewayError (a 400 in the client's format) — never another exception, which would be a 500."""
+raises a GatewayError (a 400 in the client's format) — never another exception, which would be a 500 — and a
+request it returns can be built for every upstream format (a wrong type let into the IR used to crash there)."""
 import copy
 import os
 import random
@@ -98,7 +99,9 @@ def test_every_codec_parser_raises_only_gateway_errors():
         fmt = rng.choice(sorted(SEEDS))
         body = mutate(rng, SEEDS[fmt])
         try:
-            parse(fmt, body)
+            req = parse(fmt, body)
+            for codec in (llm_mux.OpenAIChat, llm_mux.Anthropic, llm_mux.Gemini, llm_mux.Responses):
+                codec.build_request(req, "m")
         except llm_mux.GatewayError as e:
             assert 400 <= e.status < 500, (fmt, body, e.message)
             # every refusal says which field (not "a field has the wrong type", nor a Python error's words)

@@ -162,3 +162,62 @@ def test_an_anthropic_bare_string_turn_and_tool_result_stay_bare(env):
     assert status == 200, data
     sent = json.loads(up.requests[-1].body)
     assert sent["messages"] == body["messages"]  # string and block spellings each kept as the client chose
+
+
+SCHEMA = {"type": "object", "$defs": {"P": {"type": "object", "properties": {"x": {"type": "string"}}}},
+          "properties": {"a": {"$ref": "#/$defs/P"}, "b": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                         "c": {"type": ["integer", "null"], "const": 3, "title": "C"},
+                         "d": {"allOf": [{"properties": {"y": {"type": "string"}}, "required": ["y"]},
+                                         {"properties": {"z": {"type": "number"}}}], "properties": {"w": {}}}},
+          "allOf": [{"properties": {"e": {"type": "boolean"}}, "required": ["e"]}], "required": ["a"],
+          "additionalProperties": False}
+
+
+def rich_bodies():
+    from test_fuzz_codecs import SEEDS
+    import copy
+    bodies = copy.deepcopy(SEEDS)
+    bodies["openai"]["tools"][0]["function"]["parameters"] = copy.deepcopy(SCHEMA)
+    bodies["openai"]["response_format"] = {"type": "json_schema", "json_schema": {"name": "r", "schema":
+                                                                                  copy.deepcopy(SCHEMA)}}
+    bodies["anthropic"]["tools"][0]["input_schema"] = copy.deepcopy(SCHEMA)
+    bodies["anthropic"]["messages"][0]["content"][0]["cache_control"] = {"type": "ephemeral"}
+    bodies["responses"]["tools"][0]["parameters"] = copy.deepcopy(SCHEMA)
+    bodies["gemini"]["tools"][0]["functionDeclarations"][0]["parameters"] = copy.deepcopy(SCHEMA)
+    bodies["gemini"]["toolConfig"] = {"functionCallingConfig": {"mode": "AUTO"}}
+    bodies["gemini"]["safetySettings"] = [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}]
+    return bodies
+
+
+@pytest.mark.parametrize("fmt", ["openai", "responses", "anthropic", "gemini", "ollama"])
+def test_codecs_treat_the_client_body_as_read_only(fmt):
+    """JsonSource's promise rests on this: parsing a client body and building every upstream format from it
+    (schemas cleaned for Gemini, closed for Anthropic's structured output, ...) leaves the parsed body as the
+    client sent it, so a member equal to what was parsed is a member as the client sent it."""
+    import copy
+    from test_fuzz_codecs import parse
+    body = rich_bodies()[fmt]
+    pristine = copy.deepcopy(body)
+    req = parse(fmt, body)
+    for codec in (llm_mux.OpenAIChat, llm_mux.Anthropic, llm_mux.Gemini, llm_mux.Responses):
+        codec.build_request(req, "m")
+        assert body == pristine, codec.__name__
+
+
+def test_codecs_leave_mutated_client_bodies_as_they_were():
+    """The same promise over the codec fuzzer's mutations of rich bodies (values of the wrong type anywhere)."""
+    import copy
+    from test_fuzz_codecs import mutate, parse
+    rng = random.Random(1202)
+    bodies = rich_bodies()
+    for _ in range(CASES // 5):
+        fmt = rng.choice(sorted(bodies))
+        body = mutate(rng, bodies[fmt])
+        pristine = copy.deepcopy(body)
+        try:
+            req = parse(fmt, body)
+        except llm_mux.GatewayError:
+            continue
+        for codec in (llm_mux.OpenAIChat, llm_mux.Anthropic, llm_mux.Gemini, llm_mux.Responses):
+            codec.build_request(req, "m")
+        assert body == pristine, (fmt, pristine)
