@@ -142,7 +142,16 @@ def test_wrong_shapes_are_a_400_in_each_apis_own_shape(gateway, upstream):
              ("/api/chat", {"model": "gpt-test", "messages": [{"role": ["user"], "content": "x"}]},
               "messages[0].role: expected a string, got an array", lambda b: b["error"]),
              ("/v1/responses", {"model": "gpt-test", "input": [{"type": "reasoning", "summary": 5}]},
-              "input[0].summary: expected an array, got a number", lambda b: b["error"]["message"])]
+              "input[0].summary: expected an array, got a number", lambda b: b["error"]["message"]),
+             # values a parser let into the request, which only building the upstream's body tripped over (a 500)
+             ("/v1/chat/completions", {"model": "gpt-test", "messages": [{"role": "user", "content": "x"}, {
+                 "role": "assistant", "tool_calls": [{"id": 5, "function": {"name": "f", "arguments": "{}"}}]}]},
+              "messages[1].tool_calls[0].id: expected a string, got a number", lambda b: b["error"]["message"]),
+             ("/v1/messages", {"model": "gpt-test", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+                               "thinking": {"type": "enabled", "budget_tokens": True}},
+              "thinking.budget_tokens: expected an integer, got a boolean", lambda b: b["error"]["message"]),
+             ("/v1beta/models/gpt-test:generateContent", {"contents": [{"parts": [{"text": 5}]}]},
+              "contents[0].parts[0].text: expected a string, got a number", lambda b: b["error"]["message"])]
     for path, body, shape in cases + [(p, b, lambda got, says=says, where=where: says in where(got))
                                       for p, b, says, where in named]:
         req = urllib.request.Request(gw.url + path, data=json.dumps(body).encode(),
