@@ -29,16 +29,23 @@ def channel():
     return ch
 
 
+async def read_answered(ch, deadline, data, wait=0.0):
+    """A read with `deadline` that `data` answers after `wait` seconds (0: at once); asserts it was still
+    waiting then."""
+    read = asyncio.ensure_future(ch.fill(deadline))
+    await asyncio.sleep(wait)
+    assert not read.done()
+    ch.data_received(data)
+    await read
+
+
 def test_one_alarm_serves_many_reads():
     async def run():
         loop = asyncio.get_running_loop()
         ch = channel()
         alarms, first = [], loop.time() + 60
         for i in range(20):
-            read = asyncio.ensure_future(ch.fill(first + i))  # each read moves the deadline on
-            await asyncio.sleep(0)
-            ch.data_received(b"x")
-            await read
+            await read_answered(ch, first + i, b"x")  # each read moves the deadline on
             alarms.append(ch._alarm)
         assert len(set(map(id, alarms))) == 1  # made once, not once per read
         assert alarms[0].when() == first  # it rings at the first deadline, then is set again for the newest
@@ -54,32 +61,15 @@ def test_the_alarm_times_out_the_read_under_way():
         with pytest.raises(asyncio.TimeoutError):
             await ch.fill(loop.time() + 0.01)
         # An alarm set for an earlier read rings while a later read (with a later deadline) waits: that read goes
-        # on waiting, and the alarm is set again for its deadline.
-        first = asyncio.ensure_future(ch.fill(loop.time() + 0.01))
-        await asyncio.sleep(0)
-        ch.data_received(b"a")
-        await first
-        later = asyncio.ensure_future(ch.fill(loop.time() + 3600))
-        await asyncio.sleep(0.05)  # past the first deadline: the alarm has rung (timers fire in order)
-        assert not later.done()
+        # on waiting (0.05 s is past the first deadline: timers fire in order), and the alarm is set again.
+        await read_answered(ch, loop.time() + 0.01, b"a")
+        await read_answered(ch, loop.time() + 3600, b"b", wait=0.05)
         assert ch._alarm is not None and ch._alarm.when() > loop.time() + 3000
-        ch.data_received(b"b")
-        await later
         # A read without a deadline is never timed out by an alarm left from an earlier one.
-        short = asyncio.ensure_future(ch.fill(loop.time() + 0.01))
-        await asyncio.sleep(0)
-        ch.data_received(b"c")
-        await short
-        patient = asyncio.ensure_future(ch.fill(None))
-        await asyncio.sleep(0.05)
-        assert not patient.done()
-        ch.data_received(b"d")
-        await patient
+        await read_answered(ch, loop.time() + 0.01, b"c")
+        await read_answered(ch, None, b"d", wait=0.05)
         # A read with an earlier deadline than the alarm's sets it earlier.
-        await_far = asyncio.ensure_future(ch.fill(loop.time() + 3600))
-        await asyncio.sleep(0)
-        ch.data_received(b"e")
-        await await_far
+        await read_answered(ch, loop.time() + 3600, b"e")
         with pytest.raises(asyncio.TimeoutError):
             await ch.fill(loop.time() + 0.01)
     asyncio.run(run())
