@@ -2539,6 +2539,7 @@ class Channel(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiter = None
         self.on_lost = None
+        self.on_made = None  # called once with the channel when the connection is made (the server starts it)
         self.lost = False
         self._corked = None  # writes waiting for the end of this loop iteration (write_soon)
         self._deadline = None  # the deadline of the read under way
@@ -2547,6 +2548,9 @@ class Channel(asyncio.Protocol):
     # -- protocol callbacks ---------------------------------------------------------------------------------------
     def connection_made(self, transport):
         self.transport = transport
+        made, self.on_made = self.on_made, None  # not kept: a channel holding a closure over itself is a cycle
+        if made is not None:
+            made(self)
 
     def data_received(self, data):
         self.buf += data
@@ -3387,7 +3391,7 @@ class HttpServer:
 
     def _make_channel(self):
         ch = Channel()
-        ch.connection_made = _chain(ch.connection_made, lambda t: self._start(ch))
+        ch.on_made = self._start
         return ch
 
     def _start(self, ch):
@@ -3729,13 +3733,6 @@ class HttpServer:
                 await asyncio.wait_for(s.wait_closed(), 1)
             except (asyncio.TimeoutError, Exception):
                 pass
-
-
-def _chain(first, second):
-    def both(*args):
-        first(*args)
-        second(*args)
-    return both
 
 
 # === 5. HTTP client ===
