@@ -283,27 +283,31 @@ def cpu_seconds(pid):
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def claude_code_request(size=200 * 1024):
+def claude_code_request(size=200 * 1024, model="bench-model"):
     """An Anthropic request shaped like Claude Code's: a long system prompt, a dozen tools with JSON schemas and a
-    history of tool calls and results, about `size` bytes in all."""
+    history of turns in which each user turn carries the previous tool call's result (a bare string) and a new
+    instruction, about `size` bytes in all."""
     tools = [{"name": "tool_%d" % i, "description": "Does thing %d. " % i * 20, "input_schema": {
         "type": "object", "properties": {"path": {"type": "string", "description": "a file path"},
                                          "limit": {"type": "integer"}, "flags": {"type": "array",
                                                                                  "items": {"type": "string"}}},
         "required": ["path"]}} for i in range(12)]
     messages, i = [], 0
-    body = {"model": "bench-model", "max_tokens": 4096, "system": [{"type": "text", "text": "You are a coding agent. "
-                                                                     * 200}], "tools": tools, "messages": messages}
+    body = {"model": model, "max_tokens": 4096, "system": [{"type": "text", "text": "You are a coding agent. "
+                                                            * 200}], "tools": tools, "messages": messages}
+
+    def result(i):
+        return {"type": "tool_result", "tool_use_id": "toolu_%04d" % i, "content": "def f%d():\n    return %d\n"
+                % (i, i) * 40}
     while len(json.dumps(body)) < size:
-        messages.append({"role": "user", "content": [{"type": "text", "text": "Please look at file %d. " % i * 10}]})
+        messages.append({"role": "user", "content": ([result(i - 1)] if i else []) + [
+            {"type": "text", "text": "Please look at file %d. " % i * 10}]})
         messages.append({"role": "assistant", "content": [
             {"type": "text", "text": "Reading it."},
             {"type": "tool_use", "id": "toolu_%04d" % i, "name": "tool_%d" % (i % 12), "input": {"path": "/src/f%d.py"
                                                                                               % i}}]})
-        messages.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_%04d" % i,
-                                                      "content": "def f%d():\n    return %d\n" % (i, i) * 40}]})
         i += 1
-    messages.append({"role": "user", "content": "Now summarise."})
+    messages.append({"role": "user", "content": [result(i - 1), {"type": "text", "text": "Now summarise."}]})
     return json.dumps(body)
 
 
@@ -470,13 +474,18 @@ def main(argv=None):
             via = wrk(gw_url, b, conns, args.seconds, tmp)
             py = wrk("http://127.0.0.1:%d/v1/chat/completions" % py_port, b, conns, args.seconds, tmp)
             results.append((label, conns, direct, floor, via, py))
-        # Large bodies at c=1 (p50): a Claude-Code-like Anthropic request translated to OpenAI, and a 1 MB
-        # OpenAI request passed through, beside nginx carrying the same bodies.
+        # Large bodies at c=1 (p50): a Claude-Code-like Anthropic request translated to OpenAI and sent to an
+        # Anthropic upstream as it is, and a 1 MB OpenAI request passed through, beside nginx carrying it.
         big = claude_code_request()
+        big_same = claude_code_request(model="bench-claude")
         meg = openai_request()
         a_url = "http://127.0.0.1:%d/v1/messages" % gw_port
+        up_a_url = "http://127.0.0.1:%d/v1/messages" % up_port
         bodies = [("%d KB Anthropic -> OpenAI" % (len(big) // 1024), wrk(a_url, big, 1, args.seconds, tmp),
                    wrk(up_url, big, 1, max(3, args.seconds // 2), tmp), None),
+                  ("%d KB Anthropic -> Anthropic" % (len(big_same) // 1024),
+                   wrk(a_url, big_same, 1, args.seconds, tmp),
+                   wrk(up_a_url, big_same, 1, max(3, args.seconds // 2), tmp), None),
                   ("%d KB OpenAI -> OpenAI" % (len(meg) // 1024), wrk(gw_url, meg, 1, args.seconds, tmp),
                    wrk(up_url, meg, 1, max(3, args.seconds // 2), tmp),
                    wrk(ng_url, meg, 1, args.seconds, tmp) if ng_url else None)]
@@ -558,7 +567,7 @@ def main(argv=None):
     print()
     print("Large bodies at concurrency 1, p50:")
     for label, g, d, n in bodies:
-        print("  %-28s gateway %7.3f ms | direct %7.3f ms | nginx %s | added over direct %7.3f ms%s" % (
+        print("  %-30s gateway %7.3f ms | direct %7.3f ms | nginx %s | added over direct %7.3f ms%s" % (
             label, g["p50"], d["p50"], "%7.3f ms" % n["p50"] if n else "    n/a  ", g["p50"] - d["p50"],
             " (%.2fx nginx's time)" % (g["p50"] / n["p50"]) if n else ""))
     print()
