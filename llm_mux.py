@@ -3435,6 +3435,7 @@ class HttpServer:
                 try:
                     keep = await self._dispatch(ch, req, limits)
                 finally:
+                    req = None  # the request goes (with the body it keeps: see App.read_json) before any trim
                     self.buffered -= reserved
                     if reserved >= self.TRIM_AFTER and not self.buffered:
                         # The last large body in flight is done: give its memory back. Garbage goes first: with
