@@ -5138,15 +5138,29 @@ class File:
 class ToolCall:
     """A model's call of a tool. `arguments` is the JSON text (what OpenAI sends); `signature` carries an opaque
     per-call token (Gemini thoughtSignature) back to the family (`source`) that issued it."""
-    __slots__ = ("id", "name", "arguments", "tool_kind", "signature", "source")
+    __slots__ = ("id", "name", "arguments", "tool_kind", "signature", "source", "parsed")
     kind = "tool_call"
 
     def __init__(self, id, name, arguments="{}", tool_kind="function", signature=None, source=None):
         self.id, self.name, self.arguments = id, name, arguments
         self.tool_kind, self.signature, self.source = tool_kind, signature, source
+        self.parsed = None  # (arguments text, the object it was written from), while the text is unchanged
+
+    @classmethod
+    def of_object(cls, id, name, obj):
+        """A call whose arguments came as a JSON object (Anthropic's `input`, Gemini's `args`): the object is
+        kept beside its text, so a format that writes an object gets it back without parsing the text again (a
+        Claude Code history holds hundreds of calls)."""
+        obj = obj if isinstance(obj, dict) else {}
+        call = cls(id, name, json_dumps(obj))
+        call.parsed = (call.arguments, obj)
+        return call
 
     def args_object(self):
         """Arguments as a JSON object; invalid or non-object JSON becomes {} (formats.md §6.2)."""
+        parsed = self.parsed
+        if parsed is not None and parsed[0] is self.arguments:
+            return parsed[1]
         try:
             value = json.loads(self.arguments) if self.arguments else {}
         except ValueError:
@@ -7197,9 +7211,7 @@ class Anthropic(Codec):
                 if part is not None:
                     parts.append(part)
             elif t == "tool_use":
-                inp = b.get("input")
-                call = ToolCall(b.get("id") or new_id("toolu_"), b.get("name") or "",
-                                json_dumps(inp if isinstance(inp, dict) else {}))
+                call = ToolCall.of_object(b.get("id") or new_id("toolu_"), b.get("name") or "", b.get("input"))
                 names[call.id] = call.name
                 parts.append(call)
             elif t == "tool_result":
@@ -8102,8 +8114,7 @@ class Gemini(Codec):
                 name = fc.get("name") or ""
                 cid = fc.get("id") or new_id("call_")
                 pending.setdefault(name, []).append(cid)
-                args = fc.get("args")
-                call = ToolCall(cid, name, json_dumps(args if isinstance(args, dict) else {}))
+                call = ToolCall.of_object(cid, name, fc.get("args"))
                 if state is not None and state.signature:
                     call.signature, call.source = state.signature, state.source
                 elif state is not None:

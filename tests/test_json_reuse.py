@@ -221,3 +221,22 @@ def test_codecs_leave_mutated_client_bodies_as_they_were():
         for codec in (llm_mux.OpenAIChat, llm_mux.Anthropic, llm_mux.Gemini, llm_mux.Responses):
             codec.build_request(req, "m")
         assert body == pristine, (fmt, pristine)
+
+
+def test_a_tool_call_keeps_the_object_its_arguments_came_as():
+    """Anthropic's `input` and Gemini's `args` come as objects: the call keeps the object beside its text, so an
+    upstream of an object-writing format gets it back unparsed — and parses anew once the text changes."""
+    inp = {"path": "/src/a.py", "flags": ["x"]}
+    req = llm_mux.Anthropic.parse_request({"model": "m", "max_tokens": 5, "messages": [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "read", "input": inp}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "x"}]}]})
+    call = req.messages[1].parts[0]
+    assert call.arguments == '{"path":"/src/a.py","flags":["x"]}' and call.args_object() is inp
+    built = llm_mux.Anthropic.build_request(req, "m")["messages"][1]["content"][0]["input"]
+    assert built is inp
+    call.arguments = '{"path":"/src/b.py"}'  # the text changed: the kept object no longer speaks for it
+    assert call.args_object() == {"path": "/src/b.py"}
+    gem = llm_mux.Gemini.parse_request({"contents": [{"role": "model", "parts": [{"functionCall": {
+        "name": "f", "args": inp}}]}]}, "m")
+    assert gem.messages[0].parts[-1].args_object() is inp
