@@ -195,14 +195,20 @@ class JsonSource:
         try:
             for n, key in enumerate(reuse):
                 body[key] = self._MARK % n
-            out = json_bytes(obj)
+            skeleton = json_bytes(obj)  # everything but the reused members: small
         finally:
             body.update(kept)
-        for n, key in enumerate(reuse):
+        marks = sorted((skeleton.find(json_bytes(self._MARK % n)), len(json_bytes(self._MARK % n)), key)
+                       for n, key in enumerate(reuse))
+        text = self.text
+        view = memoryview(text) if not isinstance(text, str) else None  # slices of it are not copies
+        pieces, at = [], 0
+        for pos, size, key in marks:
             start, end = self.spans[key]
-            piece = self.text[start:end]
-            out = out.replace(json_bytes(self._MARK % n), piece.encode("utf-8") if isinstance(piece, str) else
-                              piece, 1)
+            pieces += (skeleton[at:pos], view[start:end] if view is not None else text[start:end].encode("utf-8"))
+            at = pos + size
+        pieces.append(skeleton[at:])
+        out = b"".join(pieces)  # the one copy of the client's bytes
         if _JSON_REUSE_CHECK and len(out) <= 1 << 20:  # (bigger test bodies measure memory: no extra copies)
             full = json.dumps(obj, sort_keys=True, ensure_ascii=False)
             if json.dumps(json.loads(out), sort_keys=True, ensure_ascii=False) != full:
@@ -5321,8 +5327,10 @@ class ChatRequest:
 
     def encode(self, obj, body=None):
         """The upstream body `obj` (holding the codec-built `body`, default `obj`) as wire JSON bytes, reusing the
-        client's own bytes for members passed on unchanged."""
-        return self.source.encode(obj, body) if self.source is not None else json_bytes(obj)
+        client's own bytes for members passed on unchanged. The first upstream body written lets the client's
+        bytes go: a large request is not held twice while its call runs (a retry elsewhere encodes in full)."""
+        source, self.source = self.source, None
+        return source.encode(obj, body) if source is not None else json_bytes(obj)
 
     def system_text(self):
         return "\n\n".join(p.text for p in self.system if p.kind == "text")
@@ -17085,7 +17093,7 @@ class App:
         """Answer a chat request in `codec`'s format. A stream whose upstream speaks that format too is relayed
         frame by frame (FrameRelay) unless `relay` is False (a client reading another framing of it)."""
         ir.client_key = http_req.principal
-        ir.source = http_req.json_source
+        ir.source, http_req.json_source = http_req.json_source, None  # moved: the request holds it no longer
         await self.gw.admit(ir)
         call = await self.gw.call(ir)
         if not ir.stream:
