@@ -198,15 +198,14 @@ class JsonSource:
             skeleton = json_bytes(obj)  # everything but the reused members: small
         finally:
             body.update(kept)
-        marks = sorted((skeleton.find(json_bytes(self._MARK % n)), len(json_bytes(self._MARK % n)), key)
-                       for n, key in enumerate(reuse))
+        stand_ins = [(json_bytes(self._MARK % n), key) for n, key in enumerate(reuse)]
         text = self.text
         view = memoryview(text) if not isinstance(text, str) else None  # slices of it are not copies
         pieces, at = [], 0
-        for pos, size, key in marks:
+        for pos, mark, key in sorted((skeleton.find(mark), mark, key) for mark, key in stand_ins):
             start, end = self.spans[key]
             pieces += (skeleton[at:pos], view[start:end] if view is not None else text[start:end].encode("utf-8"))
-            at = pos + size
+            at = pos + len(mark)
         pieces.append(skeleton[at:])
         out = b"".join(pieces)  # the one copy of the client's bytes
         if _JSON_REUSE_CHECK and len(out) <= 1 << 20:  # (bigger test bodies measure memory: no extra copies)
@@ -16635,8 +16634,8 @@ class App:
     def read_json(self, req):
         """The body as JSON, strictly: NaN and Infinity are not JSON (they would be forwarded as such), nesting is
         bounded (a RecursionError is a 400, not a crash), a lone surrogate escape (\\ud800) cannot become text.
-        A large body's text is kept as its JsonSource, so members passed upstream unchanged are not encoded again;
-        a small one's raw bytes are let go once parsed (unless the request log wants them)."""
+        A large body's bytes are kept as its JsonSource until the upstream body is written, so members passed on
+        unchanged are not encoded again; a small one's are let go once parsed (unless the request log wants them)."""
         if not req.body:
             raise BadRequest("the request body is empty; a JSON object is required")
         try:
