@@ -3790,6 +3790,76 @@ class _PooledConn:
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) (\d{3})(?: ([^\r\n]*))?\Z")
 
 
+class ChunkedDecoder:
+    """The chunked transfer coding (RFC 9112 §7.1) undone incrementally: `take(buf)` consumes from the bytearray
+    `buf` every complete part it holds (size lines, data, CRLFs, the trailer section) and returns the data bytes
+    found, in one piece; `done` once the last chunk and its trailer section are in. Malformed framing is an
+    UpstreamError; a size line or trailer section larger than the limits is refused, not buffered."""
+
+    __slots__ = ("left", "trailer", "done")
+
+    def __init__(self):
+        self.left = 0  # > 0: data bytes of the current chunk still to come; -1: its CRLF is next; 0: a size line
+        self.trailer = -1  # bytes of the trailer section seen once the last chunk came (-1 before it)
+        self.done = False
+
+    def take(self, buf):
+        left, trailer = self.left, self.trailer
+        n, pos, out = len(buf), 0, []
+        try:
+            while pos < n:
+                if left > 0:
+                    take = min(left, n - pos)
+                    out.append(buf[pos:pos + take])
+                    pos += take
+                    left -= take
+                    if not left:
+                        left = -1
+                elif left < 0:
+                    if n - pos < 2:
+                        break
+                    if buf[pos:pos + 2] != b"\r\n":
+                        raise UpstreamError("protocol", "upstream chunk not followed by CRLF")
+                    pos += 2
+                    left = 0
+                else:
+                    k = buf.find(b"\r\n", pos, pos + 4096)
+                    if k < 0:
+                        if n - pos >= 4096:
+                            raise UpstreamError("protocol", "upstream sent a malformed chunk")
+                        break
+                    if trailer >= 0:  # the trailer section after the last chunk, up to its blank line
+                        trailer += k + 2 - pos
+                        if trailer > MAX_HEADER_BYTES:
+                            raise UpstreamError("protocol", "upstream trailer section too large")
+                        blank = k == pos
+                        pos = k + 2
+                        if blank:
+                            self.done = True
+                            break
+                        continue
+                    m = _CHUNK_SIZE.match(buf, pos, k)
+                    if m is None:
+                        raise UpstreamError("protocol", "upstream sent a malformed chunk size")
+                    left = int(m.group(1), 16)
+                    pos = k + 2
+                    if not left:
+                        trailer = 0
+                    elif pos + left + 2 <= n:  # the whole chunk and its CRLF are here: take them in one step
+                        end = pos + left
+                        if buf[end:end + 2] != b"\r\n":
+                            raise UpstreamError("protocol", "upstream chunk not followed by CRLF")
+                        out.append(buf[pos:end])
+                        pos, left = end + 2, 0
+        finally:
+            self.left, self.trailer = left, trailer
+            if pos:
+                del buf[:pos]
+        if not out:
+            return b""
+        return bytes(out[0]) if len(out) == 1 else b"".join(out)
+
+
 class UpstreamResponse:
     """An upstream response whose headers are read and whose body is read on demand (`read` or
     `iter_bytes`). The connection goes back to the pool only after the body was read to its end."""
@@ -3830,90 +3900,6 @@ class UpstreamResponse:
             return idle
         return self.ends_at if idle is None else min(idle, self.ends_at)
 
-    async def _raw_chunks(self):
-        ch = self._conn.ch
-        mode = self._mode
-        if mode == "none":
-            return
-        if mode == "length":
-            remaining = self._remaining
-            while remaining > 0:
-                data = await ch.read_some(min(remaining, 1 << 16), self._deadline())
-                if not data:
-                    raise UpstreamError("protocol", "upstream closed the connection mid-body")
-                remaining -= len(data)
-                yield data
-            return
-        if mode == "close":
-            while True:
-                data = await ch.read_some(1 << 16, self._deadline())
-                if not data:
-                    return
-                yield data
-        # Chunked: every complete chunk already buffered is decoded in one pass and handed on as one piece (a
-        # stream's upstream read of many events costs one pass through the pipeline, not one per HTTP chunk).
-        left = 0  # > 0: data bytes of the current chunk still to come; -1: its CRLF is next; 0: a size line
-        trailer = -1  # bytes of the trailer section seen once the last chunk came (-1 before it)
-        while True:
-            buf = ch.buf
-            n, pos, out = len(buf), 0, []
-            while pos < n:
-                if left > 0:
-                    take = min(left, n - pos)
-                    out.append(buf[pos:pos + take])
-                    pos += take
-                    left -= take
-                    if not left:
-                        left = -1
-                elif left < 0:
-                    if n - pos < 2:
-                        break
-                    if buf[pos:pos + 2] != b"\r\n":
-                        raise UpstreamError("protocol", "upstream chunk not followed by CRLF")
-                    pos += 2
-                    left = 0
-                else:
-                    k = buf.find(b"\r\n", pos, pos + 4096)
-                    if k < 0:
-                        if n - pos >= 4096:
-                            raise UpstreamError("protocol", "upstream sent a malformed chunk")
-                        break
-                    if trailer >= 0:  # the trailer section after the last chunk, up to its blank line
-                        trailer += k + 2 - pos
-                        if trailer > MAX_HEADER_BYTES:
-                            raise UpstreamError("protocol", "upstream trailer section too large")
-                        blank = k == pos
-                        pos = k + 2
-                        if blank:
-                            del buf[:pos]
-                            ch._consumed()
-                            if out:
-                                yield b"".join(out)
-                            return
-                        continue
-                    m = _CHUNK_SIZE.match(buf, pos, k)
-                    if m is None:
-                        raise UpstreamError("protocol", "upstream sent a malformed chunk size")
-                    left = int(m.group(1), 16)
-                    pos = k + 2
-                    if not left:
-                        trailer = 0
-                    elif pos + left + 2 <= n:  # the whole chunk and its CRLF are here: take them in one step
-                        end = pos + left
-                        if buf[end:end + 2] != b"\r\n":
-                            raise UpstreamError("protocol", "upstream chunk not followed by CRLF")
-                        out.append(buf[pos:end])
-                        pos, left = end + 2, 0
-            if pos:
-                del buf[:pos]
-                ch._consumed()
-            if out:
-                yield bytes(out[0]) if len(out) == 1 else b"".join(out)
-            try:
-                await ch.fill(self._deadline())
-            except ChannelClosed:
-                raise UpstreamError("protocol", "upstream closed the connection mid-body")
-
     def _decode(self, data, final=False):
         d = self._decoder
         if d is None:
@@ -3933,18 +3919,51 @@ class UpstreamResponse:
         return out
 
     async def iter_bytes(self):
-        """Decoded body bytes as they arrive; each wait is bounded by stream-timeout."""
+        """Decoded body bytes as they arrive; each wait is bounded by stream-timeout. One generator from the socket's
+        buffer to the caller (framing undone by a ChunkedDecoder in place): a stream's every upstream read passes
+        through as few generator levels as possible."""
         completed = False
-        total = 0
+        ch = self._conn.ch
+        self._total = 0
         try:
-            async for raw in self._raw_chunks():
-                out = self._decode(raw)
-                if out:
-                    total += len(out)
-                    if self._max_size and total > self._max_size:  # streams too: an endless one is cut
-                        raise UpstreamError("too-large", "upstream response exceeds max-response-size (%d bytes)"
-                                            % self._max_size)
-                    yield out
+            mode = self._mode
+            if mode == "length":
+                remaining = self._remaining
+                while remaining > 0:
+                    data = await ch.read_some(min(remaining, 1 << 16), self._deadline())
+                    if not data:
+                        raise UpstreamError("protocol", "upstream closed the connection mid-body")
+                    remaining -= len(data)
+                    out = self._deliver(data)
+                    if out:
+                        yield out
+            elif mode == "close":
+                while True:
+                    data = await ch.read_some(1 << 16, self._deadline())
+                    if not data:
+                        break
+                    out = self._deliver(data)
+                    if out:
+                        yield out
+            elif mode == "chunked":
+                # Every complete chunk already buffered is decoded in one pass and handed on as one piece (a
+                # stream's upstream read of many events costs one pass through the pipeline, not one per chunk).
+                chunks = ChunkedDecoder()
+                buf = ch.buf
+                while True:
+                    if buf:
+                        data = chunks.take(buf)
+                        ch._consumed()
+                        if data:
+                            out = self._deliver(data)
+                            if out:
+                                yield out
+                        if chunks.done:
+                            break
+                    try:
+                        await ch.fill(self._deadline())
+                    except ChannelClosed:
+                        raise UpstreamError("protocol", "upstream closed the connection mid-body")
             tail = self._decode(b"", final=True)
             if tail:
                 yield tail
@@ -3958,6 +3977,17 @@ class UpstreamResponse:
             raise UpstreamError("protocol", "upstream closed the connection mid-body")
         finally:
             self._finish(completed)
+
+    def _deliver(self, raw):
+        """`raw` body bytes decoded (Content-Encoding) and counted against max-response-size: streams too, so an
+        endless one is cut."""
+        out = self._decode(raw)
+        if out:
+            self._total += len(out)
+            if self._max_size and self._total > self._max_size:
+                raise UpstreamError("too-large", "upstream response exceeds max-response-size (%d bytes)"
+                                    % self._max_size)
+        return out
 
     async def read(self, limit=None):
         limit = limit or self._max_size

@@ -1,5 +1,5 @@
 """Fuzz targets for more parsers of outside bytes — the YAML reader (config files, management PUTs), chunked
-request bodies, SSE and the AWS event stream (upstream bytes): a seeded mutator over valid inputs; each parser
+request bodies, chunked upstream bodies, SSE and the AWS event stream (upstream bytes): a seeded mutator over valid inputs; each parser
 returns or raises its own error type, never another exception. LLM_MUX_FUZZ_CASES raises the count."""
 import asyncio
 import os
@@ -52,6 +52,57 @@ def test_chunked_bodies_raise_only_http_errors():
         for _ in range(CASES):
             await one(mutate_bytes(rng, CHUNKED, [b"\r\n", b"\n", b";", b"ffffffffffffffffff", b"-1", b"0x5", b" "]))
     asyncio.run(run())
+
+
+def _chunked(data, rng=None):
+    """What a ChunkedDecoder makes of an upstream body `data` given whole (or, with `rng`, in pieces of 1-8
+    bytes): (data bytes, done) or "error"."""
+    decoder, buf, out, i = llm_mux.ChunkedDecoder(), bytearray(), [], 0
+    try:
+        while i < len(data) and not decoder.done:
+            step = len(data) if rng is None else rng.randint(1, 8)
+            buf += data[i:i + step]
+            i += step
+            out.append(decoder.take(buf))
+    except llm_mux.UpstreamError:
+        return "error"
+    return b"".join(out), decoder.done
+
+
+def test_chunked_upstream_bodies_raise_only_upstream_errors_however_they_are_cut():
+    """The client's chunked decoder (upstream bytes): whatever arrives it returns data or raises UpstreamError, and
+    the same bytes give the same result whether they come in one read or in many."""
+    rng = random.Random(1005)
+    assert _chunked(CHUNKED) == (b"hello world", True)
+    for _ in range(CASES):
+        data = mutate_bytes(rng, CHUNKED, [b"\r\n", b"\n", b";", b"ffffffffffffffffff", b"-1", b"0x5", b" ",
+                                           b"0\r\n\r\n", b"\r\n\r\n"])
+        assert _chunked(data) == _chunked(data, rng), data
+
+
+def test_chunked_upstream_bodies_decode_as_h11_decodes_them():
+    """Valid chunked bodies (leading zeros, extensions, trailers, sizes from 1 byte to 70 KB) decode to what h11,
+    the reference, decodes."""
+    import h11
+    rng = random.Random(1006)
+    for _ in range(200):
+        pieces = [bytes(rng.randrange(256) for _ in range(rng.choice([1, 2, 15, 16, 255, 4096])))
+                  for _ in range(rng.randint(0, 6))] + [b"z" * rng.choice([1, 70000])]
+        body = b"".join(b"%s%x%s\r\n%s\r\n" % (b"0" * rng.randint(0, 3), len(p),
+                                                 rng.choice([b"", b";a=1", b";name=\"q\""]), p) for p in pieces)
+        body += b"0\r\n" + rng.choice([b"", b"X-Trailer: yes\r\n", b"A: 1\r\nB: 2\r\n"]) + b"\r\n"
+        conn = h11.Connection(h11.CLIENT)
+        conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+        conn.send(h11.EndOfMessage())
+        conn.receive_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+        expected, ended = [], False
+        while not ended:
+            event = conn.next_event()
+            if isinstance(event, h11.Data):
+                expected.append(bytes(event.data))
+            ended = isinstance(event, h11.EndOfMessage)
+        assert _chunked(body) == (b"".join(expected), True)
+        assert _chunked(body, rng) == (b"".join(expected), True)
 
 
 SSE = (b"event: message_start\ndata: {\"a\": 1}\n\n: ping\r\ndata: x\ndata: y\r\n\r\nid: 3\nretry: 10\n"

@@ -103,21 +103,22 @@ SLOW_END = (lambda f: b"%x\r\n%s\r\n0\r\n\r\n" % (len(f), f))(
 
 class UpstreamProtocol(asyncio.Protocol):
     """Answers every complete request at once; `"stream":true` in the body selects the 64-chunk stream, and the
-    model `bench-slow` a stream of SLOW_CHUNKS events 100 ms apart (10 chunks/s)."""
+    model `bench-slow` a stream of events 100 ms apart (10 chunks/s): as many as the request's `max_tokens`, else
+    SLOW_CHUNKS."""
     SLOW_CHUNKS = 30
 
     def connection_made(self, transport):
         self.t = transport
         self.buf = b""
 
-    def _slow(self, i):
+    def _slow(self, i, total):
         if self.t.is_closing():
             return
-        if i == self.SLOW_CHUNKS:
+        if i == total:
             self.t.write(SLOW_END)
             return
         self.t.write((SLOW_HEAD if i == 0 else b"") + slow_chunk(i))
-        asyncio.get_running_loop().call_later(0.1, self._slow, i + 1)
+        asyncio.get_running_loop().call_later(0.1, self._slow, i + 1, total)
 
     def data_received(self, data):
         self.buf += data
@@ -134,7 +135,8 @@ class UpstreamProtocol(asyncio.Protocol):
             self.buf = self.buf[i + 4 + n:]
             stream = b'"stream":true' in body or b'"stream": true' in body
             if b'"bench-slow"' in body:
-                self._slow(0)
+                m = re.search(rb'"max_tokens": *(\d+)', body)
+                self._slow(0, int(m.group(1)) if m else self.SLOW_CHUNKS)
             elif b"/v1/messages" in head:
                 self.t.write(RESP_A_STREAM if stream else RESP_A_JSON)
             else:
@@ -316,7 +318,8 @@ def openai_request(size=1 << 20):
 
 
 class StreamClient(asyncio.Protocol):
-    """One slow stream read by the benchmark: notes the delay of every chunk (now minus the upstream's stamp)."""
+    """One slow stream read by the benchmark: notes each chunk's receipt time and delay (now minus the upstream's
+    stamp)."""
 
     def __init__(self, request, delays, done):
         self.request, self.delays, self.done = request, delays, done
@@ -329,7 +332,7 @@ class StreamClient(asyncio.Protocol):
         now = time.monotonic()
         data = self.tail + data
         for m in re.finditer(rb"T(\d+\.\d+) ", data):
-            self.delays.append(now - float(m.group(1)))
+            self.delays.append((now, now - float(m.group(1))))
         self.tail = data[-40:]
         if b"[DONE]" in data or data.endswith(b"0\r\n\r\n"):
             if not self.done.done():
@@ -340,10 +343,11 @@ class StreamClient(asyncio.Protocol):
             self.done.set_result(False)
 
 
-async def run_slow_streams(port, n, ramp=2.0):
-    """n concurrent 30-chunk streams at 10 chunks/s through the gateway, opened over `ramp` seconds."""
+async def run_slow_streams(port, n, ramp=2.0, chunks=30):
+    """n concurrent streams of `chunks` chunks at 10 chunks/s through the gateway, opened over `ramp` seconds."""
     loop = asyncio.get_running_loop()
-    body = json.dumps({"model": "bench-slow", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    body = json.dumps({"model": "bench-slow", "stream": True, "max_tokens": chunks,
+                       "messages": [{"role": "user", "content": "x"}]})
     request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer bench\r\n"
                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body.encode()))
     delays, waits, transports = [], [], []
@@ -357,60 +361,84 @@ async def run_slow_streams(port, n, ramp=2.0):
             done.set_result(False)
         if i % 50 == 49:
             await asyncio.sleep(ramp * 50 / n)
-    results = await asyncio.wait_for(asyncio.gather(*waits), 120)
+    all_open = time.monotonic()
+    results = await asyncio.wait_for(asyncio.gather(*waits), 120 + chunks / 10.0)
     for t in transports:
         t.close()
-    return sum(1 for r in results if r), delays
+    return sum(1 for r in results if r), delays, all_open
 
 
-def bench_slow_streams(counts, workers=1, floor=False):
-    """For each N: N concurrent slow streams through one gateway (`workers` processes), or with `floor` through
-    tools/floor_proxy.py: completed streams, chunk delay p50/p99, the proxy's CPU share while they run and its peak
-    RSS (summed over its processes)."""
+# Two shapes of N concurrent streams. "burst": opened over 2 s, 3 s each, so the gateway sets up N/2 streams a
+# second while the first ones already flow (at N = 5,000 that is 2,500 new requests a second on top of 50,000
+# chunks: what is measured is mostly the cost of starting requests). "held": opened over 10 s, 30 s each, so all N
+# are open together for 20 s, which is what N concurrent agent streams look like.
+STREAM_LOADS = {"burst": (2.0, 30), "held": (10.0, 300)}
+
+
+def bench_slow_streams(counts, workers=1, floor=False, loads=("burst", "held")):
+    """For each N and load: N concurrent slow streams through one gateway (`workers` processes), or with `floor`
+    through tools/floor_proxy.py: completed streams, chunk delay p50/p99 (all chunks, and those received once every
+    stream was open), the proxy's CPU share while they run and its peak RSS (summed over its processes)."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     tmp = tempfile.mkdtemp(prefix="llm-mux-bench-streams-")
-    print("Concurrent slow streams (30 chunks at 10 chunks/s each, OpenAI client and upstream), %s per N:" % (
+    print("Concurrent slow streams (10 chunks/s each, OpenAI client and upstream), %s per N and load:" % (
         "the pure-Python floor (tools/floor_proxy.py)" if floor else "a new gateway with --workers %d" % workers))
-    print("  %6s | %9s | %12s %12s | %13s | %12s" % ("N", "completed", "delay p50", "delay p99", "gateway CPU",
-                                                      "peak RSS"))
+    for load in loads:
+        ramp, chunks = STREAM_LOADS[load]
+        print("  %s: opened over %.0f s, %d chunks (%.0f s) each" % (load, ramp, chunks, chunks / 10.0))
+    print("  %6s | %5s | %9s | %12s %12s | %15s | %13s | %12s" % (
+        "N", "load", "completed", "delay p50", "delay p99", "p99 all open", "gateway CPU", "peak RSS"))
     for n in counts:
-        up_port, gw_port = free_port(), free_port()
-        upstream = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-upstream", str(up_port)])
-        cfg = os.path.join(tmp, "config-%d.yaml" % n)
-        with open(cfg, "w") as f:
-            f.write("port: %d\nauth-dir: %s\napi-keys: [bench]\nserver: {max-connections: 20000}\nproviders:\n"
-                    "  - type: openai\n    name: bench\n    base-url: http://127.0.0.1:%d/v1\n    api-key: k\n"
-                    "    models:\n      - name: bench-slow\n" % (gw_port, os.path.join(tmp, "auth-%d" % n), up_port))
-        command = [sys.executable, os.path.join(ROOT, "tools", "floor_proxy.py"), str(gw_port), str(up_port)] \
-            if floor else [sys.executable, os.path.join(ROOT, "llm_mux.py"), "serve", "--config", cfg, "--workers",
-                           str(workers)]
-        gateway = subprocess.Popen(command,
-                                   env=dict(os.environ, XDG_CONFIG_HOME=tmp), stdout=subprocess.DEVNULL,
-                                   stderr=open(os.path.join(tmp, "gw-%d.log" % n), "w"))
-        try:
-            wait_port(up_port)
-            wait_port(gw_port)
-            time.sleep(0.5 + workers)
-            cpu0, t0 = cpu_seconds(gateway.pid), time.monotonic()
-            completed, delays = asyncio.run(run_slow_streams(gw_port, n))
-            cpu = (cpu_seconds(gateway.pid) - cpu0) / (time.monotonic() - t0)
-            peak = sum(rss_mb(p, "VmHWM") for p in process_tree(gateway.pid))
-        finally:
-            gateway.send_signal(signal.SIGTERM)
-            upstream.send_signal(signal.SIGINT)
-            gateway.wait(30)
-            upstream.wait(10)
-        delays.sort()
+        for load in loads:
+            ramp, chunks = STREAM_LOADS[load]
+            up_port, gw_port = free_port(), free_port()
+            upstream = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-upstream", str(up_port)])
+            cfg = os.path.join(tmp, "config-%d-%s.yaml" % (n, load))
+            with open(cfg, "w") as f:
+                f.write("port: %d\nauth-dir: %s\napi-keys: [bench]\nserver: {max-connections: 20000}\nproviders:\n"
+                        "  - type: openai\n    name: bench\n    base-url: http://127.0.0.1:%d/v1\n    api-key: k\n"
+                        "    models:\n      - name: bench-slow\n" % (gw_port, os.path.join(tmp, "auth-%d-%s" % (n, load)),
+                                                               up_port))
+            command = [sys.executable, os.path.join(ROOT, "tools", "floor_proxy.py"), str(gw_port), str(up_port)] \
+                if floor else [sys.executable, os.path.join(ROOT, "llm_mux.py"), "serve", "--config", cfg,
+                               "--workers", str(workers)]
+            gateway = subprocess.Popen(command,
+                                       env=dict(os.environ, XDG_CONFIG_HOME=tmp), stdout=subprocess.DEVNULL,
+                                       stderr=open(os.path.join(tmp, "gw-%d-%s.log" % (n, load)), "w"))
+            try:
+                wait_port(up_port)
+                wait_port(gw_port)
+                time.sleep(0.5 + workers)
+                cpu0, t0 = cpu_seconds(gateway.pid), time.monotonic()
+                completed, delays, all_open = asyncio.run(run_slow_streams(gw_port, n, ramp, chunks))
+                cpu = (cpu_seconds(gateway.pid) - cpu0) / (time.monotonic() - t0)
+                peak = sum(rss_mb(p, "VmHWM") for p in process_tree(gateway.pid))
+            finally:
+                gateway.send_signal(signal.SIGTERM)
+                upstream.send_signal(signal.SIGINT)
+                gateway.wait(30)
+                try:
+                    upstream.wait(10)
+                except subprocess.TimeoutExpired:  # thousands of open connections can outlast its shutdown
+                    upstream.kill()
+                    upstream.wait()
+            # Besides the whole run: the chunks that came once every stream was open (0.3 s after the last one was
+            # opened) and before the first could end: no stream is being set up or torn down.
+            steady = sorted(d for at, d in delays if all_open + 0.3 < at < t0 + chunks / 10.0)
+            delays = sorted(d for _, d in delays)
 
-        def pct(p):
-            return delays[min(len(delays) - 1, int(len(delays) * p))] * 1000 if delays else float("nan")
-        print("  %6d | %4d/%-4d | %9.1f ms %9.1f ms | %10.0f %% | %9.1f MB" % (
-            n, completed, n, pct(0.5), pct(0.99), cpu * 100, peak))
+            def pct(values, p):
+                return values[min(len(values) - 1, int(len(values) * p))] * 1000 if values else float("nan")
+            print("  %6d | %5s | %4d/%-4d | %9.1f ms %9.1f ms | %12s | %10.0f %% | %9.1f MB" % (
+                n, load, completed, n, pct(delays, 0.5), pct(delays, 0.99),
+                "%.1f ms" % pct(steady, 0.99) if steady else "(none)", cpu * 100, peak))
     print("  (the client, the fake upstream and the gateway share the machine's cores; delay = client receipt "
-          "minus the upstream's send stamp%s)" % ("; RSS summed over the supervisor and its workers, pages they "
-                                                 "share counted in each" if workers > 1 else ""))
+          "minus the upstream's send stamp; 'all open': chunks received from 0.3 s after the last stream was "
+          "opened until the first could end, none for a burst whose ramp outlasts its first streams%s)" % (
+              "; RSS summed over the supervisor and its workers, pages they share counted in each"
+              if workers > 1 else ""))
     return 0
 
 
@@ -422,6 +450,8 @@ def main(argv=None):
                    help="run one part only: 'workers' (serve --workers 1 against 2), 'streams' (slow streams)")
     p.add_argument("--streams", default="1000,5000", help="the N of concurrent slow streams, comma-separated")
     p.add_argument("--workers", type=int, default=1, help="worker processes for --only streams")
+    p.add_argument("--stream-loads", default="burst,held", help="for --only streams: 'burst' (opened over 2 s, "
+                   "3 s each), 'held' (opened over 10 s, 30 s each), or both, comma-separated")
     p.add_argument("--floor", action="store_true", help="--only streams through tools/floor_proxy.py instead")
     p.add_argument("--mixed", type=int, default=100000, help="requests in mixed formats over which RSS is watched")
     args = p.parse_args(argv)
@@ -429,7 +459,8 @@ def main(argv=None):
         serve_upstream(args.serve_upstream)
         return 0
     if args.only == "streams":
-        return bench_slow_streams([int(n) for n in args.streams.split(",")], args.workers, args.floor)
+        return bench_slow_streams([int(n) for n in args.streams.split(",")], args.workers, args.floor,
+                                  args.stream_loads.split(","))
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     if args.only == "workers":
