@@ -2541,7 +2541,7 @@ class Channel(asyncio.Protocol):
         self.error = None
         self._waiter = None
         self._read_paused = False
-        self._write_paused = False
+        self.write_paused = False
         self._drain_waiter = None
         self.on_lost = None
         self.on_made = None  # called once with the channel when the connection is made (the server starts it)
@@ -2599,10 +2599,10 @@ class Channel(asyncio.Protocol):
             cb()
 
     def pause_writing(self):
-        self._write_paused = True
+        self.write_paused = True
 
     def resume_writing(self):
-        self._write_paused = False
+        self.write_paused = False
         d = self._drain_waiter
         if d is not None and not d.done():
             d.set_result(None)
@@ -2720,9 +2720,7 @@ class Channel(asyncio.Protocol):
         self._consumed()
         return data
 
-    async def fill(self, deadline=None):
-        """Wait for more bytes to be buffered (TimeoutError past `deadline`, ChannelClosed at the end)."""
-        await self._wait(deadline)
+    fill = _wait  # wait for more bytes to be buffered (TimeoutError past `deadline`, ChannelClosed at the end)
 
     async def wait_readable(self, deadline=None):
         """Wait until at least one byte is buffered. False on timeout or close."""
@@ -2760,7 +2758,7 @@ class Channel(asyncio.Protocol):
     async def drain(self, deadline=None):
         if self.lost:
             raise ChannelClosed("connection lost")
-        if self._write_paused:
+        if self.write_paused:
             loop = asyncio.get_running_loop()
             fut = loop.create_future()
             self._drain_waiter = fut
@@ -3649,7 +3647,8 @@ class HttpServer:
                 # pieces produced in one loop turn (one upstream read's events) go out in one send
                 ch.write_soon(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
                 sent += len(piece)
-                await ch.drain()
+                if ch.lost or ch.write_paused:  # else drain() would return at once: no coroutine per piece
+                    await ch.drain()
             if chunked:
                 ch.write_soon(b"0\r\n\r\n")
             await ch.drain()
