@@ -49,6 +49,7 @@ import ipaddress
 import json
 import logging
 import math
+import operator
 import os
 import random
 import re
@@ -13431,6 +13432,8 @@ def usage_record(call, wall_started, pricing=()):
         "stream": bool(call.req.stream or call.provider.stream_only),
         "latency_ms": round((call.ended - call.started) * 1000, 3),
         "ttft_ms": round((call.first_byte - call.started) * 1000, 3) if call.first_byte is not None else None,
+        "auth_index": 0, "audio_tokens": 0, "tool_use_prompt_tokens": 0,  # every column: one itemgetter call
+        "cost_usd": None, "subscription_value_usd": 0,  # no price known (else set below)
     }
     prices = price_of(record["model"], pricing)
     if prices is not None:  # an OAuth account (a subscription) spends nothing per token: record what it saved
@@ -13478,10 +13481,17 @@ class UsageStore:
         return True
 
     def write(self, records):
+        """Rows go in as multi-row INSERTs of up to 999 parameters (SQLite's oldest limit), not a statement per
+        row: the writer thread holds the GIL, and hands it back and forth with the event loop, far less often."""
         names, rows = usage_rows(records)
-        sql = "INSERT INTO usage_records (%s) VALUES (%s)" % (", ".join(names), ", ".join("?" * len(names)))
+        per_statement = 999 // len(names)
+        row_marks = "(%s)" % ", ".join("?" * len(names))
         with self.db:
-            self.db.executemany(sql, rows)
+            for i in range(0, len(rows), per_statement):
+                chunk = rows[i:i + per_statement]
+                self.db.execute("INSERT INTO usage_records (%s) VALUES %s" % (", ".join(names),
+                                                                             ", ".join([row_marks] * len(chunk))),
+                                [v for row in chunk for v in row])
 
     def prune(self, days):
         with self.db:
@@ -13494,10 +13504,19 @@ class UsageStore:
         self.db.close()
 
 
+USAGE_NAMES = [c for c, _ in USAGE_COLUMNS]
+_usage_row = operator.itemgetter(*USAGE_NAMES)
+
+
 def usage_rows(records):
     """Records as tuples in USAGE_COLUMNS order (missing numbers 0, missing optional figures NULL)."""
-    names = [c for c, _ in USAGE_COLUMNS]
-    return names, [tuple(r.get(n, None if n in ("ttft_ms", "cost_usd") else 0) for n in names) for r in records]
+    rows = []
+    for r in records:
+        try:
+            rows.append(_usage_row(r))  # a record from usage_record has every column
+        except KeyError:
+            rows.append(tuple(r.get(n, None if n in ("ttft_ms", "cost_usd") else 0) for n in USAGE_NAMES))
+    return USAGE_NAMES, rows
 
 
 def pg_column(decl):

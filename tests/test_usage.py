@@ -155,6 +155,35 @@ def test_a_subscription_records_what_it_saved_not_what_it_spent():
         gw.stop()
 
 
+def test_a_batch_of_records_larger_than_one_insert_is_stored_whole(tmp_path):
+    """The store writes rows in multi-row INSERTs of at most 999 parameters: 250 records (several statements, the
+    last one short) come back as written, a record with columns missing gets their defaults, and a record from
+    usage_record carries every column."""
+    from harness import GatewayThread
+    gw = GatewayThread("providers:\n  - type: anthropic\n    api-key: sk\n")
+    try:
+        route = gw.gateway.registry.resolve("claude-sonnet-4-5-20250929")[0]
+        call = llm_mux.Call(gw.gateway.router, llm_mux.ChatRequest("claude-sonnet-4-5-20250929"), route,
+                            route.provider.credentials[0])
+        call.usage = llm_mux.Usage(input_tokens=10, output_tokens=2)
+        call.finish("ok")
+        record = llm_mux.usage_record(call, 0)
+    finally:
+        gw.stop()
+    assert set(record) == set(llm_mux.USAGE_NAMES)
+    store = llm_mux.UsageStore(str(tmp_path / "u.db"))
+    batch = [dict(record, record_id="r%03d" % i, input_tokens=i) for i in range(249)]
+    batch.append({"provider": "p", "model": "m", "record_id": "partial"})
+    store.write(batch)
+    got = store.db.execute("SELECT record_id, input_tokens, cost_usd, ttft_ms, failed FROM usage_records "
+                           "ORDER BY id").fetchall()
+    store.close()
+    assert len(got) == 250 and 999 // len(llm_mux.USAGE_NAMES) < 250
+    assert [r[:2] for r in got[:249]] == [("r%03d" % i, i) for i in range(249)]
+    assert got[0][2] == pytest.approx(record["cost_usd"]) and got[0][2] > 0
+    assert got[249] == ("partial", 0, None, None, 0)
+
+
 @pytest.mark.parametrize("text, says", [
     ("pricing:\n  no-such-model: {input: 1}\n", "t.yaml:2:3: pricing.no-such-model: no provider serves or lists"),
     ("pricing:\n  gpt-5: {input: -1}\n", "non-negative USD per million tokens"),
