@@ -13913,7 +13913,7 @@ def parse_day(text, end=False):
 class UsageReader:
     """Read-only queries on the usage records in SQLite or PostgreSQL, for reports and the start-up rebuild of
     client-key spend; used from a worker thread (a PostgreSQL reader runs its own short-lived event loop). SQL is
-    written once with `?` placeholders; the dialect differences are the two time-bucket expressions."""
+    written once with `?` placeholders; the dialect differences are the time expressions (day, hour, epoch second)."""
 
     def __init__(self, target):
         self.kind, self.where = target  # ("sqlite", path) or ("postgres", url)
@@ -13924,10 +13924,12 @@ class UsageReader:
             import sqlite3
             self.db = sqlite3.connect("file:%s?mode=ro" % self.where, uri=True, timeout=30)
             self.day, self.hour = "substr(requested_at, 1, 10)", "CAST(substr(requested_at, 12, 2) AS INTEGER)"
+            self.epoch = "CAST(strftime('%s', requested_at) AS INTEGER)"  # the stored text is UTC
         else:
             self.loop = asyncio.new_event_loop()
             self.db = self.loop.run_until_complete(PgConnection(pg_settings(self.where)).connect())
             self.day, self.hour = "to_char(requested_at, 'YYYY-MM-DD')", "CAST(EXTRACT(HOUR FROM requested_at) AS INTEGER)"
+            self.epoch = "CAST(FLOOR(EXTRACT(EPOCH FROM requested_at)) AS BIGINT)"
         return self
 
     def rows(self, sql, args=()):
@@ -14072,20 +14074,21 @@ class KeyLimits:
                       usd)
 
     def rebuild(self, target, horizon):
-        """Spend and tokens of the last `horizon` seconds from the usage store (at start, before serving)."""
+        """Spend and tokens of the last `horizon` seconds from the usage store (at start, before serving), summed
+        per key and second by the database: a row per second with traffic, not one per request, and no time parsed
+        in Python (a million records in a 30-day budget took 8 s to read one by one)."""
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - horizon))
         with UsageReader(target) as db:
-            rows = db.rows("SELECT api_key, requested_at, total_tokens, COALESCE(cost_usd, 0) + "
-                           "COALESCE(subscription_value_usd, 0) FROM usage_records WHERE api_key != '' AND "
-                           "requested_at >= ? ORDER BY requested_at", (since,))
-        import calendar
+            rows = db.rows("SELECT api_key, %s AS at_second, SUM(total_tokens), SUM(COALESCE(cost_usd, 0) + "
+                           "COALESCE(subscription_value_usd, 0)), COUNT(*) FROM usage_records WHERE api_key != '' "
+                           "AND requested_at >= ? GROUP BY api_key, at_second ORDER BY at_second" % db.epoch,
+                           (since,))
         now = time.time()
-        for name, at, tokens, usd in rows:
-            when = calendar.timegm(at.timetuple() if not isinstance(at, str) else
-                                   time.strptime(at, "%Y-%m-%d %H:%M:%S"))
-            self.account({"api_key": name, "total_tokens": tokens, "cost_usd": usd}, when)
-            if when > now - 60:  # attempts of the last minute count towards rpm (close to the requests)
-                self._add(self.requests.setdefault(name, collections.deque()), when, 1)
+        for name, second, tokens, usd, count in rows:
+            second = int(second)
+            self._add(self.spent.setdefault(name, collections.deque()), second, int(tokens or 0), float(usd or 0))
+            if second > now - 60:  # attempts of the last minute count towards rpm (close to the requests)
+                self._add(self.requests.setdefault(name, collections.deque()), second, int(count))
 
 
 class RequestLog:

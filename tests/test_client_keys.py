@@ -3,6 +3,7 @@ disabling — checked before any upstream call, answered in the client's own for
 a key may use; spend survives a restart (rebuilt from the usage store)."""
 import hashlib
 import signal
+import time
 
 import anthropic
 import openai
@@ -123,6 +124,35 @@ def test_spend_survives_a_restart(gateway, upstream, tmp_path):
     with pytest.raises(openai.RateLimitError):
         openai.OpenAI(base_url=again.url + "/v1", api_key="sk-b", max_retries=0).chat.completions.create(
             model="gpt-test", messages=[{"role": "user", "content": "x"}])
+
+
+def rebuild_from(store, target):
+    """KeyLimits rebuilt from `store` (written through `target`'s store class) after records at known times: three
+    in one second, others a minute, an hour and two days back, one of a subscription, one without a key. The spend
+    buckets and the last minute's request counts, per key."""
+    from harness import FakeClock
+    now = int(time.time())
+
+    def record(key, ago, tokens, usd, saved=0.0, record_id=None):
+        return {"api_key": key, "requested_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now - ago)),
+                "total_tokens": tokens, "cost_usd": usd, "subscription_value_usd": saved, "provider": "p",
+                "model": "m", "record_id": record_id or "%s-%d-%d" % (key, ago, tokens)}
+    store.write([record("a", 5, 10, 0.5), record("a", 5, 20, 0.25), record("a", 5, 1, 0.0, 0.125),
+                 record("a", 90, 7, 1.0), record("b", 3600, 3, 2.0), record("a", 2 * 86400, 99, 9.0),
+                 record("", 5, 5, 5.0)])
+    store.close()
+    limits = llm_mux.KeyLimits(FakeClock(wall=now))
+    limits.rebuild(target, 86400)
+    spent = {k: [list(b) for b in v] for k, v in limits.spent.items()}
+    requests = {k: [list(b) for b in v] for k, v in limits.requests.items()}
+    return now, spent, requests
+
+
+def test_spend_is_rebuilt_per_key_and_second_from_sqlite(tmp_path):
+    path = str(tmp_path / "u.db")
+    now, spent, requests = rebuild_from(llm_mux.UsageStore(path), ("sqlite", path))
+    assert spent == {"a": [[now - 90, 7, 1.0], [now - 5, 31, 0.875]], "b": [[now - 3600, 3, 2.0]]}
+    assert requests == {"a": [[now - 5, 3]]}
 
 
 def test_limits_keep_a_bucket_per_second_not_an_entry_per_request():

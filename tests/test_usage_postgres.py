@@ -136,3 +136,11 @@ def test_a_database_written_by_llm_mux_itself_is_used_as_is(pgdb):
                                   calendar.timegm((2026, 12, 1, 0, 0, 0)), {})
     assert report["summary"]["total_requests"] == 2 and report["summary"]["tokens"]["total"] == 12
     assert {d["day"] for d in report["timeline"]["by_day"]} == {"2026-11-20", "2026-11-21"}
+
+
+def test_spend_is_rebuilt_per_key_and_second_from_postgres(pgdb):
+    """The same records give the same buckets from PostgreSQL (timestamps with their zone) as from SQLite."""
+    from test_client_keys import rebuild_from
+    now, spent, requests = rebuild_from(llm_mux.PgUsageStore(pgdb), ("postgres", pgdb))
+    assert spent == {"a": [[now - 90, 7, 1.0], [now - 5, 31, 0.875]], "b": [[now - 3600, 3, 2.0]]}
+    assert requests == {"a": [[now - 5, 3]]}
