@@ -3960,10 +3960,7 @@ class UpstreamResponse:
                                 yield out
                         if chunks.done:
                             break
-                    try:
-                        await ch.fill(self._deadline())
-                    except ChannelClosed:
-                        raise UpstreamError("protocol", "upstream closed the connection mid-body")
+                    await ch.fill(self._deadline())  # ChannelClosed: "closed mid-body", below
             tail = self._decode(b"", final=True)
             if tail:
                 yield tail
@@ -13485,13 +13482,12 @@ class UsageStore:
         row: the writer thread holds the GIL, and hands it back and forth with the event loop, far less often."""
         names, rows = usage_rows(records)
         per_statement = 999 // len(names)
+        head = "INSERT INTO usage_records (%s) VALUES " % ", ".join(names)
         row_marks = "(%s)" % ", ".join("?" * len(names))
         with self.db:
             for i in range(0, len(rows), per_statement):
                 chunk = rows[i:i + per_statement]
-                self.db.execute("INSERT INTO usage_records (%s) VALUES %s" % (", ".join(names),
-                                                                             ", ".join([row_marks] * len(chunk))),
-                                [v for row in chunk for v in row])
+                self.db.execute(head + ", ".join([row_marks] * len(chunk)), [v for row in chunk for v in row])
 
     def prune(self, days):
         with self.db:

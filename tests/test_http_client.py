@@ -354,6 +354,24 @@ def test_a_chunked_body_is_decoded_the_same_however_it_is_cut(splits):
         srv.close()
 
 
+@pytest.mark.parametrize("cut", [b"5\r\nhello\r\n", b"5\r\nhel", b"5\r\nhello\r\n0\r\nX-T: 1\r\n"])
+def test_a_chunked_body_cut_short_is_an_upstream_error(cut):
+    """An upstream that closes before the last chunk (or its trailer section's end) has sent a broken answer: the
+    client says so instead of passing on a body that looks complete."""
+    payload = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + cut
+    srv = _raw_server(lambda: payload, (4096,))
+    try:
+        async def go():
+            c = make_client()
+            resp = await c.request("GET", "http://127.0.0.1:%d/" % srv.getsockname()[1])
+            return [chunk async for chunk in resp.iter_bytes()]
+        with pytest.raises(llm_mux.UpstreamError) as e:
+            run(go())
+        assert "closed the connection mid-body" in e.value.message
+    finally:
+        srv.close()
+
+
 def test_writes_made_in_one_turn_of_the_loop_leave_in_one_send():
     from harness import NullTransport
 
