@@ -2716,8 +2716,19 @@ class Channel(asyncio.Protocol):
                 return b""
             if not self.buf:
                 return b""
-        data = bytes(self.buf[:max_bytes])
-        del self.buf[:max_bytes]
+        return self.take(max_bytes)
+
+    def take(self, max_bytes=None):
+        """Up to `max_bytes` of what is buffered (all of it with None), without waiting."""
+        buf = self.buf
+        if not buf:
+            return b""
+        if max_bytes is None or max_bytes >= len(buf):
+            data = bytes(buf)
+            buf.clear()
+        else:
+            data = bytes(buf[:max_bytes])
+            del buf[:max_bytes]
         self._consumed()
         return data
 
@@ -3860,9 +3871,69 @@ class ChunkedDecoder:
         return bytes(out[0]) if len(out) == 1 else b"".join(out)
 
 
-class UpstreamResponse:
-    """An upstream response whose headers are read and whose body is read on demand (`read` or
-    `iter_bytes`). The connection goes back to the pool only after the body was read to its end."""
+class ResponseBody:
+    """An upstream answer's body, as UpstreamResponse and RelayResponse give it: `take()` returns what has arrived
+    and not been taken (b"" when nothing has) and never waits, `ended` tells that the whole body is in, `await
+    wait()` waits for more (UpstreamError on timeout or a broken connection), `close()` drops what is left. A
+    stream is driven by those steps directly (Call.pull); `iter_bytes`, `read` and `json` are drivers of them."""
+
+    ended = False
+    _max_size = 0
+
+    def take(self):
+        raise NotImplementedError
+
+    async def wait(self):
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+    async def iter_bytes(self):
+        """The body's pieces as they arrive."""
+        try:
+            while True:
+                data = self.take()
+                if data:
+                    yield data
+                if self.ended:
+                    return
+                await self.wait()
+        finally:
+            if not self.ended:
+                self.close()
+
+    async def read(self, limit=None):
+        """The whole body; UpstreamError past `limit` bytes (default max-response-size)."""
+        limit = limit or self._max_size
+        parts, size = [], 0
+        try:
+            while True:
+                data = self.take()
+                if data:
+                    size += len(data)
+                    if limit and size > limit:
+                        raise UpstreamError("too-large", "upstream response exceeds max-response-size (%d bytes)"
+                                            % limit)
+                    parts.append(data)
+                if self.ended:
+                    return b"".join(parts)
+                await self.wait()
+        except BaseException:
+            self.close()
+            raise
+
+    async def json(self):
+        body = await self.read()
+        try:
+            return json.loads(body)
+        except ValueError as e:
+            raise UpstreamError("protocol", "upstream returned invalid JSON (%s)" % str(e)[:120])
+
+
+class UpstreamResponse(ResponseBody):
+    """An upstream HTTP response whose headers are read and whose body is read on demand (ResponseBody). The
+    connection goes back to the pool only after the body was read to its end."""
 
     def __init__(self, client, conn, method, url, status, reason, headers, keep_alive, stream_timeout, max_size):
         self._client, self._conn = client, conn
@@ -3870,7 +3941,8 @@ class UpstreamResponse:
         self._keep = keep_alive
         self._stream_timeout = stream_timeout
         self._max_size = max_size
-        self._done = False
+        self._done = self.ended = False
+        self._total = 0  # decoded body bytes so far
         self.ends_at = self.total_timeout = None  # the whole request's end (request-timeout), in loop time
         te = (headers.get("transfer-encoding") or "").lower()
         cl = headers.get("content-length")
@@ -3878,6 +3950,7 @@ class UpstreamResponse:
             self._mode, self._remaining = "none", 0
         elif "chunked" in te:
             self._mode, self._remaining = "chunked", 0
+            self._chunks = ChunkedDecoder()
         elif cl is not None and re.match(r"[0-9]{1,18}\Z", cl.strip(" \t")):  # ASCII digits ("²".isdigit())
             self._mode, self._remaining = "length", int(cl.strip(" \t"))
         else:
@@ -3918,62 +3991,47 @@ class UpstreamResponse:
             raise UpstreamError("protocol", "cannot decode upstream body: %s" % e)
         return out
 
-    async def iter_bytes(self):
-        """Decoded body bytes as they arrive; each wait is bounded by stream-timeout. One generator from the socket's
-        buffer to the caller (framing undone by a ChunkedDecoder in place): a stream's every upstream read passes
-        through as few generator levels as possible."""
-        completed = False
+    def take(self):
+        """The body bytes that have arrived and not been taken, decoded (b"" when none); `ended` once the whole body
+        is in (the connection then goes back to the pool). Never waits: `wait` does. UpstreamError on broken framing,
+        an undecodable body or one over max-response-size."""
         ch = self._conn.ch
-        self._total = 0
-        try:
-            mode = self._mode
-            if mode == "length":
-                remaining = self._remaining
-                while remaining > 0:
-                    data = await ch.read_some(min(remaining, 1 << 16), self._deadline())
-                    if not data:
-                        raise UpstreamError("protocol", "upstream closed the connection mid-body")
-                    remaining -= len(data)
-                    out = self._deliver(data)
-                    if out:
-                        yield out
-            elif mode == "close":
-                while True:
-                    data = await ch.read_some(1 << 16, self._deadline())
-                    if not data:
-                        break
-                    out = self._deliver(data)
-                    if out:
-                        yield out
-            elif mode == "chunked":
-                # Every complete chunk already buffered is decoded in one pass and handed on as one piece (a
-                # stream's upstream read of many events costs one pass through the pipeline, not one per chunk).
-                chunks = ChunkedDecoder()
-                buf = ch.buf
-                while True:
-                    if buf:
-                        data = chunks.take(buf)
-                        ch._consumed()
-                        if data:
-                            out = self._deliver(data)
-                            if out:
-                                yield out
-                        if chunks.done:
-                            break
-                    await ch.fill(self._deadline())  # ChannelClosed: "closed mid-body", below
+        mode, buf = self._mode, ch.buf
+        if mode == "chunked":
+            data = self._chunks.take(buf) if buf else b""
+            if data:
+                ch._consumed()
+            ended = self._chunks.done
+        elif mode == "length":
+            data = ch.take(self._remaining)
+            self._remaining -= len(data)
+            ended = not self._remaining
+        elif mode == "close":
+            data = ch.take()
+            ended = ch.eof
+        else:
+            data, ended = b"", True
+        out = self._deliver(data) if data else b""
+        if ended:
+            self.ended = True
             tail = self._decode(b"", final=True)
             if tail:
-                yield tail
-            completed = True
+                out += tail
+            self._finish(True)
+        return out
+
+    async def wait(self):
+        """Wait until more body bytes arrive; each wait is bounded by stream-timeout (and request-timeout)."""
+        try:
+            await self._conn.ch.fill(self._deadline())
         except asyncio.TimeoutError:
             if self.ends_at is not None and asyncio.get_running_loop().time() >= self.ends_at:
                 raise UpstreamError("timeout", "the upstream answer took longer than request-timeout (%ss)"
                                     % self.total_timeout)
             raise UpstreamError("timeout", "upstream sent nothing for %ss" % self._stream_timeout)
         except ChannelClosed:
-            raise UpstreamError("protocol", "upstream closed the connection mid-body")
-        finally:
-            self._finish(completed)
+            if self._mode != "close":  # else the close is the body's end, which `take` sees
+                raise UpstreamError("protocol", "upstream closed the connection mid-body")
 
     def _deliver(self, raw):
         """`raw` body bytes decoded (Content-Encoding) and counted against max-response-size: streams too, so an
@@ -3985,25 +4043,6 @@ class UpstreamResponse:
                 raise UpstreamError("too-large", "upstream response exceeds max-response-size (%d bytes)"
                                     % self._max_size)
         return out
-
-    async def read(self, limit=None):
-        limit = limit or self._max_size
-        parts = []
-        size = 0
-        async for piece in self.iter_bytes():
-            size += len(piece)
-            if limit and size > limit:
-                self._finish(False)
-                raise UpstreamError("too-large", "upstream response exceeds max-response-size (%d bytes)" % limit)
-            parts.append(piece)
-        return b"".join(parts)
-
-    async def json(self):
-        body = await self.read()
-        try:
-            return json.loads(body)
-        except ValueError:
-            raise UpstreamError("protocol", "upstream returned invalid JSON")
 
     def _finish(self, completed):
         if self._done:
@@ -12329,14 +12368,15 @@ def jwt_rs256(claims, key, kid=None):
 
 # -- AI Studio through a browser relay (gateway.md §8) -------------------------------------------------------------
 
-class RelayResponse:
-    """An upstream answer that arrives over a relay socket, read like an UpstreamResponse (`read`, `json`,
-    `iter_bytes`): whole (`http_response`) or as chunks (`stream_chunk` ... `stream_end`)."""
+class RelayResponse(ResponseBody):
+    """An upstream answer that arrives over a relay socket, read like an UpstreamResponse (ResponseBody): whole
+    (`http_response`) or as chunks (`stream_chunk` ... `stream_end`)."""
 
     def __init__(self, status, headers, body=None, queue=None, idle_timeout=600.0, on_close=None):
         self.status, self.headers = status, headers
         self._body, self._queue, self._idle = body, queue, idle_timeout
         self._on_close = on_close
+        self._next = None  # a message `wait` received, for `take`
 
     def close(self):
         """The call is over: answers still arriving for it are dropped."""
@@ -12344,39 +12384,33 @@ class RelayResponse:
             self._on_close()
             self._on_close = None
 
-    async def iter_bytes(self):
+    def take(self):
         if self._body is not None:
-            body, self._body = self._body, b""
-            if body:
-                yield body
-            return
-        while True:
-            try:
-                kind, payload = await asyncio.wait_for(self._queue.get(), self._idle)
-            except asyncio.TimeoutError:
-                raise UpstreamError("timeout", "the relay sent nothing for %ds" % self._idle)
+            body, self._body, self.ended = self._body, None, True
+            return body
+        parts = []
+        while not self.ended:
+            item, self._next = self._next, None
+            if item is None:
+                if self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
+            kind, payload = item
             if kind == "stream_chunk":
                 data = payload.get("data", "")
-                yield data.encode("utf-8") if isinstance(data, str) else bytes(data)
+                parts.append(data.encode("utf-8") if isinstance(data, str) else bytes(data))
             elif kind in ("stream_end", "http_response"):
-                return
+                self.ended = True
             elif kind == "error":
                 raise UpstreamError("upstream", relay_error_text(payload))
-
-    async def read(self, limit=None):
-        parts, size = [], 0
-        async for piece in self.iter_bytes():
-            size += len(piece)
-            if limit and size > limit:
-                raise UpstreamError("too-large", "relay answer larger than %d bytes" % limit)
-            parts.append(piece)
         return b"".join(parts)
 
-    async def json(self):
-        try:
-            return json.loads(await self.read())
-        except ValueError as e:
-            raise UpstreamError("protocol", "the relay's answer is not JSON: %s" % e)
+    async def wait(self):
+        if self._next is None:
+            try:
+                self._next = await asyncio.wait_for(self._queue.get(), self._idle)
+            except asyncio.TimeoutError:
+                raise UpstreamError("timeout", "the relay sent nothing for %ds" % self._idle)
 
 
 def relay_error_text(payload):
@@ -13084,20 +13118,22 @@ class Router:
 
 class Call:
     """One upstream attempt, owned from open to finish. Routing opens it (credential chosen, in-flight counted);
-    `send` performs the request; the answer is read through `answer()` or `events()`; `finish(outcome)` runs
-    exactly once however the attempt ends, and is the only place where the breaker, cooldowns, affinity, in-flight
-    counts and the call observers (usage, metrics) learn how it went.
+    `send` performs the request; the answer is read through `answer()`, or as a stream (`stream()`, then `pull()`
+    and `wait()` in turn, or `events()`); `finish(outcome)` runs exactly once however the attempt ends, and is the
+    only place where the breaker, cooldowns, affinity, in-flight counts and the call observers (usage, metrics)
+    learn how it went.
     outcome: ok | failed (with `failure`) | refreshed (a 401 that a token refresh answers; the retry is a new
     call) | client_gone (the client left before the end) | cancelled."""
 
     __slots__ = ("router", "req", "route", "cred", "kind", "key", "started", "first_byte", "ended", "status",
-                 "outcome", "failure", "usage", "response", "method", "url", "wall_started")
+                 "outcome", "failure", "usage", "response", "method", "url", "wall_started", "_decoder", "_split",
+                 "_split_end", "_broken")
 
     def __init__(self, router, req, route, cred, kind="chat", key=None):
         self.router, self.req, self.route, self.cred, self.kind, self.key = router, req, route, cred, kind, key
         self.started, self.wall_started = router.clock.now(), router.clock.wall()
         self.first_byte = self.ended = self.status = self.outcome = self.failure = None
-        self.usage = self.response = self.method = self.url = None
+        self.usage = self.response = self.method = self.url = self._broken = None
         cred.in_flight += 1
         cred.note_use(self.started)
 
@@ -13199,48 +13235,90 @@ class Call:
         self.finish("ok")
         return answer
 
-    async def events(self, relay=None):
-        """IR events of the upstream stream, ending at the first error event (a network failure becomes one).
-        The call is finished before an error event is handed on, so routing has learnt of the failure before the
-        client can see it. Closing the generator early (the client went away) finishes it as client_gone. With a
-        FrameRelay as the decoder, the events are relayed frames plus what the relay decoded."""
+    def stream(self, relay=None):
+        """Read the answer as a stream of IR events: `pull` what has arrived, `wait` for more. With a FrameRelay as
+        the decoder, the events are relayed frames plus what the relay decoded."""
         if relay is not None:
-            decoder, split, split_end = relay, relay.split, relay.split_end
+            self._decoder, self._split, self._split_end = relay, relay.split, relay.split_end
         else:
-            decoder, parser = self.provider.stream_decoder(self.req), self.provider.frame_parser(self.response)
-            split, split_end = parser.feed, parser.finish
-        outcome = "client_gone"
+            parser = self.provider.frame_parser(self.response)
+            self._decoder, self._split, self._split_end = self.provider.stream_decoder(self.req), parser.feed, \
+                parser.finish
+
+    def pull(self):
+        """The IR events in what the upstream has sent since the last pull ([] when nothing has come), ending at the
+        first error event (a network failure becomes one). Never waits. Once the stream is over the call is finished
+        (`outcome` set) before its last events are handed on: routing learns of a failure before the client sees
+        it."""
+        out = []
+        if self.outcome is not None:
+            if self._broken is not None:  # the failure `wait` met, once
+                out.append(self._broken)
+                self._broken = None
+            return out
+        resp = self.response
         try:
-            async for chunk in self.response.iter_bytes():
-                for ev in self._decode(decoder, split(chunk)):
-                    yield ev
-                    if self.outcome is not None:
-                        return
-            for ev in self._decode(decoder, split_end(), final=True):
-                yield ev
-                if self.outcome is not None:
-                    return
-            outcome = "ok"
+            data = resp.take()
+            if data:
+                self._decode(out, self._split(data))
+            if resp.ended and self.outcome is None:
+                self._decode(out, self._split_end(), final=True)
+                self.finish("ok")
         except UpstreamError as e:
             failure = self.fail(self.network_failure(e))
-            yield ErrorEvent(failure.status, failure.message, failure.type)
+            out.append(ErrorEvent(failure.status, failure.message, failure.type))
+        return out
+
+    async def wait(self):
+        """Wait until more of the stream arrives. A network failure (silence past stream-timeout, a broken
+        connection) finishes the call, and the next `pull` returns its error event."""
+        try:
+            await self.response.wait()
+        except UpstreamError as e:
+            failure = self.fail(self.network_failure(e))
+            self._broken = ErrorEvent(failure.status, failure.message, failure.type)
+
+    async def abandon(self):
+        """Nobody reads the rest of the stream (the client went away): finished as client_gone unless over."""
+        self.finish("client_gone")
+
+    async def events(self, relay=None):
+        """The stream's IR events one by one (`stream`, then `pull` and `wait` in turn). Closing the generator
+        early (the client went away) finishes the call as client_gone."""
+        self.stream(relay)
+        outcome = "client_gone"
+        try:
+            while True:
+                for ev in self.pull():
+                    yield ev
+                if self.outcome is not None:
+                    return
+                await self.wait()
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
         finally:
             self.finish(outcome)
 
-    def _decode(self, decoder, frames, final=False):
+    def _decode(self, out, frames, final=False):
+        """Append the events of upstream `frames` (and with `final`, the decoder's last ones) to `out`, up to the
+        first that ends the call (an error event)."""
+        decoder = self._decoder
         for event, data in frames:
-            for ev in self._guard(decoder.feed, event, data):
-                if ev.kind in ("usage", "error"):
-                    self._note(ev)
-                yield ev
+            if self._add(out, self._guard(decoder.feed, event, data)):
+                return
         if final:
-            for ev in self._guard(decoder.close):
-                if ev.kind in ("usage", "error"):
-                    self._note(ev)
-                yield ev
+            self._add(out, self._guard(decoder.close))
+
+    def _add(self, out, events):
+        """Append `events` to `out`, noting usage and errors; True once one of them ended the call."""
+        for ev in events:
+            out.append(ev)
+            if ev.kind in ("usage", "error"):
+                self._note(ev)
+                if self.outcome is not None:
+                    return True
+        return False
 
     def _guard(self, fn, *args):
         """An upstream event of the wrong shape (`{"choices": [null]}`) is the upstream's protocol error — an
@@ -17146,50 +17224,59 @@ class App:
             answer = await call.answer()
             return json_response(render(answer, ir) if render else codec.build_response(answer, ir))
         relay = codec.relay(ir, call.provider) if relay else None
-        events = call.events(relay)
+        call.stream(relay)
+        # Decide success or failure before committing to 200: wait for the first real event.
         first = []
         try:
-            # Decide success or failure before committing to 200: wait for the first real event.
-            async for ev in events:
-                first.append(ev)
-                if ev.kind != "start" and not (ev.kind == "raw" and ev.lead):
+            while True:
+                first += call.pull()
+                lead = next((ev for ev in first if ev.kind != "start" and not (ev.kind == "raw" and ev.lead)), None)
+                if lead is not None or call.outcome is not None:
                     break
-        except BaseException:
-            await events.aclose()
+                await call.wait()
+        except asyncio.CancelledError:
+            call.finish("cancelled")
             raise
-        if first and first[-1].kind == "error":
-            await events.aclose()
-            ev = first[-1]
-            raise ev.error()
+        except BaseException:
+            call.finish("client_gone")
+            raise
+        if lead is not None and lead.kind == "error":
+            raise lead.error()
         enc = relay.encoder if relay else encoder(ir) if encoder else codec.StreamEncoder(ir)
-        resp = StreamResponse(self._encode_stream(first, events, enc), 200,
+        resp = StreamResponse(self._encode_stream(first, call, enc), 200,
                               content_type=content_type or getattr(codec, "stream_content_type", "text/event-stream"))
-        resp.on_close = events.aclose  # the Call finishes even when the body is never written
+        resp.on_close = call.abandon  # the Call finishes even when the body is never written
         return resp
 
-    async def _encode_stream(self, first, events, encoder):
+    @staticmethod
+    async def _encode_stream(events, call, encoder):
+        """The client's stream: the events of each upstream read encoded and handed on as one piece."""
+        outcome = "client_gone"
         try:
-            failed = False
-            for ev in first:
-                out = encoder.encode(ev)
-                if out:
-                    yield out
-                if ev.kind == "error":
-                    failed = True
-                    break
-            if not failed:
-                async for ev in events:
+            while True:
+                pieces = []
+                for ev in events:
                     out = encoder.encode(ev)
                     if out:
-                        yield out
+                        pieces.append(out)
                     if ev.kind == "error":
                         log.warning("stream ended by upstream error: %s", ev.message)
                         break
-            tail = encoder.close()  # e.g. the closing `]` of a Gemini JSON-array stream
-            if tail:
-                yield tail
+                if call.outcome is not None:
+                    tail = encoder.close()  # e.g. the closing `]` of a Gemini JSON-array stream
+                    if tail:
+                        pieces.append(tail)
+                if pieces:
+                    yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                if call.outcome is not None:
+                    return
+                await call.wait()
+                events = call.pull()
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
         finally:
-            await events.aclose()
+            call.finish(outcome)
 
 
 # === 16. Watcher ===
