@@ -2546,6 +2546,7 @@ class Channel(asyncio.Protocol):
         self._drain_waiter = None
         self.on_lost = None
         self.on_made = None  # called once with the channel when the connection is made (the server starts it)
+        self.on_data = None  # called as bytes arrive; unless it returns True, a waiting read is not woken
         self.lost = False
         self._corked = None  # writes waiting for the end of this loop iteration (write_soon)
         self._deadline = None  # the deadline of the read under way
@@ -2560,6 +2561,9 @@ class Channel(asyncio.Protocol):
 
     def data_received(self, data):
         self.buf += data
+        push = self.on_data
+        if push is not None and not push():  # the listener took what came: the reader need not wake
+            return
         w = self._waiter
         if w is not None:
             self._waiter = None
@@ -2652,6 +2656,11 @@ class Channel(asyncio.Protocol):
             fut.set_exception(asyncio.TimeoutError())
         else:
             self._alarm = loop.call_at(deadline, self._ring)
+
+    def extend(self, deadline):
+        """Bytes taken while a read waits (by an `on_data` listener) move that read's deadline to `deadline()`."""
+        if self._waiter is not None:
+            self._deadline = deadline()
 
     def _consumed(self):
         if self._read_paused and len(self.buf) < self.HIGH_WATER // 2:
@@ -2920,19 +2929,78 @@ class Response:
 
 
 class StreamResponse:
-    """A response whose body is an async iterator of byte chunks, each written (and flushed) as it comes."""
+    """A response whose body is written (and flushed) piece by piece as its `source` has them. A source has
+    `take()` (the bytes ready now, b"" when none; it never waits), `ended` (nothing more will come), `async wait()`
+    (until more may be ready) and `async close()` (the rest is not wanted; called once, however the body ends), and
+    may have `listen(callback)`: the callback is then called from the event loop as the source's input arrives, so
+    what is ready is written without waking the response's task (thousands of streams each deliver a chunk ten
+    times a second), and its True return wakes the task's `wait`. An async iterable of pieces is taken as a source
+    too (IterSource). `filters` are applied to each piece in turn (Amp's model names, the request log's copy);
+    `after` hooks run once the body is over."""
 
-    __slots__ = ("status", "headers", "chunks", "on_close")
+    __slots__ = ("status", "headers", "source", "filters", "after")
 
-    def __init__(self, chunks, status=200, headers=None, content_type="text/event-stream"):
+    def __init__(self, body, status=200, headers=None, content_type="text/event-stream"):
         self.status = status
-        self.chunks = chunks
+        self.source = body if hasattr(body, "take") else IterSource(body)
         self.headers = headers if headers is not None else []
-        self.on_close = None
+        self.filters, self.after = [], []
         if content_type:
             self.headers.append(("Content-Type", content_type))
             if content_type == "text/event-stream":
                 self.headers.append(("Cache-Control", "no-cache"))
+
+    async def pieces(self):
+        """The body's pieces, filtered, for a reader other than the HTTP server (a WebSocket relays them)."""
+        src = self.source
+        try:
+            while True:
+                piece = src.take()
+                if piece:
+                    for f in self.filters:
+                        piece = f(piece)
+                    yield piece
+                if src.ended:
+                    return
+                await src.wait()
+        finally:
+            await self.close()
+
+    async def close(self):
+        """Close the source and run the `after` hooks, once."""
+        after, self.after = self.after, []
+        try:
+            await self.source.close()
+        finally:
+            for hook in after:
+                try:
+                    hook()
+                except Exception:
+                    log.exception("a stream's after hook failed")
+
+
+class IterSource:
+    """An async iterable of pieces as a StreamResponse source: `wait` runs it to its next piece."""
+
+    __slots__ = ("pieces", "ready", "ended")
+
+    def __init__(self, pieces):
+        self.pieces, self.ready, self.ended = pieces.__aiter__(), None, False
+
+    def take(self):
+        piece, self.ready = self.ready, None
+        return piece or b""
+
+    async def wait(self):
+        try:
+            self.ready = await self.pieces.__anext__()
+        except StopAsyncIteration:
+            self.ended = True
+
+    async def close(self):
+        aclose = getattr(self.pieces, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
@@ -3647,30 +3715,58 @@ class HttpServer:
         chunked = req.version >= (1, 1)
         extra = "Transfer-Encoding: chunked\r\n" if chunked else ""
         ch.write_soon(self._head(resp.status, resp.headers, keep and chunked, extra))
+        src, filters = resp.source, resp.filters
+        listen = getattr(src, "listen", None)
         sent = 0
-        agen = resp.chunks
+        broken = []  # what the pump raised when the event loop called it, for the task to raise
+
+        def pump():
+            """Write what the source has ready; True when the task must act (the end, a paused or lost client)."""
+            nonlocal sent
+            piece = src.take()
+            if piece:
+                for f in filters:
+                    piece = f(piece)
+                # written at the end of this loop turn (with the other streams' pieces): measured cheaper than at once
+                ch.write_soon(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                sent += len(piece)
+            return src.ended or ch.write_paused or ch.lost
+
+        def pushed():
+            """The pump, called by the source as its input arrives: that input is written without a task wake."""
+            if broken or ch.write_paused or ch.lost:
+                return True
+            try:
+                return pump()
+            except BaseException as e:
+                broken.append(e)
+                return True
+
         try:
             if req.method == "HEAD":
                 ch.write(b"0\r\n\r\n" if chunked else b"")
                 return 0
-            async for piece in agen:
-                if not piece:
-                    continue
-                # pieces produced in one loop turn (one upstream read's events) go out in one send
-                ch.write_soon(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
-                sent += len(piece)
-                if ch.lost or ch.write_paused:  # else drain() would return at once: no coroutine per piece
-                    await ch.drain()
+            if listen is not None:
+                listen(pushed)
+            while True:
+                if broken:
+                    raise broken[0]
+                if pump():
+                    if src.ended:
+                        break
+                    await ch.drain()  # the client is paused (or gone: ChannelClosed)
+                else:
+                    await src.wait()
             if chunked:
                 ch.write_soon(b"0\r\n\r\n")
             await ch.drain()
         finally:
-            for close in (getattr(agen, "aclose", None), resp.on_close):
-                if close is not None:
-                    try:
-                        await close()
-                    except Exception:
-                        log.exception("closing a stream failed")
+            if listen is not None:
+                listen(None)
+            try:
+                await resp.close()
+            except Exception:
+                log.exception("closing a stream failed")
         return sent
 
     def _write_refusal(self, ch, req, resp):
@@ -3874,8 +3970,10 @@ class ChunkedDecoder:
 class ResponseBody:
     """An upstream answer's body, as UpstreamResponse and RelayResponse give it: `take()` returns what has arrived
     and not been taken (b"" when nothing has) and never waits, `ended` tells that the whole body is in, `await
-    wait()` waits for more (UpstreamError on timeout or a broken connection), `close()` drops what is left. A
-    stream is driven by those steps directly (Call.pull); `iter_bytes`, `read` and `json` are drivers of them."""
+    wait()` waits for more (UpstreamError on timeout or a broken connection), `close()` drops what is left, and
+    `listen(callback)` has the callback called as bytes arrive, so that a stream is relayed from the event loop's
+    read callback (StreamResponse). A stream is driven by those steps directly (Call.pull); `iter_bytes`, `read`
+    and `json` are drivers of them."""
 
     ended = False
     _max_size = 0
@@ -3888,6 +3986,10 @@ class ResponseBody:
 
     def close(self):
         pass
+
+    def listen(self, callback):
+        """Have `callback` called as body bytes arrive, where the transport allows it (here it does not: `wait`
+        serves alone)."""
 
     async def iter_bytes(self):
         """The body's pieces as they arrive."""
@@ -4012,6 +4114,8 @@ class UpstreamResponse(ResponseBody):
         else:
             data, ended = b"", True
         out = self._deliver(data) if data else b""
+        if data:  # taken by a listener while `wait` waits: the silence began now
+            ch.extend(self._deadline)
         if ended:
             self.ended = True
             tail = self._decode(b"", final=True)
@@ -4044,10 +4148,16 @@ class UpstreamResponse(ResponseBody):
                                     % self._max_size)
         return out
 
+    def listen(self, callback):
+        """Have `callback` called as body bytes arrive (Channel.on_data); None stops it."""
+        if not self._done:
+            self._conn.ch.on_data = callback
+
     def _finish(self, completed):
         if self._done:
             return
         self._done = True
+        self._conn.ch.on_data = None
         if completed and self._keep and not self._conn.ch.buf:
             self._client._release(self._conn)
         else:
@@ -13278,9 +13388,10 @@ class Call:
             failure = self.fail(self.network_failure(e))
             self._broken = ErrorEvent(failure.status, failure.message, failure.type)
 
-    async def abandon(self):
-        """Nobody reads the rest of the stream (the client went away): finished as client_gone unless over."""
-        self.finish("client_gone")
+    def listen(self, callback):
+        """Have `callback` called as the stream's bytes arrive (ResponseBody.listen); None stops it."""
+        if self.response is not None:
+            self.response.listen(callback)
 
     async def events(self, relay=None):
         """The stream's IR events one by one (`stream`, then `pull` and `wait` in turn). Closing the generator
@@ -14184,23 +14295,22 @@ class RequestLog:
     def capture(self, req, resp, started):
         """Log `resp` to `req` once it is complete (a stream: when it ends); returns the response to send."""
         if isinstance(resp, StreamResponse):
-            resp.chunks = self._tee(req, resp, resp.chunks, started)
+            kept = bytearray()  # the first MAX_BODY bytes sent
+
+            def keep(piece):
+                if len(kept) < self.MAX_BODY:
+                    kept.extend(piece[:self.MAX_BODY - len(kept)])
+                return piece
+
+            def written():
+                body = bytes(kept)
+                failed = b"event: error" in body or b'"type": "error"' in body or b'"type":"error"' in body
+                self.write(req, resp.status, resp.headers, body, started, failed)
+            resp.filters.append(keep)
+            resp.after.append(written)
             return resp
         self.write(req, resp.status, resp.headers, resp.body or b"", started)
         return resp
-
-    async def _tee(self, req, resp, chunks, started):
-        kept, size = [], 0
-        try:
-            async for chunk in chunks:
-                if size < self.MAX_BODY:
-                    kept.append(bytes(chunk[:self.MAX_BODY - size]))
-                    size += len(kept[-1])
-                yield chunk
-        finally:
-            body = b"".join(kept)
-            failed = b"event: error" in body or b'"type": "error"' in body or b'"type":"error"' in body
-            self.write(req, resp.status, resp.headers, body, started, failed)
 
     def write(self, req, status, headers, body, started, failed=False):
         try:
@@ -16543,10 +16653,7 @@ def amp_restore_model(resp, served, asked):
             data = data.replace(old, new)
         return data
     if isinstance(resp, StreamResponse):
-        async def fixed(chunks):
-            async for chunk in chunks:
-                yield fix(bytes(chunk))
-        resp.chunks = fixed(resp.chunks)
+        resp.filters.append(lambda piece: fix(bytes(piece)))
         return resp
     if isinstance(resp, Response) and resp.body:
         resp.body = fix(resp.body)
@@ -16936,8 +17043,9 @@ class App:
     async def _relay_sse(ws, resp):
         """Each SSE event of `resp` as one WebSocket message; the completed response, if the turn completed."""
         completed, parser = None, SSEParser()  # relayed upstream frames may end in CRLF pairs
+        pieces = resp.pieces()
         try:
-            async for chunk in resp.chunks:
+            async for chunk in pieces:
                 for _, data in parser.feed(chunk):
                     if data == "[DONE]":
                         continue
@@ -16946,8 +17054,7 @@ class App:
                     if isinstance(event, dict) and event.get("type") == "response.completed":
                         completed = event.get("response") or {}
         finally:
-            if resp.on_close is not None:
-                await resp.on_close()
+            await pieces.aclose()
         return completed
 
     @staticmethod
@@ -17243,40 +17350,53 @@ class App:
         if lead is not None and lead.kind == "error":
             raise lead.error()
         enc = relay.encoder if relay else encoder(ir) if encoder else codec.StreamEncoder(ir)
-        resp = StreamResponse(self._encode_stream(first, call, enc), 200,
+        return StreamResponse(EncodedStream(call, enc, first), 200,
                               content_type=content_type or getattr(codec, "stream_content_type", "text/event-stream"))
-        resp.on_close = call.abandon  # the Call finishes even when the body is never written
-        return resp
 
-    @staticmethod
-    async def _encode_stream(events, call, encoder):
-        """The client's stream: the events of each upstream read encoded and handed on as one piece."""
-        outcome = "client_gone"
-        try:
-            while True:
-                pieces = []
-                for ev in events:
-                    out = encoder.encode(ev)
-                    if out:
-                        pieces.append(out)
-                    if ev.kind == "error":
-                        log.warning("stream ended by upstream error: %s", ev.message)
-                        break
-                if call.outcome is not None:
-                    tail = encoder.close()  # e.g. the closing `]` of a Gemini JSON-array stream
-                    if tail:
-                        pieces.append(tail)
-                if pieces:
-                    yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
-                if call.outcome is not None:
-                    return
-                await call.wait()
-                events = call.pull()
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        finally:
-            call.finish(outcome)
+
+class EncodedStream:
+    """A chat stream in the client's format, as a StreamResponse source: the IR events of each upstream read
+    (Call.pull) encoded in one piece. Closing it before the end (the client went away) finishes the call as
+    client_gone."""
+
+    __slots__ = ("call", "encoder", "first", "ended")
+
+    def __init__(self, call, encoder, first):
+        self.call, self.encoder, self.first, self.ended = call, encoder, first, False
+
+    def take(self):
+        if self.ended:
+            return b""
+        call = self.call
+        if self.first is not None:
+            events, self.first = self.first, None
+        else:
+            events = call.pull()
+        encode, pieces = self.encoder.encode, []
+        for ev in events:
+            out = encode(ev)
+            if out:
+                pieces.append(out)
+            if ev.kind == "error":
+                log.warning("stream ended by upstream error: %s", ev.message)
+                break
+        if call.outcome is not None:
+            self.ended = True
+            tail = self.encoder.close()  # e.g. the closing `]` of a Gemini JSON-array stream
+            if tail:
+                pieces.append(tail)
+        if not pieces:
+            return b""
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def wait(self):
+        return self.call.wait()
+
+    def listen(self, callback):
+        self.call.listen(callback)
+
+    async def close(self):
+        self.call.finish("client_gone")
 
 
 # === 16. Watcher ===

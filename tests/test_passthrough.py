@@ -6,6 +6,7 @@ import http.client
 import json
 import re
 import socket
+import time
 
 import pytest
 
@@ -321,3 +322,104 @@ def test_frame_ends_found_by_find_agree_with_the_pattern():
     for _ in range(3000):
         buf = bytes(rng.choice(b"ab\n\n\r:") for _ in range(rng.randrange(0, 40)))
         assert llm_mux.sse_frame_ends(buf) == [m.end() for m in llm_mux._SSE_FRAME_END.finditer(buf)], buf
+
+
+def _raw_stream_upstream(frames):
+    """A one-connection upstream that writes `frames` (bytes, one chunk each) as fast as the gateway takes them,
+    counting what it managed to send."""
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    sent = [0]
+
+    def serve():
+        conn, _ = srv.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            n = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            while len(body) < n:
+                body += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for frame in frames:
+                chunk = b"%x\r\n%s\r\n" % (len(frame), frame)
+                conn.sendall(chunk)
+                sent[0] += len(chunk)
+            conn.sendall(b"0\r\n\r\n")
+        srv.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return srv.getsockname()[1], sent
+
+
+def test_a_client_that_stops_reading_holds_the_upstream_back_then_gets_every_event(gateway):
+    """Back-pressure on the stream path: while the client reads nothing the gateway stops reading the upstream (it
+    holds a bounded amount, not the 60 MB stream), and once the client reads again every event comes, in order."""
+    n, pad = 6000, "x" * 10000
+    frames = [b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"gpt-test","choices":[{"index":0,'
+              b'"delta":{"content":"%05d%s"},"finish_reason":null}]}\n\n' % (i, pad.encode()) for i in range(n)]
+    frames.append(b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"gpt-test","choices":[{'
+                  b'"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":'
+                  b'6000,"total_tokens":6001}}\n\ndata: [DONE]\n\n')
+    total = sum(len(b"%x\r\n%s\r\n" % (len(f), f)) for f in frames)  # as the upstream sends them
+    port, sent = _raw_stream_upstream(frames)
+    gw = gateway("providers:\n  - type: openai\n    base-url: http://127.0.0.1:%d/v1\n    api-key: k\n"
+                 "    models: [gpt-test]\n" % port)
+    body = json.dumps({"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "x"}]}).encode()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+    client.connect(("127.0.0.1", gw.port))
+    client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    seen = []  # (sent, when) while the client reads nothing
+
+    def stalled():
+        now = time.monotonic()
+        if not seen or seen[-1][0] != sent[0]:
+            seen.append((sent[0], now))
+        return sent[0] > 0 and now - seen[-1][1] >= 1.0
+    wait_until(stalled, timeout=60, what="the upstream to be held back")
+    assert sent[0] < total * 2 // 3, "the gateway took %d of %d bytes from the upstream for a client that reads " \
+                                      "nothing" % (sent[0], total)
+    client.settimeout(30)
+    got = bytearray()
+    while not got.endswith(b"0\r\n\r\n"):
+        data = client.recv(1 << 20)
+        assert data, "the gateway closed the stream early"
+        got += data
+    client.close()
+    numbers = [int(m) for m in re.findall(rb'"content": ?"(\d{5})x', bytes(got))]
+    assert numbers == list(range(n))
+    assert b"[DONE]" in got and sent[0] == total
+
+
+def test_a_stream_that_keeps_coming_is_not_cut_by_stream_timeout_but_one_that_goes_silent_is(gateway, upstream):
+    """stream-timeout bounds the silence between chunks, not the stream: chunks every 0.3 s for 3.6 s with a 1 s
+    stream-timeout all arrive; three chunks and then 2.5 s of silence end in a timeout error after those three."""
+    from fakes import openai_stream_events
+    from harness import openai_provider_config
+    import openai
+    steady = []
+    for ev in openai_stream_events(pieces=["p%d " % i for i in range(12)]):
+        steady += [ev, 0.3]
+
+    def reply(r):
+        if "silent" in r.body.decode():
+            return Reply("sse", events=openai_stream_events(pieces=["a", "b", "c"], finish=None, usage=False,
+                                                            done=False)[:4] + [2.5, "[DONE]"])
+        return Reply("sse", events=steady)
+    up = upstream(reply)
+    gw = gateway(openai_provider_config(up.url) + "stream-timeout: 1\nrequest-retry: 0\n")
+    c = openai.OpenAI(base_url=gw.url + "/v1", api_key="k", max_retries=0, timeout=60)
+    text = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "steady"}], stream=True) if ch.choices)
+    assert text == "".join("p%d " % i for i in range(12))
+    got = []
+    with pytest.raises(openai.APIError) as e:
+        for ch in c.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "silent"}],
+                                            stream=True):
+            got.append(ch.choices[0].delta.content if ch.choices else None)
+    assert [g for g in got if g] == ["a", "b", "c"]
+    assert "sent nothing for 1s" in str(e.value)
