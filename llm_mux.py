@@ -2640,7 +2640,10 @@ class Channel(asyncio.Protocol):
         try:
             await fut
         finally:
-            self._waiter = None
+            # Ours only: a stream that ended in the read callback has handed the connection to the pool, and its
+            # next user may be waiting on it by the time this wait's task runs.
+            if self._waiter is fut:
+                self._waiter = None
 
     def _ring(self):
         """The read alarm: times out the read under way once its deadline has come, else is set again for it. A

@@ -115,3 +115,21 @@ def test_a_closed_connection_is_freed_without_the_collector():
     finally:
         gc.enable()
         gw.stop()
+
+
+def test_a_read_woken_late_leaves_the_next_readers_wait_alone():
+    """A stream that ends in the read callback hands its upstream connection to the pool at once; the next request
+    may start waiting on it before the ended stream's task runs. That task's wake must not take the new wait's
+    place (it did: the new request never heard its answer)."""
+    async def main():
+        ch = channel()
+        first = asyncio.ensure_future(ch.fill(None))
+        await asyncio.sleep(0)  # the first read waits
+        second = asyncio.ensure_future(ch.fill(None))  # runs before the first read's wake, as under load
+        ch.data_received(b"end of the first answer")
+        await first
+        assert not second.done()
+        ch.buf.clear()
+        ch.data_received(b"the second answer")
+        await asyncio.wait_for(second, 10)  # a guard against a hang, not a time limit
+    asyncio.run(main())
