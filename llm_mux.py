@@ -2672,11 +2672,11 @@ class Channel(asyncio.Protocol):
 
     async def read_until(self, sep, limit, deadline=None, forbid=None):
         """Bytes up to and including `sep`; LimitExceeded if `limit` bytes arrive without it, BadFraming as soon as
-        the bytes before it match `forbid` (a compiled pattern)."""
+        `forbid(buf, end)` finds fault with the bytes before it."""
         start = 0
         while True:
             k = self.buf.find(sep, start)
-            if forbid is not None and forbid.search(self.buf, 0, k if k >= 0 else len(self.buf)):
+            if forbid is not None and forbid(self.buf, k if k >= 0 else len(self.buf)):
                 raise BadFraming()
             if k >= 0:
                 end = k + len(sep)
@@ -3348,11 +3348,27 @@ def body_framing(req):
 # it, and a parser pair that disagrees on where a chunk starts is how requests are smuggled).
 _CHUNK_SIZE = re.compile(rb"0*([0-9A-Fa-f]{1,16})(?:;[^\r\n]*)?\Z")
 _DIGITS = re.compile(r"[0-9]+\Z")
-NOT_HTTP = re.compile(rb"\A(?!HTTP/)[\s\S]{5}")  # an answer whose first five bytes are not "HTTP/"
-BARE_LF = re.compile(rb"(?<!\r)\n")  # HTTP/1.1 lines end in CRLF; a lone LF is refused at once, not waited on
-# A request head with a bare LF, or whose first byte (after the empty lines a server ignores) cannot begin a method:
-# refused as soon as it is seen, not after the header timeout.
-BAD_REQUEST_HEAD = re.compile(rb"(?<!\r)\n|\A(?:\r\n)*[^\r\n!#$%&'*+\-.^_`|~0-9A-Za-z]")
+# Framing refused as soon as it is seen, not after a timeout: Channel.read_until's `forbid(buf, end)` checks.
+
+
+def not_http(buf, end):
+    """An answer whose first five bytes are not "HTTP/"."""
+    return end >= 5 and buf[:5] != b"HTTP/"
+
+
+def bare_lf(buf, end):
+    """HTTP/1.1 lines end in CRLF: a lone LF in buf[:end] (counted: a regular expression with a look-behind costs a
+    request ten times as much)."""
+    return buf.count(b"\n", 0, end) != buf.count(b"\r\n", 0, end)
+
+
+_METHOD_START = re.compile(rb"(?:\r\n)*[^\r\n!#$%&'*+\-.^_`|~0-9A-Za-z]")
+
+
+def bad_request_head(buf, end):
+    """A request head with a bare LF, or whose first byte (after the empty lines a server ignores) cannot begin a
+    method."""
+    return bare_lf(buf, end) or _METHOD_START.match(buf, 0, end) is not None
 
 
 async def read_chunked(ch, limit, deadline_fn, header_limit=MAX_HEADER_BYTES):
@@ -3361,7 +3377,7 @@ async def read_chunked(ch, limit, deadline_fn, header_limit=MAX_HEADER_BYTES):
     total = 0
     while True:
         try:
-            line = await ch.read_until(b"\r\n", 4096, deadline_fn(), BARE_LF)
+            line = await ch.read_until(b"\r\n", 4096, deadline_fn(), bare_lf)
         except LimitExceeded:
             raise HttpError(400, "chunk size line too long")
         except BadFraming:
@@ -3554,7 +3570,7 @@ class HttpServer:
             return None
         try:
             return await ch.read_until(b"\r\n\r\n", MAX_REQUEST_LINE + MAX_HEADER_BYTES + 4,
-                                       loop.time() + limits.header_timeout, BAD_REQUEST_HEAD)
+                                       loop.time() + limits.header_timeout, bad_request_head)
         except BadFraming:
             self._write_error(ch, HttpError(400, "malformed request: lines must end in CRLF, not a bare LF, and a "
                                                  "request begins with its method"))
@@ -3723,24 +3739,24 @@ class HttpServer:
         sent = 0
         broken = []  # what the pump raised when the event loop called it, for the task to raise
 
-        def pump():
+        def pump(write):
             """Write what the source has ready; True when the task must act (the end, a paused or lost client)."""
             nonlocal sent
             piece = src.take()
             if piece:
                 for f in filters:
                     piece = f(piece)
-                # written at the end of this loop turn (with the other streams' pieces): measured cheaper than at once
-                ch.write_soon(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
                 sent += len(piece)
             return src.ended or ch.write_paused or ch.lost
 
         def pushed():
-            """The pump, called by the source as its input arrives: that input is written without a task wake."""
+            """The pump, called by the source as its input arrives: that input is written without a task wake, at
+            once (the read callback is the piece's only writer in this loop turn; corking it would cost a callback)."""
             if broken or ch.write_paused or ch.lost:
                 return True
             try:
-                return pump()
+                return pump(ch.write)
             except BaseException as e:
                 broken.append(e)
                 return True
@@ -3754,7 +3770,7 @@ class HttpServer:
             while True:
                 if broken:
                     raise broken[0]
-                if pump():
+                if pump(ch.write_soon):  # with the head, or with what else this loop turn writes
                     if src.ended:
                         break
                     await ch.drain()  # the client is paused (or gone: ChannelClosed)
@@ -4484,8 +4500,8 @@ class HttpClient:
         wait = head_timeout or stream_timeout
         deadline = loop.time() + wait if wait else None
         while True:
-            try:  # garbage fails at once (NOT_HTTP), not after a timeout
-                head = await ch.read_until(b"\r\n\r\n", MAX_REQUEST_LINE + MAX_HEADER_BYTES, deadline, NOT_HTTP)
+            try:  # garbage fails at once (not_http), not after a timeout
+                head = await ch.read_until(b"\r\n\r\n", MAX_REQUEST_LINE + MAX_HEADER_BYTES, deadline, not_http)
             except LimitExceeded:
                 raise UpstreamError("protocol", "upstream response headers too large")
             lines = head[:-4].split(b"\r\n")
@@ -6482,15 +6498,14 @@ class FrameRelay(EventDecoder):
         return found
 
     def _relay_run(self, buf, begin, end):
-        """A run of plain frames, buf[begin:end], as one relayed piece with the model field renamed. Where a frame
-        writes the field otherwise than the upstream's first frame did, the run is taken frame by frame (such a
-        frame is decoded and framed again, which learns the new way)."""
+        """A run of plain frames, buf[begin:end], as one relayed piece with the model field renamed, in a tuple.
+        Where a frame writes the field otherwise than the upstream's first frame did, the run is taken frame by
+        frame (a generator: such a frame is decoded and framed again, which learns the new way)."""
         run = bytes(buf[begin:end])
         tally = self.codec.RELAY_TALLY
         keys = run.count(self.model_key_bytes)
         if keys and (self.seen_bytes is None or run.count(self.seen_bytes) != keys):
-            yield from self._relay_frames(run)
-            return
+            return self._relay_frames(run)
         if keys and self.seen_bytes != self.out_bytes:
             run = run.replace(self.seen_bytes, self.out_bytes)
         if tally is not None:
@@ -6499,7 +6514,7 @@ class FrameRelay(EventDecoder):
                 ends = sse_frame_ends(run)
                 last = bisect.bisect_right(ends, k)
                 self.tally = run[ends[last - 1] if last else 0:ends[last]]
-        yield RELAYED, run
+        return ((RELAYED, run),)
 
     def _relay_frames(self, run):
         plain = []
