@@ -3,8 +3,12 @@ stamped chunks as the request's max_tokens asks, and the client sees every strea
 Functional only: no figure is asserted (speed lives in the benchmark, not in tests)."""
 import asyncio
 import os
+import shutil
+import signal
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -28,3 +32,26 @@ def test_slow_streams_through_the_gateway_are_counted_whole(gateway):
     assert completed == 20 and most_open <= 20
     assert len(delays) == 20 * 4  # every stamped chunk arrived, and once
     assert all(d >= 0 for _, d in delays) and first_end > 0
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_instruction_counts_cover_only_the_window_and_repeat(tmp_path):
+    """`--only instructions` machinery: a process under callgrind (here the bench's own fake upstream) is counted
+    only between the window's zero and dump, per request, not with the process's start-up; the same work counts
+    the same (the A/B measure's point)."""
+    port = bench.free_port()
+    out = str(tmp_path / "up.cg")
+    proc = bench._callgrind([os.path.join(ROOT, "tools", "bench.py"), "--serve-upstream", str(port)], out)
+    try:
+        bench.wait_port(port, 120)
+        body = b'{"model": "bench-model", "messages": []}'
+        first = bench._requests_instructions(proc, out, port, "/v1/chat/completions", body, 20)
+        again = bench._requests_instructions(proc, out, port, "/v1/chat/completions", body, 20)
+        with bench._callgrind_window(proc, out) as idle:
+            pass
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    assert 1000 < first < 2000000  # a request, not the interpreter's start-up (tens of millions)
+    assert abs(first - again) < 0.1 * first
+    assert idle.instructions < first * 5  # an empty window holds no request

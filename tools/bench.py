@@ -12,6 +12,7 @@ Targets (one gateway process, 2 cores): >= 3,000 non-streaming req/s at c=50; <=
 """
 import argparse
 import asyncio
+import glob
 import json
 import os
 import re
@@ -450,8 +451,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=int, default=8, help="duration of each measured run")
     p.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--only", choices=["workers", "streams"],
-                   help="run one part only: 'workers' (serve --workers 1 against 2), 'streams' (slow streams)")
+    p.add_argument("--only", choices=["workers", "streams", "instructions"],
+                   help="run one part only: 'workers' (serve --workers 1 against 2), 'streams' (slow streams), "
+                        "'instructions' (callgrind counts a request and a relayed chunk: the A/B measure)")
     p.add_argument("--streams", default="1000,5000", help="the N of concurrent slow streams, comma-separated")
     p.add_argument("--workers", type=int, default=1, help="worker processes for --only streams")
     p.add_argument("--stream-loads", default="burst,held", help="for --only streams: 'burst' (opened over 2 s, "
@@ -462,6 +464,8 @@ def main(argv=None):
     if args.serve_upstream:
         serve_upstream(args.serve_upstream)
         return 0
+    if args.only == "instructions":
+        return bench_instructions()
     if args.only == "streams":
         return bench_slow_streams([int(n) for n in args.streams.split(",")], args.workers, args.floor,
                                   args.stream_loads.split(","))
@@ -684,6 +688,139 @@ def bench_workers(seconds):
             name, conns, direct["rps"], one, p50[1], two, p50[2], two / one))
     print("  (the load generator and the fake upstream share the same cores; --only streams --workers 2 runs the "
           "slow streams through 2 workers)")
+    return 0
+
+
+# -- instruction counts ---------------------------------------------------------------------------------------------
+# Time on a shared 2-core host moves by ±20 % between runs; the instructions a process executes for the same work do
+# not (callgrind counts them: the same figure to ~1 % whatever else the machine does). `--only instructions` is the
+# A/B measure of a change to a hot path: instructions a request and a relayed chunk, the gateway beside the
+# pure-Python floor.
+
+def _callgrind(argv, out, env=None):
+    """`argv` (a Python program) run under callgrind, collecting nothing until `_callgrind_window` zeroes it."""
+    return subprocess.Popen(["valgrind", "--tool=callgrind", "--callgrind-out-file=" + out, sys.executable] + argv,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class _callgrind_window:
+    """`with _callgrind_window(proc, out) as w:` ... `w.instructions`: what proc executed inside the block."""
+
+    def __init__(self, proc, out):
+        self.proc, self.out, self.instructions = proc, out, None
+
+    def _control(self, flag):
+        subprocess.run(["callgrind_control", flag, str(self.proc.pid)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=True)
+
+    def __enter__(self):
+        self.before = set(glob.glob(self.out + ".*"))
+        self._control("-z")
+        return self
+
+    def __exit__(self, *exc):
+        self._control("-d")
+        for path in sorted(set(glob.glob(self.out + ".*")) - self.before):
+            with open(path) as f:
+                m = re.search(r"^(?:summary|totals): (\d+)", f.read(), re.M)
+            if m:
+                self.instructions = int(m.group(1))
+        return False
+
+
+def _requests_instructions(proc, out, port, path, body, n):
+    """Instructions proc executes per request, over n sequential keep-alive requests (after n // 5 to warm up)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    headers = {"Authorization": "Bearer bench", "Content-Type": "application/json",
+               "anthropic-version": "2023-06-01"}
+
+    def one():
+        conn.request("POST", path, body, headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        if resp.status != 200:
+            raise SystemExit("%s answered %d: %r" % (path, resp.status, data[:300]))
+    for _ in range(max(5, n // 5)):
+        one()
+    with _callgrind_window(proc, out) as w:
+        for _ in range(n):
+            one()
+    conn.close()
+    return w.instructions / n
+
+
+def _chunk_instructions(proc, out, port, streams, seconds=8.0):
+    """Instructions proc executes per relayed chunk while `streams` slow streams (10 chunks/s each) are held."""
+    res = {}
+
+    async def run():
+        task = asyncio.ensure_future(run_slow_streams(port, streams, ramp=0.5, chunks=int(seconds * 10) + 70))
+        await asyncio.sleep(4.0)
+        with _callgrind_window(proc, out) as w:
+            res["t0"] = time.monotonic()
+            await asyncio.sleep(seconds)
+            res["t1"] = time.monotonic()
+        res["ir"] = w.instructions
+        return await task
+    completed, delays, _, _, _ = asyncio.run(run())
+    if completed != streams:
+        raise SystemExit("only %d of %d slow streams completed" % (completed, streams))
+    chunks = sum(1 for at, _ in delays if res["t0"] <= at <= res["t1"])
+    return res["ir"] / chunks
+
+
+def bench_instructions(requests=300, streams=20):
+    """Instructions (callgrind) per non-streaming request, per 200 KB Anthropic -> OpenAI request and per relayed
+    chunk, through the gateway and through the pure-Python floor (tools/floor_proxy.py)."""
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise SystemExit("valgrind is not installed (apt-get install valgrind)")
+    tmp = tempfile.mkdtemp(prefix="llm-mux-bench-instructions-")
+    up_port, gw_port, fl_port = free_port(), free_port(), free_port()
+    upstream = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-upstream", str(up_port)])
+    cfg = os.path.join(tmp, "config.yaml")
+    with open(cfg, "w") as f:
+        f.write("port: %d\nauth-dir: %s\napi-keys: [bench]\nproviders:\n  - type: openai\n    name: bench\n"
+                "    base-url: http://127.0.0.1:%d/v1\n    api-key: k\n    models:\n      - name: bench-model\n"
+                "      - name: bench-slow\n" % (gw_port, os.path.join(tmp, "auth"), up_port))
+    gw_out, fl_out = os.path.join(tmp, "gateway.cg"), os.path.join(tmp, "floor.cg")
+    # Not re-exec'd (LLM_MUX_NO_REEXEC): valgrind follows the process it started, not what that one execs.
+    gateway = _callgrind([os.path.join(ROOT, "llm_mux.py"), "serve", "--config", cfg], gw_out,
+                         dict(os.environ, XDG_CONFIG_HOME=tmp, LLM_MUX_NO_REEXEC="1"))
+    floor = _callgrind([os.path.join(ROOT, "tools", "floor_proxy.py"), str(fl_port), str(up_port)], fl_out)
+    small = json.dumps({"model": "bench-model", "messages": [{"role": "user", "content": "Hello"}]}).encode()
+    big = claude_code_request().encode()
+    rows = []
+    try:
+        wait_port(up_port)
+        wait_port(gw_port, 180)
+        wait_port(fl_port, 180)
+        for label, path, body, n in (("non-stream request", "/v1/chat/completions", small, requests),
+                                     ("%d KB Anthropic -> OpenAI request" % (len(big) // 1024), "/v1/messages",
+                                      big, max(10, requests // 15))):
+            via = _requests_instructions(gateway, gw_out, gw_port, path, body, n)
+            # the floor forwards the body as it is (to the upstream's Anthropic endpoint for the large one)
+            fl = _requests_instructions(floor, fl_out, fl_port, path, body, n)
+            rows.append((label, via, fl))
+        rows.append(("relayed chunk, %d held streams" % streams,
+                     _chunk_instructions(gateway, gw_out, gw_port, streams),
+                     _chunk_instructions(floor, fl_out, fl_port, streams)))
+    finally:
+        for proc in (gateway, floor):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (gateway, floor):
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        upstream.send_signal(signal.SIGINT)
+        upstream.wait(10)
+    print("llm-mux instruction counts (%s, Python %s; callgrind, the proxy process only, deterministic to ~1 %%)"
+          % (time.strftime("%Y-%m-%d"), sys.version.split()[0]))
+    print("%-36s | %14s | %14s | %s" % ("unit", "llm-mux", "floor", "llm-mux / floor"))
+    for label, via, fl in rows:
+        print("%-36s | %14s | %14s | %.1fx" % (label, "{:,.0f}".format(via), "{:,.0f}".format(fl), via / fl))
+    print("  (floor: tools/floor_proxy.py, a pure-Python one-hop relay of the same bytes, which does not translate)")
     return 0
 
 
