@@ -4120,7 +4120,7 @@ class UpstreamResponse(ResponseBody):
         mode, buf = self._mode, ch.buf
         if mode == "chunked":
             data = self._chunks.take(buf) if buf else b""
-            if data:
+            if data and ch._read_paused:
                 ch._consumed()
             ended = self._chunks.done
         elif mode == "length":
@@ -4159,7 +4159,7 @@ class UpstreamResponse(ResponseBody):
     def _deliver(self, raw):
         """`raw` body bytes decoded (Content-Encoding) and counted against max-response-size: streams too, so an
         endless one is cut."""
-        out = self._decode(raw)
+        out = raw if self._decoder is None else self._decode(raw)
         if out:
             self._total += len(out)
             if self._max_size and self._total > self._max_size:
@@ -5733,9 +5733,10 @@ def ir_problem(value):
     copies values through; this is the one check that they are what every encoder may assume."""
     if value.__class__ is list:
         for item in value:
-            problem = ir_problem(item)
-            if problem:
-                return problem
+            if item.__class__ is not RawFrame:  # relayed bytes (most of a relayed stream's events) hold no fields
+                problem = ir_problem(item)
+                if problem:
+                    return problem
         return None
     if value.__class__ is ChatResponse:
         return ir_problem(value.parts) or (ir_problem(value.usage) if value.usage is not None else None)
@@ -6452,19 +6453,27 @@ class FrameRelay(EventDecoder):
 
     # -- the parser's side: upstream bytes -> runs of relayed frames and frames to decode -------------------------
     def split(self, chunk):
-        """Yields SSE frames to decode as (event, data) and each run of plain frames as (RELAYED, bytes). A
-        generator: a frame is judged after the frames before it were decoded (the first content ends the lead).
-        The buffer is searched, not each frame: its frame ends and the places of the codec's marks are found by a
-        few scans of the whole read (a stream's read holds dozens of frames), then each frame is judged by where
-        its bounds fall."""
+        """The SSE frames to decode as (event, data) and each run of plain frames as (RELAYED, bytes), in order.
+        Where a frame is to be decoded, a generator: a frame is judged after the frames before it were decoded (the
+        first content ends the lead). The buffer is searched, not each frame: its frame ends and the places of the
+        codec's marks are found by a few scans of the whole read (a stream's read holds dozens of frames), then
+        each frame is judged by where its bounds fall."""
         buf = self.pending
         buf += chunk
         ends = sse_frame_ends(buf)
         if not ends:
             if len(buf) > SSEParser.MAX_EVENT:
                 raise UpstreamError("too-large", "an upstream event is larger than %d bytes" % SSEParser.MAX_EVENT)
-            return
+            return ()
         marks = [] if self.lead and len(ends) == 1 else self._marks_in(buf, ends[-1])
+        if not marks and not self.lead:  # most reads: no frame to decode, so every frame joins one run
+            run = self._relay_run(buf, 0, ends[-1])
+            del buf[:ends[-1]]
+            return run
+        return self._judge(buf, ends, marks)
+
+    def _judge(self, buf, ends, marks):
+        """split's frames one by one, for a read where some are decoded."""
         start = 0  # where the next frame begins
         run = -1  # where the run of plain frames under way began
         m = 0  # the first mark not before `start`
