@@ -2892,12 +2892,13 @@ class Request:
     """One parsed client request. The body is fully read (bounded by max-request-size) before the app runs."""
 
     __slots__ = ("method", "target", "path", "query_string", "version", "headers", "body", "peer", "keep_alive",
-                 "_query", "json_source", "received_at", "secure", "principal")
+                 "_query", "json_source", "received_at", "secure", "principal", "authenticated")
 
     def __init__(self, method, target, version, headers, peer):
         self.method = method
         self.target = target
         self.principal = ""  # who the app authenticated the request as (a client key's name)
+        self.authenticated = None  # the configuration the app authenticated it against (its keys), once it has
         path, _, qs = target.partition("?")
         self.path = urllib.parse.unquote(path) if "%" in path else path
         self.query_string = qs
@@ -16818,7 +16819,7 @@ class App:
                         raise GatewayError(e.status, e.message, "authentication" if e.status == 401 else "permission")
             elif req.path == "/v1/ws":
                 self._relay_auth(req)
-            elif req.path not in self.public:
+            elif req.path not in self.public and req.authenticated is not self.gw.cfg:  # else checked by check_head
                 self.authenticate(req)
             return await handler(req)
         except GatewayError as e:
@@ -16843,13 +16844,16 @@ class App:
 
     # -- auth -----------------------------------------------------------------------------------------------------
     def authenticate(self, req):
-        """API-key check (gateway.md §4.1), constant-time; without keys only loopback peers are served."""
+        """API-key check (gateway.md §4.1), constant-time; without keys only loopback peers are served. Passed, the
+        request is `authenticated` against this configuration: a reload meanwhile (a key revoked while its body
+        arrives) has it checked again."""
         cfg = self.gw.cfg
         if cfg.disable_auth:
             return
         keys = cfg.api_keys
         if not keys:
             if is_loopback_host(req.peer):
+                req.authenticated = cfg
                 return
             raise GatewayError(401, "API key required: this gateway has no api-keys and serves loopback only",
                                "authentication")
@@ -16887,6 +16891,7 @@ class App:
             raise GatewayError(401, "API key %s is %s" % (matched.name, "disabled" if matched.disabled else "expired"),
                                "authentication")
         req.principal = matched.name  # a name for usage and metrics, never the key itself
+        req.authenticated = cfg
 
     _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 

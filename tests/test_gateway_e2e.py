@@ -1,5 +1,6 @@
 """A real llm_mux process: TLS serving, upstream calls through each proxy type, client authentication, the safe
 binding rule, and graceful shutdown with a stream in flight. The `openai` SDK is the client."""
+import asyncio
 import json
 import os
 import signal
@@ -124,6 +125,29 @@ def test_keys_are_compared_in_constant_time(monkeypatch):
     app.authenticate(req)
     assert calls == [(b"beta", b"alpha"), (b"beta", b"beta")]  # every key compared, none short-circuited
 
+
+
+def test_a_key_checked_before_the_body_is_not_checked_again_unless_the_config_changed(monkeypatch):
+    """check_head authenticates a request before its body is read; dispatch does not compare the keys again (each
+    comparison hashes the key against every client key), but a reload meanwhile (a key revoked while the body
+    arrived) has the request checked against the new keys."""
+    calls = []
+    real = llm_mux.hmac.compare_digest
+    monkeypatch.setattr(llm_mux.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
+    gw = llm_mux.Gateway(llm_mux.Config.from_text("api-keys: [alpha, beta]\n", environ={}))
+    app = llm_mux.App(gw)
+
+    def request():
+        return llm_mux.Request("GET", "/v1/models", (1, 1), llm_mux.Headers([("x-api-key", "beta")]), "10.0.0.1")
+    req = request()
+    assert asyncio.run(app.check_head(req)) is None
+    assert len(calls) == 2 and req.principal
+    assert asyncio.run(app.dispatch(req)).status == 200
+    assert len(calls) == 2  # not compared again
+    req = request()
+    assert asyncio.run(app.check_head(req)) is None
+    gw.cfg = llm_mux.Config.from_text("api-keys: [alpha]\n", environ={})  # beta revoked while the body arrived
+    assert asyncio.run(app.dispatch(req)).status == 401
 
 def test_without_keys_only_loopback_peers_are_served():
     cfg = llm_mux.Config.from_text("", environ={})
