@@ -3348,6 +3348,7 @@ def body_framing(req):
 # Leading zeros are fine (RFC 9112 §7.1: 1*HEXDIG); whitespace before an extension is not (h11 and others refuse
 # it, and a parser pair that disagrees on where a chunk starts is how requests are smuggled).
 _CHUNK_SIZE = re.compile(rb"0*([0-9A-Fa-f]{1,16})(?:;[^\r\n]*)?\Z")
+_HEX_DIGITS = b"0123456789ABCDEFabcdef"
 _DIGITS = re.compile(r"[0-9]+\Z")
 # Framing refused as soon as it is seen, not after a timeout: Channel.read_until's `forbid(buf, end)` checks.
 
@@ -3965,16 +3966,20 @@ class ChunkedDecoder:
                             self.done = True
                             break
                         continue
-                    m = _CHUNK_SIZE.match(buf, pos, k)
-                    if m is None:
-                        raise UpstreamError("protocol", "upstream sent a malformed chunk size")
-                    left = int(m.group(1), 16)
+                    size = buf[pos:k]
+                    if size and not size.translate(None, _HEX_DIGITS) and len(size.lstrip(b"0")) <= 16:
+                        left = int(size, 16)  # hex digits alone, as most servers write it: no pattern needed
+                    else:
+                        m = _CHUNK_SIZE.match(size)
+                        if m is None:
+                            raise UpstreamError("protocol", "upstream sent a malformed chunk size")
+                        left = int(m.group(1), 16)
                     pos = k + 2
                     if not left:
                         trailer = 0
                     elif pos + left + 2 <= n:  # the whole chunk and its CRLF are here: take them in one step
                         end = pos + left
-                        if buf[end:end + 2] != b"\r\n":
+                        if not buf.startswith(b"\r\n", end):
                             raise UpstreamError("protocol", "upstream chunk not followed by CRLF")
                         out.append(buf[pos:end])
                         pos, left = end + 2, 0
