@@ -399,3 +399,27 @@ def test_writes_made_in_one_turn_of_the_loop_leave_in_one_send():
         await asyncio.sleep(0)
         assert t.out == [b"abc", b"d", b"e", b"f"]
     run(go())
+
+
+@pytest.mark.parametrize("size,ok", [(b"5", True), (b"05", True), (b"00000000000000000005", True), (b"5;ext", True),
+                                     (b'5;ext="v"', True), (b"0x5", False), (b"+5", False), (b"-5", False),
+                                     (b"5_", False), (b"_5", False), (b" 5", False), (b"5 ", False), (b"", False),
+                                     (b"\xb5", False), (b"1" * 17, False), (b"5\x00", False)])
+def test_an_upstream_chunk_size_is_hex_digits_with_an_optional_extension(size, ok):
+    """RFC 9112 §7.1 (1*HEXDIG, leading zeros fine, at most 64 bits): what int(x, 16) would also take ("0x5", "+5",
+    "5_", " 5") is a malformed size from an upstream too, never a length read some other way."""
+    payload = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + size + b"\r\nhello\r\n0\r\n\r\n"
+    srv = _raw_server(lambda: payload, (4096,))
+    try:
+        async def go():
+            c = make_client()
+            resp = await c.request("GET", "http://127.0.0.1:%d/" % srv.getsockname()[1])
+            return b"".join([chunk async for chunk in resp.iter_bytes()])
+        if ok:
+            assert run(go()) == b"hello"
+        else:
+            with pytest.raises(llm_mux.UpstreamError) as e:
+                run(go())
+            assert "malformed chunk" in e.value.message
+    finally:
+        srv.close()
