@@ -6146,14 +6146,19 @@ _INTEGER_SETTINGS = frozenset(("top_k", "n", "seed", "max_tokens"))
 def _read_settings(req, body, spec, where=""):
     """Generation settings from `body` into the IR. `spec` lists IR names, each optionally `=wire_name`; integers
     where the IR keeps integers, numbers elsewhere; a wrong type is a 400 naming the field."""
+    for name, wire, types, what in _settings_spec(spec):
+        setattr(req, name, _expect(body.get(wire), types, where + wire, what))
+
+
+@functools.lru_cache(maxsize=None)
+def _settings_spec(spec):
+    """_read_settings's `spec` read once: (IR name, wire name, types, what they are) per setting."""
+    out = []
     for item in spec.split():
         name, _, wire = item.partition("=")
-        wire = wire or name
-        if name in _INTEGER_SETTINGS:
-            value = _expect(body.get(wire), int, where + wire, "an integer")
-        else:
-            value = _expect(body.get(wire), (int, float), where + wire, "a number")
-        setattr(req, name, value)
+        out.append((name, wire or name) + ((int, "an integer") if name in _INTEGER_SETTINGS else
+                                           ((int, float), "a number")))
+    return tuple(out)
 
 
 def _stop_list(value, field="stop"):
