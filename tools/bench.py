@@ -819,8 +819,9 @@ def bench_instructions(requests=300, streams=20):
                 proc.kill()
         upstream.send_signal(signal.SIGINT)
         upstream.wait(10)
-    print("llm-mux instruction counts (%s, Python %s; callgrind, the proxy process only, deterministic to ~1 %%)"
-          % (time.strftime("%Y-%m-%d"), sys.version.split()[0]))
+    print("llm-mux instruction counts (%s, Python %s, uvloop %s; callgrind, the proxy process only, deterministic "
+          "to ~1 %%)" % (time.strftime("%Y-%m-%d"), sys.version.split()[0],
+                         "installed" if _has_uvloop() else "not installed"))
     print("%-36s | %14s | %14s | %s" % ("unit", "llm-mux", "floor", "llm-mux / floor"))
     for label, via, fl in rows:
         print("%-36s | %14s | %14s | %.1fx" % (label, "{:,.0f}".format(via), "{:,.0f}".format(fl), via / fl))
