@@ -240,3 +240,31 @@ def test_a_tool_call_keeps_the_object_its_arguments_came_as():
     gem = llm_mux.Gemini.parse_request({"contents": [{"role": "model", "parts": [{"functionCall": {
         "name": "f", "args": inp}}]}]}, "m")
     assert gem.messages[0].parts[-1].args_object() is inp
+
+
+@pytest.mark.parametrize("body", ['{"a":1}', ' \n{"a":[1,2.5,null,true]}\t', '{"a":1} x', '{"a":1}{}', "", "  ",
+                                  "[", "nul", '"s"', "1", "-0", "NaN", '{"a":Infinity}', "\ufeff{}", '{"a":"\\ud800"}',
+                                  b'{"a":"\xc3\xa9"}', b"\xff{", b"\xef\xbb\xbf{}", bytearray(b"[1]"),
+                                  '{"a":1}'.encode("utf-16"), b'"\xed\xa0\x80"', None, 5, ["x"]])
+def test_json_or_none_reads_what_json_loads_reads(body):
+    """json_or_none reads with the C scanner directly; whatever the input (text, bytes in any JSON encoding,
+    trailing data, a BOM, not JSON at all, not text at all) it answers what json.loads would, or None where that
+    raises."""
+    try:
+        expected = json.loads(body)
+    except (ValueError, TypeError):
+        expected = None
+    got = llm_mux.json_or_none(body)
+    assert repr(got) == repr(expected)
+
+
+def test_json_dumps_writes_what_the_configured_encoder_writes():
+    """json_dumps is the C encoder built once; its text is the JSONEncoder's (compact, non-ASCII kept, floats as
+    repr, NaN allowed, key order kept), and an object it cannot encode is the same TypeError."""
+    samples = [{"b": 1, "a": [1.5, -0.0, 1e300, float("nan"), None, True, False]}, "é\n\u2028\"\\", [], {},
+               {"nested": [{"x": "y" * 50}] * 3}, 12345678901234567890, -1.25e-7]
+    for value in samples:
+        assert llm_mux.json_dumps(value) == llm_mux._json_encoder.encode(value)
+        assert llm_mux.json_bytes(value) == llm_mux._json_encoder.encode(value).encode("utf-8")
+    with pytest.raises(TypeError):
+        llm_mux.json_dumps({"a": object()})

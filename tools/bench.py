@@ -771,9 +771,9 @@ def _chunk_instructions(proc, out, port, streams, seconds=8.0):
 
 
 def bench_instructions(requests=300, streams=20):
-    """Instructions (callgrind) per non-streaming request, per 64-chunk stream request, per 200 KB Anthropic ->
-    OpenAI request and per relayed chunk, through the gateway and through the pure-Python floor
-    (tools/floor_proxy.py)."""
+    """Instructions (callgrind) per non-streaming request, per 64-chunk stream request (relayed, and translated
+    from OpenAI to Anthropic), per 200 KB Anthropic -> OpenAI request and per relayed chunk, through the gateway
+    and through the pure-Python floor (tools/floor_proxy.py)."""
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
     tmp = tempfile.mkdtemp(prefix="llm-mux-bench-instructions-")
@@ -792,6 +792,8 @@ def bench_instructions(requests=300, streams=20):
     small = json.dumps({"model": "bench-model", "messages": [{"role": "user", "content": "Hello"}]}).encode()
     streamed = json.dumps({"model": "bench-model", "messages": [{"role": "user", "content": "Hello"}],
                            "stream": True}).encode()
+    translated = json.dumps({"model": "bench-model", "max_tokens": 100, "stream": True,
+                             "messages": [{"role": "user", "content": "Hello"}]}).encode()
     big = claude_code_request().encode()
     rows = []
     try:
@@ -800,6 +802,8 @@ def bench_instructions(requests=300, streams=20):
         wait_port(fl_port, 180)
         for label, path, body, n in (("non-stream request", "/v1/chat/completions", small, requests),
                                      ("64-chunk stream request", "/v1/chat/completions", streamed, requests),
+                                     ("64-chunk stream, Anthropic -> OpenAI", "/v1/messages", translated,
+                                      requests // 2),
                                      ("%d KB Anthropic -> OpenAI request" % (len(big) // 1024), "/v1/messages",
                                       big, max(10, requests // 15))):
             via = _requests_instructions(gateway, gw_out, gw_port, path, body, n)
