@@ -177,3 +177,24 @@ def test_finish_runs_once():
         assert seen.one().outcome == "ok" and gw.cred("k1").in_flight == 0
     finally:
         gw.stop()
+
+
+def test_ir_problem_names_the_first_field_of_the_wrong_type_in_events_responses_and_usage():
+    """ir_problem, the one type check between decoders and encoders: a list of stream events is checked item by item
+    (relayed raw frames hold no fields), a usage inside an event or a response is checked too, a boolean is never an
+    IR value, and the first problem is named."""
+    ok = [llm_mux.TextDelta("a"), llm_mux.RawFrame(b"data: {}\n\n"), llm_mux.UsageEvent(llm_mux.Usage(3, 4)),
+          llm_mux.ToolCallStart(0, "call_1", "f")]
+    assert llm_mux.ir_problem(ok) is None
+    assert llm_mux.ir_problem([[llm_mux.TextDelta("a")], llm_mux.TextDelta("b")]) is None
+    assert llm_mux.ir_problem(ok + [llm_mux.TextDelta({"x": 1}), llm_mux.TextDelta(5)]) == "TextDelta.text is dict"
+    assert llm_mux.ir_problem([llm_mux.UsageEvent(llm_mux.Usage("3", 4))]) == "Usage.input_tokens is str"
+    assert llm_mux.ir_problem([llm_mux.UsageEvent(llm_mux.Usage(True, 4))]) == "Usage.input_tokens is bool"
+    assert llm_mux.ir_problem([[llm_mux.TextDelta(None)]]) == "TextDelta.text is NoneType"
+    assert llm_mux.ir_problem(llm_mux.ToolCallStart(0, 7, "f")) == "ToolCallStart.id is int"
+    resp = llm_mux.ChatResponse(parts=[llm_mux.Text("hi")], usage=llm_mux.Usage(1, 2))
+    assert llm_mux.ir_problem(resp) is None
+    resp.usage = llm_mux.Usage(1, 2.5, cached_tokens=[1])
+    assert llm_mux.ir_problem(resp) == "Usage.cached_tokens is list"
+    resp.usage, resp.parts = None, [llm_mux.Text("hi"), llm_mux.Text(b"bytes")]
+    assert llm_mux.ir_problem(resp) == "Text.text is bytes"
