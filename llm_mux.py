@@ -4582,34 +4582,32 @@ class SSEParser:
         buf = self._buf
         buf += chunk
         out = []
-        start = 0
-        while True:
-            k = buf.find(b"\n", max(start, self._scan))
-            if k < 0:
-                break
-            line = bytes(buf[start:k])
-            start = k + 1
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:
-                if self._data:
-                    out.append((self._event, "\n".join(self._data)))
-                self._event, self._data, self._size = None, [], 0
-                continue
-            if line[0] == 0x3A:  # ':' comment
-                continue
-            name, sep, value = line.partition(b":")
-            if sep and value.startswith(b" "):
-                value = value[1:]
-            if name == b"data":
-                self._size += len(value)
-                if self._size > self.MAX_EVENT:
-                    raise UpstreamError("too-large", "an upstream event is larger than %d bytes" % self.MAX_EVENT)
-                self._data.append(value.decode("utf-8", "replace"))
-            elif name == b"event":
-                self._event = value.decode("utf-8", "replace")
-        if start:
-            del buf[:start]
+        end = buf.rfind(b"\n", self._scan)  # the last complete line's end: its lines are split in one pass
+        if end >= 0:
+            lines = bytes(buf[:end]).split(b"\n")
+            del buf[:end + 1]
+            event, data, size = self._event, self._data, self._size
+            for line in lines:
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                if not line:
+                    if data:
+                        out.append((event, "\n".join(data)))
+                    event, data, size = None, [], 0
+                    continue
+                if line[0] == 0x3A:  # ':' comment
+                    continue
+                name, sep, value = line.partition(b":")
+                if sep and value.startswith(b" "):
+                    value = value[1:]
+                if name == b"data":
+                    size += len(value)
+                    if size > self.MAX_EVENT:
+                        raise UpstreamError("too-large", "an upstream event is larger than %d bytes" % self.MAX_EVENT)
+                    data.append(value.decode("utf-8", "replace"))
+                elif name == b"event":
+                    event = value.decode("utf-8", "replace")
+            self._event, self._data, self._size = event, data, size
         self._scan = len(buf)
         if self._scan > self.MAX_EVENT:
             raise UpstreamError("too-large", "an upstream line is longer than %d bytes" % self.MAX_EVENT)
