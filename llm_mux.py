@@ -3388,7 +3388,7 @@ _DIGITS = re.compile(r"[0-9]+\Z")
 
 def not_http(buf, end):
     """An answer whose first five bytes are not "HTTP/"."""
-    return end >= 5 and buf[:5] != b"HTTP/"
+    return end >= 5 and not buf.startswith(b"HTTP/")
 
 
 def bare_lf(buf, end):

@@ -698,7 +698,7 @@ def bench_workers(seconds):
 # pure-Python floor.
 
 def _callgrind(argv, out, env=None):
-    """`argv` (a Python program) run under callgrind, collecting nothing until `_callgrind_window` zeroes it."""
+    """`argv` (a Python program) run under callgrind; what it executes is read through `_callgrind_window`."""
     return subprocess.Popen(["valgrind", "--tool=callgrind", "--callgrind-out-file=" + out, sys.executable] + argv,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -771,9 +771,9 @@ def _chunk_instructions(proc, out, port, streams, seconds=8.0):
 
 
 def bench_instructions(requests=300, streams=20):
-    """Instructions (callgrind) per non-streaming request, per 64-chunk stream request (relayed, and translated
-    from OpenAI to Anthropic), per 200 KB Anthropic -> OpenAI request and per relayed chunk, through the gateway
-    and through the pure-Python floor (tools/floor_proxy.py)."""
+    """Instructions (callgrind) per non-streaming request, per 64-chunk stream request (relayed, and translated for
+    an Anthropic client from an OpenAI upstream), per 200 KB Anthropic -> OpenAI request and per relayed chunk,
+    through the gateway and through the pure-Python floor (tools/floor_proxy.py)."""
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
     tmp = tempfile.mkdtemp(prefix="llm-mux-bench-instructions-")
