@@ -102,3 +102,25 @@ def test_a_full_usage_queue_drops_and_counts_records():
     assert writer.dropped == 3 and writer.lost == 3
     writer.close()  # drains what was queued
     assert [r["n"] for r in store.written] == [0, 1, 2, 3, 4]
+
+
+def test_a_line_masks_secrets_escapes_controls_and_keeps_a_masked_traceback():
+    secret = "sk-live-0123456789abcdef"
+    saved = llm_mux.SECRET_MASK.secrets
+    llm_mux.SECRET_MASK.update(saved | {secret})
+    try:
+        logger, handler, stream = make_logger()
+        logger.warning("model %r from %s", "evil\nmodel", "key " + secret)
+        try:
+            raise ValueError("upstream said: bad key " + secret)
+        except ValueError:
+            logger.exception("call failed\tfor %s", secret)
+    finally:
+        llm_mux.SECRET_MASK.update(saved)
+    text = stream.getvalue()
+    assert secret not in text
+    lines = text.splitlines()
+    assert lines[0].endswith("[WARNING] model 'evil\\nmodel' from key sk-l...cdef")  # one line: the LF escaped
+    assert lines[1].endswith("[ERROR] call failed for sk-l...cdef")  # a tab is a space
+    assert lines[2] == "Traceback (most recent call last):"  # the traceback keeps its lines
+    assert lines[-1] == "ValueError: upstream said: bad key sk-l...cdef"
