@@ -3333,10 +3333,11 @@ def parse_request_head(head, peer):
             raise HttpError(431, "request headers too large")
         if block.count(b"\r\n") >= MAX_HEADER_FIELDS:
             raise HttpError(431, "too many header fields")
-        if not _HEADER_SECTION.match(block):
+        if block and not _HEADER_SECTION.match(block):
             raise header_section_fault(block)
         items = [(name.lower(), value.strip(" \t"))
-                 for name, _, value in [line.partition(":") for line in block.decode("latin-1").split("\r\n")]]
+                 for name, _, value in [line.partition(":") for line in block.decode("latin-1").split("\r\n")]] \
+            if block else []
     req = Request(method, target, (major, minor), Headers(items), peer)
     conn = (req.headers.get("connection") or "").lower()
     if (major, minor) >= (1, 1):
@@ -3353,7 +3354,8 @@ def parse_request_head(head, peer):
 # characters, spaces and tabs: RFC 9110 §5.1, §5.5), then split into fields: checking each line with its own
 # patterns cost an SDK's sixteen-field head 12 µs. Only a section that fails is looked at line by line, to say why.
 _FIELD_NAME = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_HEADER_SECTION = re.compile(rb"%s:[\t\x20-\x7e\x80-\xff]*(?:\r\n%s:[\t\x20-\x7e\x80-\xff]*)*\Z" % (_FIELD_NAME, _FIELD_NAME))
+_FIELD_LINE = _FIELD_NAME + rb":[\t\x20-\x7e\x80-\xff]*"
+_HEADER_SECTION = re.compile(rb"%s(?:\r\n%s)*\Z" % (_FIELD_LINE, _FIELD_LINE))
 
 
 def header_section_fault(block):
